@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny Llama-architecture model made in the test (no downloads) and real PEFT adapters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from trtllm_peft.lora import ModelSpec
+
+# GQA on purpose (4 query heads, 2 kv heads), dims all different so a transposed tensor cannot fit.
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "vocab_size": 64,
+    "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+}
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A HF model directory holding only config.json of the tiny Llama (enough for specs)."""
+    d = tmp_path_factory.mktemp("tiny_llama")
+    (d / "config.json").write_text(json.dumps(TINY_LLAMA))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tiny_llama_dir) -> ModelSpec:
+    from trtllm_peft.lora import load_spec
+
+    return load_spec(tiny_llama_dir, max_lora_rank=64, dtype="float32")
+
+
+def tiny_llama_model(seed: int = 0):
+    """A randomly initialised transformers LlamaForCausalLM with the TINY_LLAMA geometry."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = {k: v for k, v in TINY_LLAMA.items() if k not in ("architectures", "model_type", "torch_dtype")}
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def make_peft_adapter(out: Path, *, seed: int = 1, safe_serialization: bool = True, **lora_kwargs):
+    """Train-free real PEFT adapter: peft.get_peft_model on the tiny Llama, random non-zero A and B, saved.
+
+    Returns the PeftModel (so tests can compare against PEFT's own merged weights).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    lora_kwargs.setdefault("r", 4)
+    lora_kwargs.setdefault("lora_alpha", 8)
+    lora_kwargs.setdefault("target_modules", LLAMA_TARGETS)
+    model = get_peft_model(tiny_llama_model(), LoraConfig(**lora_kwargs))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)  # B is zero-initialised: make it count
+    model.save_pretrained(str(out), safe_serialization=safe_serialization)
+    return model

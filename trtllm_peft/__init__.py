@@ -1,0 +1,1 @@
+"""trtllm-peft: NIM-compatible multi-LoRA serving on TensorRT-LLM."""

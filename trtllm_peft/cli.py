@@ -1,0 +1,148 @@
+"""`trtllm-peft`: build engines, convert and inspect adapters (and, later, serve them).
+
+Every user error ends in one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from trtllm_peft.errors import TrtllmPeftError
+from trtllm_peft.settings import Settings
+
+log = logging.getLogger("trtllm_peft")
+
+DESCRIPTION = """\
+trtllm-peft serves one base LLM with many LoRA adapters, NIM-compatible, on TensorRT-LLM
+(GPU) or on its PyTorch reference engine (anywhere).
+
+Adapters may be Hugging Face PEFT directories (adapter_config.json + adapter_model.safetensors|bin),
+NeMo directories (one .nemo file) or TensorRT-LLM directories (model.lora_config.npy +
+model.lora_weights.npy). Settings come from NIM's environment variables (NIM_MAX_LORA_RANK, ...).
+"""
+
+
+def _spec(base: str, settings: Settings, max_lora_rank: int | None, dtype: str | None):
+    """Geometry and limits from an engine dir (its own limits) or a HF model dir (NIM_MAX_LORA_RANK)."""
+    from trtllm_peft.lora import load_spec
+
+    spec = load_spec(base, dtype=dtype)
+    is_engine = spec.max_lora_rank and (Path(base) / "trtllm_peft.json").exists()
+    rank = max_lora_rank or (spec.max_lora_rank if is_engine else settings.max_lora_rank)
+    return spec.with_limits(max_lora_rank=rank)
+
+
+def cmd_convert(args: argparse.Namespace, settings: Settings) -> int:
+    from trtllm_peft import formats
+
+    spec = _spec(args.base, settings, args.max_lora_rank, args.dtype)
+    adapter = formats.load_for_engine(args.src, spec)
+    written = formats.save(adapter, args.out, args.to, spec)
+    for path in written:
+        log.info("wrote %s", path)
+    print(
+        f"converted {args.src} ({adapter.format}) -> {args.out} ({args.to}, {spec.dtype}): "
+        f"{len(adapter)} module-layers, max rank {adapter.max_rank}"
+    )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
+    from trtllm_peft.inspect_adapter import inspect, render
+
+    spec = _spec(args.base, settings, args.max_lora_rank, None) if args.base else None
+    report = inspect(args.src, spec)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else render(report))
+    return 0 if report.ok else 1
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=None,
+        help="largest rank allowed (default: the engine's, or NIM_MAX_LORA_RANK for a HF base)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trtllm-peft", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "convert",
+        help="convert an adapter to TensorRT-LLM tensors (or to HF / NeMo)",
+        description="Read an adapter in any format, check it against the base model or engine, "
+        "and write it as TensorRT-LLM tensors (model.lora_weights.npy [1,N,W], "
+        "model.lora_config.npy [1,N,4] int32), a Hugging Face PEFT adapter or a .nemo adapter.",
+    )
+    p.add_argument("src", help="adapter directory (HF PEFT, NeMo or TensorRT-LLM)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--base", required=True, help="base model directory (HF config.json) or engine directory")
+    p.add_argument(
+        "--to", choices=("trtllm", "hf", "nemo"), default="trtllm", help="output format (default trtllm)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        default=None,
+        help="weights dtype of the output (default: the engine's / the base model's)",
+    )
+    _add_limits(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "inspect",
+        help="show an adapter's format, ranks, modules, size and problems",
+        description="Exit code 0 when the adapter is readable (and fits --base), 1 otherwise.",
+    )
+    p.add_argument("src", help="adapter directory")
+    p.add_argument("--base", default=None, help="check against this base model or engine directory")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_limits(p)
+    p.set_defaults(func=cmd_inspect)
+
+    _add_engine_commands(sub)
+    return parser
+
+
+def _add_engine_commands(sub) -> None:
+    """`build` lives with the engine; registered here only if its module is present."""
+    try:
+        from trtllm_peft.engine import build
+    except ImportError:
+        return
+    p = sub.add_parser(
+        "build",
+        help="build an engine from a base model (default: SmolLM2-135M-Instruct)",
+        description=(build.__doc__ or "").strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    build.add_build_arguments(p)
+    p.set_defaults(func=build.run_build)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trtllm_peft.log import setup_logging
+
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        setup_logging(settings)
+        return args.func(args, settings)
+    except TrtllmPeftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Typed errors. Every failure a user can cause is one of these, with a message meant for them.
+
+`http_status` is the one place where an error meets HTTP; the server maps it, nothing else does.
+"""
+
+from __future__ import annotations
+
+
+class TrtllmPeftError(Exception):
+    """Base of every error this package raises on purpose."""
+
+    http_status = 500
+
+
+class SettingsError(TrtllmPeftError):
+    """A NIM_* variable (or a command-line flag) has a value we cannot use."""
+
+    http_status = 500
+
+
+class AdapterError(TrtllmPeftError):
+    """An adapter cannot be read or does not fit the engine.
+
+    Holds every problem found, not just the first, so one look at the message says all that is wrong.
+    """
+
+    http_status = 422
+
+    def __init__(self, source: str, problems: list[str] | str):
+        self.source = str(source)
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        if len(self.problems) == 1:
+            return f"{self.source}: {self.problems[0]}"
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        return f"{self.source}: {len(self.problems)} problems:\n{lines}"
+
+
+class AdapterFormatError(AdapterError):
+    """The files are not a readable adapter of any format we know (corrupt, truncated, unsafe, empty)."""
+
+
+class AdapterIncompatibleError(AdapterError):
+    """The adapter was read but does not fit the engine (rank, modules, layers, dims)."""
+
+
+class EngineError(TrtllmPeftError):
+    """An engine directory is missing, incomplete or was built differently from what is asked."""

@@ -1,0 +1,59 @@
+"""On-disk adapter formats. Each module owns one format: `detect(dir)`, `load(dir, spec)`, `save(...)`.
+
+`load()` here is the edge: whatever the format, out comes one canonical `LoraAdapter`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+from trtllm_peft.errors import AdapterFormatError
+from trtllm_peft.lora import LoraAdapter, ModelSpec, fit_to_spec
+
+
+def _registry() -> dict[str, ModuleType]:
+    from trtllm_peft.formats import hf_peft, nemo, trtllm
+
+    return {"hf": hf_peft, "nemo": nemo, "trtllm": trtllm}
+
+
+FORMAT_NAMES = ("hf", "nemo", "trtllm")
+
+
+def detect(path: str | Path) -> str:
+    """Name of the format of adapter directory `path`; AdapterFormatError when it is none of them."""
+    p = Path(path)
+    if not p.exists():
+        raise AdapterFormatError(p, "does not exist")
+    if not p.is_dir():
+        raise AdapterFormatError(p, "is not a directory (an adapter is a directory of files)")
+    for name, module in _registry().items():
+        if module.detect(p):
+            return name
+    files = sorted(x.name for x in p.iterdir())[:10]
+    if not files:
+        raise AdapterFormatError(p, "empty directory: no adapter files")
+    raise AdapterFormatError(
+        p,
+        "no adapter found: expected adapter_config.json + adapter_model.safetensors|bin (Hugging Face PEFT), "
+        f"one .nemo file (NeMo), or model.lora_config.npy + model.lora_weights.npy (TensorRT-LLM); found {files}",
+    )
+
+
+def load(path: str | Path, spec: ModelSpec | None = None) -> LoraAdapter:
+    """Read the adapter in directory `path`, whatever its format. TensorRT-LLM files need `spec`."""
+    fmt = detect(path)
+    return _registry()[fmt].load(Path(path), spec)
+
+
+def load_for_engine(path: str | Path, spec: ModelSpec) -> LoraAdapter:
+    """Read and fit to the engine: fused modules split, every incompatibility raised at once."""
+    return fit_to_spec(load(path, spec), spec)
+
+
+def save(adapter: LoraAdapter, out: str | Path, fmt: str, spec: ModelSpec) -> list[Path]:
+    """Write `adapter` in format `fmt` into directory `out`; returns the files written."""
+    if fmt not in FORMAT_NAMES:
+        raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMAT_NAMES)}")
+    return _registry()[fmt].save(adapter, Path(out), spec)

@@ -1,0 +1,126 @@
+"""Pack a `LoraAdapter` into TensorRT-LLM's runtime tensors, and unpack them back.
+
+Row layout (LoraCache::copyToPages, cpp/tensorrt_llm/runtime/loraCache.cpp): row i holds A `[r, in]`
+row-major, then B·scale `[out, r]` row-major, zero-padded to W = the longest row of the adapter.
+Config row i is int32 `[module_id, layer, rank, is_dora]` (loraUtils.h). Rows are ordered by layer, then
+module id. The executor takes these 2-D; the `.npy` files add a leading batch dimension of 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trtllm_peft.errors import AdapterFormatError
+from trtllm_peft.lora.adapter import Key, LoraAdapter, LoraWeights
+from trtllm_peft.lora.modules import MODULE_IDS, MODULE_NAMES
+from trtllm_peft.lora.spec import DTYPES, ModelSpec, dtype_name
+
+CONFIG_COLUMNS = 4  # kLORA_CONFIG_ROW_SIZE; 3 (kLORA_CONFIG_PRE_DORA_ROW_SIZE) is read too
+
+
+@dataclass(frozen=True)
+class PackedLora:
+    """TensorRT-LLM's `lora_weights` and `lora_config` for one adapter (2-D, CPU)."""
+
+    weights: torch.Tensor  # [N, W] engine dtype
+    config: torch.Tensor  # [N, 4] int32
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.config.shape[0])
+
+    @property
+    def num_bytes(self) -> int:
+        return self.weights.numel() * self.weights.element_size() + self.config.numel() * 4
+
+
+def pack(adapter: LoraAdapter, dtype: torch.dtype | str) -> PackedLora:
+    """Rows for every (layer, module) of `adapter`, B scaled in float32 then cast to `dtype`.
+
+    The adapter should already be fitted to the engine (lora.fit_to_spec); pack only lays out bytes.
+    """
+    dt = DTYPES[dtype_name(dtype)]
+    items = sorted(adapter, key=lambda kv: (kv[0][0], MODULE_IDS[kv[0][1]]))
+    width = max((w.rank * (w.in_features + w.out_features) for _, w in items), default=0)
+    weights = torch.empty((len(items), width), dtype=dt)  # [N, W]
+    config = torch.empty((len(items), CONFIG_COLUMNS), dtype=torch.int32)  # [N, 4]
+    for i, ((layer, module), w) in enumerate(items):
+        n_a, n_b = w.a.numel(), w.b.numel()
+        weights[i, :n_a].copy_(w.a.reshape(-1))
+        weights[i, n_a : n_a + n_b].copy_(w.scaled_b(torch.float32).reshape(-1))
+        weights[i, n_a + n_b :].zero_()
+        config[i] = torch.tensor([MODULE_IDS[module], layer, w.rank, 0], dtype=torch.int32)
+    return PackedLora(weights=weights, config=config)
+
+
+def unpack(weights: torch.Tensor, config: torch.Tensor, spec: ModelSpec, *, source: str = "") -> LoraAdapter:
+    """Read TensorRT-LLM tensors (2-D, or 3-D with batch 1) back into a `LoraAdapter` with scale 1.
+
+    Module dimensions come from `spec`; a row too short for its rank, an unknown module id, a DoRA row or a
+    config that disagrees with the weights raises AdapterFormatError naming every bad row.
+    """
+    weights, config = (
+        _squeeze_batch(weights, "lora_weights", source),
+        _squeeze_batch(config, "lora_config", source),
+    )
+    problems = _check_tensors(weights, config)
+    if problems:
+        raise AdapterFormatError(source or "lora tensors", problems)
+    out: dict[Key, LoraWeights] = {}
+    for i, row in enumerate(config.tolist()):
+        module_id, layer, rank = row[0], row[1], row[2]
+        is_dora = len(row) > 3 and row[3] != 0
+        module = MODULE_NAMES.get(module_id)
+        try:
+            d_in, d_out = spec.module_dims(module) if module else (0, 0)
+        except KeyError:
+            d_in = d_out = 0
+        if not d_in:
+            problems.append(f"row {i}: module id {module_id} is not a module of a {spec.architecture}")
+        elif is_dora:
+            problems.append(f"row {i}: DoRA rows (is_dora=1) are not supported")
+        elif rank <= 0:
+            problems.append(f"row {i}: adapter size must be > 0, got {rank}")
+        elif rank * (d_in + d_out) > weights.shape[1]:
+            problems.append(
+                f"row {i}: {module} rank {rank} needs {rank * (d_in + d_out)} values, row has {weights.shape[1]}"
+            )
+        elif (layer, module) in out:
+            problems.append(f"row {i}: duplicate row for layer {layer} module {module}")
+        else:
+            flat = weights[i]
+            a = flat[: rank * d_in].reshape(rank, d_in)
+            b = flat[rank * d_in : rank * (d_in + d_out)].reshape(d_out, rank)
+            out[(layer, module)] = LoraWeights(a=a, b=b, scale=1.0)
+    if problems:
+        raise AdapterFormatError(source or "lora tensors", problems)
+    return LoraAdapter(weights=out, format="trtllm", source=source)
+
+
+def _squeeze_batch(t: torch.Tensor, name: str, source: str) -> torch.Tensor:
+    if t.ndim == 3:
+        if t.shape[0] != 1:
+            raise AdapterFormatError(
+                source or name, f"{name}: expected batch dimension to be 1, got {t.shape[0]}"
+            )
+        return t[0]
+    if t.ndim != 2:
+        raise AdapterFormatError(
+            source or name, f"{name}: expected 2-D or [1, N, …] 3-D, got shape {list(t.shape)}"
+        )
+    return t
+
+
+def _check_tensors(weights: torch.Tensor, config: torch.Tensor) -> list[str]:
+    problems = []
+    if config.dtype != torch.int32:
+        problems.append(f"lora_config must be int32, got {config.dtype}")
+    if config.shape[1] not in (3, 4):
+        problems.append(f"lora_config rows must have 3 or 4 columns, got {config.shape[1]}")
+    if weights.shape[0] != config.shape[0]:
+        problems.append(f"lora_weights has {weights.shape[0]} rows but lora_config has {config.shape[0]}")
+    if not weights.is_floating_point():
+        problems.append(f"lora_weights must be a floating-point tensor, got {weights.dtype}")
+    return problems

@@ -1,0 +1,104 @@
+"""Check an adapter against an engine spec, collecting every problem, and fit fused modules to it."""
+
+from __future__ import annotations
+
+import torch
+
+from trtllm_peft.errors import AdapterIncompatibleError
+from trtllm_peft.lora.adapter import Key, LoraAdapter, LoraWeights
+from trtllm_peft.lora.modules import FUSED_PARTS, TRTLLM_TO_HF
+from trtllm_peft.lora.spec import ModelSpec
+
+
+def _label(module: str) -> str:
+    hf = TRTLLM_TO_HF.get(module)
+    return f"{module} ({hf})" if hf else module
+
+
+def _layers(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> 'layers 0-2, 5'."""
+    layers = sorted(set(layers))
+    runs, start, prev = [], layers[0], layers[0]
+    for cur in layers[1:]:
+        if cur != prev + 1:
+            runs.append((start, prev))
+            start = cur
+        prev = cur
+    runs.append((start, prev))
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    return ("layer " if len(layers) == 1 else "layers ") + text
+
+
+def _problems_of(layer: int, module: str, w: LoraWeights, spec: ModelSpec) -> list[str]:
+    """Problems of one (layer, module), without the layer (grouped across layers by the caller)."""
+    out = []
+    if module not in spec.lora_target_modules:
+        enabled = ", ".join(spec.lora_target_modules) or "none"
+        return [f"module {_label(module)} is not enabled in this engine (built with: {enabled})"]
+    if not (0 <= layer < spec.num_layers):
+        return [f"{_label(module)}: layer index out of range [0, {spec.num_layers})"]
+    if w.a.numel() == 0 or w.b.numel() == 0:
+        return [f"{_label(module)}: empty tensor (rank 0; saved under ZeRO-3 without gathering?)"]
+    if w.a.ndim != 2 or w.b.ndim != 2:
+        return [f"{_label(module)}: A and B must be 2-D, got {tuple(w.a.shape)} and {tuple(w.b.shape)}"]
+    if w.a.shape[0] != w.b.shape[1]:
+        out.append(f"{_label(module)}: rank of A ({w.a.shape[0]}) and B ({w.b.shape[1]}) differ")
+    want_in, want_out = spec.module_dims(module)
+    if w.in_features != want_in or w.out_features != want_out:
+        out.append(
+            f"{_label(module)}: shape A {list(w.a.shape)} B {list(w.b.shape)} does not fit the model "
+            f"(expected A [r, {want_in}] and B [{want_out}, r]; wrong base model?)"
+        )
+    if spec.max_lora_rank and w.rank > spec.max_lora_rank:
+        out.append(
+            f"{_label(module)}: rank {w.rank} exceeds max_lora_rank {spec.max_lora_rank} (NIM_MAX_LORA_RANK)"
+        )
+    if not (torch.isfinite(w.a).all() and torch.isfinite(w.b).all()):
+        out.append(f"{_label(module)}: contains NaN or inf")
+    if w.scale != w.scale or w.scale in (float("inf"), float("-inf")):
+        out.append(f"{_label(module)}: scale is {w.scale}")
+    return out
+
+
+def validate(adapter: LoraAdapter, spec: ModelSpec) -> list[str]:
+    """Every problem that stops `adapter` from running on `spec`, grouped by message; [] when it fits."""
+    if len(adapter) == 0:
+        return ["adapter has no LoRA weights"]
+    grouped: dict[str, list[int]] = {}
+    for (layer, module), w in adapter:
+        for p in _problems_of(layer, module, w, spec):
+            grouped.setdefault(p, []).append(layer)
+    return [f"{msg} ({_layers(layers)})" for msg, layers in grouped.items()]
+
+
+def _split(w: LoraWeights, sizes: list[int]) -> list[LoraWeights]:
+    """Split a fused module's B by rows; A (shared input projection) is the same for every part."""
+    return [LoraWeights(a=w.a, b=b.contiguous(), scale=w.scale) for b in torch.split(w.b, sizes, dim=0)]
+
+
+def fit_to_spec(adapter: LoraAdapter, spec: ModelSpec) -> LoraAdapter:
+    """Return `adapter` in the engine's module vocabulary, validated; raise AdapterIncompatibleError.
+
+    A fused module the engine lacks (attn_qkv, mlp_gate_up) is split exactly into its parts when the
+    engine has them: the parts share A and take their rows of B.
+    """
+    out: dict[Key, LoraWeights] = {}
+    for (layer, module), w in adapter:
+        parts = FUSED_PARTS.get(module)
+        if (
+            parts
+            and module not in spec.lora_target_modules
+            and all(p in spec.lora_target_modules for p in parts)
+        ):
+            sizes = [spec.module_dims(p)[1] for p in parts]
+            if w.out_features != sum(sizes):
+                out[(layer, module)] = w  # let validate() report the shape problem
+                continue
+            out.update({(layer, p): pw for p, pw in zip(parts, _split(w, sizes), strict=True)})
+        else:
+            out[(layer, module)] = w
+    fitted = adapter.with_weights(out)
+    problems = validate(fitted, spec)
+    if problems:
+        raise AdapterIncompatibleError(adapter.source or "adapter", problems)
+    return fitted

@@ -1,0 +1,146 @@
+"""Settings from the environment (NIM's variable names). The only module that reads os.environ.
+
+Built once at startup (`Settings.from_env()`), frozen, and passed down. A bad value stops startup with a
+message that names the variable and says what it accepts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from trtllm_peft.errors import SettingsError
+
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+BACKENDS = ("auto", "torch", "trtllm")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob a user sets through the environment. Field docs double as `--help` text."""
+
+    peft_source: Path | None = (
+        None  # NIM_PEFT_SOURCE (or LOCAL_PEFT_DIRECTORY): one sub-directory per adapter
+    )
+    peft_refresh_interval: float | None = (
+        None  # NIM_PEFT_REFRESH_INTERVAL: seconds between rescans; None = once
+    )
+    max_gpu_loras: int = 8  # NIM_MAX_GPU_LORAS: device PEFT cache, in adapters of max rank
+    max_cpu_loras: int = 16  # NIM_MAX_CPU_LORAS: host PEFT cache, in adapters of max rank
+    max_lora_rank: int = 32  # NIM_MAX_LORA_RANK: largest rank the engine accepts
+    served_model_name: str | None = None  # NIM_SERVED_MODEL_NAME: id of the base model in /v1/models
+    server_port: int = 8000  # NIM_SERVER_PORT
+    max_model_len: int | None = None  # NIM_MAX_MODEL_LEN: longest prompt + completion
+    log_level: str = "INFO"  # NIM_LOG_LEVEL
+    jsonl_logging: bool = False  # NIM_JSONL_LOGGING: one JSON object per log line
+    cache_path: Path | None = None  # NIM_CACHE_PATH: where downloads and converted adapters go
+    engine_dir: Path = Path("engines/smollm2-135m")  # TRTLLM_PEFT_ENGINE_DIR: the built engine to serve
+    backend: str = "auto"  # TRTLLM_PEFT_BACKEND: auto | torch | trtllm
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every variable; SettingsError lists each bad one."""
+        env = os.environ if env is None else env
+        reader = _Reader(env)
+        values = dict(
+            peft_source=reader.path("NIM_PEFT_SOURCE", fallback="LOCAL_PEFT_DIRECTORY"),
+            peft_refresh_interval=reader.number("NIM_PEFT_REFRESH_INTERVAL", minimum=0.1),
+            max_gpu_loras=reader.integer("NIM_MAX_GPU_LORAS", 8, minimum=1),
+            max_cpu_loras=reader.integer("NIM_MAX_CPU_LORAS", 16, minimum=1),
+            max_lora_rank=reader.integer("NIM_MAX_LORA_RANK", 32, minimum=1),
+            served_model_name=env.get("NIM_SERVED_MODEL_NAME") or None,
+            server_port=reader.integer("NIM_SERVER_PORT", 8000, minimum=1, maximum=65535),
+            max_model_len=reader.integer("NIM_MAX_MODEL_LEN", None, minimum=1),
+            log_level=reader.choice("NIM_LOG_LEVEL", "INFO", LOG_LEVELS),
+            jsonl_logging=reader.boolean("NIM_JSONL_LOGGING"),
+            cache_path=reader.path("NIM_CACHE_PATH"),
+            engine_dir=reader.path("TRTLLM_PEFT_ENGINE_DIR") or cls.engine_dir,
+            backend=reader.choice("TRTLLM_PEFT_BACKEND", "auto", BACKENDS, upper=False),
+        )
+        reader.raise_if_errors()
+        settings = cls(**values)
+        if settings.max_cpu_loras < settings.max_gpu_loras:
+            raise SettingsError(
+                f"NIM_MAX_CPU_LORAS ({settings.max_cpu_loras}) must be >= NIM_MAX_GPU_LORAS "
+                f"({settings.max_gpu_loras}): every adapter on the GPU is also held in host memory"
+            )
+        return settings
+
+    def replace(self, **changes) -> Settings:
+        """A copy with some fields changed (command-line flags override the environment)."""
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise SettingsError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+class _Reader:
+    """Parses variables, collecting every error instead of stopping at the first."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self.env, self.errors = env, []
+
+    def _raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        return value.strip() if value is not None and value.strip() else None
+
+    def integer(
+        self, name: str, default: int | None, *, minimum: int, maximum: int | None = None
+    ) -> int | None:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            self.errors.append(f"{name}={raw!r} is not an integer")
+            return default
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            self.errors.append(f"{name}={value} must be {bound}")
+        return value
+
+    def number(self, name: str, *, minimum: float) -> float | None:
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            self.errors.append(f"{name}={raw!r} is not a number of seconds")
+            return None
+        if not value >= minimum:
+            self.errors.append(f"{name}={raw} must be >= {minimum} seconds (unset it to scan only at start)")
+        return value
+
+    def boolean(self, name: str) -> bool:
+        raw = self._raw(name)
+        if raw is None:
+            return False
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        self.errors.append(f"{name}={raw!r} must be one of 1, 0, true, false")
+        return False
+
+    def choice(self, name: str, default: str, options: tuple[str, ...], *, upper: bool = True) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        value = raw.upper() if upper else raw.lower()
+        if value not in options:
+            self.errors.append(f"{name}={raw!r} must be one of {', '.join(options)}")
+            return default
+        return value
+
+    def path(self, name: str, *, fallback: str | None = None) -> Path | None:
+        raw = self._raw(name) or (self._raw(fallback) if fallback else None)
+        return Path(raw).expanduser() if raw else None
+
+    def raise_if_errors(self) -> None:
+        if self.errors:
+            raise SettingsError("invalid environment:\n" + "\n".join(f"  - {e}" for e in self.errors))
