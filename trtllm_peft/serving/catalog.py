@@ -1,0 +1,169 @@
+"""The adapter catalog: which adapters exist under NIM_PEFT_SOURCE, by name, and their task ids.
+
+The catalog owns two of the three identifiers of DESIGN §2: the adapter **name** (the sub-directory's
+name, what users put in `model`) and the **task id** (the uint64 the engine caches weights under). A name
+whose files change gets a new task id, because TensorRT-LLM silently keeps serving the old weights of a
+reused id; ids are never reused.
+
+A scan only lists directories and stats files (no weights are read), so it is cheap for thousands of
+adapters. Detection here is by file names; whether the weights really load is learnt when an adapter is
+first used, and an adapter that failed is remembered as invalid until its files change.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+Fingerprint = tuple[tuple[str, int, int], ...]  # (file name, size, mtime_ns) of each file, sorted
+
+_HF = ({"adapter_config.json"}, {"adapter_model.safetensors", "adapter_model.bin"})
+_TRT_CONFIG = {"model.lora_config.npy", "model.lora_config.bin", "model.lora_keys.npy"}
+_TRT_WEIGHTS = {"model.lora_weights.npy", "model.lora_weights.bin"}
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    """One adapter directory as last seen by a scan."""
+
+    name: str
+    path: Path
+    format: str  # "hf" | "nemo" | "trtllm", from the file names
+    fingerprint: Fingerprint
+    task_id: int
+    created: float = field(default_factory=time.time)  # when this content was first seen
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    added: list[str]
+    removed: list[str]
+    changed: list[str]  # same name, new content, new task id
+    skipped: dict[str, str]  # name -> why it is not an adapter (yet)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+
+def detect_by_names(files: set[str]) -> str | None:
+    """Format of a directory from its file names alone (no reads); None when it is no adapter."""
+    if _HF[0] <= files and files & _HF[1]:
+        return "hf"
+    if files & _TRT_CONFIG and files & _TRT_WEIGHTS:
+        return "trtllm"
+    if sum(f.endswith(".nemo") for f in files) == 1:
+        return "nemo"
+    return None
+
+
+def _fingerprint(path: Path) -> Fingerprint | None:
+    try:
+        with os.scandir(path) as it:
+            stats = [(e.name, e.stat()) for e in it if e.is_file()]
+    except OSError:
+        return None
+    return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in stats))
+
+
+class Catalog:
+    """name → AdapterEntry for the sub-directories of `root`. Safe to read from any thread."""
+
+    def __init__(self, root: Path | None, *, first_task_id: int = 1):
+        self.root = root
+        self._entries: dict[str, AdapterEntry] = {}
+        self._invalid: dict[str, tuple[Fingerprint, str]] = {}  # name -> (content, reason) of failed loads
+        self._skipped: dict[str, str] = {}
+        self._next_id = first_task_id
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[AdapterEntry]:
+        return iter(sorted(self._entries.values(), key=lambda e: e.name))
+
+    def get(self, name: str) -> AdapterEntry | None:
+        """The entry of a servable adapter, or None (unknown, or known to be invalid)."""
+        return self._entries.get(name)
+
+    def invalid(self) -> dict[str, str]:
+        """Adapters that are skipped, with the reason: no adapter files, or a load that failed."""
+        return {**self._skipped, **{n: reason for n, (_, reason) in self._invalid.items()}}
+
+    def mark_invalid(self, entry: AdapterEntry, reason: str) -> None:
+        """Stop serving `entry` until its files change (a load or validation failed)."""
+        with self._lock:
+            if self._entries.get(entry.name) is entry:
+                del self._entries[entry.name]
+            self._invalid[entry.name] = (entry.fingerprint, reason)
+        log.warning("adapter %r skipped: %s", entry.name, reason)
+
+    def scan(self) -> ScanResult:
+        """Re-read the directory tree; entries are swapped in one step, so readers never see half a scan."""
+        found = self._list()
+        with self._lock:
+            old = self._entries
+            new, added, changed, skipped = {}, [], [], {}
+            for name, (path, fp, fmt) in found.items():
+                if fmt is None:
+                    skipped[name] = (
+                        "no adapter files (adapter_config.json + adapter_model.*, one .nemo, or model.lora_*.npy)"
+                    )
+                    continue
+                bad = self._invalid.get(name)
+                if bad and bad[0] == fp:
+                    continue  # still the content that failed; retried once it changes
+                self._invalid.pop(name, None)
+                prev = old.get(name)
+                if prev is not None and prev.fingerprint == fp:
+                    new[name] = prev
+                    continue
+                new[name] = AdapterEntry(
+                    name=name, path=path, format=fmt, fingerprint=fp, task_id=self._next_id
+                )
+                self._next_id += 1
+                (changed if prev is not None else added).append(name)
+            removed = sorted(set(old) - set(new))
+            for name in set(self._invalid) - set(found):
+                del self._invalid[name]
+            self._entries, self._skipped = new, skipped
+        result = ScanResult(sorted(added), removed, sorted(changed), skipped)
+        self._log(result)
+        return result
+
+    def _list(self) -> dict[str, tuple[Path, Fingerprint, str | None]]:
+        if self.root is None:
+            return {}
+        try:
+            with os.scandir(self.root) as it:
+                dirs = [(e.name, Path(e.path)) for e in it if e.is_dir() and not e.name.startswith(".")]
+        except OSError as e:
+            log.error("cannot read NIM_PEFT_SOURCE %s: %s", self.root, e)
+            return {}
+        out = {}
+        for name, path in dirs:
+            fp = _fingerprint(path)
+            if fp is not None:
+                out[name] = (path, fp, detect_by_names({f for f, _, _ in fp}))
+        return out
+
+    def _log(self, result: ScanResult) -> None:
+        for name in result.added:
+            log.info(
+                "adapter %r added (%s, task %d)",
+                name,
+                self._entries[name].format,
+                self._entries[name].task_id,
+            )
+        for name in result.changed:
+            log.info("adapter %r changed: now task %d", name, self._entries[name].task_id)
+        for name in result.removed:
+            log.info("adapter %r removed", name)
