@@ -35,6 +35,11 @@ class PackedLora:
     def num_bytes(self) -> int:
         return self.weights.numel() * self.weights.element_size() + self.config.numel() * 4
 
+    @property
+    def rank_units(self) -> int:
+        """Σ rank over rows: what this adapter costs in a PEFT cache budgeted in rank-units."""
+        return int(self.config[:, 2].sum())
+
 
 def pack(adapter: LoraAdapter, dtype: torch.dtype | str) -> PackedLora:
     """Rows for every (layer, module) of `adapter`, B scaled in float32 then cast to `dtype`.

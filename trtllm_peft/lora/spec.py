@@ -88,6 +88,12 @@ class ModelSpec:
             raise KeyError(f"module {module!r} does not exist in a {self.architecture}")
         return dims[module]
 
+    def cache_units(self, num_adapters: int) -> int:
+        """Rank-units that hold `num_adapters` adapters of max rank on every target module and layer
+        (NIM: "the cache is pre-allocated assuming all LoRA adapters have rank equal to NIM_MAX_LORA_RANK";
+        adapters of lower rank or fewer modules take less, so more of them fit)."""
+        return num_adapters * self.max_lora_rank * len(self.lora_target_modules) * self.num_layers
+
     def with_limits(
         self,
         *,
