@@ -6,8 +6,10 @@ act on (a Git-LFS pointer, a truncated file, a pickle that wants to run code).
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
+import re
 import struct
 import tarfile
 import zipfile
@@ -79,10 +81,22 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def torch_load(path: Path) -> dict[str, torch.Tensor]:
     """A torch.save()d dict of tensors, loaded with weights_only=True: a pickle that would run code is refused."""
     check_not_lfs_pointer(path)
+    return _torch_load(str(path), path)
+
+
+def torch_load_bytes(data: bytes, source: str | Path) -> dict[str, torch.Tensor]:
+    """`torch_load` of bytes already in memory (a tar member), with the same refusals; `source` names it."""
+    if data.startswith(LFS_MAGIC):
+        raise AdapterFormatError(source, "is a Git-LFS pointer file, not the weights: run `git lfs pull`")
+    return _torch_load(io.BytesIO(data), source)
+
+
+def _torch_load(f: str | io.BytesIO, path: str | Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+        obj = torch.load(f, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
-        reason = str(e).splitlines()[0] if str(e) else "disallowed content"
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours its message for terminals
+        reason = text.splitlines()[0] if text else "disallowed content"
         raise AdapterFormatError(
             path,
             f"refused: the pickle holds more than tensors and would run code when loaded ({reason}); "

@@ -41,23 +41,59 @@ class PackedLora:
         return int(self.config[:, 2].sum())
 
 
+def row_order(adapter: LoraAdapter) -> list[tuple[Key, LoraWeights]]:
+    """The (layer, module) entries of `adapter` in TensorRT-LLM row order: by layer, then module id."""
+    return sorted(adapter, key=lambda kv: (kv[0][0], MODULE_IDS[kv[0][1]]))
+
+
+def row_size(w: LoraWeights) -> int:
+    """Values in the row of `w` before padding: A `[r, in]` then B `[out, r]`."""
+    return w.rank * (w.in_features + w.out_features)
+
+
+def config_rows(items: list[tuple[Key, LoraWeights]]) -> torch.Tensor:
+    """int32 `[N, 4]` rows `[module_id, layer, rank, is_dora=0]` for entries in row order."""
+    rows = [[MODULE_IDS[module], layer, w.rank, 0] for (layer, module), w in items]
+    return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), CONFIG_COLUMNS)
+
+
+def write_scaled_b(w: LoraWeights, out: torch.Tensor) -> None:
+    """Write B·scale into `out` (`[out, r]`, any float dtype): the bits of `w.scaled_b(out.dtype)` (NaN aside).
+
+    That is B widened to float32, multiplied by scale in float32, rounded once to out's dtype (as TensorRT-LLM
+    does when B is stored in float32 or in the engine dtype). torch computes a float16/bfloat16 product with a
+    scalar in float32 and rounds once, so when B is already float32 or out's dtype no float32 copy is needed
+    (checked bit for bit over every float16 and bfloat16 value in tests/unit/test_format_trtllm.py).
+    """
+    b = w.b
+    if out.dtype == torch.float32:
+        out.copy_(b)  # exact widening
+        if w.scale != 1.0:
+            out.mul_(w.scale)
+    elif b.dtype in (out.dtype, torch.float32):
+        if w.scale == 1.0:
+            out.copy_(b)
+        else:
+            torch.mul(b, w.scale, out=out)
+    else:  # float16 <-> bfloat16: go through float32 so the result is rounded once, not twice
+        out.copy_(w.scaled_b(torch.float32))
+
+
 def pack(adapter: LoraAdapter, dtype: torch.dtype | str) -> PackedLora:
     """Rows for every (layer, module) of `adapter`, B scaled in float32 then cast to `dtype`.
 
     The adapter should already be fitted to the engine (lora.fit_to_spec); pack only lays out bytes.
     """
     dt = DTYPES[dtype_name(dtype)]
-    items = sorted(adapter, key=lambda kv: (kv[0][0], MODULE_IDS[kv[0][1]]))
-    width = max((w.rank * (w.in_features + w.out_features) for _, w in items), default=0)
+    items = row_order(adapter)
+    width = max((row_size(w) for _, w in items), default=0)
     weights = torch.empty((len(items), width), dtype=dt)  # [N, W]
-    config = torch.empty((len(items), CONFIG_COLUMNS), dtype=torch.int32)  # [N, 4]
-    for i, ((layer, module), w) in enumerate(items):
+    for i, (_, w) in enumerate(items):
         n_a, n_b = w.a.numel(), w.b.numel()
         weights[i, :n_a].copy_(w.a.reshape(-1))
-        weights[i, n_a : n_a + n_b].copy_(w.scaled_b(torch.float32).reshape(-1))
+        write_scaled_b(w, weights[i, n_a : n_a + n_b].view(w.out_features, w.rank))
         weights[i, n_a + n_b :].zero_()
-        config[i] = torch.tensor([MODULE_IDS[module], layer, w.rank, 0], dtype=torch.int32)
-    return PackedLora(weights=weights, config=config)
+    return PackedLora(weights=weights, config=config_rows(items))
 
 
 def unpack(weights: torch.Tensor, config: torch.Tensor, spec: ModelSpec, *, source: str = "") -> LoraAdapter:
