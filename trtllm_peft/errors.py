@@ -48,3 +48,9 @@ class AdapterIncompatibleError(AdapterError):
 
 class EngineError(TrtllmPeftError):
     """An engine directory is missing, incomplete or was built differently from what is asked."""
+
+
+class InvalidRequestError(TrtllmPeftError):
+    """The engine refused a request as malformed before running it (bad sampling values, bad tensors)."""
+
+    http_status = 400

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from trtllm_peft.errors import SettingsError
@@ -38,6 +38,10 @@ class Settings:
     cache_path: Path | None = None  # NIM_CACHE_PATH: where downloads and converted adapters go
     engine_dir: Path = Path("engines/smollm2-135m")  # TRTLLM_PEFT_ENGINE_DIR: the built engine to serve
     backend: str = "auto"  # TRTLLM_PEFT_BACKEND: auto | torch | trtllm
+    # `trtllm-peft pull`. Secrets are kept out of repr() so that logging a Settings never leaks them.
+    hf_token: str | None = field(default=None, repr=False)  # HF_TOKEN (or HUGGING_FACE_HUB_TOKEN)
+    hf_endpoint: str = "https://huggingface.co"  # HF_ENDPOINT: the Hugging Face Hub (or a mirror)
+    ngc_api_key: str | None = field(default=None, repr=False)  # NGC_API_KEY (or NGC_CLI_API_KEY)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -58,6 +62,9 @@ class Settings:
             cache_path=reader.path("NIM_CACHE_PATH"),
             engine_dir=reader.path("TRTLLM_PEFT_ENGINE_DIR") or cls.engine_dir,
             backend=reader.choice("TRTLLM_PEFT_BACKEND", "auto", BACKENDS, upper=False),
+            hf_token=reader.text("HF_TOKEN", fallback="HUGGING_FACE_HUB_TOKEN"),
+            hf_endpoint=reader.url("HF_ENDPOINT") or cls.hf_endpoint,
+            ngc_api_key=reader.text("NGC_API_KEY", fallback="NGC_CLI_API_KEY"),
         )
         reader.raise_if_errors()
         settings = cls(**values)
@@ -138,8 +145,18 @@ class _Reader:
         return value
 
     def path(self, name: str, *, fallback: str | None = None) -> Path | None:
-        raw = self._raw(name) or (self._raw(fallback) if fallback else None)
+        raw = self.text(name, fallback=fallback)
         return Path(raw).expanduser() if raw else None
+
+    def text(self, name: str, *, fallback: str | None = None) -> str | None:
+        return self._raw(name) or (self._raw(fallback) if fallback else None)
+
+    def url(self, name: str) -> str | None:
+        raw = self._raw(name)
+        if raw is not None and not raw.startswith(("http://", "https://")):
+            self.errors.append(f"{name}={raw!r} must be an http:// or https:// URL")
+            return None
+        return raw.rstrip("/") if raw else None
 
     def raise_if_errors(self) -> None:
         if self.errors:

@@ -12,7 +12,7 @@ import tarfile
 import pytest
 import torch
 import yaml
-from conftest import LLAMA_TARGETS, tiny_llama_model
+from tests.conftest import LLAMA_TARGETS, tiny_llama_model
 from nemo_fixtures import (
     TINY_GEOMETRY,
     RunsCode,

@@ -68,3 +68,14 @@ def test_every_bad_variable_is_reported_at_once():
     with pytest.raises(SettingsError) as err:
         Settings.from_env({"NIM_MAX_GPU_LORAS": "x", "NIM_SERVER_PORT": "y"})
     assert "NIM_MAX_GPU_LORAS" in str(err.value) and "NIM_SERVER_PORT" in str(err.value)
+
+
+def test_pull_credentials_are_read_and_kept_out_of_repr():
+    s = Settings.from_env(
+        {"HF_TOKEN": "hf_x", "HF_ENDPOINT": "http://mirror:8080/", "NGC_CLI_API_KEY": "nvapi-y"}
+    )
+    assert (s.hf_token, s.hf_endpoint, s.ngc_api_key) == ("hf_x", "http://mirror:8080", "nvapi-y")
+    assert "hf_x" not in repr(s) and "nvapi-y" not in repr(s)
+    assert Settings.from_env({}).hf_endpoint == "https://huggingface.co"
+    with pytest.raises(SettingsError, match="HF_ENDPOINT='mirror' must be an http"):
+        Settings.from_env({"HF_ENDPOINT": "mirror"})

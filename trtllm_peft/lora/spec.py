@@ -186,3 +186,13 @@ def load_spec(path: str | Path, *, max_lora_rank: int | None = None, dtype: str 
     else:
         spec = ModelSpec.from_hf_config(cfg, source=str(p))
     return spec.with_limits(max_lora_rank=max_lora_rank, dtype=dtype)
+
+
+def spec_for_base(base: str | Path, *, default_max_lora_rank: int, max_lora_rank: int | None = None,
+                  dtype: str | None = None) -> ModelSpec:
+    """The spec adapters are checked against: an engine directory keeps its own max rank; a Hugging Face
+    model directory gets `default_max_lora_rank` (NIM_MAX_LORA_RANK); `max_lora_rank` overrides both."""
+    spec = load_spec(base, dtype=dtype)
+    is_engine = bool(spec.max_lora_rank) and (Path(base) / "trtllm_peft.json").exists()
+    rank = max_lora_rank or (spec.max_lora_rank if is_engine else default_max_lora_rank)
+    return spec.with_limits(max_lora_rank=rank)

@@ -155,15 +155,13 @@ class Catalog:
                 out[name] = (path, fp, detect_by_names({f for f, _, _ in fp}))
         return out
 
-    def _log(self, result: ScanResult) -> None:
-        for name in result.added:
-            log.info(
-                "adapter %r added (%s, task %d)",
-                name,
-                self._entries[name].format,
-                self._entries[name].task_id,
-            )
-        for name in result.changed:
-            log.info("adapter %r changed: now task %d", name, self._entries[name].task_id)
-        for name in result.removed:
-            log.info("adapter %r removed", name)
+    def _log(self, result: ScanResult, detail_limit: int = 20) -> None:
+        """One line per change; a summary instead when a scan finds many (a first scan of 10,000 dirs)."""
+        for kind, names in (("added", result.added), ("changed", result.changed), ("removed", result.removed)):
+            if len(names) > detail_limit:
+                log.info("%d adapters %s (%s, …)", len(names), kind, ", ".join(names[:5]))
+                continue
+            for name in names:
+                entry = self._entries.get(name)
+                suffix = f" ({entry.format}, task {entry.task_id})" if entry else ""
+                log.info("adapter %r %s%s", name, kind, suffix)

@@ -1,0 +1,419 @@
+"""Server under load: 64 streaming clients over 40 LoRA adapters, then the raw executor on the same workload.
+
+    .venv/bin/python bench/load.py             # 2 minutes per side (--duration to change)
+    .venv/bin/python bench/load.py --quick     # ~20 s per side: a smoke run
+
+1. Writes 40 random rank-16 adapters (all seven modules; a third each HF PEFT, NeMo, TensorRT-LLM) in a
+   temp dir and starts `trtllm-peft serve` on them with NIM_MAX_CPU_LORAS=16, NIM_MAX_GPU_LORAS=8: the host
+   budget holds 32 rank-16 adapters, the device budget 16, so 40 adapters mean evictions and possible 429s.
+2. 64 clients stream /v1/completions (greedy, ignore_eos, max_tokens fixed, logprobs=1) for --duration s,
+   then let their last requests finish. Client c draws (adapter, prompt) from its own seeded generator:
+   adapters uniform (or Zipf(--zipf) by popularity), prompts uniform. A 429 waits Retry-After and resends.
+3. Stops the server, starts the raw TorchExecutor in this process (the two never share the CPU) and runs
+   the same clients (same draws, concurrency, adapters as packed tensors, prompts, max_tokens) for as long.
+4. Checks every complete answer of both against the reference model teacher-forced (load_check.py), every
+   429 against the lease rule and the server's metrics, and prints one table.
+
+Throughput = tokens that arrived within the window / its length. Cold = the request waited for a load of
+its adapter into the host cache (first use, or after an eviction; it triggered the load or shared it): a
+load of its adapter ended between its send and its first token. Loads are the server's own ("adapter 'x'
+loaded" in its JSON log, counted against trtllm_peft_adapter_load_seconds_count) and the executor's (its
+host tier's stores, recorded by a hook).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from load_check import Phase, Reference, distinct_answers, parse_metrics, report  # noqa: E402
+
+from tests.integration.conftest import Server, random_adapter, write_adapter  # noqa: E402
+from trtllm_peft import formats  # noqa: E402
+from trtllm_peft.executor.api import FinishReason, LoraConfig, OutputConfig, Request, SamplingConfig  # noqa: E402
+from trtllm_peft.executor.errors import ErrorKind, classify  # noqa: E402
+from trtllm_peft.lora import load_spec, pack  # noqa: E402
+from trtllm_peft.serving.engine_client import EngineClient  # noqa: E402
+from trtllm_peft.serving.tokenizer import Tokenizer  # noqa: E402
+
+ENGINE = ROOT / "engines" / "smollm2-135m"
+ALL7 = ("attn_q", "attn_k", "attn_v", "attn_dense", "mlp_h_to_4h", "mlp_4h_to_h", "mlp_gate")
+FORMATS = ("hf", "nemo", "trtllm")
+PROMPTS = (
+    "John buys 10 packs of magic cards. Each pack has 20 cards, so in total he",
+    "Write a short poem about the sea:",
+    "The three primary colors are",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+    "Translate to French: The weather is nice today, so we will",
+)
+BASE = "smollm2"
+RETRY_S = 1.0  # the raw executor's "cache full" waits as long as the server's Retry-After
+HANG_S = 120.0  # a request silent this long is reported as a hang
+_LOADED = re.compile(r"adapter '([^']+)' loaded")
+
+
+@dataclass
+class Record:
+    """One attempt of one request, as its client saw it."""
+
+    client: int
+    adapter: int
+    prompt: int
+    want: int  # max_tokens
+    t_send: float = 0.0
+    t_first: float | None = None
+    t_end: float = 0.0
+    status: int = 0  # HTTP status; the raw executor's are mapped: 200 ok, 429 cache full, 500 other error
+    error: str = ""
+    cold: bool = False
+    retry_after: str | None = None
+    texts: list[str] = field(default_factory=list)  # token texts (the server's logprobs entries)
+    ids: list[int] = field(default_factory=list)  # token ids (raw executor only)
+    logprobs: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # arrival time of each token
+    text: str | None = None  # streamed text (server only)
+    finish: str | None = None
+    usage: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        return (
+            self.status == 200
+            and not self.error
+            and len(self.texts) == self.want
+            and self.finish == "length"
+            and self.usage in (None, self.want)
+        )
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.t_first is None else self.t_first - self.t_send
+
+
+# ---- workload ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    names: list[str]
+    prompt_ids: list[list[int]]
+    max_tokens: int
+    zipf: float
+    seed: int
+    units: int  # rank-units of one adapter
+    capacity_units: int  # of the host cache
+
+    def draws(self, client: int):
+        """The endless (adapter, prompt) sequence of one client: the same in both phases."""
+        rng = random.Random(self.seed * 1_000_003 + client)
+        weights = [1.0 / (i + 1) ** self.zipf for i in range(len(self.names))]
+        while True:
+            yield rng.choices(range(len(self.names)), weights)[0], rng.randrange(len(PROMPTS))
+
+
+def make_adapters(root: Path, spec, n: int, rank: int, seed: int) -> list[str]:
+    """n random adapters of `rank` on all seven modules, formats in turn; names lora-00…"""
+    names = []
+    for i in range(n):
+        name = f"lora-{i:02d}"
+        adapter = random_adapter(spec, rank=rank, modules=ALL7, seed=seed + i, std=0.05)
+        write_adapter(adapter, root / name, FORMATS[i % len(FORMATS)], spec)
+        names.append(name)
+    return names
+
+
+async def run_clients(send, wl: Workload, clients: int, duration: float):
+    """`clients` loops sending their draws until `duration` s have passed; (start time, records)."""
+    records: list[Record] = []
+    t0 = time.perf_counter()
+    deadline = t0 + duration
+
+    async def client(c: int) -> None:
+        for adapter, prompt in wl.draws(c):
+            while time.perf_counter() < deadline:
+                rec = Record(c, adapter, prompt, wl.max_tokens, t_send=time.perf_counter())
+                await send(rec)
+                rec.t_end = time.perf_counter()
+                records.append(rec)
+                if rec.status != 429:
+                    break
+                await asyncio.sleep(float(rec.retry_after or RETRY_S))
+            if time.perf_counter() >= deadline:
+                return
+
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    return t0, records
+
+
+# ---- the server -------------------------------------------------------------------------------------------
+
+
+def _take_chunk(rec: Record, chunk: dict) -> None:
+    if chunk.get("usage"):
+        rec.usage = chunk["usage"]["completion_tokens"]
+    for c in chunk.get("choices") or []:
+        lp = c.get("logprobs") or {}
+        if rec.t_first is None and lp.get("tokens"):
+            rec.t_first = time.perf_counter()
+        rec.texts += lp.get("tokens") or []
+        rec.times += [time.perf_counter()] * len(lp.get("tokens") or [])
+        rec.logprobs += lp.get("token_logprobs") or []
+        rec.text = (rec.text or "") + (c.get("text") or "")
+        rec.finish = c.get("finish_reason") or rec.finish
+
+
+def http_sender(http: httpx.AsyncClient, wl: Workload):
+    async def send(rec: Record) -> None:
+        body = {
+            "model": wl.names[rec.adapter],
+            "prompt": PROMPTS[rec.prompt],
+            "max_tokens": wl.max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "logprobs": 1,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        try:
+            async with http.stream("POST", "/v1/completions", json=body) as r:
+                rec.status = r.status_code
+                if r.status_code != 200:
+                    rec.error = (await r.aread()).decode(errors="replace")[:300]
+                    rec.retry_after = r.headers.get("retry-after")
+                    return
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        _take_chunk(rec, json.loads(line[6:]))
+        except (httpx.HTTPError, json.JSONDecodeError) as e:
+            rec.error = f"{type(e).__name__}: {e}"
+
+    return send
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _peak_rss_gb(pid: int | str = "self") -> float:
+    """VmHWM (peak resident set) of a process, in GB."""
+    line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("VmHWM"))
+    return int(line.split()[1]) / 1e6
+
+
+async def server_phase(args, wl: Workload, loras: Path, log: Path) -> Phase:
+    """Start the server, warm it (one base request), run the clients, scrape /v1/metrics, stop it."""
+    server = Server(
+        ENGINE,
+        loras,
+        log,
+        NIM_MAX_CPU_LORAS="16",
+        NIM_MAX_GPU_LORAS="8",
+        NIM_SERVED_MODEL_NAME=BASE,
+        NIM_LOG_LEVEL="INFO",  # "adapter 'x' loaded" lines, with millisecond times in JSON
+        NIM_JSONL_LOGGING="1",
+    )
+    clock = time.time() - time.perf_counter()  # log times (epoch) -> this process's perf_counter
+    try:
+        limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
+        timeout = httpx.Timeout(HANG_S, connect=30.0)
+        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=timeout) as http:
+            warm = await http.post("/v1/completions", json={"model": BASE, "prompt": "Hi", "max_tokens": 2})
+            warm.raise_for_status()
+            cpu = _cpu_seconds(server.proc.pid) + time.process_time()
+            t0, records = await run_clients(http_sender(http, wl), wl, args.clients, args.duration)
+            cpu = _cpu_seconds(server.proc.pid) + time.process_time() - cpu
+            metrics = parse_metrics((await http.get("/v1/metrics")).text)
+            rss = _peak_rss_gb(server.proc.pid)
+    finally:
+        server.stop()
+    text = log.read_text()
+    loads = [(wl.names.index(name), t - clock) for name, t in load_events(text) if name in wl.names]
+    wall = max(r.t_end for r in records) - t0
+    return Phase("server", t0, wall, rss, args.duration, records, cpu, loads, metrics, text)
+
+
+def load_events(log: str) -> list[tuple[str, float]]:
+    """(adapter name, epoch time) of every "adapter 'x' loaded" line of the server's JSON log."""
+    events = []
+    for line in log.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        m = _LOADED.match(str(entry.get("message", ""))) if isinstance(entry, dict) else None
+        if m:
+            when = datetime.datetime.strptime(entry["time"], "%Y-%m-%dT%H:%M:%S.%fZ")
+            events.append((m.group(1), when.replace(tzinfo=datetime.UTC).timestamp()))
+    return events
+
+
+# ---- the raw executor -------------------------------------------------------------------------------------
+
+
+def raw_sender(client: EngineClient, wl: Workload, packed):
+    greedy = SamplingConfig(top_k=1, temperature=0.0)
+
+    async def send(rec: Record) -> None:
+        p = packed[rec.adapter]
+        request = Request(
+            wl.prompt_ids[rec.prompt],
+            wl.max_tokens,
+            streaming=True,
+            sampling_config=greedy,
+            output_config=OutputConfig(return_log_probs=True, exclude_input_from_output=True),
+            lora_config=LoraConfig(rec.adapter + 1, p.weights, p.config),
+        )
+        rec.status = 200
+        try:
+            async with asyncio.timeout(HANG_S), aclosing(client.generate(request)) as responses:
+                async for resp in responses:
+                    if resp.has_error():
+                        rec.status = 429 if classify(resp.error_msg) is ErrorKind.CACHE_FULL else 500
+                        rec.error = resp.error_msg
+                        return
+                    res = resp.result
+                    if rec.t_first is None and res.output_token_ids[0]:
+                        rec.t_first = time.perf_counter()
+                    rec.ids += res.output_token_ids[0]
+                    rec.times += [time.perf_counter()] * len(res.output_token_ids[0])
+                    rec.logprobs += res.log_probs[0] if res.log_probs else []
+                    if res.is_final:
+                        rec.finish = (
+                            "length" if res.finish_reason == FinishReason.LENGTH else res.finish_reason.name
+                        )
+        except TimeoutError:
+            rec.error = f"no final response after {HANG_S:.0f} s"
+
+    return send
+
+
+async def raw_phase(args, wl: Workload, packed, token_text) -> tuple[Phase, object]:
+    """The same clients straight on a TorchExecutor (through the server's async bridge, nothing else)."""
+    from trtllm_peft.executor.torch import TorchExecutor
+
+    executor = await asyncio.to_thread(TorchExecutor, ENGINE, max_gpu_loras=8, max_cpu_loras=16)
+    client = EngineClient(executor, asyncio.get_running_loop())
+    loads = _record_loads(executor.cache.host)
+    try:
+        async with aclosing(
+            client.generate(Request(wl.prompt_ids[0], 2))
+        ) as warm:  # base model, as the server's
+            async for _ in warm:
+                pass
+        cpu = time.process_time()
+        t0, records = await run_clients(raw_sender(client, wl, packed), wl, args.clients, args.duration)
+        cpu = time.process_time() - cpu
+    finally:
+        await asyncio.to_thread(client.close)
+    for r in records:
+        r.texts = [token_text(t) for t in r.ids]
+    wall = max(r.t_end for r in records) - t0
+    loads = [(task - 1, t) for task, t in loads if task > 0]
+    return Phase("raw", t0, wall, _peak_rss_gb(), args.duration, records, cpu, loads), executor.model
+
+
+def _record_loads(tier) -> list[tuple[int, float]]:
+    """(task id, time) of every adapter the executor's host tier stores (wraps its `put`: a measuring hook)."""
+    events, put = [], tier.put
+
+    def recording_put(task_id, units, value):
+        evicted = put(task_id, units, value)
+        events.append((task_id, time.perf_counter()))
+        return evicted
+
+    tier.put = recording_put
+    return events
+
+
+# ---- main -------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=120.0, help="seconds of load per phase (default 120)")
+    p.add_argument("--quick", action="store_true", help="20 s per phase: a smoke run")
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--adapters", type=int, default=40)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--zipf", type=float, default=0.0, help="adapter popularity: Zipf exponent (0 = uniform)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration = 20.0
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not (ENGINE / "trtllm_peft.json").is_file():
+        from trtllm_peft.engine.build import build_engine
+
+        build_engine(None, ENGINE, quiet=True)
+    spec, tok = load_spec(ENGINE), Tokenizer(ENGINE)
+    start, load = time.perf_counter(), {"start": loadavg()}
+
+    def say(what: str) -> None:
+        print(f"[{time.perf_counter() - start:5.0f} s] {what}", file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="trtllm-peft-load-") as tmp:
+        loras = Path(tmp) / "loras"
+        loras.mkdir()
+        say(f"writing {args.adapters} adapters")
+        names = make_adapters(loras, spec, args.adapters, args.rank, seed=1000 + args.seed)
+        wl = Workload(
+            names,
+            [tok.encode(p) for p in PROMPTS],
+            args.max_tokens,
+            args.zipf,
+            args.seed,
+            units=args.rank * len(ALL7) * spec.num_layers,
+            capacity_units=spec.cache_units(16),
+        )
+        say(f"server: {args.clients} clients for {args.duration:.0f} s")
+        server = asyncio.run(server_phase(args, wl, loras, Path(tmp) / "server.log"))
+        load["after server"] = loadavg()
+        say("packing the adapters for the raw executor")
+        packed = [pack(formats.load_for_engine(loras / n, spec), spec.dtype) for n in names]
+    say(f"raw executor: the same clients for {args.duration:.0f} s")
+    raw, model = asyncio.run(raw_phase(args, wl, packed, tok.token_text))
+    load["after raw"] = loadavg()
+    say("checking every answer against the reference model")
+    verdicts = Reference(model, spec, packed, wl.prompt_ids, tok.token_text, args.max_tokens).check(
+        distinct_answers({"server": server.records, "raw": raw.records})
+    )
+    say("done")
+    print(
+        f"\nload test: {args.clients} streaming clients, {args.adapters} rank-{args.rank} adapters (Zipf "
+        f"{args.zipf}), max_tokens {args.max_tokens} greedy ignore_eos, {args.duration:.0f} s per phase, "
+        "NIM_MAX_CPU_LORAS=16 NIM_MAX_GPU_LORAS=8\n"
+    )
+    ok = report(server, raw, verdicts, tok, wl)
+    print(f"load average (1/5/15 min): {'; '.join(f'{k} {v}' for k, v in load.items())}")
+    return 0 if ok else 1
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

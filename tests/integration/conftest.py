@@ -1,0 +1,102 @@
+"""Integration fixtures: the SmolLM2 reference engine, adapters in every format, a real server on a port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from trtllm_peft import formats
+from trtllm_peft.lora import LoraAdapter, LoraWeights, ModelSpec
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_ENGINE = REPO / "engines" / "smollm2-135m"
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine() -> Path:
+    """engines/smollm2-135m, built on first use exactly as `make engine` does (reused afterwards)."""
+    if not (DEFAULT_ENGINE / "trtllm_peft.json").is_file():
+        from trtllm_peft.engine.build import build_engine
+
+        build_engine(None, DEFAULT_ENGINE, quiet=True)
+    return DEFAULT_ENGINE
+
+
+def random_adapter(
+    spec: ModelSpec, *, rank: int, modules: tuple[str, ...], seed: int, scale: float = 2.0, std: float = 0.05
+) -> LoraAdapter:
+    """A LoRA strong enough to change greedy outputs (random, not trained: tests check plumbing, not skill)."""
+    g = torch.Generator().manual_seed(seed)
+    weights = {}
+    for layer in range(spec.num_layers):
+        for m in modules:
+            d_in, d_out = spec.module_dims(m)
+            a = torch.randn(rank, d_in, generator=g) * std
+            b = torch.randn(d_out, rank, generator=g) * std
+            weights[(layer, m)] = LoraWeights(a=a, b=b, scale=scale)
+    return LoraAdapter(weights=weights, format="hf", base_model="SmolLM2-135M-Instruct")
+
+
+def write_adapter(adapter: LoraAdapter, out: Path, fmt: str, spec: ModelSpec) -> Path:
+    """Save into a temp dir, then rename into place: the catalog never sees half an adapter."""
+    tmp = out.parent / f".{out.name}.tmp"
+    formats.save(adapter, tmp, fmt, spec)
+    tmp.rename(out)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`trtllm-peft serve` in a subprocess on a free loopback port."""
+
+    def __init__(self, engine: Path, peft_source: Path, log: Path, **env: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        full_env = {
+            **os.environ,
+            "NIM_PEFT_SOURCE": str(peft_source),
+            "TRTLLM_PEFT_ENGINE_DIR": str(engine),
+            "NIM_SERVER_PORT": str(self.port),
+            **env,
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "trtllm_peft.cli", "serve", "--host", "127.0.0.1"],
+            env=full_env,
+            stdout=open(log, "w"),  # noqa: SIM115 (open as long as the server runs)
+            stderr=subprocess.STDOUT,
+        )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/v1/health/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

@@ -1,0 +1,81 @@
+"""The memory plan: PEFT sizing by TensorRT-LLM's recipe, KV cache from what remains, clear failures."""
+
+from __future__ import annotations
+
+import pytest
+
+from trtllm_peft.engine.memory import num_module_layers, peft_cache_config, plan_memory, weights_bytes
+from trtllm_peft.errors import EngineError
+from trtllm_peft.lora import ModelSpec
+
+SMOL = ModelSpec(
+    num_layers=30,
+    hidden_size=576,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    intermediate_size=1536,
+    vocab_size=49152,
+    dtype="float32",
+    max_lora_rank=32,
+)
+
+
+def test_weights_of_smollm2_match_its_134_5m_parameters():
+    assert weights_bytes(SMOL, tied=True) / 4 == pytest.approx(134.5e6, rel=0.001)
+
+
+def test_peft_capacity_follows_tensorrt_llms_recipe():
+    cfg = peft_cache_config(SMOL, max_lora_rank=32, max_gpu_loras=8, max_cpu_loras=16)
+    assert cfg.num_device_module_layer == 32 * 30 * 7 * 8 == num_module_layers(SMOL, 32, 8)
+    assert cfg.num_host_module_layer == 2 * cfg.num_device_module_layer
+    assert cfg.optimal_adapter_size == cfg.max_adapter_size == 32
+
+
+@pytest.mark.parametrize("loras", [1, 4, 16])
+def test_kv_cache_gets_what_the_peft_cache_leaves(loras):
+    kw = dict(
+        max_batch_size=32,
+        max_seq_len=2048,
+        max_cpu_loras=2 * loras,
+        budget_bytes=8 * 2**30,
+        tied_embeddings=True,
+    )
+    plan = plan_memory(SMOL, max_gpu_loras=loras, **kw)
+    assert plan.used_bytes <= plan.budget_bytes
+    assert plan.kv_bytes == plan.kv_slots * plan.max_seq_len * plan.kv_bytes_per_token
+    if loras > 1:
+        smaller = plan_memory(SMOL, max_gpu_loras=1, **{**kw, "max_cpu_loras": 2})
+        assert (
+            smaller.kv_slots >= plan.kv_slots and plan.peft_device_bytes == loras * smaller.peft_device_bytes
+        )
+
+
+def test_lora_activations_grow_with_batch_and_rank():
+    base = dict(max_seq_len=256, max_gpu_loras=8, max_cpu_loras=8, budget_bytes=8 * 2**30)
+    a = plan_memory(SMOL, max_batch_size=8, **base).lora_activation_bytes
+    b = plan_memory(SMOL, max_batch_size=32, **base).lora_activation_bytes
+    c = plan_memory(SMOL.with_limits(max_lora_rank=64), max_batch_size=8, **base).lora_activation_bytes
+    assert b > a and c == 2 * a
+
+
+def test_host_cache_outside_the_budget_on_a_gpu():
+    kw = dict(max_batch_size=64, max_seq_len=2048, max_gpu_loras=8, max_cpu_loras=32, budget_bytes=4 * 2**30)
+    cpu, gpu = plan_memory(SMOL, host_in_budget=True, **kw), plan_memory(SMOL, host_in_budget=False, **kw)
+    assert gpu.kv_slots > cpu.kv_slots
+
+
+def test_a_budget_without_room_for_one_sequence_names_the_knobs():
+    with pytest.raises(EngineError, match="NIM_MAX_GPU_LORAS"):
+        plan_memory(
+            SMOL, max_batch_size=8, max_seq_len=2048, max_gpu_loras=8, max_cpu_loras=16, budget_bytes=2**29
+        )
+
+
+def test_table_lists_every_claim():
+    plan = plan_memory(
+        SMOL, max_batch_size=8, max_seq_len=512, max_gpu_loras=8, max_cpu_loras=16, budget_bytes=4 * 2**30
+    )
+    text = plan.table()
+    for word in ("weights", "PEFT device cache", "PEFT host cache", "LoRA activations", "KV cache", "total"):
+        assert word in text

@@ -1,0 +1,233 @@
+"""The engine contract, modelled on `tensorrt_llm.bindings.executor` (TensorRT-LLM 1.2).
+
+Names, field names and argument order follow the C++ header and its Python bindings:
+  cpp/include/tensorrt_llm/executor/executor.h (SamplingConfig, OutputConfig, LoraConfig, Request, Result,
+  Response, PeftCacheConfig, Executor), cpp/include/tensorrt_llm/executor/types.h (FinishReason,
+  IterationStats), cpp/tensorrt_llm/nanobind/executor/request.cpp and executorConfig.cpp (the Python
+  names: snake_case, everything after `max_tokens` keyword-only).
+Both executors (TorchExecutor, TrtllmExecutor) accept and return exactly these types, so the serving
+layer above never knows which engine runs.
+
+Semantics the executors honour (TensorRT-LLM's, see DESIGN §4.4):
+* Non-streaming: one final Response; `output_token_ids[0]` holds prompt + generated tokens unless
+  `OutputConfig.exclude_input_from_output` is set. Streaming: one Response per step with only the new
+  tokens (TensorRT-LLM's default `return_all_generated_tokens=False`); the last has `is_final=True`.
+* Sampling is greedy unless `top_k > 1` or `top_p > 0` (TensorRT-LLM: top_k=0 and top_p=0 is greedy,
+  whatever the temperature). An OpenAI layer that means "sample" must therefore pass top_p=1.0.
+* The end id is not part of the output tokens; a matched stop word is.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+IdType = int  # uint64 in C++ (executor::IdType)
+
+# Exact texts of TensorRT-LLM's errors; the serving layer matches on them (see trtllm_lora.md §4.3).
+NOT_CACHED_MESSAGE = "LoRA task {task_id} not found in cache. Please send LoRA weights with request"
+HOST_CACHE_FULL_MESSAGE = "PEFT Cache is full. Could not store taskId={task_id}"
+DEVICE_CACHE_FULL_MESSAGE = (
+    "Caught exception during copyTask ensure batch -- Couldn't claim pages during copyTask -- "
+    "Cache is full. There are no done tasks to evict"
+)
+FETCH_ERROR_PREFIX = "Encountered an error when fetching new request: "
+
+
+class FinishReason(enum.IntEnum):
+    """executor::FinishReason (types.h)."""
+
+    NOT_FINISHED = 0
+    END_ID = 1
+    STOP_WORDS = 2
+    LENGTH = 3
+    TIMED_OUT = 4
+    CANCELLED = 5
+
+
+@dataclass
+class SamplingConfig:
+    """executor::SamplingConfig; `None` means "engine default", as the optional fields in C++."""
+
+    beam_width: int = 1
+    top_k: int | None = None
+    top_p: float | None = None
+    top_p_min: float | None = None
+    top_p_reset_ids: int | None = None
+    top_p_decay: float | None = None
+    seed: int | None = None
+    temperature: float | None = None
+    min_tokens: int | None = None
+    beam_search_diversity_rate: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    length_penalty: float | None = None
+    early_stopping: int | None = None
+    no_repeat_ngram_size: int | None = None
+    num_return_sequences: int | None = None
+    min_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.beam_width != 1:
+            raise ValueError("beam_width must be 1: beam search is not supported by this engine")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.top_p is not None and not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if self.temperature is not None and self.temperature < 0.0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def is_greedy(self) -> bool:
+        """TensorRT-LLM's rule: top_k=0 and top_p=0 (or top_k=1, or temperature 0) is greedy."""
+        if self.top_k == 1 or self.temperature == 0.0:
+            return True
+        return not (self.top_k or 0) and not (self.top_p or 0.0)
+
+
+@dataclass
+class OutputConfig:
+    """executor::OutputConfig."""
+
+    return_log_probs: bool = False
+    return_context_logits: bool = False
+    return_generation_logits: bool = False
+    exclude_input_from_output: bool = False
+    return_encoder_output: bool = False
+    return_perf_metrics: bool = False
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """executor::LoraConfig(task_id, weights=None, config=None).
+
+    weights: [N, W] in the engine dtype; config: [N, 4] (or [N, 3]) int32; both CPU torch tensors, 2-D
+    (the `.npy` files carry a leading batch dimension of 1: squeeze it first).
+    """
+
+    task_id: IdType
+    weights: torch.Tensor | None = None  # [N, W]
+    config: torch.Tensor | None = None  # [N, 4|3] int32
+
+
+@dataclass
+class Request:
+    """executor::Request; everything after `max_tokens` is keyword-only, as in the nanobind binding."""
+
+    input_token_ids: list[int]
+    max_tokens: int
+    _: KW_ONLY
+    streaming: bool = False
+    sampling_config: SamplingConfig = field(default_factory=SamplingConfig)
+    output_config: OutputConfig = field(default_factory=OutputConfig)
+    end_id: int | None = None
+    pad_id: int | None = None
+    bad_words: list[list[int]] | None = None
+    stop_words: list[list[int]] | None = None
+    lora_config: LoraConfig | None = None
+    client_id: int | None = None
+
+
+@dataclass
+class Result:
+    """executor::Result. Token and log-prob lists are per beam (one beam here)."""
+
+    is_final: bool
+    output_token_ids: list[list[int]]
+    finish_reasons: list[FinishReason] = field(default_factory=lambda: [FinishReason.NOT_FINISHED])
+    log_probs: list[list[float]] | None = None
+    cum_log_probs: list[float] | None = None
+    sequence_index: int = 0
+    is_sequence_final: bool = False
+    decoding_iter: int = 0
+
+    @property
+    def finish_reason(self) -> FinishReason:
+        """The finish reason of the (only) beam."""
+        return self.finish_reasons[0]
+
+
+@dataclass
+class Response:
+    """executor::Response: a result or an error message for one request."""
+
+    request_id: IdType
+    result: Result | None = None
+    error_msg: str | None = None
+    client_id: int | None = None
+
+    def has_error(self) -> bool:
+        return self.error_msg is not None
+
+
+@dataclass(frozen=True)
+class PeftCacheConfig:
+    """executor::PeftCacheConfig (field names and defaults of executorConfig.cpp / executor.h).
+
+    `num_*_module_layer` > 0 sets a capacity in rank-units (module-layer rows × rank) and overrides the
+    percent / bytes fields. trtllm_peft.engine.memory.peft_cache_config() sizes it from NIM_* values.
+    """
+
+    num_host_module_layer: int = 0
+    num_device_module_layer: int = 0
+    optimal_adapter_size: int = 8
+    max_adapter_size: int = 64
+    num_put_workers: int = 1
+    num_ensure_workers: int = 1
+    num_copy_streams: int = 1
+    max_pages_per_block_host: int = 24
+    max_pages_per_block_device: int = 8
+    device_cache_percent: float | None = None
+    host_cache_size: int | None = None
+    lora_prefetch_dir: str | None = None
+
+
+@dataclass
+class IterationStats:
+    """executor::IterationStats (types.h), the fields this engine can fill."""
+
+    timestamp: str = ""
+    iter: int = 0
+    iter_latency_ms: float = 0.0
+    new_active_requests_queue_latency_ms: float = 0.0
+    num_new_active_requests: int = 0
+    num_active_requests: int = 0
+    num_queued_requests: int = 0
+    num_completed_requests: int = 0
+    max_num_active_requests: int = 0
+    cpu_mem_usage: int = 0
+    gpu_mem_usage: int = 0
+    num_context_tokens: int = 0
+    num_gen_tokens: int = 0
+    num_active_lora_tasks: int = 0
+    num_host_cached_lora_tasks: int = 0
+    num_device_cached_lora_tasks: int = 0
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """executor::Executor's request API (the part the serving layer uses)."""
+
+    def enqueue_request(self, request: Request) -> IdType: ...
+
+    def enqueue_requests(self, requests: list[Request]) -> list[IdType]: ...
+
+    def await_responses(self, id: IdType | None = None, timeout: float | None = None) -> list[Response]:
+        """Responses ready now (waits up to `timeout` seconds for at least one); all ids or one id."""
+        ...
+
+    def get_num_responses_ready(self, id: IdType | None = None) -> int: ...
+
+    def cancel_request(self, id: IdType) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+    def can_enqueue_requests(self) -> bool: ...
+
+    def get_latest_iteration_stats(self) -> list[IterationStats]: ...

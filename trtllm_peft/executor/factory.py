@@ -1,0 +1,27 @@
+"""Pick and start the executor an engine directory was built for (DESIGN §2: torch or TensorRT-LLM)."""
+
+from __future__ import annotations
+
+from trtllm_peft.engine.engine_dir import EngineDir
+from trtllm_peft.errors import SettingsError
+from trtllm_peft.executor.api import Executor
+from trtllm_peft.settings import Settings
+
+
+def create_executor(settings: Settings, engine: EngineDir) -> Executor:
+    """The engine decides the backend; TRTLLM_PEFT_BACKEND, when not `auto`, must agree with it."""
+    backend = engine.backend
+    if settings.backend not in ("auto", backend):
+        raise SettingsError(
+            f"TRTLLM_PEFT_BACKEND={settings.backend} but {engine.path} is a {backend} engine; "
+            f"rebuild it with `make engine BACKEND={settings.backend}` or unset the variable"
+        )
+    if backend == "trtllm":
+        from trtllm_peft.executor.trtllm import TrtllmExecutor
+
+        return TrtllmExecutor.from_settings(engine, settings)
+    from trtllm_peft.executor.torch import TorchExecutor
+
+    return TorchExecutor(
+        engine.path, max_gpu_loras=settings.max_gpu_loras, max_cpu_loras=settings.max_cpu_loras
+    )

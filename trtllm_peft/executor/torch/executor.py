@@ -1,0 +1,430 @@
+"""`TorchExecutor`: the reference engine behind the executor contract (api.py), on CPU or one CUDA GPU.
+
+A background thread runs continuous batching. Each iteration it
+  1. takes new requests: validates them and their LoRA (host tier of the PEFT cache: errors answer at once),
+  2. admits waiting requests into the batch while there is a KV row and the device tier can hold their
+     adapter (else they wait — distinct adapters in the batch never exceed the device budget),
+     prefilling each whole prompt and sampling its first token,
+  3. runs one decode step for the whole batch (all adapters mixed, lora_ops.LoraBatch),
+  4. sends streaming deltas and final results, and retires finished or cancelled requests.
+The caller's threads only touch the request queue, the response lists and the cancel set, under one lock.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from trtllm_peft.engine.engine_dir import EngineDir
+from trtllm_peft.engine.memory import default_budget_bytes, peft_cache_config, plan_memory
+from trtllm_peft.errors import AdapterError, TrtllmPeftError
+from trtllm_peft.executor.api import (
+    DEVICE_CACHE_FULL_MESSAGE,
+    FETCH_ERROR_PREFIX,
+    FinishReason,
+    IdType,
+    IterationStats,
+    PeftCacheConfig,
+    Request,
+    Response,
+)
+from trtllm_peft.executor.torch.intake import check_request, read_lora
+from trtllm_peft.executor.torch.kv_cache import KVCache
+from trtllm_peft.executor.torch.linear import single_thread_except_big_matmuls
+from trtllm_peft.executor.torch.lora_ops import LoraBatch, prepare
+from trtllm_peft.executor.torch.model import LlamaModel
+from trtllm_peft.executor.torch.peft_cache import LoraCacheFullError, PeftCache, PeftTaskNotCachedError
+from trtllm_peft.executor.torch.sampler import new_state, sample
+from trtllm_peft.executor.torch.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def pick_device() -> torch.device:
+    """CUDA when torch sees a GPU, else CPU: the same code runs on both."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class TorchExecutor:
+    """The reference engine. `peft_cache_config` defaults to the one the engine was sized with.
+
+    `max_batch_size` and `max_seq_len` may lower the engine's limits (a smaller KV cache); the memory plan is
+    recomputed for this device and budget and logged.
+    """
+
+    def __init__(
+        self,
+        engine_dir: str | Path,
+        *,
+        peft_cache_config: PeftCacheConfig | None = None,
+        device: str | torch.device | None = None,
+        max_batch_size: int | None = None,
+        memory_budget_bytes: int | None = None,
+        max_gpu_loras: int | None = None,
+        max_cpu_loras: int | None = None,
+        max_seq_len: int | None = None,
+        split_threads: bool = True,
+    ) -> None:
+        self.engine = EngineDir.open(engine_dir)
+        self.spec, self.arch, self.dtype = self.engine.spec, self.engine.arch, self.engine.dtype
+        self.device = torch.device(device) if device is not None else pick_device()
+        bc = self.engine.build_config
+        self.max_seq_len = min(int(bc["max_seq_len"]), max_seq_len or int(bc["max_seq_len"]))
+        self.max_num_tokens = int(bc.get("max_num_tokens") or self.max_seq_len)
+        sized = self.engine.meta.get("sized_from", {})
+        gpu_loras = max_gpu_loras or sized.get("NIM_MAX_GPU_LORAS", 8)
+        cpu_loras = max_cpu_loras or sized.get("NIM_MAX_CPU_LORAS", 16)
+        self.plan = plan_memory(
+            self.spec,
+            max_batch_size=max_batch_size or int(bc["max_batch_size"]),
+            max_seq_len=self.max_seq_len,
+            max_gpu_loras=gpu_loras,
+            max_cpu_loras=cpu_loras,
+            budget_bytes=memory_budget_bytes or default_budget_bytes(self.device.type),
+            host_in_budget=self.device.type == "cpu",
+            tied_embeddings=self.arch.tie_word_embeddings,
+        )
+        log.info("%s", self.plan.table())
+        self.peft_cache_config = peft_cache_config or peft_cache_config_for(self.spec, gpu_loras, cpu_loras)
+        self.cache = PeftCache(
+            self.peft_cache_config.num_host_module_layer, self.peft_cache_config.num_device_module_layer
+        )
+        self.model = LlamaModel(
+            self.arch, self.engine.load_weights(), self.dtype, self.device, self.max_seq_len
+        )
+        self.kv = KVCache(
+            self.arch.num_layers,
+            self.plan.kv_slots,
+            self.arch.num_kv_heads,
+            self.max_seq_len,
+            self.arch.head_dim,
+            self.dtype,
+            self.device,
+        )
+        self._ids = itertools.count(1)
+        self._lock = threading.Condition()
+        self._new: collections.deque[Sequence] = collections.deque()
+        self._responses: dict[int, list[Response]] = collections.defaultdict(list)
+        self._cancel: set[int] = set()
+        self._stats: collections.deque[IterationStats] = collections.deque(maxlen=1000)
+        self._waiting: list[Sequence] = []
+        self._running: list[Sequence] = []  # row i of the KV cache = _running[i]
+        self._lora_key: tuple[int, ...] = ()
+        self._lora_batch: LoraBatch | None = None
+        self._iter = 0
+        self._stopped = False
+        self._threads = torch.get_num_threads() if split_threads else 0
+        self._thread = threading.Thread(target=self._loop, name="trtllm-peft-engine", daemon=True)
+        self._thread.start()
+
+    # ---- caller side (any thread) ----------------------------------------------------------------------
+
+    def enqueue_request(self, request: Request) -> IdType:
+        return self.enqueue_requests([request])[0]
+
+    def enqueue_requests(self, requests: list[Request]) -> list[IdType]:
+        with self._lock:
+            if self._stopped:
+                raise TrtllmPeftError("the executor has been shut down")
+            ids = []
+            for req in requests:
+                rid = next(self._ids)
+                self._new.append(
+                    Sequence(
+                        id=rid,
+                        request=req,
+                        sampling=new_state(req.sampling_config, req.end_id, self.device),
+                        max_new=req.max_tokens,
+                    )
+                )
+                ids.append(rid)
+            self._lock.notify_all()
+        return ids
+
+    def await_responses(self, id: IdType | None = None, timeout: float | None = None) -> list[Response]:
+        """Responses ready (for all requests, or request `id`), waiting up to `timeout` s for the first one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while not self._ready(id):
+                left = None if deadline is None else deadline - time.monotonic()
+                if (left is not None and left <= 0) or (self._stopped and not self._thread.is_alive()):
+                    return []
+                self._lock.wait(left)
+            if id is not None:
+                return self._responses.pop(id, [])
+            out = [r for rs in self._responses.values() for r in rs]
+            self._responses.clear()
+            return out
+
+    def _ready(self, id: IdType | None) -> bool:
+        return bool(self._responses.get(id)) if id is not None else any(self._responses.values())
+
+    def get_num_responses_ready(self, id: IdType | None = None) -> int:
+        with self._lock:
+            if id is not None:
+                return len(self._responses.get(id, []))
+            return sum(len(r) for r in self._responses.values())
+
+    def cancel_request(self, id: IdType) -> None:
+        with self._lock:
+            self._cancel.add(id)
+            self._lock.notify_all()
+
+    def can_enqueue_requests(self) -> bool:
+        return not self._stopped
+
+    def get_latest_iteration_stats(self) -> list[IterationStats]:
+        with self._lock:
+            out = list(self._stats)
+            self._stats.clear()
+            return out
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._lock.notify_all()
+        self._thread.join()
+
+    def __enter__(self) -> TorchExecutor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- engine thread ---------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        if self._threads > 1:  # small ops on one thread, weight-streaming matmuls on all (linear.py)
+            single_thread_except_big_matmuls(self._threads)
+        while True:
+            with self._lock:
+                while not (self._new or self._waiting or self._running or self._stopped):
+                    self._lock.wait()
+                if self._stopped:
+                    return
+                new, cancel = list(self._new), set(self._cancel)
+                self._new.clear()
+            try:
+                self._iteration(new, cancel)
+            except Exception as e:  # a bug must not hang every caller: fail what is in flight, keep serving
+                log.exception("engine iteration failed")
+                self._fail_all(f"internal engine error: {type(e).__name__}: {e}")
+
+    def _iteration(self, new: list[Sequence], cancel: set[int]) -> None:
+        t0 = time.perf_counter()
+        out: list[Response] = []
+        for seq in new:
+            err = self._intake(seq)
+            if err:
+                out.append(Response(request_id=seq.id, error_msg=err, client_id=seq.request.client_id))
+        done = self._cancel_seqs(cancel)
+        n_done = self._emit(out, done)
+        n_ctx, n_new = self._admit(out)
+        n_done += self._emit(out, [])  # a request may finish at its first token
+        n_gen = self._decode() if self._running else 0
+        n_done += self._emit(out, [])
+        self._record(t0, n_ctx, n_gen, n_new, n_done)
+
+    def _intake(self, seq: Sequence) -> str | None:
+        """Validate a new request and hold its adapter in the host tier; an error text or None."""
+        req = seq.request
+        err = check_request(req, self.max_seq_len, self.arch.vocab_size)
+        if err:
+            return FETCH_ERROR_PREFIX + err
+        seq.tokens, seq.prompt_len = list(req.input_token_ids), len(req.input_token_ids)
+        seq.max_new = min(req.max_tokens, self.max_seq_len - seq.prompt_len)
+        if req.lora_config is not None:
+            err = self._admit_lora(req.lora_config)
+            if err:
+                return err
+            seq.task_id = req.lora_config.task_id
+        self._waiting.append(seq)
+        return None
+
+    def _admit_lora(self, lc) -> str | None:
+        """Host tier: known task → held (weights ignored); new task → read, validated, stored."""
+        try:
+            if lc.task_id in self.cache.host or lc.weights is None and lc.config is None:
+                self.cache.admit(lc.task_id)
+            else:
+                adapter = read_lora(lc, self.spec, self.dtype)
+                self.cache.admit(lc.task_id, sum(w.rank for _, w in adapter), adapter)
+        except (PeftTaskNotCachedError, LoraCacheFullError) as e:
+            return str(e)
+        except (AdapterError, ValueError) as e:
+            return FETCH_ERROR_PREFIX + str(e)
+        return None
+
+    def _admit(self, out: list[Response]) -> tuple[int, int]:
+        """Move waiting requests into the batch (prefill + first token); returns (context tokens, admitted)."""
+        budget, n_ctx, admitted = self.max_num_tokens, 0, 0
+        for seq in list(self._waiting):
+            if len(self._running) >= self.kv.rows or (n_ctx and n_ctx + seq.prompt_len > budget):
+                break
+            if seq.task_id is not None and not self._device_ready(seq, out):
+                continue
+            self._waiting.remove(seq)
+            self._prefill(seq)
+            n_ctx += seq.prompt_len
+            admitted += 1
+        return n_ctx, admitted
+
+    def _device_ready(self, seq: Sequence, out: list[Response]) -> bool:
+        """Bring the request's adapter to the device tier; False = wait. An adapter that can never fit fails."""
+        if not self.cache.device_fits_ever(seq.task_id):
+            self._waiting.remove(seq)
+            self.cache.finish(seq.task_id)
+            out.append(
+                Response(
+                    request_id=seq.id, error_msg=DEVICE_CACHE_FULL_MESSAGE, client_id=seq.request.client_id
+                )
+            )
+            return False
+        return self.cache.try_load_device(
+            seq.task_id, lambda a: prepare(a, self.spec, self.dtype, self.device)
+        )
+
+    def _prefill(self, seq: Sequence) -> None:
+        row = len(self._running)
+        self._running.append(seq)
+        lora = None
+        if seq.task_id is not None:  # one adapter: stack it alone rather than re-stacking the whole batch
+            lora = LoraBatch(
+                [self.cache.device.get(seq.task_id)], self.spec, self.dtype, self.device, pack=False
+            )
+        ids = torch.tensor(seq.tokens, dtype=torch.long, device=self.device)
+        logits = self.model.prefill(ids, row, self.kv, lora, 0)
+        seq.cached = seq.prompt_len
+        self._take(logits[None], [seq])
+
+    def _lora(self) -> tuple[LoraBatch | None, list[int]]:
+        """The stacked adapters of the running batch and each row's index into them (-1: base).
+
+        Restacked only when the set of tasks changes, not when rows move (compaction reorders rows).
+        """
+        tasks = {s.task_id for s in self._running} - {None}
+        if not tasks:
+            return None, []
+        if tasks != set(self._lora_key):
+            self._lora_key = tuple(sorted(tasks))
+            adapters = [self.cache.device.get(t) for t in self._lora_key]
+            self._lora_batch = LoraBatch(adapters, self.spec, self.dtype, self.device)
+        pos = {t: i for i, t in enumerate(self._lora_key)}
+        return self._lora_batch, [pos.get(s.task_id, -1) for s in self._running]
+
+    def _decode(self) -> int:
+        live = self._running  # finished ones were retired by _emit
+        ids = torch.tensor([s.tokens[-1] for s in live], dtype=torch.long, device=self.device)
+        positions = torch.tensor([s.cached for s in live], dtype=torch.long, device=self.device)
+        lora, index = self._lora()
+        token_adapter = torch.tensor(index, device=self.device) if lora is not None else None
+        logits = self.model.decode(ids, positions, self.kv, lora, token_adapter)
+        for s in live:
+            s.cached += 1
+        self._take(logits, live)
+        return len(live)
+
+    def _take(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        want = any(s.request.output_config.return_log_probs for s in seqs)
+        tokens, lps = sample(
+            logits,
+            [s.sampling for s in seqs],
+            [s.tokens for s in seqs],
+            [len(s.generated) for s in seqs],
+            want,
+        )
+        for i, s in enumerate(seqs):
+            s.add(tokens[i], lps[i] if lps is not None else None)
+
+    def _cancel_seqs(self, cancel: set[int]) -> list[Sequence]:
+        """Mark cancelled requests finished; waiting ones leave now, running ones at the next _emit."""
+        done = []
+        for seq in [s for s in self._waiting + self._running if s.id in cancel]:
+            seq.finish = FinishReason.CANCELLED
+            if seq in self._waiting:
+                self._waiting.remove(seq)
+                if seq.task_id is not None:
+                    self.cache.finish(seq.task_id)
+                done.append(seq)
+        if cancel:
+            with self._lock:
+                self._cancel -= cancel
+        return done
+
+    def _retire(self) -> list[Sequence]:
+        """Remove finished sequences from the batch, compacting KV rows; release their adapters."""
+        gone = []
+        row = 0
+        while row < len(self._running):
+            seq = self._running[row]
+            if seq.finish == FinishReason.NOT_FINISHED:
+                row += 1
+                continue
+            last = len(self._running) - 1
+            self.kv.move(last, row, self._running[last].cached)
+            self._running[row] = self._running[last]
+            self._running.pop()
+            if seq.task_id is not None:
+                self.cache.leave_device(seq.task_id)
+                self.cache.finish(seq.task_id)
+            gone.append(seq)
+        return gone
+
+    def _emit(self, out: list[Response], done: list[Sequence]) -> int:
+        """Send what is due (errors in `out`, deltas, finals), retire finished requests; returns how many."""
+        for seq in self._running + done:
+            r = seq.response()
+            if r is not None:
+                out.append(r)
+        n_done = len(done) + len(self._retire())
+        if out:
+            with self._lock:
+                for r in out:
+                    self._responses[r.request_id].append(r)
+                self._lock.notify_all()
+            out.clear()
+        return n_done
+
+    def _record(self, t0: float, n_ctx: int, n_gen: int, n_new: int, n_done: int) -> None:
+        self._iter += 1
+        stats = IterationStats(
+            timestamp=time.strftime("%m-%d-%Y %H:%M:%S"),
+            iter=self._iter,
+            iter_latency_ms=(time.perf_counter() - t0) * 1e3,
+            num_new_active_requests=n_new,
+            num_active_requests=len(self._running),
+            num_queued_requests=len(self._waiting),
+            num_completed_requests=n_done,
+            max_num_active_requests=self.kv.rows,
+            num_context_tokens=n_ctx,
+            num_gen_tokens=n_gen,
+            num_active_lora_tasks=len({s.task_id for s in self._running} - {None}),
+            num_host_cached_lora_tasks=len(self.cache.host),
+            num_device_cached_lora_tasks=len(self.cache.device),
+        )
+        with self._lock:
+            self._stats.append(stats)
+
+    def _fail_all(self, message: str) -> None:
+        """After an internal error: answer every request in flight with it and start from a clean state."""
+        seqs = self._waiting + self._running
+        self._waiting, self._running, self._lora_key, self._lora_batch = [], [], (), None
+        self.cache = PeftCache(self.cache.host.capacity, self.cache.device.capacity)
+        with self._lock:
+            for s in seqs:
+                self._responses[s.id].append(
+                    Response(request_id=s.id, error_msg=message, client_id=s.request.client_id)
+                )
+            self._lock.notify_all()
+
+
+def peft_cache_config_for(spec, max_gpu_loras: int, max_cpu_loras: int) -> PeftCacheConfig:
+    return peft_cache_config(
+        spec, max_lora_rank=spec.max_lora_rank, max_gpu_loras=max_gpu_loras, max_cpu_loras=max_cpu_loras
+    )

@@ -1,0 +1,60 @@
+"""Checks a request must pass before it joins the engine, and reading the LoRA tensors it carries.
+
+Texts follow TensorRT-LLM where it has one (loraUtils.cpp `loraValidateRequestTensors`, executorImpl.cpp);
+the executor prefixes them with "Encountered an error when fetching new request: " as TensorRT-LLM does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trtllm_peft.errors import AdapterError
+from trtllm_peft.executor.api import LoraConfig, Request
+from trtllm_peft.lora import LoraAdapter, ModelSpec, unpack, validate
+
+
+def check_request(req: Request, max_seq_len: int, vocab_size: int) -> str | None:
+    """Why `req` cannot run on this engine, or None."""
+    prompt = req.input_token_ids
+    if not prompt:
+        return "input_token_ids must not be empty"
+    if req.max_tokens < 1:
+        return f"max_tokens must be >= 1, got {req.max_tokens}"
+    if len(prompt) >= max_seq_len:
+        return f"Prompt length ({len(prompt)}) exceeds maximum input length ({max_seq_len - 1})."
+    unsupported = _unsupported(req)
+    if unsupported:
+        return f"{unsupported} is not supported by the reference engine"
+    if max(prompt) >= vocab_size or min(prompt) < 0:
+        return f"input token ids must be in [0, {vocab_size})"
+    return None
+
+
+def _unsupported(req: Request) -> str | None:
+    """The first requested feature this engine does not implement (rather than silently ignoring it)."""
+    oc, sc = req.output_config, req.sampling_config
+    for name, used in (
+        ("bad_words", bool(req.bad_words)),
+        ("return_context_logits", oc.return_context_logits),
+        ("return_generation_logits", oc.return_generation_logits),
+        ("num_return_sequences > 1", (sc.num_return_sequences or 1) > 1),
+    ):
+        if used:
+            return name
+    return None
+
+
+def read_lora(lc: LoraConfig, spec: ModelSpec, dtype: torch.dtype) -> LoraAdapter:
+    """The adapter in a request's [N, W] / [N, 4|3] tensors; ValueError or AdapterError when unusable."""
+    if lc.weights is None or lc.config is None:
+        raise ValueError("Request for LoRA inference must have both lora_weights and lora_keys")
+    if lc.weights.dtype != dtype:
+        raise ValueError(
+            f"Expected lora weights to be the same data type as base model ({lc.weights.dtype} != {dtype})"
+        )
+    source = f"task {lc.task_id}"
+    adapter = unpack(lc.weights.detach().cpu().clone(), lc.config.cpu(), spec, source=source)
+    problems = validate(adapter, spec)
+    if problems:
+        raise AdapterError(source, problems)
+    return adapter

@@ -1,0 +1,332 @@
+"""/v1/models, /v1/completions, /v1/chat/completions: OpenAI's shapes, NIM's model list."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from trtllm_peft.errors import TrtllmPeftError
+from trtllm_peft.server.generation import Generation, Piece, Sequence
+from trtllm_peft.server.runtime import Runtime
+from trtllm_peft.server.schemas import ChatCompletionRequest, CompletionRequest, Usage, _Sampling
+from trtllm_peft.serving.orchestrator import GenerationParams
+
+router = APIRouter()
+
+
+DISCONNECT_POLL_S = 0.5
+
+
+class BadRequestError(TrtllmPeftError):
+    http_status = 400
+
+
+class ClientGoneError(TrtllmPeftError):
+    http_status = 499  # nginx's "client closed request": nobody reads it, but logs and metrics do
+
+
+def _rt(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    """NIM's shape: the base model, then one entry per adapter with `root` = the base model's id."""
+    rt = _rt(request)
+    base = rt.base_model_id
+    cards = [_card(base, base, rt.started)]
+    cards += [_card(e.name, base, int(e.created)) for e in rt.catalog]
+    return {"object": "list", "data": cards}
+
+
+def _card(model_id: str, root: str, created: float) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": int(created),
+        "owned_by": "system",
+        "root": root,
+        "parent": None,
+        "permission": [
+            {
+                "id": f"modelperm-{uuid.uuid5(uuid.NAMESPACE_URL, model_id).hex}",
+                "object": "model_permission",
+                "created": int(created),
+                "allow_create_engine": False,
+                "allow_sampling": True,
+                "allow_logprobs": True,
+                "allow_search_indices": False,
+                "allow_view": True,
+                "allow_fine_tuning": False,
+                "organization": "*",
+                "group": None,
+                "is_blocking": False,
+            }
+        ],
+    }
+
+
+def _params(
+    rt: Runtime, body: _Sampling, prompt_len: int, max_tokens: int | None, logprobs: bool
+) -> GenerationParams:
+    limit = rt.max_model_len
+    if prompt_len >= limit:
+        raise BadRequestError(
+            f"This model's maximum context length is {limit} tokens. However, your prompt has {prompt_len} "
+            "tokens. Please reduce the length of the prompt."
+        )
+    room = limit - prompt_len
+    if max_tokens is not None and max_tokens > room:
+        raise BadRequestError(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the completion)."
+        )
+    nv = body.nvext
+    return GenerationParams(
+        max_tokens=max_tokens or room,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=(nv.top_k if nv and nv.top_k is not None else body.top_k),
+        seed=body.seed,
+        repetition_penalty=(
+            nv.repetition_penalty if nv and nv.repetition_penalty else body.repetition_penalty
+        ),
+        presence_penalty=body.presence_penalty or None,
+        frequency_penalty=body.frequency_penalty or None,
+        ignore_eos=bool(body.ignore_eos or (nv and nv.ignore_eos)),
+        logprobs=logprobs,
+    )
+
+
+async def _start(rt: Runtime, body: _Sampling, prompt_ids: list[int], params: GenerationParams) -> Generation:
+    gen = Generation(
+        rt.orchestrator,
+        rt.tokenizer,
+        rt.metrics,
+        model=body.model,
+        prompt_ids=prompt_ids,
+        params=params,
+        stops=body.stop,
+        n=body.n,
+    )
+    await gen.start()
+    rt.metrics.prompt_tokens.labels(body.model).inc(len(prompt_ids) * body.n)
+    rt.metrics.request_prompt.labels(body.model).observe(len(prompt_ids))
+    return gen
+
+
+def _usage(prompt_len: int, gen: Generation, n: int) -> dict[str, int]:
+    prompt = prompt_len * n
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=gen.completion_tokens,
+        total_tokens=prompt + gen.completion_tokens,
+    ).model_dump()
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
+# ---- /v1/completions -------------------------------------------------------------------------------------
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    rt = _rt(request)
+    prompt_ids, prompt_text = _completion_prompt(rt, body.prompt)
+    params = _params(rt, body, len(prompt_ids), body.max_tokens or 16, body.logprobs is not None)
+    gen = await _start(rt, body, prompt_ids, params)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    echo = prompt_text if body.echo else ""
+    if body.stream:
+        return _stream(_completion_chunks(rt, body, gen, rid, created, echo, len(prompt_ids)))
+    seqs = await _collect(request, gen)
+    choices = [
+        {
+            "index": s.index,
+            "text": echo + s.text,
+            "finish_reason": s.finish_reason,
+            "stop_reason": None,
+            "logprobs": _completion_logprobs(rt, s.token_ids, s.logprobs)
+            if body.logprobs is not None
+            else None,
+        }
+        for s in seqs
+    ]
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": body.model,
+        "choices": choices,
+        "usage": _usage(len(prompt_ids), gen, body.n),
+    }
+
+
+def _completion_prompt(rt: Runtime, prompt) -> tuple[list[int], str]:
+    if isinstance(prompt, str):
+        return rt.tokenizer.encode(prompt), prompt
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return list(prompt), rt.tokenizer.decode(list(prompt))
+    if isinstance(prompt, list) and len(prompt) == 1:
+        return _completion_prompt(rt, prompt[0])
+    raise BadRequestError("one prompt per request: send a string or a list of token ids")
+
+
+async def _completion_chunks(
+    rt, body, gen: Generation, rid, created, echo, prompt_len
+) -> AsyncIterator[bytes]:
+    base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
+    echoed: set[int] = set()
+    async for p in gen.stream():
+        text = p.text
+        if echo and p.index not in echoed:
+            echoed.add(p.index)
+            text = echo + text
+        logprobs = _completion_logprobs(rt, p.token_ids, p.logprobs) if body.logprobs is not None else None
+        yield _sse(
+            {
+                **base,
+                "choices": [
+                    {
+                        "index": p.index,
+                        "text": text,
+                        "logprobs": logprobs,
+                        "finish_reason": p.finish_reason,
+                        "stop_reason": None,
+                    }
+                ],
+            }
+        )
+    if body.stream_options and body.stream_options.include_usage:
+        yield _sse({**base, "choices": [], "usage": _usage(prompt_len, gen, body.n)})
+    yield b"data: [DONE]\n\n"
+
+
+def _completion_logprobs(rt: Runtime, token_ids: list[int], logprobs: list[float] | None) -> dict[str, Any]:
+    tokens = [rt.tokenizer.token_text(t) for t in token_ids]
+    lps = list(logprobs or [None] * len(tokens))
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": lps,
+        "text_offset": offsets,
+        "top_logprobs": [{t: lp} if lp is not None else None for t, lp in zip(tokens, lps, strict=True)],
+    }
+
+
+# ---- /v1/chat/completions --------------------------------------------------------------------------------
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    rt = _rt(request)
+    try:
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        prompt = rt.tokenizer.apply_chat_template(messages)
+    except ValueError as e:
+        raise BadRequestError(str(e)) from None
+    want_lp = body.logprobs
+    params = _params(rt, body, len(prompt.token_ids), body.max_completion_tokens or body.max_tokens, want_lp)
+    gen = await _start(rt, body, prompt.token_ids, params)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        return _stream(_chat_chunks(rt, body, gen, rid, created, len(prompt.token_ids)))
+    seqs: list[Sequence] = await _collect(request, gen)
+    choices = [
+        {
+            "index": s.index,
+            "message": {"role": "assistant", "content": s.text},
+            "logprobs": _chat_logprobs(rt, s.token_ids, s.logprobs) if want_lp else None,
+            "finish_reason": s.finish_reason,
+            "stop_reason": None,
+        }
+        for s in seqs
+    ]
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": body.model,
+        "choices": choices,
+        "usage": _usage(len(prompt.token_ids), gen, body.n),
+    }
+
+
+async def _chat_chunks(rt, body, gen: Generation, rid, created, prompt_len) -> AsyncIterator[bytes]:
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
+    for i in range(body.n):  # OpenAI opens each choice with the role
+        yield _sse(
+            {
+                **base,
+                "choices": [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ],
+            }
+        )
+    async for p in gen.stream():
+        yield _sse({**base, "choices": [_chat_delta(rt, body, p)]})
+    if body.stream_options and body.stream_options.include_usage:
+        yield _sse({**base, "choices": [], "usage": _usage(prompt_len, gen, body.n)})
+    yield b"data: [DONE]\n\n"
+
+
+def _chat_delta(rt: Runtime, body: ChatCompletionRequest, p: Piece) -> dict[str, Any]:
+    return {
+        "index": p.index,
+        "delta": {"content": p.text} if p.text else {},
+        "logprobs": _chat_logprobs(rt, p.token_ids, p.logprobs) if body.logprobs else None,
+        "finish_reason": p.finish_reason,
+    }
+
+
+def _chat_logprobs(rt: Runtime, token_ids: list[int], logprobs: list[float] | None) -> dict[str, Any]:
+    content = []
+    for t, lp in zip(token_ids, logprobs or [None] * len(token_ids), strict=True):
+        text = rt.tokenizer.token_text(t)
+        entry = {"token": text, "logprob": lp, "bytes": list(text.encode())}
+        content.append({**entry, "top_logprobs": [entry] if lp is not None else []})
+    return {"content": content}
+
+
+async def _collect(request: Request, gen: Generation) -> list[Sequence]:
+    """Run a non-streaming generation to the end, cancelling it if the client goes away meanwhile."""
+    task = asyncio.create_task(gen.collect())
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await gen.aclose()
+            raise ClientGoneError("client disconnected")
+
+
+def _stream(chunks: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(
+        chunks,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+__all__ = ["router", "BadRequestError", "JSONResponse"]

@@ -1,0 +1,114 @@
+"""OpenAI-compatible request and response bodies (with NVIDIA's `nvext`). The only pydantic in the package."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Request(BaseModel):
+    # OpenAI clients send fields we do not use (user, metadata, …): accept and ignore them
+    model_config = ConfigDict(extra="ignore")
+
+
+class NvExt(_Request):
+    """NVIDIA's extension object (NIM): sampling knobs OpenAI lacks."""
+
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _Sampling(_Request):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: list[str] = Field(default_factory=list)  # OpenAI also takes one string: see _stops
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    top_k: int | None = Field(None, ge=0)  # vLLM-style top-level extras, same as nvext's
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False
+    nvext: NvExt | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if isinstance(stops, list) and len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return stops
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+    best_of: int | None = Field(None, ge=1, le=1)
+    suffix: None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be empty")
+        return v
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            parts = []
+            for part in self.content:
+                if part.get("type") != "text":
+                    raise ValueError(
+                        f"content part of type {part.get('type')!r} is not supported (text only)"
+                    )
+                parts.append(str(part.get("text", "")))
+            return "".join(parts)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object (the `openai` client raises the matching exception class from the status)."""
+    kinds = {
+        400: "BadRequestError",
+        404: "NotFoundError",
+        422: "UnprocessableEntityError",
+        429: "RateLimitError",
+        503: "ServiceUnavailableError",
+    }
+    return {
+        "error": {
+            "message": message,
+            "type": kinds.get(status, "InternalServerError"),
+            "param": param,
+            "code": status,
+        }
+    }

@@ -1,0 +1,241 @@
+"""The v2 models this server shows to Triton clients, and what their inputs mean.
+
+`ensemble` and `tensorrt_llm_bls` take tensorrtllm_backend's inputs (names, datatypes and dims of
+triton_backend/all_models/inflight_batcher_llm/{ensemble,tensorrt_llm_bls}/config.pbtxt); the base model
+and every adapter are v2 models too, with the same inputs less the LoRA ones. Inputs are checked as
+Triton checks them (unknown name, wrong datatype, batch size); features the engine lacks are refused by
+name rather than ignored. Outputs follow the ensemble's: text_output, log-probs, indices, token counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from trtllm_peft.lora.spec import ModelSpec
+from trtllm_peft.server.triton_tensors import NUMPY_TYPES, Tensor, TritonProtocolError, bytes_tensor
+
+VERSION = "1"
+LORA_INPUTS = ("lora_task_id", "lora_weights", "lora_config")
+TRITON_MODELS = {"ensemble": "ensemble", "tensorrt_llm_bls": "python"}  # name -> platform
+
+TYPE_OF = {"float16": "FP16", "bfloat16": "BF16", "float32": "FP32"}
+
+
+@dataclass(frozen=True)
+class IO:
+    """One input or output of a model config: dims exclude the batch dimension (max_batch_size > 0)."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...] = (1,)
+    optional: bool = True
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": [-1, *self.dims]}
+
+
+_SAMPLING_INPUTS = (
+    IO("text_input", "BYTES", optional=False),
+    IO("max_tokens", "INT32", optional=False),
+    IO("bad_words", "BYTES", (-1,)),
+    IO("stop_words", "BYTES", (-1,)),
+    IO("exclude_input_in_output", "BOOL"),
+    IO("end_id", "INT32"),
+    IO("pad_id", "INT32"),
+    IO("top_k", "INT32"),
+    IO("top_p", "FP32"),
+    IO("temperature", "FP32"),
+    IO("length_penalty", "FP32"),
+    IO("repetition_penalty", "FP32"),
+    IO("presence_penalty", "FP32"),
+    IO("frequency_penalty", "FP32"),
+    IO("seed", "UINT64"),
+    IO("random_seed", "UINT64"),  # older tensorrtllm_backend clients
+    IO("return_log_probs", "BOOL"),
+    IO("return_context_logits", "BOOL"),
+    IO("return_generation_logits", "BOOL"),
+    IO("return_num_input_tokens", "BOOL"),
+    IO("return_num_output_tokens", "BOOL"),
+    IO("num_return_sequences", "INT32"),
+    IO("beam_width", "INT32"),
+    IO("stream", "BOOL"),
+)
+
+OUTPUTS = (
+    IO("text_output", "BYTES", (-1,)),
+    IO("cum_log_probs", "FP32", (-1,)),
+    IO("output_log_probs", "FP32", (-1, -1)),
+    IO("batch_index", "INT32"),
+    IO("sequence_index", "INT32"),
+    IO("num_input_tokens", "INT32"),
+    IO("num_output_tokens", "INT32"),
+)
+
+
+def model_inputs(spec: ModelSpec, with_lora: bool) -> tuple[IO, ...]:
+    """Inputs of a model; the LoRA ones carry weights in the engine dtype (TensorRT-LLM's rule).
+
+    lora_config takes 3 columns (module, layer, rank; the stock config.pbtxt) or 4 (+ is_dora).
+    """
+    if not with_lora:
+        return _SAMPLING_INPUTS
+    return (
+        *_SAMPLING_INPUTS,
+        IO("lora_task_id", "UINT64"),
+        IO("lora_weights", TYPE_OF[spec.dtype], (-1, -1)),
+        IO("lora_config", "INT32", (-1, -1)),
+    )
+
+
+def model_metadata(name: str, platform: str, inputs: tuple[IO, ...]) -> dict[str, Any]:
+    """GET /v2/models/{name}: the v2 model metadata object."""
+    return {
+        "name": name,
+        "versions": [VERSION],
+        "platform": platform,
+        "inputs": [io.metadata() for io in inputs],
+        "outputs": [io.metadata() for io in OUTPUTS],
+    }
+
+
+@dataclass(frozen=True)
+class TritonRequest:
+    """A request in engine terms, after the inputs were checked."""
+
+    text: str
+    max_tokens: int
+    stop_words: list[str]
+    end_id: int | None
+    temperature: float | None
+    top_k: int | None
+    top_p: float | None
+    repetition_penalty: float | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+    seed: int | None
+    return_log_probs: bool
+    exclude_input: bool
+    stream: bool
+    return_num_input_tokens: bool = False
+    return_num_output_tokens: bool = False
+    lora_task_id: int | None = None
+    lora_weights: torch.Tensor | None = None  # [1, N, W] | [N, W]
+    lora_config: torch.Tensor | None = None  # [1, N, 3|4] | [N, 3|4]
+
+
+def check_inputs(model: str, inputs: dict[str, Tensor], declared: tuple[IO, ...]) -> None:
+    """Triton's checks: known names, declared datatypes, required inputs present, batch size 1."""
+    by_name = {io.name: io for io in declared}
+    for name, t in inputs.items():
+        io = by_name.get(name)
+        if io is None:
+            raise TritonProtocolError(f"unexpected inference input '{name}' for model '{model}'")
+        if t.datatype != io.datatype:
+            raise TritonProtocolError(
+                f"inference input '{name}' data-type is '{t.datatype}', but model '{model}' expects "
+                f"'{io.datatype}'"
+            )
+        if len(t.shape) != len(io.dims) + 1 or t.shape[0] != 1:
+            raise TritonProtocolError(
+                f"inference input '{name}' has shape {t.shape}; model '{model}' expects "
+                f"{[1, *io.dims]} (-1 = any): one request per prompt, the engine batches in flight"
+            )
+    missing = [io.name for io in declared if not io.optional and io.name not in inputs]
+    if missing:
+        raise TritonProtocolError(f"expected input '{missing[0]}' for model '{model}'")
+
+
+def parse_request(inputs: dict[str, Tensor]) -> TritonRequest:
+    """TritonRequest from checked inputs; refuses (400) what the engine cannot do rather than ignore it."""
+    _refuse_unsupported(inputs)
+
+    def get(name: str, default=None):
+        return inputs[name].scalar() if name in inputs else default
+
+    max_tokens = int(get("max_tokens"))
+    if max_tokens < 1:
+        raise TritonProtocolError(f"max_tokens must be >= 1, got {max_tokens}")
+    seed = get("seed", get("random_seed"))
+    return TritonRequest(
+        text=get("text_input"),
+        max_tokens=max_tokens,
+        stop_words=[w for w in inputs["stop_words"].strings() if w] if "stop_words" in inputs else [],
+        end_id=get("end_id"),
+        temperature=get("temperature"),
+        top_k=get("top_k"),
+        top_p=get("top_p"),
+        repetition_penalty=get("repetition_penalty"),
+        presence_penalty=get("presence_penalty"),
+        frequency_penalty=get("frequency_penalty"),
+        seed=None if seed is None else int(seed),
+        return_log_probs=bool(get("return_log_probs", False)),
+        exclude_input=bool(get("exclude_input_in_output", False)),
+        stream=bool(get("stream", False)),
+        return_num_input_tokens=bool(get("return_num_input_tokens", False)),
+        return_num_output_tokens=bool(get("return_num_output_tokens", False)),
+        lora_task_id=get("lora_task_id"),
+        lora_weights=inputs["lora_weights"].to_torch() if "lora_weights" in inputs else None,
+        lora_config=inputs["lora_config"].to_torch() if "lora_config" in inputs else None,
+    )
+
+
+def _refuse_unsupported(inputs: dict[str, Tensor]) -> None:
+    def value(name: str, default):
+        return inputs[name].scalar() if name in inputs else default
+
+    if "bad_words" in inputs and any(inputs["bad_words"].strings()):
+        raise TritonProtocolError("bad_words is not supported by this server")
+    for name, default, allowed in (
+        ("beam_width", 1, 1),
+        ("num_return_sequences", 1, 1),
+        ("return_context_logits", False, False),
+        ("return_generation_logits", False, False),
+    ):
+        if value(name, default) != allowed:
+            raise TritonProtocolError(f"{name}={value(name, default)} is not supported by this server")
+
+
+# ---- generate extension: JSON values → tensors ------------------------------------------------------------
+
+
+def json_inputs(model: str, body: dict[str, Any], declared: tuple[IO, ...]) -> dict[str, Tensor]:
+    """Inputs of a generate request: top-level keys (and `parameters`) named like inputs, shaped by config.
+
+    Triton's generate extension: a scalar fills a [1] input, a list fills a [-1] input; the batch dimension
+    of 1 is added. Keys that are not inputs are an error, as on Triton.
+    """
+    values = {**(body.get("parameters") or {}), **{k: v for k, v in body.items() if k != "parameters"}}
+    by_name = {io.name: io for io in declared}
+    out = {}
+    for name, value in values.items():
+        io = by_name.get(name)
+        if io is None:
+            raise TritonProtocolError(f"unexpected inference input '{name}' for model '{model}'")
+        out[name] = _json_tensor(io, value)
+    return out
+
+
+def _json_tensor(io: IO, value: Any) -> Tensor:
+    if io.datatype == "BYTES":
+        items = value if isinstance(value, list) else [value]
+        strings = [str(v) for v in items if v is not None]
+        if io.dims == (1,) and len(strings) != 1:
+            raise TritonProtocolError(f"input '{io.name}' takes one string")
+        return bytes_tensor(io.name, strings, [1, len(strings)])
+    try:
+        if io.datatype == "BF16":
+            t = torch.tensor(value, dtype=torch.bfloat16)
+            data = t.view(torch.int16).numpy().view(np.uint16)
+        else:
+            data = np.array(value, dtype=NUMPY_TYPES[io.datatype])
+    except (TypeError, ValueError, OverflowError, RuntimeError) as e:
+        raise TritonProtocolError(f"input '{io.name}': value is not {io.datatype} ({e})") from None
+    if data.ndim == len(io.dims):  # no batch dimension given (the usual case): add it
+        data = data[None]
+    elif data.ndim < len(io.dims):
+        data = data.reshape((1,) * (len(io.dims) + 1 - data.ndim) + data.shape)
+    return Tensor(io.name, io.datatype, data)

@@ -1,0 +1,284 @@
+"""Request → executor → stream. Owns the per-request LoRA: lease from the host cache, task id, resends.
+
+The engine's PEFT cache is a belief here, never a fact: weights go with a request only when the engine is
+believed not to hold the task, and the engine's "not found in cache" is answered by one resend with
+weights. A cold adapter is loaded once off the event loop, however many requests wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+
+from trtllm_peft import formats
+from trtllm_peft.errors import AdapterError, TrtllmPeftError
+from trtllm_peft.executor.api import FinishReason, LoraConfig, OutputConfig, Request, SamplingConfig
+from trtllm_peft.executor.errors import ErrorKind, classify
+from trtllm_peft.lora import ModelSpec, PackedLora, pack
+from trtllm_peft.serving.catalog import AdapterEntry, Catalog
+from trtllm_peft.serving.engine_client import EngineClient
+from trtllm_peft.serving.host_cache import HostCache, HostCacheFullError
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFoundError(TrtllmPeftError):
+    http_status = 404
+
+
+class AdapterUnavailableError(TrtllmPeftError):
+    """The adapter exists on disk but cannot be served (it failed to load or to validate)."""
+
+    http_status = 422
+
+
+class EngineRequestError(TrtllmPeftError):
+    """The engine refused or failed the request."""
+
+    def __init__(self, message: str, kind: ErrorKind):
+        super().__init__(message)
+        self.kind = kind
+        self.http_status = {ErrorKind.CACHE_FULL: 429, ErrorKind.INVALID: 400}.get(kind, 500)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What a client asked for, in engine terms (after the HTTP layer validated it)."""
+
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def sampling_config(self) -> SamplingConfig:
+        # TensorRT-LLM samples only when top_k or top_p is set: OpenAI's default is sampling with
+        # temperature 1 and top_p 1, so an unset top_p becomes 1.0 unless the request is greedy.
+        greedy = self.temperature == 0.0
+        return SamplingConfig(
+            top_k=1 if greedy else self.top_k,
+            top_p=None if greedy else (1.0 if self.top_p is None else self.top_p),
+            temperature=self.temperature,
+            seed=self.seed,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+        )
+
+
+@dataclass
+class Step:
+    """New tokens of one sequence from one engine step."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str | None = None  # "stop" | "length" | None while running
+    first: bool = False
+
+
+_FINISH = {
+    FinishReason.END_ID: "stop",
+    FinishReason.STOP_WORDS: "stop",
+    FinishReason.LENGTH: "length",
+    FinishReason.CANCELLED: "abort",
+    FinishReason.TIMED_OUT: "abort",
+}
+
+
+@dataclass
+class OrchestratorStats:
+    running_by_adapter: dict[str, int] = field(default_factory=dict)
+    waiting_by_adapter: dict[str, int] = field(default_factory=dict)
+
+
+class Orchestrator:
+    """Turns (model, prompt ids, params) into a stream of Steps from the engine."""
+
+    def __init__(
+        self,
+        *,
+        spec: ModelSpec,
+        base_model_id: str,
+        catalog: Catalog,
+        host_cache: HostCache,
+        client: EngineClient,
+        eos_token_id: int | None,
+        pad_token_id: int | None = None,
+        on_load: Callable[[float], None] | None = None,
+        loaders: int = 2,
+    ):
+        self.spec, self.base_model_id, self.catalog = spec, base_model_id, catalog
+        self.host_cache, self.client = host_cache, client
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self._pool = ThreadPoolExecutor(max_workers=loaders, thread_name_prefix="adapter-load")
+        self._loading: dict[int, asyncio.Future[PackedLora]] = {}
+        self._engine_has: OrderedDict[int, None] = OrderedDict()  # belief: task ids the engine holds
+        self._on_load = on_load
+        self.stats = OrchestratorStats()
+
+    def model_ids(self) -> list[str]:
+        return [self.base_model_id, *(e.name for e in self.catalog)]
+
+    def resolve(self, model: str) -> AdapterEntry | None:
+        """None for the base model, the catalog entry for an adapter; 404 for anything else."""
+        if model == self.base_model_id:
+            return None
+        entry = self.catalog.get(model)
+        if entry is None:
+            reason = self.catalog.invalid().get(model)
+            if reason:
+                raise AdapterUnavailableError(f"adapter '{model}' cannot be served: {reason}")
+            raise ModelNotFoundError(
+                f"The model '{model}' does not exist. Available models: {', '.join(self.model_ids())}"
+            )
+        return entry
+
+    async def generate(
+        self, model: str, prompt_ids: list[int], params: GenerationParams
+    ) -> AsyncIterator[Step]:
+        """Stream the Steps of one sequence. Raises before the first Step for 404 / 422 / 429."""
+        entry = self.resolve(model)
+        label = entry.name if entry else self.base_model_id
+        self._count(self.stats.waiting_by_adapter, label, +1)
+        try:
+            packed = await self._lease(entry) if entry else None
+        finally:
+            self._count(self.stats.waiting_by_adapter, label, -1)
+        self._count(self.stats.running_by_adapter, label, +1)
+        try:
+            async with aclosing(self._run(entry, packed, prompt_ids, params)) as steps:
+                async for step in steps:
+                    yield step
+        finally:
+            self._count(self.stats.running_by_adapter, label, -1)
+            if entry:
+                self.host_cache.release(entry.task_id)
+
+    async def generate_leased(
+        self, task, packed: PackedLora, prompt_ids: list[int], params: GenerationParams
+    ) -> AsyncIterator[Step]:
+        """Like `generate`, for a task the caller has already leased in the host cache (`task.name`,
+        `task.task_id`: Triton's client task ids, serving/triton_lora.py). Released when the stream ends."""
+        self._count(self.stats.running_by_adapter, task.name, +1)
+        try:
+            async with aclosing(self._run(task, packed, prompt_ids, params)) as steps:
+                async for step in steps:
+                    yield step
+        finally:
+            self._count(self.stats.running_by_adapter, task.name, -1)
+            self.host_cache.release(task.task_id)
+
+    async def _run(self, entry, packed, prompt_ids, params) -> AsyncIterator[Step]:
+        request = Request(
+            list(prompt_ids),
+            params.max_tokens,
+            streaming=True,
+            sampling_config=params.sampling_config(),
+            output_config=OutputConfig(return_log_probs=params.logprobs, exclude_input_from_output=True),
+            end_id=None if params.ignore_eos else self.eos_token_id,
+            pad_id=self.pad_token_id,
+            lora_config=self._lora_config(entry, packed, with_weights=False) if entry else None,
+        )
+        resent, first = False, True
+        while True:
+            retry = False
+            async with aclosing(self.client.generate(request)) as responses:
+                async for response in responses:
+                    if response.has_error():
+                        kind = classify(response.error_msg)
+                        if kind is ErrorKind.NOT_CACHED and entry and not resent:
+                            self._engine_has.pop(entry.task_id, None)
+                            request = replace(
+                                request, lora_config=self._lora_config(entry, packed, with_weights=True)
+                            )
+                            resent = retry = True
+                            break
+                        raise EngineRequestError(response.error_msg, kind)
+                    result = response.result
+                    if entry and first:
+                        self._believe(entry.task_id)
+                    finish = _FINISH.get(result.finish_reason) if result.is_final else None
+                    yield Step(
+                        token_ids=list(result.output_token_ids[0]),
+                        logprobs=list(result.log_probs[0]) if result.log_probs else None,
+                        finish_reason=finish or ("stop" if result.is_final else None),
+                        first=first,
+                    )
+                    first = False
+            if not retry:
+                return
+
+    def _lora_config(self, entry: AdapterEntry, packed: PackedLora, *, with_weights: bool) -> LoraConfig:
+        if with_weights or entry.task_id not in self._engine_has:
+            return LoraConfig(task_id=entry.task_id, weights=packed.weights, config=packed.config)
+        return LoraConfig(task_id=entry.task_id)
+
+    def _believe(self, task_id: int) -> None:
+        self._engine_has[task_id] = None
+        self._engine_has.move_to_end(task_id)
+        while len(self._engine_has) > 4 * max(len(self.host_cache), 64):
+            self._engine_has.popitem(last=False)
+
+    async def _lease(self, entry: AdapterEntry) -> PackedLora:
+        """The adapter's packed tensors, leased for this request: a host-cache hit or one shared load."""
+        packed = self.host_cache.acquire(entry.task_id)
+        if packed is not None:
+            return packed
+        future = self._loading.get(entry.task_id)
+        if future is None:
+            future = asyncio.get_running_loop().run_in_executor(self._pool, self._load, entry)
+            self._loading[entry.task_id] = future
+            future.add_done_callback(lambda _: self._loading.pop(entry.task_id, None))
+        try:
+            packed = await asyncio.shield(future)
+        except AdapterError as e:
+            self.catalog.mark_invalid(entry, "; ".join(e.problems))
+            raise AdapterUnavailableError(f"adapter '{entry.name}' cannot be served: {e}") from None
+        # back on the loop: no await between the check and the insert, so concurrent waiters agree
+        if entry.task_id in self.host_cache:
+            return self.host_cache.acquire(entry.task_id)
+        evicted = self.host_cache.put(entry.task_id, packed)  # may raise HostCacheFullError (429)
+        if evicted:
+            log.debug("host cache evicted tasks %s for %r", evicted, entry.name)
+        return packed
+
+    def _load(self, entry: AdapterEntry) -> PackedLora:
+        """Read, validate and pack one adapter (in a worker thread)."""
+        start = time.perf_counter()
+        adapter = formats.load_for_engine(entry.path, self.spec)
+        packed = pack(adapter, self.spec.dtype)
+        elapsed = time.perf_counter() - start
+        log.info(
+            "adapter %r loaded (%s, %d rows, max rank %d) in %.3f s",
+            entry.name,
+            entry.format,
+            packed.num_rows,
+            adapter.max_rank,
+            elapsed,
+        )
+        if self._on_load:
+            self._on_load(elapsed)
+        return packed
+
+    @staticmethod
+    def _count(table: dict[str, int], key: str, delta: int) -> None:
+        table[key] = table.get(key, 0) + delta
+        if table[key] <= 0:
+            del table[key]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+__all__ = ["GenerationParams", "HostCacheFullError", "ModelNotFoundError", "Orchestrator", "Step"]

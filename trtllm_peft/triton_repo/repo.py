@@ -1,0 +1,191 @@
+"""`trtllm-peft triton-repo`: a tensorrtllm_backend model repository for a built engine.
+
+    OUT/
+      preprocessing/config.pbtxt   1/   (model.py from tensorrtllm_backend, copied when found)
+      tensorrt_llm/config.pbtxt    1/   lora_prefetch/<task id>/model.lora_{weights,config}.npy
+      postprocessing/config.pbtxt  1/
+      ensemble/config.pbtxt        1/
+      tensorrt_llm_bls/config.pbtxt 1/
+      lora_tasks.json              adapter name -> task id (Triton clients send ids)
+
+Every config is filled: engine and tokenizer paths, batch size and dtype from the engine, the PEFT cache from
+NIM_MAX_GPU_LORAS / NIM_MAX_CPU_LORAS (lora_cache.py), the prefetch directory from NIM_PEFT_SOURCE. The Python
+models' code is tensorrtllm_backend's own: NVIDIA's Triton TensorRT-LLM image ships it in
+/app/all_models/inflight_batcher_llm, which is copied from when present (or from --python-models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from trtllm_peft.engine.engine_dir import EngineDir
+from trtllm_peft.errors import SettingsError
+from trtllm_peft.settings import Settings
+from trtllm_peft.triton_repo.lora_cache import GIB, LoraCacheParams, lora_cache_params
+from trtllm_peft.triton_repo.models import MODELS, PYTHON_MODELS, RepoParams
+from trtllm_peft.triton_repo.pbtxt import render
+from trtllm_peft.triton_repo.prefetch import TASKS_FILE, PrefetchResult, previous_ids, write_prefetch_dir
+
+log = logging.getLogger(__name__)
+
+CONTAINER_MODELS = Path("/app/all_models/inflight_batcher_llm")
+PREFETCH_DIR = (
+    Path("tensorrt_llm") / "lora_prefetch"
+)  # inside a model folder: Triton does not take it for a model
+TRITON_DTYPES = {"float16": "FP16", "bfloat16": "BF16", "float32": "FP32"}
+
+
+@dataclass
+class RepoReport:
+    out: Path
+    lora: LoraCacheParams
+    prefetch: PrefetchResult
+    python_models_from: Path | None
+
+    def lines(self) -> list[str]:
+        d, h = self.lora.sizing.device, self.lora.sizing.host
+        src = self.python_models_from
+        return [
+            f"Triton model repository: {self.out}",
+            f"  LoRA cache: GPU fraction {self.lora.gpu_memory_fraction} ({d.pages} pages, {d.bytes / GIB:.2f} GiB), "
+            f"host {self.lora.host_memory_bytes:,} bytes ({h.pages} pages)",
+            f"  lora_prefetch_dir: {len(self.prefetch.tasks)} adapters, {len(self.prefetch.skipped)} skipped; "
+            f"ids in {self.out / TASKS_FILE}",
+            f"  Python models: copied from {src}"
+            if src
+            else "  Python models: model.py NOT copied (no tensorrtllm_backend found): run this inside NVIDIA's "
+            "Triton TensorRT-LLM image, or pass --python-models <tensorrtllm_backend>/all_models/inflight_batcher_llm",
+        ]
+
+
+def generate_repository(
+    engine_dir: Path,
+    out: Path,
+    settings: Settings,
+    *,
+    gpu_free_bytes: int,
+    served_engine_dir: str | None = None,
+    served_repo_dir: str | None = None,
+    decoupled: bool = False,
+    kv_cache_free_gpu_mem_fraction: float = 0.9,
+    python_models: Path | None = None,
+) -> RepoReport:
+    """Write the repository for `engine_dir` into `out` (configs replaced; other files kept)."""
+    engine = EngineDir.open(engine_dir)
+    spec = engine.spec
+    lora = lora_cache_params(
+        spec,
+        max_gpu_loras=settings.max_gpu_loras,
+        max_cpu_loras=settings.max_cpu_loras,
+        gpu_free_bytes=gpu_free_bytes,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    prefetch = write_prefetch_dir(
+        settings.peft_source, out / PREFETCH_DIR, spec, previous_ids(out / TASKS_FILE)
+    )
+    (out / TASKS_FILE).write_text(prefetch.to_json())
+    repo_dir = served_repo_dir or str(out.resolve())
+    served_engine = served_engine_dir or str(engine.path.resolve())
+    params = RepoParams(
+        engine_dir=served_engine,
+        tokenizer_dir=served_engine,  # the engine directory carries the tokenizer
+        dtype=TRITON_DTYPES[spec.dtype],
+        max_batch_size=int(engine.build_config.get("max_batch_size", 8)),
+        decoupled=decoupled,
+        lora_cache={
+            **lora.as_parameters(),
+            "lora_prefetch_dir": f"{repo_dir.rstrip('/')}/{PREFETCH_DIR.as_posix()}",
+        },
+        kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction,
+    )
+    for name, build in MODELS.items():
+        (out / name / "1").mkdir(parents=True, exist_ok=True)
+        (out / name / "config.pbtxt").write_text(render(build(params)))
+    source = python_models or (CONTAINER_MODELS if CONTAINER_MODELS.is_dir() else None)
+    copied = _copy_python_models(source, out) if source else None
+    return RepoReport(out=out, lora=lora, prefetch=prefetch, python_models_from=copied)
+
+
+def _copy_python_models(source: Path, out: Path) -> Path:
+    """Copy tensorrtllm_backend's `<model>/1/` code (model.py, lib/) for the Python models."""
+    missing = [m for m in PYTHON_MODELS if not (source / m / "1" / "model.py").is_file()]
+    if missing:
+        raise SettingsError(
+            f"{source}: not tensorrtllm_backend's all_models/inflight_batcher_llm (no {missing[0]}/1/model.py)"
+        )
+    for model in PYTHON_MODELS:
+        shutil.copytree(source / model / "1", out / model / "1", dirs_exist_ok=True)
+    return source
+
+
+def _default_gpu_free_bytes() -> int | None:
+    """Free memory of GPU 0 when one is visible (the engine is not loaded yet: an upper bound)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.mem_get_info()[0])
+    except Exception:  # no usable CUDA: the flag is needed
+        return None
+    return None
+
+
+def add_triton_repo_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `trtllm-peft triton-repo` (NIM_* come from the environment, as for `serve`)."""
+    p.add_argument(
+        "--engine", type=Path, default=None, help="engine directory (default TRTLLM_PEFT_ENGINE_DIR)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="model repository to write")
+    p.add_argument(
+        "--peft-source", type=Path, default=None, help="adapters to prefetch (default NIM_PEFT_SOURCE)"
+    )
+    p.add_argument(
+        "--gpu-free-gib",
+        type=float,
+        default=None,
+        help="GPU memory free after the engine is loaded, GiB: sizes lora_cache_gpu_memory_fraction "
+        "(default: free memory of GPU 0 when one is visible)",
+    )
+    p.add_argument(
+        "--served-engine-dir", default=None, help="the engine's path as Triton sees it (in a container)"
+    )
+    p.add_argument("--served-repo-dir", default=None, help="the repository's path as Triton sees it")
+    p.add_argument(
+        "--decoupled", action="store_true", help="decoupled mode (streaming; needs gRPC or generate_stream)"
+    )
+    p.add_argument(
+        "--kv-cache-free-gpu-mem-fraction", type=float, default=0.9, help="KV cache share (default 0.9)"
+    )
+    p.add_argument(
+        "--python-models",
+        type=Path,
+        default=None,
+        help="tensorrtllm_backend's all_models/inflight_batcher_llm",
+    )
+
+
+def run_triton_repo(args: argparse.Namespace, settings: Settings) -> int:
+    """`trtllm-peft triton-repo`: write the repository and print what it holds."""
+    settings = settings.replace(engine_dir=args.engine, peft_source=args.peft_source)
+    free = int(args.gpu_free_gib * GIB) if args.gpu_free_gib else _default_gpu_free_bytes()
+    if not free:
+        raise SettingsError("no GPU visible: pass --gpu-free-gib (GPU memory free after loading the engine)")
+    report = generate_repository(
+        settings.engine_dir,
+        args.out,
+        settings,
+        gpu_free_bytes=free,
+        served_engine_dir=args.served_engine_dir,
+        served_repo_dir=args.served_repo_dir,
+        decoupled=args.decoupled,
+        kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
+        python_models=args.python_models,
+    )
+    print("\n".join(report.lines()))
+    for name, why in sorted(report.prefetch.skipped.items()):
+        print(f"  skipped {name}: {why}")
+    return 0
