@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
-import os
 import random
-import re
 import sys
 import tempfile
 import time
@@ -38,11 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from load_check import Phase, Reference, distinct_answers, parse_metrics, report  # noqa: E402
+from load_check import Reference, distinct_answers, load_events, parse_metrics  # noqa: E402
+from load_report import Phase, cpu_seconds, loadavg, peak_rss_gb, report  # noqa: E402
 
 from tests.integration.conftest import Server, random_adapter, write_adapter  # noqa: E402
 from trtllm_peft import formats  # noqa: E402
@@ -65,7 +64,6 @@ PROMPTS = (
 BASE = "smollm2"
 RETRY_S = 1.0  # the raw executor's "cache full" waits as long as the server's Retry-After
 HANG_S = 120.0  # a request silent this long is reported as a hang
-_LOADED = re.compile(r"adapter '([^']+)' loaded")
 
 
 @dataclass
@@ -206,18 +204,6 @@ def http_sender(http: httpx.AsyncClient, wl: Workload):
     return send
 
 
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _peak_rss_gb(pid: int | str = "self") -> float:
-    """VmHWM (peak resident set) of a process, in GB."""
-    line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("VmHWM"))
-    return int(line.split()[1]) / 1e6
-
-
 async def server_phase(args, wl: Workload, loras: Path, log: Path) -> Phase:
     """Start the server, warm it (one base request), run the clients, scrape /v1/metrics, stop it."""
     server = Server(
@@ -237,32 +223,17 @@ async def server_phase(args, wl: Workload, loras: Path, log: Path) -> Phase:
         async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=timeout) as http:
             warm = await http.post("/v1/completions", json={"model": BASE, "prompt": "Hi", "max_tokens": 2})
             warm.raise_for_status()
-            cpu = _cpu_seconds(server.proc.pid) + time.process_time()
+            cpu = cpu_seconds(server.proc.pid) + time.process_time()
             t0, records = await run_clients(http_sender(http, wl), wl, args.clients, args.duration)
-            cpu = _cpu_seconds(server.proc.pid) + time.process_time() - cpu
+            cpu = cpu_seconds(server.proc.pid) + time.process_time() - cpu
             metrics = parse_metrics((await http.get("/v1/metrics")).text)
-            rss = _peak_rss_gb(server.proc.pid)
+            rss = peak_rss_gb(server.proc.pid)
     finally:
         server.stop()
     text = log.read_text()
     loads = [(wl.names.index(name), t - clock) for name, t in load_events(text) if name in wl.names]
     wall = max(r.t_end for r in records) - t0
     return Phase("server", t0, wall, rss, args.duration, records, cpu, loads, metrics, text)
-
-
-def load_events(log: str) -> list[tuple[str, float]]:
-    """(adapter name, epoch time) of every "adapter 'x' loaded" line of the server's JSON log."""
-    events = []
-    for line in log.splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        m = _LOADED.match(str(entry.get("message", ""))) if isinstance(entry, dict) else None
-        if m:
-            when = datetime.datetime.strptime(entry["time"], "%Y-%m-%dT%H:%M:%S.%fZ")
-            events.append((m.group(1), when.replace(tzinfo=datetime.UTC).timestamp()))
-    return events
 
 
 # ---- the raw executor -------------------------------------------------------------------------------------
@@ -327,7 +298,7 @@ async def raw_phase(args, wl: Workload, packed, token_text) -> tuple[Phase, obje
         r.texts = [token_text(t) for t in r.ids]
     wall = max(r.t_end for r in records) - t0
     loads = [(task - 1, t) for task, t in loads if task > 0]
-    return Phase("raw", t0, wall, _peak_rss_gb(), args.duration, records, cpu, loads), executor.model
+    return Phase("raw", t0, wall, peak_rss_gb(), args.duration, records, cpu, loads), executor.model
 
 
 def _record_loads(tier) -> list[tuple[int, float]]:
@@ -374,25 +345,8 @@ def main(argv=None) -> int:
     def say(what: str) -> None:
         print(f"[{time.perf_counter() - start:5.0f} s] {what}", file=sys.stderr, flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="trtllm-peft-load-") as tmp:
-        loras = Path(tmp) / "loras"
-        loras.mkdir()
-        say(f"writing {args.adapters} adapters")
-        names = make_adapters(loras, spec, args.adapters, args.rank, seed=1000 + args.seed)
-        wl = Workload(
-            names,
-            [tok.encode(p) for p in PROMPTS],
-            args.max_tokens,
-            args.zipf,
-            args.seed,
-            units=args.rank * len(ALL7) * spec.num_layers,
-            capacity_units=spec.cache_units(16),
-        )
-        say(f"server: {args.clients} clients for {args.duration:.0f} s")
-        server = asyncio.run(server_phase(args, wl, loras, Path(tmp) / "server.log"))
-        load["after server"] = loadavg()
-        say("packing the adapters for the raw executor")
-        packed = [pack(formats.load_for_engine(loras / n, spec), spec.dtype) for n in names]
+    wl, server, packed = run_server(args, spec, tok, say)
+    load["after server"] = loadavg()
     say(f"raw executor: the same clients for {args.duration:.0f} s")
     raw, model = asyncio.run(raw_phase(args, wl, packed, tok.token_text))
     load["after raw"] = loadavg()
@@ -404,15 +358,28 @@ def main(argv=None) -> int:
     print(
         f"\nload test: {args.clients} streaming clients, {args.adapters} rank-{args.rank} adapters (Zipf "
         f"{args.zipf}), max_tokens {args.max_tokens} greedy ignore_eos, {args.duration:.0f} s per phase, "
-        "NIM_MAX_CPU_LORAS=16 NIM_MAX_GPU_LORAS=8\n"
+        f"NIM_MAX_CPU_LORAS=16 NIM_MAX_GPU_LORAS=8, torch threads {torch.get_num_threads()}\n"
     )
     ok = report(server, raw, verdicts, tok, wl)
     print(f"load average (1/5/15 min): {'; '.join(f'{k} {v}' for k, v in load.items())}")
     return 0 if ok else 1
 
 
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+def run_server(args, spec, tok, say) -> tuple[Workload, Phase, list]:
+    """Adapters in a temp dir, the server phase on them, then the adapters packed for the raw executor."""
+    with tempfile.TemporaryDirectory(prefix="trtllm-peft-load-") as tmp:
+        loras = Path(tmp) / "loras"
+        loras.mkdir()
+        say(f"writing {args.adapters} adapters")
+        names = make_adapters(loras, spec, args.adapters, args.rank, seed=1000 + args.seed)
+        units = args.rank * len(ALL7) * spec.num_layers
+        prompts = [tok.encode(p) for p in PROMPTS]
+        wl = Workload(names, prompts, args.max_tokens, args.zipf, args.seed, units, spec.cache_units(16))
+        say(f"server: {args.clients} clients for {args.duration:.0f} s")
+        server = asyncio.run(server_phase(args, wl, loras, Path(tmp) / "server.log"))
+        say("packing the adapters for the raw executor")
+        packed = [pack(formats.load_for_engine(loras / n, spec), spec.dtype) for n in names]
+    return wl, server, packed
 
 
 if __name__ == "__main__":

