@@ -112,7 +112,8 @@ def test_health_version_metrics(server, client):
         'trtllm_peft_lora_cache_adapters{tier="host"}',
         "trtllm_peft_adapter_load_seconds_count",
         'vllm:lora_requests_info{max_lora="2"',
-        "num_requests_running",
+        "num_requests_running", 'trtllm_peft_lora_cache_misses_total{tier="host"}',
+        'trtllm_peft_lora_cache_hits_total{tier="engine"}',
         'model_name="small-hf"} 1.0',
         "request_success_total{finished_reason=",
     ):
@@ -261,6 +262,9 @@ def test_429_when_host_cache_is_full_of_active_adapters(server, client):
         )
         assert r.status_code == 429 and r.headers["Retry-After"] == "1"
         assert r.json()["error"]["type"] == "RateLimitError" and "retry later" in r.json()["error"]["message"]
+        loads = load_count(server)
+        again = httpx.post(f"{server.url}/v1/completions", json={"model": "big-2", "prompt": PROMPT, "max_tokens": 2})
+        assert again.status_code == 429 and load_count(server) == loads  # a retry costs no reload
         assert greedy(client, "smollm2", n=2).choices[0].text  # the base model is unaffected
     finally:
         for s in streams:
@@ -350,16 +354,16 @@ def test_corrupt_adapter_at_runtime_affects_nothing_else(server, client, loras):
     assert greedy(client, "small-hf").choices[0].text == ok_before
 
 
+def load_count(server) -> float:
+    text = httpx.get(f"{server.url}/v1/metrics").text
+    line = next(ln for ln in text.splitlines() if ln.startswith("trtllm_peft_adapter_load_seconds_count"))
+    return float(line.split()[-1])
+
+
 def test_concurrent_requests_for_one_cold_adapter_share_one_load(server, client, loras, spec):
     write_adapter(random_adapter(spec, rank=8, modules=ALL7, seed=77), loras / "cold", "nemo", spec)
     assert wait_for(lambda: "cold" in model_ids(client))
-
-    def count():
-        text = httpx.get(f"{server.url}/v1/metrics").text
-        line = next(ln for ln in text.splitlines() if ln.startswith("trtllm_peft_adapter_load_seconds_count"))
-        return float(line.split()[-1])
-
-    loads_before = count()
+    loads_before = load_count(server)
     results = []
     threads = [
         threading.Thread(target=lambda: results.append(greedy(client, "cold", n=3).choices[0].text))
@@ -370,7 +374,7 @@ def test_concurrent_requests_for_one_cold_adapter_share_one_load(server, client,
     for t in threads:
         t.join()
     assert len(results) == 6 and len(set(results)) == 1
-    assert count() == loads_before + 1
+    assert load_count(server) == loads_before + 1
 
 
 def test_server_log_is_clean(server):

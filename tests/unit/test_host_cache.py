@@ -74,3 +74,14 @@ def test_hits_misses_leases_and_discard():
     with pytest.raises(KeyError):
         cache.release(7)
     assert cache.discard(7) and 7 not in cache and cache.used_units == 0
+
+
+def test_can_admit_counts_free_and_idle_units_but_not_leased():
+    cache = HostCache(SPEC.cache_units(2))
+    cache.put(1, packed(64))
+    assert cache.can_admit(packed(64).rank_units) and not cache.can_admit(packed(64).rank_units + 1)
+    cache.put(2, packed(64))
+    assert not cache.can_admit(1)  # both leased: nothing can be made room for
+    cache.release(1)
+    assert cache.can_admit(packed(64).rank_units)  # 1 is idle, evictable
+    assert "retry later" in str(cache.full_error())

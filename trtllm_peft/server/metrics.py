@@ -21,7 +21,15 @@ class Metrics:
     """All series of one server; `render()` is the scrape body."""
 
     def __init__(self, max_lora: int):
-        r = self.registry = CollectorRegistry()
+        self.registry = CollectorRegistry()
+        self._request_series(self.registry)
+        self._lora_series(self.registry)
+        self.max_lora = str(max_lora)
+        self._lora_labels: tuple[str, str, str] | None = None
+        self._counted: dict[str, int] = {}
+
+    def _request_series(self, r: CollectorRegistry) -> None:
+        """NIM's request metrics, by model name."""
         m = ["model_name"]
         self.running = Gauge("num_requests_running", "Requests running on the engine", m, registry=r)
         self.waiting = Gauge("num_requests_waiting", "Requests waiting for an adapter load", m, registry=r)
@@ -50,6 +58,9 @@ class Metrics:
         self.request_generation = Histogram(
             "request_generation_tokens", "Generated tokens per request", m, buckets=_TOKENS, registry=r
         )
+
+    def _lora_series(self, r: CollectorRegistry) -> None:
+        """Adapters and the LoRA caches."""
         self.adapter_requests = Counter(
             "trtllm_peft_adapter_requests", "Requests per adapter", ["adapter"], registry=r
         )
@@ -80,8 +91,12 @@ class Metrics:
             ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
             registry=r,
         )
-        self.max_lora = str(max_lora)
-        self._lora_labels: tuple[str, str, str] | None = None
+
+    def count_to(self, counter: Counter, tier: str, total: int) -> None:
+        """Advance a counter to a running total kept elsewhere (a cache's own hit count), at scrape time."""
+        key = f"{counter._name}/{tier}"
+        counter.labels(tier).inc(max(total - self._counted.get(key, 0), 0))
+        self._counted[key] = total
 
     def set_lora_info(self, running: list[str], waiting: list[str]) -> None:
         """vLLM's convention: one sample whose labels carry the adapter lists; its value is a timestamp."""

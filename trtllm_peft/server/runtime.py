@@ -116,6 +116,10 @@ class Runtime:
         m, hc, stats = self.metrics, self.host_cache, self.orchestrator.stats
         m.cache_adapters.labels("host").set(len(hc))
         m.cache_usage.labels("host").set(hc.used_units / hc.capacity_units)
+        m.count_to(m.cache_hits, "host", hc.hits)
+        m.count_to(m.cache_misses, "host", hc.misses)
+        m.count_to(m.cache_hits, "engine", stats.engine_hits)
+        m.count_to(m.cache_misses, "engine", stats.engine_misses)
         m.catalog_adapters.labels("servable").set(len(self.catalog))
         m.catalog_adapters.labels("invalid").set(len(self.catalog.invalid()))
         for model in {*stats.running_by_adapter, *stats.waiting_by_adapter, *m_labels(m)}:

@@ -157,7 +157,11 @@ class Catalog:
 
     def _log(self, result: ScanResult, detail_limit: int = 20) -> None:
         """One line per change; a summary instead when a scan finds many (a first scan of 10,000 dirs)."""
-        for kind, names in (("added", result.added), ("changed", result.changed), ("removed", result.removed)):
+        for kind, names in (
+            ("added", result.added),
+            ("changed", result.changed),
+            ("removed", result.removed),
+        ):
             if len(names) > detail_limit:
                 log.info("%d adapters %s (%s, …)", len(names), kind, ", ".join(names[:5]))
                 continue

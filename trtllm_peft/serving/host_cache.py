@@ -57,6 +57,16 @@ class HostCache:
     def leased_units(self) -> int:
         return sum(e.units for e in self._entries.values() if e.leases)
 
+    def can_admit(self, units: int) -> bool:
+        """Whether `units` could be made room for now (free plus idle, evictable, units)."""
+        return self.capacity_units - self.leased_units >= units
+
+    def full_error(self) -> HostCacheFullError:
+        return HostCacheFullError(
+            f"host LoRA cache is full of adapters in use ({self.leased_units}/{self.capacity_units} "
+            "rank-units leased by active requests); retry later"
+        )
+
     def acquire(self, task_id: int) -> PackedLora | None:
         """Lease a cached adapter (a hit) or return None (a miss: load it, then `put`)."""
         entry = self._entries.get(task_id)
@@ -87,10 +97,7 @@ class HostCache:
             )
         victims = self._victims(units)
         if victims is None:
-            raise HostCacheFullError(
-                f"host LoRA cache is full of adapters in use ({self.leased_units}/{self.capacity_units} "
-                "rank-units leased by active requests); retry later"
-            )
+            raise self.full_error()
         for victim in victims:
             self.used_units -= self._entries.pop(victim).units
             self.evictions += 1

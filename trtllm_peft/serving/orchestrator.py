@@ -27,6 +27,8 @@ from trtllm_peft.serving.host_cache import HostCache, HostCacheFullError
 
 log = logging.getLogger(__name__)
 
+UNITS_REMEMBERED = 100_000  # a few MB at most: ints per task id
+
 
 class ModelNotFoundError(TrtllmPeftError):
     http_status = 404
@@ -100,6 +102,8 @@ _FINISH = {
 class OrchestratorStats:
     running_by_adapter: dict[str, int] = field(default_factory=dict)
     waiting_by_adapter: dict[str, int] = field(default_factory=dict)
+    engine_hits: int = 0  # sent by task id alone, and the engine had it
+    engine_misses: int = 0  # weights sent (believed absent) or resent after "not found in cache"
 
 
 class Orchestrator:
@@ -124,6 +128,7 @@ class Orchestrator:
         self._pool = ThreadPoolExecutor(max_workers=loaders, thread_name_prefix="adapter-load")
         self._loading: dict[int, asyncio.Future[PackedLora]] = {}
         self._engine_has: OrderedDict[int, None] = OrderedDict()  # belief: task ids the engine holds
+        self._units: dict[int, int] = {}  # task id -> rank-units, learnt at its first load
         self._on_load = on_load
         self.stats = OrchestratorStats()
 
@@ -208,6 +213,10 @@ class Orchestrator:
                     result = response.result
                     if entry and first:
                         self._believe(entry.task_id)
+                        if request.lora_config.weights is None:
+                            self.stats.engine_hits += 1
+                        else:
+                            self.stats.engine_misses += 1
                     finish = _FINISH.get(result.finish_reason) if result.is_final else None
                     yield Step(
                         token_ids=list(result.output_token_ids[0]),
@@ -235,6 +244,10 @@ class Orchestrator:
         packed = self.host_cache.acquire(entry.task_id)
         if packed is not None:
             return packed
+        known = self._units.get(entry.task_id)
+        if not self.host_cache.can_admit(known or 1):
+            # refused before reading anything: a retry after a 429 must not cost a full load each time
+            raise self.host_cache.full_error()
         future = self._loading.get(entry.task_id)
         if future is None:
             future = asyncio.get_running_loop().run_in_executor(self._pool, self._load, entry)
@@ -245,6 +258,7 @@ class Orchestrator:
         except AdapterError as e:
             self.catalog.mark_invalid(entry, "; ".join(e.problems))
             raise AdapterUnavailableError(f"adapter '{entry.name}' cannot be served: {e}") from None
+        self._remember_units(entry.task_id, packed.rank_units)
         # back on the loop: no await between the check and the insert, so concurrent waiters agree
         if entry.task_id in self.host_cache:
             return self.host_cache.acquire(entry.task_id)
@@ -252,6 +266,11 @@ class Orchestrator:
         if evicted:
             log.debug("host cache evicted tasks %s for %r", evicted, entry.name)
         return packed
+
+    def _remember_units(self, task_id: int, units: int) -> None:
+        self._units[task_id] = units
+        if len(self._units) > UNITS_REMEMBERED:
+            del self._units[next(iter(self._units))]  # oldest first (dicts keep insertion order)
 
     def _load(self, entry: AdapterEntry) -> PackedLora:
         """Read, validate and pack one adapter (in a worker thread)."""
