@@ -29,8 +29,9 @@ model.lora_weights.npy). Settings come from NIM's environment variables (NIM_MAX
 def _spec(base: str, settings: Settings, max_lora_rank: int | None, dtype: str | None):
     from trtllm_peft.lora.spec import spec_for_base
 
-    return spec_for_base(base, default_max_lora_rank=settings.max_lora_rank, max_lora_rank=max_lora_rank,
-                         dtype=dtype)
+    return spec_for_base(
+        base, default_max_lora_rank=settings.max_lora_rank, max_lora_rank=max_lora_rank, dtype=dtype
+    )
 
 
 def cmd_convert(args: argparse.Namespace, settings: Settings) -> int:
@@ -146,10 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_triton_repo_command(sub) -> None:
     from trtllm_peft.triton_repo import add_triton_repo_arguments, run_triton_repo
 
-    p = sub.add_parser("triton-repo", help="write a tensorrtllm_backend (Triton) model repository for an engine",
-                       description="Write preprocessing, tensorrt_llm, postprocessing, ensemble and "
-                       "tensorrt_llm_bls models for ENGINE, with the LoRA cache sized from NIM_* and the adapters "
-                       "of NIM_PEFT_SOURCE converted into lora_prefetch_dir.")
+    p = sub.add_parser(
+        "triton-repo",
+        help="write a tensorrtllm_backend (Triton) model repository for an engine",
+        description="Write preprocessing, tensorrt_llm, postprocessing, ensemble and "
+        "tensorrt_llm_bls models for ENGINE, with the LoRA cache sized from NIM_* and the adapters "
+        "of NIM_PEFT_SOURCE converted into lora_prefetch_dir.",
+    )
     add_triton_repo_arguments(p)
     p.set_defaults(func=run_triton_repo)
 

