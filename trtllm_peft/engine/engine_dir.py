@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,13 @@ class EngineDir:
         except ValueError as e:
             raise EngineError(f"{p}: unreadable engine config ({e})") from None
         return cls(path=p, config=config, meta=meta)
+
+    @property
+    def model_name(self) -> str:
+        """The base model's name for users: the source's name without a GGUF quantization suffix
+        ("SmolLM2-135M-Instruct.Q4_1" -> "SmolLM2-135M-Instruct"), else the directory's name."""
+        name = self.meta.get("model_name") or self.meta.get("source_name") or self.path.name
+        return re.sub(r"[.-](I?Q\d[\w]*|F16|F32|BF16)$", "", name, flags=re.IGNORECASE)
 
     @property
     def backend(self) -> str:

@@ -27,7 +27,7 @@ def base_model_id(settings: Settings, engine: EngineDir) -> str:
     """NIM_SERVED_MODEL_NAME (first of a comma list), else the source model's name, else the engine's."""
     if settings.served_model_name:
         return settings.served_model_name.split(",")[0].strip()
-    return engine.meta.get("model_name") or engine.meta.get("source_name") or engine.path.name
+    return engine.model_name
 
 
 @dataclass
