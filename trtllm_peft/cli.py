@@ -61,6 +61,7 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
+    from trtllm_peft.engine.engine_dir import EngineDir
     from trtllm_peft.executor.factory import create_executor
     from trtllm_peft.server.app import create_app
 
@@ -70,7 +71,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         settings.engine_dir,
         settings.peft_source or "(none: NIM_PEFT_SOURCE unset)",
     )
-    app = create_app(settings, create_executor)
+    # the engine starts before the port opens: a bad engine or memory plan is one line and exit 2
+    executor = create_executor(settings, EngineDir.open(settings.engine_dir))
+    app = create_app(settings, lambda *_: executor)
     uvicorn.run(app, host=args.host, port=settings.server_port, log_config=None, timeout_graceful_shutdown=5)
     return 0
 

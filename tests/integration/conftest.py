@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -28,6 +29,20 @@ def smollm2_engine() -> Path:
 
         build_engine(None, DEFAULT_ENGINE, quiet=True)
     return DEFAULT_ENGINE
+
+
+@pytest.fixture(scope="session")
+def smollm2_standin_engine(smollm2_engine, tmp_path_factory) -> Path:
+    """The SmolLM2 engine directory marked as a TensorRT-LLM engine, for the stand-in (tests/trtllm_standin):
+    the server then runs TrtllmExecutor, whose stand-in delegates generation to the reference engine."""
+    d = tmp_path_factory.mktemp("standin") / "smollm2-135m-trtllm"
+    d.mkdir()
+    for f in smollm2_engine.iterdir():
+        if f.name != "trtllm_peft.json":
+            (d / f.name).symlink_to(f.resolve())
+    meta = json.loads((smollm2_engine / "trtllm_peft.json").read_text())
+    (d / "trtllm_peft.json").write_text(json.dumps({**meta, "backend": "trtllm"}))
+    return d
 
 
 def random_adapter(
@@ -62,7 +77,9 @@ def free_port() -> int:
 class Server:
     """`trtllm-peft serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, engine: Path, peft_source: Path, log: Path, **env: str):
+    def __init__(
+        self, engine: Path, peft_source: Path, log: Path, *, module: str = "trtllm_peft.cli", **env: str
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -74,7 +91,7 @@ class Server:
             **env,
         }
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trtllm_peft.cli", "serve", "--host", "127.0.0.1"],
+            [sys.executable, "-m", module, "serve", "--host", "127.0.0.1"],
             env=full_env,
             stdout=open(log, "w"),  # noqa: SIM115 (open as long as the server runs)
             stderr=subprocess.STDOUT,

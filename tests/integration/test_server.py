@@ -27,8 +27,15 @@ def spec(smollm2_engine):
     return load_spec(smollm2_engine)
 
 
+@pytest.fixture(scope="module", params=["torch", "trtllm-standin"])
+def backend(request) -> str:
+    """The same tests on both executors: the reference engine, and TrtllmExecutor over the TensorRT-LLM
+    stand-in (tests/trtllm_standin), which enforces TensorRT-LLM 1.2's request and PEFT-cache contract."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def loras(tmp_path_factory, spec):
+def loras(tmp_path_factory, spec, backend):
     root = tmp_path_factory.mktemp("loras")
     small = random_adapter(spec, rank=8, modules=("attn_q", "attn_v", "mlp_4h_to_h"), seed=1)
     for fmt in ("hf", "nemo", "trtllm"):
@@ -44,11 +51,15 @@ def loras(tmp_path_factory, spec):
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_engine, loras, tmp_path_factory):
+def server(request, backend, smollm2_engine, loras, tmp_path_factory):
+    standin = backend == "trtllm-standin"
+    engine = request.getfixturevalue("smollm2_standin_engine") if standin else smollm2_engine
+    module = "tests.trtllm_standin.serve" if standin else "trtllm_peft.cli"
     srv = Server(
-        smollm2_engine,
+        engine,
         loras,
         tmp_path_factory.mktemp("log") / "server.log",
+        module=module,
         NIM_MAX_CPU_LORAS="2",
         NIM_MAX_GPU_LORAS="2",
         NIM_PEFT_REFRESH_INTERVAL="0.3",

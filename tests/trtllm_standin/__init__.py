@@ -48,21 +48,31 @@ def module() -> _types.ModuleType:
     return m
 
 
-def install(monkeypatch: pytest.MonkeyPatch) -> _types.ModuleType:
-    """Register the stand-in as tensorrt_llm, tensorrt_llm.bindings and tensorrt_llm.bindings.executor."""
+def _modules() -> dict[str, _types.ModuleType]:
     executor = module()
     bindings = _types.ModuleType("tensorrt_llm.bindings")
     bindings.executor = executor
     root = _types.ModuleType("tensorrt_llm")
     root.bindings = bindings
     root.__version__ = "1.2.0+standin"
-    for name, mod in (
-        ("tensorrt_llm", root),
-        ("tensorrt_llm.bindings", bindings),
-        ("tensorrt_llm.bindings.executor", executor),
-    ):
+    return {
+        "tensorrt_llm": root,
+        "tensorrt_llm.bindings": bindings,
+        "tensorrt_llm.bindings.executor": executor,
+    }
+
+
+def install(monkeypatch: pytest.MonkeyPatch) -> _types.ModuleType:
+    """Register the stand-in as tensorrt_llm, tensorrt_llm.bindings and tensorrt_llm.bindings.executor."""
+    mods = _modules()
+    for name, mod in mods.items():
         monkeypatch.setitem(__import__("sys").modules, name, mod)
-    return executor
+    return mods["tensorrt_llm.bindings.executor"]
+
+
+def install_for_process() -> None:
+    """The same, for a whole process (tests/trtllm_standin/serve.py: a server on the stand-in)."""
+    __import__("sys").modules.update(_modules())
 
 
 @pytest.fixture

@@ -44,9 +44,7 @@ class Executor:
 
         self.spec = load_spec(model_path)
         self.peft = PeftCacheManager(self.spec, executor_config.peft_cache_config)
-        self.delegate = TorchExecutor(
-            model_path, peft_cache_config=DELEGATE_CACHE, memory_budget_bytes=2**30, device="cpu"
-        )
+        self.delegate = TorchExecutor(model_path, peft_cache_config=DELEGATE_CACHE, device="cpu")
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
         self._pending: list[tuple[int, t.Request]] = []  # admitted, waiting for device pages
