@@ -80,16 +80,7 @@ class TorchExecutor:
         sized = self.engine.meta.get("sized_from", {})
         gpu_loras = max_gpu_loras or sized.get("NIM_MAX_GPU_LORAS", 8)
         cpu_loras = max_cpu_loras or sized.get("NIM_MAX_CPU_LORAS", 16)
-        self.plan = plan_memory(
-            self.spec,
-            max_batch_size=max_batch_size or int(bc["max_batch_size"]),
-            max_seq_len=self.max_seq_len,
-            max_gpu_loras=gpu_loras,
-            max_cpu_loras=cpu_loras,
-            budget_bytes=memory_budget_bytes or default_budget_bytes(self.device.type),
-            host_in_budget=self.device.type == "cpu",
-            tied_embeddings=self.arch.tie_word_embeddings,
-        )
+        self.plan = self._plan(max_batch_size, memory_budget_bytes, gpu_loras, cpu_loras)
         log.info("%s", self.plan.table())
         self.peft_cache_config = peft_cache_config or peft_cache_config_for(self.spec, gpu_loras, cpu_loras)
         self.cache = PeftCache(
@@ -98,12 +89,13 @@ class TorchExecutor:
         self.model = LlamaModel(
             self.arch, self.engine.load_weights(), self.dtype, self.device, self.max_seq_len
         )
+        a = self.arch
         self.kv = KVCache(
-            self.arch.num_layers,
+            a.num_layers,
             self.plan.kv_slots,
-            self.arch.num_kv_heads,
+            a.num_kv_heads,
             self.max_seq_len,
-            self.arch.head_dim,
+            a.head_dim,
             self.dtype,
             self.device,
         )
@@ -122,6 +114,19 @@ class TorchExecutor:
         self._threads = torch.get_num_threads() if split_threads else 0
         self._thread = threading.Thread(target=self._loop, name="trtllm-peft-engine", daemon=True)
         self._thread.start()
+
+    def _plan(self, max_batch_size, budget_bytes, gpu_loras: int, cpu_loras: int):
+        """The memory plan for this device and budget (the KV cache gets what the rest leaves)."""
+        return plan_memory(
+            self.spec,
+            max_batch_size=max_batch_size or int(self.engine.build_config["max_batch_size"]),
+            max_seq_len=self.max_seq_len,
+            max_gpu_loras=gpu_loras,
+            max_cpu_loras=cpu_loras,
+            budget_bytes=budget_bytes or default_budget_bytes(self.device.type),
+            host_in_budget=self.device.type == "cpu",
+            tied_embeddings=self.arch.tie_word_embeddings,
+        )
 
     # ---- caller side (any thread) ----------------------------------------------------------------------
 
