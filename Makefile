@@ -36,13 +36,19 @@ serve: $(STAMP)  ## the NIM-compatible server on :8000 for ./loras (builds the e
 test: $(STAMP)  ## run the whole test suite
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+test-unit: $(STAMP)  ## only the fast, pure unit tests
+	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
+
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check trtllm_peft tests bench converters scripts
 	$(BIN)/ruff format --check trtllm_peft tests bench converters scripts
 
-bench: $(STAMP)  ## the benchmarks (peers side by side, ratios)
+bench: $(STAMP)  ## the benchmarks, peers side by side (about 15 minutes; tables in bench/README.md)
+	@test -f $(ENGINE)/trtllm_peft.json || $(MAKE) --no-print-directory engine
 	$(BIN)/python bench/convert.py
+	$(BIN)/python bench/catalog.py
 	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/load.py
 
 .PHONY: demo-loras train-demo-lora
 
