@@ -6,7 +6,6 @@ max-rank adapters so that 429 can be provoked.
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import time
@@ -394,4 +393,3 @@ def test_concurrent_requests_for_one_cold_adapter_share_one_load(server, client,
 def test_server_log_is_clean(server):
     log = server.log.read_text()
     assert "Traceback" not in log, log[-3000:]
-    assert json  # (json imported for debugging failures)

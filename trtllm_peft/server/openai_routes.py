@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from trtllm_peft.errors import TrtllmPeftError
 from trtllm_peft.server.generation import Generation, Piece, Sequence
@@ -327,6 +327,3 @@ def _stream(chunks: AsyncIterator[bytes]) -> StreamingResponse:
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
-
-
-__all__ = ["router", "BadRequestError", "JSONResponse"]

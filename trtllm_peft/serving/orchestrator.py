@@ -23,7 +23,7 @@ from trtllm_peft.executor.errors import ErrorKind, classify
 from trtllm_peft.lora import ModelSpec, PackedLora, pack
 from trtllm_peft.serving.catalog import AdapterEntry, Catalog
 from trtllm_peft.serving.engine_client import EngineClient
-from trtllm_peft.serving.host_cache import HostCache, HostCacheFullError
+from trtllm_peft.serving.host_cache import HostCache
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +298,3 @@ class Orchestrator:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-__all__ = ["GenerationParams", "HostCacheFullError", "ModelNotFoundError", "Orchestrator", "Step"]
