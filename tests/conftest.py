@@ -72,3 +72,21 @@ def make_peft_adapter(out: Path, *, seed: int = 1, safe_serialization: bool = Tr
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)  # B is zero-initialised: make it count
     model.save_pretrained(str(out), safe_serialization=safe_serialization)
     return model
+
+
+def build_tiny_engine(directory: Path, *, max_seq_len: int = 64) -> Path:
+    """A reference engine of the tiny Llama (seed 0) in `directory`: small limits, 1 GiB memory plan."""
+    from trtllm_peft.engine.build import build_engine
+
+    tiny_llama_model(0).save_pretrained(str(directory / "hf"))
+    return build_engine(
+        directory / "hf",
+        directory / "engine",
+        max_batch_size=8,
+        max_seq_len=max_seq_len,
+        max_lora_rank=16,
+        max_gpu_loras=4,
+        max_cpu_loras=8,
+        budget_bytes=2**30,
+        quiet=True,
+    )

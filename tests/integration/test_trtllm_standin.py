@@ -17,9 +17,8 @@ import pytest
 import torch
 
 from tests import trtllm_standin
-from tests.conftest import make_peft_adapter, tiny_llama_model
+from tests.conftest import build_tiny_engine, make_peft_adapter
 from trtllm_peft import formats
-from trtllm_peft.engine.build import build_engine
 from trtllm_peft.engine.engine_dir import EngineDir
 from trtllm_peft.executor.api import FinishReason, LoraConfig, OutputConfig, Request
 from trtllm_peft.executor.errors import ErrorKind, classify
@@ -40,19 +39,7 @@ ADAPTERS = {
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("standin_engine")
-    tiny_llama_model(0).save_pretrained(str(d / "hf"))
-    return build_engine(
-        d / "hf",
-        d / "engine",
-        max_batch_size=8,
-        max_seq_len=96,
-        max_lora_rank=16,
-        max_gpu_loras=4,
-        max_cpu_loras=8,
-        budget_bytes=2**30,
-        quiet=True,
-    )
+    return build_tiny_engine(tmp_path_factory.mktemp("standin_engine"), max_seq_len=96)
 
 
 @pytest.fixture(scope="module")
