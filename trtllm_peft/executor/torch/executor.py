@@ -36,9 +36,9 @@ from trtllm_peft.executor.api import (
 )
 from trtllm_peft.executor.torch.intake import check_request, read_lora
 from trtllm_peft.executor.torch.kv_cache import KVCache
-from trtllm_peft.executor.torch.linear import single_thread_except_big_matmuls
 from trtllm_peft.executor.torch.lora_ops import LoraBatch, prepare
 from trtllm_peft.executor.torch.model import LlamaModel
+from trtllm_peft.executor.torch.ops import ops_for
 from trtllm_peft.executor.torch.peft_cache import LoraCacheFullError, PeftCache, PeftTaskNotCachedError
 from trtllm_peft.executor.torch.sampler import new_state, sample
 from trtllm_peft.executor.torch.sequence import Sequence
@@ -70,6 +70,7 @@ class TorchExecutor:
         max_cpu_loras: int | None = None,
         max_seq_len: int | None = None,
         split_threads: bool = True,
+        cpu_kernels: bool = True,
     ) -> None:
         self.engine = EngineDir.open(engine_dir)
         self.spec, self.arch, self.dtype = self.engine.spec, self.engine.arch, self.engine.dtype
@@ -86,8 +87,9 @@ class TorchExecutor:
         self.cache = PeftCache(
             self.peft_cache_config.num_host_module_layer, self.peft_cache_config.num_device_module_layer
         )
+        self.ops = ops_for(self.device, self.dtype, cpu_kernels)
         self.model = LlamaModel(
-            self.arch, self.engine.load_weights(), self.dtype, self.device, self.max_seq_len
+            self.arch, self.engine.load_weights(), self.dtype, self.device, self.max_seq_len, self.ops
         )
         a = self.arch
         self.kv = KVCache(
@@ -205,8 +207,8 @@ class TorchExecutor:
     # ---- engine thread ---------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        if self._threads > 1:  # small ops on one thread, weight-streaming matmuls on all (linear.py)
-            single_thread_except_big_matmuls(self._threads)
+        if self._threads > 1:
+            self.ops.use_threads(self._threads)
         while True:
             with self._lock:
                 while not (self._new or self._waiting or self._running or self._stopped):
@@ -301,7 +303,12 @@ class TorchExecutor:
         lora = None
         if seq.task_id is not None:  # one adapter: stack it alone rather than re-stacking the whole batch
             lora = LoraBatch(
-                [self.cache.device.get(seq.task_id)], self.spec, self.dtype, self.device, pack=False
+                [self.cache.device.get(seq.task_id)],
+                self.spec,
+                self.dtype,
+                self.device,
+                pack=False,
+                ops=self.ops,
             )
         ids = torch.tensor(seq.tokens, dtype=torch.long, device=self.device)
         logits = self.model.prefill(ids, row, self.kv, lora, 0)
@@ -319,7 +326,7 @@ class TorchExecutor:
         if tasks != set(self._lora_key):
             self._lora_key = tuple(sorted(tasks))
             adapters = [self.cache.device.get(t) for t in self._lora_key]
-            self._lora_batch = LoraBatch(adapters, self.spec, self.dtype, self.device)
+            self._lora_batch = LoraBatch(adapters, self.spec, self.dtype, self.device, ops=self.ops)
         pos = {t: i for i, t in enumerate(self._lora_key)}
         return self._lora_batch, [pos.get(s.task_id, -1) for s in self._running]
 

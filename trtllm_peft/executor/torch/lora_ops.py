@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from trtllm_peft.executor.torch.linear import Linear
+from trtllm_peft.executor.torch.ops import TorchOps
 from trtllm_peft.lora.adapter import LoraAdapter
 from trtllm_peft.lora.spec import ModelSpec
 
@@ -101,7 +102,7 @@ def prepare(
 class StackedGroup:
     """A (layer, group) for every adapter of a batch, stacked along the rank axis."""
 
-    a: Linear  # A_cat [P·R, in]
+    a: Linear  # A_cat [P·R, in] (or the ops' KernelLinear)
     b: list[Linear]  # P × B_p [out_p, R]
     slices: list[slice]
 
@@ -117,8 +118,10 @@ class LoraBatch:
         device,
         *,
         pack: bool = True,
+        ops: TorchOps | None = None,
     ) -> None:
         self.dtype, self.device, self.pack = dtype, device, pack
+        self.linear = (ops or TorchOps()).linear
         self.width = sum(a.width for a in adapters)
         owner = [j for j, a in enumerate(adapters) for _ in range(a.width)]
         self.owner = torch.tensor(owner, dtype=torch.long, device=device)  # [R]
@@ -147,8 +150,8 @@ class LoraBatch:
         # the base weights (2-3x faster matmuls for one reorder ~ one more copy). A prefill's single adapter
         # (pack=False) uses its device-tier tensors as they are: no copy at all.
         return StackedGroup(
-            a=Linear(a.reshape(-1, a.shape[2]), pack=self.pack),
-            b=[Linear((b[0] if len(b) == 1 else torch.cat(b)).t(), pack=self.pack) for b in bt],
+            a=self.linear(a.reshape(-1, a.shape[2]), pack=self.pack),
+            b=[self.linear((b[0] if len(b) == 1 else torch.cat(b)).t(), pack=self.pack) for b in bt],
             slices=[sl for _, sl in parts],
         )
 

@@ -20,6 +20,7 @@ from trtllm_peft.engine.engine_dir import ArchConfig
 from trtllm_peft.executor.torch.kv_cache import KVCache
 from trtllm_peft.executor.torch.linear import Linear
 from trtllm_peft.executor.torch.lora_ops import LoraBatch
+from trtllm_peft.executor.torch.ops import TorchOps, rope
 
 
 @dataclass
@@ -50,15 +51,27 @@ def rope_inv_freq(arch: ArchConfig) -> torch.Tensor:
 
 
 class LlamaModel:
-    """Weights fused at load; `prefill` one sequence into a cache row, `decode` one token for rows 0..B-1."""
+    """Weights fused at load; `prefill` one sequence into a cache row, `decode` one token for rows 0..B-1.
+
+    `ops` computes the per-layer ops (ops.py): plain torch, or the CPU kernels where they run.
+    """
 
     def __init__(
-        self, arch: ArchConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device, max_seq_len: int
+        self,
+        arch: ArchConfig,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device,
+        max_seq_len: int,
+        ops: TorchOps | None = None,
     ) -> None:
         self.arch, self.dtype, self.device = arch, dtype, torch.device(device)
+        self.ops = ops or TorchOps()
         w = {k: v.to(device=self.device, dtype=dtype) for k, v in weights.items()}
         self.embed = w["model.embed_tokens.weight"]  # [V, H]
-        self.lm_head = Linear(self.embed if arch.tie_word_embeddings else w["lm_head.weight"])  # [V, H]
+        self.lm_head = self.ops.linear(
+            self.embed if arch.tie_word_embeddings else w["lm_head.weight"]
+        )  # [V, H]
         self.norm = w["model.norm.weight"]
         self.layers = [self._layer(w, i) for i in range(arch.num_layers)]
         self.q_dim, self.kv_dim = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
@@ -73,26 +86,29 @@ class LlamaModel:
         bias = None
         if self.arch.qkv_bias:
             bias = torch.cat([w[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
+        linear = self.ops.linear
         return Layer(
             ln1=w[p + "input_layernorm.weight"],
-            qkv=Linear(torch.cat([w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]), bias),
-            o=Linear(w[p + "self_attn.o_proj.weight"]),
+            qkv=linear(torch.cat([w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]), bias),
+            o=linear(w[p + "self_attn.o_proj.weight"]),
             ln2=w[p + "post_attention_layernorm.weight"],
-            gate_up=Linear(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])),
-            down=Linear(w[p + "mlp.down_proj.weight"]),
+            gate_up=linear(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])),
+            down=linear(w[p + "mlp.down_proj.weight"]),
         )
 
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, hd] rotated at `positions` [T] (rotate-half convention, as HF Llama)."""
+    def _split_rope(self, qkv: torch.Tensor, positions: torch.Tensor):
+        """q [T, heads, hd], k [T, kv, hd] rotated at `positions` [T], and v [T, kv, hd] of a fused qkv."""
+        a, t = self.arch, qkv.shape[0]
         cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        qk = rope(
+            qkv[:, : self.q_dim + self.kv_dim].view(t, a.num_heads + a.num_kv_heads, a.head_dim), cos, sin
+        )
+        v = qkv[:, self.q_dim + self.kv_dim :].view(t, a.num_kv_heads, a.head_dim)
+        return qk[:, : a.num_heads], qk[:, a.num_heads :], v
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm computed in float32 then cast, as transformers' LlamaRMSNorm."""
-        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.arch.rms_norm_eps)
-        return weight * h.to(x.dtype)
+        return self.ops.rms_norm(x, weight, self.arch.rms_norm_eps)
 
     def _forward(
         self,
@@ -102,36 +118,25 @@ class LlamaModel:
         lora: LoraBatch | None,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Hidden states [T, H] after the final norm; `attend(layer, q, k, v) -> [T, q_dim]`."""
-        a = self.arch
-        x = self.embed[ids]  # [T, H]
-        t = ids.shape[0]
+        """Hidden states [T, H] before the final norm; `attend(layer, qkv) -> [T, q_dim]`."""
+        x = self.embed[ids]  # [T, H]: a new tensor, so the residual adds below may write into it
         for i, ly in enumerate(self.layers):
             h = self._norm(x, ly.ln1)
             qkv = ly.qkv(h)  # [T, q + 2kv]
             if lora is not None:
                 lora.apply_group(i, "qkv", h, qkv, mask)
-            qk = self._rope(
-                qkv[:, : self.q_dim + self.kv_dim].view(t, a.num_heads + a.num_kv_heads, a.head_dim),
-                positions,
-            )
-            q, k = qk[:, : a.num_heads], qk[:, a.num_heads :]
-            v = qkv[:, self.q_dim + self.kv_dim :].view(t, a.num_kv_heads, a.head_dim)
-            attn = attend(i, q, k, v)  # [T, q]
-            o = ly.o(attn)
+            attn = attend(i, qkv)  # [T, q]
+            ly.o.add_to(x, attn)  # the residual add fused into the projection: x += attn · Woᵀ
             if lora is not None:
-                lora.apply_group(i, "o", attn, o, mask)
-            x = x + o
+                lora.apply_group(i, "o", attn, x, mask)
             h = self._norm(x, ly.ln2)
             gu = ly.gate_up(h)  # [T, 2I]
             if lora is not None:
                 lora.apply_group(i, "gate_up", h, gu, mask)
-            gate, up = gu.chunk(2, dim=-1)
-            act = F.silu(gate) * up
-            d = ly.down(act)
+            act = self.ops.silu_mul(gu)  # [T, I]
+            ly.down.add_to(x, act)
             if lora is not None:
-                lora.apply_group(i, "down", act, d, mask)
-            x = x + d
+                lora.apply_group(i, "down", act, x, mask)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -152,7 +157,8 @@ class LlamaModel:
         positions = torch.arange(t, device=self.device)
         mask = lora.mask(torch.full((t,), adapter_index, device=self.device)) if lora is not None else None
 
-        def attend(layer, q, k, v):
+        def attend(layer, qkv):
+            q, k, v = self._split_rope(qkv, positions)
             cache.write_prompt(layer, row, k, v)
             out = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None],
@@ -176,19 +182,12 @@ class LlamaModel:
         token_adapter: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One token for each of rows 0..B-1: `ids` [B] at `positions` [B]; float32 logits [B, V]."""
-        a, b = self.arch, ids.shape[0]
-        length = int(positions.max()) + 1
-        valid = torch.arange(length, device=self.device)[None, :] <= positions[:, None]  # [B, L]
-        attn_mask = valid[:, None, None, :]  # [B, 1, 1, L]
+        a = self.arch
         mask = lora.mask(token_adapter) if lora is not None else None
-        groups = a.num_heads // a.num_kv_heads
+        shape = (a.num_heads, a.num_kv_heads, a.head_dim)
 
-        def attend(layer, q, k, v):
-            keys, values = cache.write_step(layer, positions, k, v, length)  # [B, kv, L, hd]
-            # GQA without repeating K/V: the query heads of one kv head become that head's query "length".
-            qg = q.reshape(b, a.num_kv_heads, groups, a.head_dim)
-            out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=attn_mask)  # [B, kv, g, hd]
-            return out.reshape(b, self.q_dim)
+        def attend(layer, qkv):
+            return self.ops.attend_decode(qkv, self.cos, self.sin, positions, cache, layer, shape)
 
         hidden = self._forward(ids, positions, attend, lora, mask)
         return self.logits(hidden)

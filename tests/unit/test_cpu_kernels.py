@@ -1,0 +1,117 @@
+"""cpu_kernels.cpp against the pure-torch ops (ops.TorchOps) it replaces: same math, float32 and bfloat16.
+
+Tolerances: float32 agrees to float32 rounding (the kernels accumulate in another order); bfloat16 to one
+bfloat16 rounding step of the output (2^-8 relative), as two correct bfloat16 implementations do.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trtllm_peft.executor.torch import cpu_kernels
+from trtllm_peft.executor.torch.kv_cache import KVCache
+from trtllm_peft.executor.torch.ops import KernelOps, TorchOps
+
+KERNELS = cpu_kernels.load()
+needs_kernels = pytest.mark.skipif(KERNELS is None, reason=f"CPU kernels: {cpu_kernels.why_unavailable()}")
+DTYPES = [torch.float32, torch.bfloat16]
+REL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}
+
+
+def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    scale = want.float().abs().max().clamp(min=1.0)
+    err = (got.float() - want.float()).abs().max() / scale
+    assert err <= REL[dtype], f"relative error {err:.2e} > {REL[dtype]:.0e}"
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}, None),
+        ({"avx2", "fma"}, "this CPU lacks avx512f, avx512bw, avx512vl, avx512_bf16"),
+        ({"avx512f", "avx512bw", "avx512vl"}, "this CPU lacks avx512_bf16"),
+        (set(), "this CPU lacks avx512f, avx512bw, avx512vl, avx512_bf16"),
+    ],
+)
+def test_why_unavailable_names_the_missing_instructions(flags, expected):
+    got = cpu_kernels.why_unavailable(flags)
+    if expected is None:  # the CPU qualifies; only a missing compiler could still say no
+        assert got is None or "compiler" in got
+    else:
+        assert got == expected
+
+
+def test_cpu_flags_reads_the_flags_line(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\nbugs\t: none\n")
+    assert cpu_kernels.cpu_flags(info) == {"fpu", "avx512f", "avx512_bf16"}
+    assert cpu_kernels.cpu_flags(tmp_path / "missing") == set()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("m", "n", "k"),
+    [(1, 16, 576), (8, 960, 576), (9, 49, 7), (3, 40, 16), (17, 33, 129), (40, 576, 1536), (2, 5, 1)],
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_equals_f_linear(dtype, m, n, k, bias):
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    w, x = torch.randn(n, k, generator=g).to(dtype), torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    close(KernelOps(KERNELS).linear(w, b)(x), want, dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_to_a_column_slice_leaves_the_other_columns_alone(dtype):
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(40, 24, generator=g).to(dtype), torch.randn(6, 48, generator=g).to(dtype)
+    y = torch.randn(6, 60, generator=g).to(dtype)
+    before = y.clone()
+    KernelOps(KERNELS).linear(w).add_to(y[:, 7:47], x[:, 24:])  # strided x and y, both column slices
+    want = before[:, 7:47].float() + x[:, 24:].float() @ w.float().t()
+    close(y[:, 7:47], want, dtype)
+    assert torch.equal(y[:, :7], before[:, :7]) and torch.equal(y[:, 47:], before[:, 47:])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 8, 300])
+def test_rms_norm_and_silu_mul_equal_torch(dtype, rows):
+    g = torch.Generator().manual_seed(rows)
+    x, w = (torch.randn(rows, 576, generator=g) * 3).to(dtype), torch.randn(576, generator=g).to(dtype)
+    gu = (torch.randn(rows, 2 * 1536, generator=g) * 4).to(dtype)
+    ref, ker = TorchOps(), KernelOps(KERNELS)
+    close(ker.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5), dtype)
+    close(ker.silu_mul(gu), ref.silu_mul(gu), dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 2, 4), (4, 4, 8), (8, 1, 40)])
+def test_attend_decode_equals_torch_and_writes_the_same_cache(dtype, heads, kv_heads, head_dim):
+    g = torch.Generator().manual_seed(heads * head_dim)
+    rows, max_len = 5, 48
+    positions = torch.tensor([0, 7, 31, 3, 47])  # each row at its own position, one at the last slot
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    angles = torch.outer(torch.arange(max_len).float(), torch.rand(head_dim // 2, generator=g))
+    cos, sin = (
+        torch.cat([angles, angles], -1).cos().to(dtype),
+        torch.cat([angles, angles], -1).sin().to(dtype),
+    )
+    caches = []
+    for _ in range(2):
+        c = KVCache(2, rows, kv_heads, max_len, head_dim, dtype, "cpu")
+        c.k.copy_(torch.randn(c.k.shape, generator=g))  # stale values beyond each position must be ignored
+        caches.append(c)
+    caches[1].k.copy_(caches[0].k)
+    caches[1].v.copy_(caches[0].v)
+    shape = (heads, kv_heads, head_dim)
+    want = TorchOps().attend_decode(qkv, cos, sin, positions, caches[0], 1, shape)
+    got = KernelOps(KERNELS).attend_decode(qkv, cos, sin, positions, caches[1], 1, shape)
+    close(got, want, dtype)
+    close(caches[1].k, caches[0].k, dtype)
+    assert torch.equal(caches[1].v, caches[0].v)

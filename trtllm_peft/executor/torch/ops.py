@@ -1,0 +1,110 @@
+"""The per-layer ops of the forward pass, in two interchangeable implementations.
+
+`TorchOps` is plain torch: it runs on every device (CUDA included) and is the oracle. `KernelOps` runs the
+same math through the AVX-512 kernels of cpu_kernels.cpp, where a decode step's cost is weight streaming
+and per-op overhead. `ops_for(device, use_kernels)` picks one at executor start.
+
+Semantics shared by both (tests/unit/test_cpu_kernels.py holds them to each other):
+    linear(W, b)(x)            x · Wᵀ + b                     x [T, in] -> [T, out]; `.add_to(y, x)`: y += x·Wᵀ + b
+    rms_norm(x, w, eps)        w · cast(x / rms(x))           computed in float32 then cast, as transformers
+    silu_mul(gu)               silu(gate) · up                gu [T, 2I] = [gate | up] -> [T, I]
+    attend_decode(...)         RoPE on q and k, k and v stored at each row's position, then attention of
+                               each row's query over its cache positions 0..pos  -> [B, q_dim]
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from trtllm_peft.executor.torch import cpu_kernels
+from trtllm_peft.executor.torch.kv_cache import KVCache
+from trtllm_peft.executor.torch.linear import KernelLinear, Linear, single_thread_except_big_matmuls
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, hd] rotated by per-token cos/sin [T, 1, hd] (rotate-half convention, as HF Llama)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class TorchOps:
+    """Plain torch ops: every device; the reference the kernels are tested against."""
+
+    name = "torch"
+
+    def use_threads(self, n: int) -> None:
+        """Set the calling (engine) thread's threading: small ops on one, weight-streaming matmuls on `n`."""
+        single_thread_except_big_matmuls(n)
+
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, pack: bool = True) -> Linear:
+        return Linear(weight, bias, pack=pack)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+        return weight * h.to(x.dtype)
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        gate, up = gu.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def attend_decode(
+        self,
+        qkv: torch.Tensor,  # [B, q + 2kv]
+        cos: torch.Tensor,  # [L, hd] tables
+        sin: torch.Tensor,
+        positions: torch.Tensor,  # [B] int64
+        cache: KVCache,
+        layer: int,
+        shape: tuple[int, int, int],  # (num_heads, num_kv_heads, head_dim)
+    ) -> torch.Tensor:
+        heads, kv_heads, hd = shape
+        b, q_dim, groups = qkv.shape[0], heads * hd, heads // kv_heads
+        c, s = cos[positions][:, None, :], sin[positions][:, None, :]
+        qk = rope(qkv[:, : q_dim + kv_heads * hd].view(b, heads + kv_heads, hd), c, s)
+        v = qkv[:, q_dim + kv_heads * hd :].view(b, kv_heads, hd)
+        length = int(positions.max()) + 1
+        keys, values = cache.write_step(layer, positions, qk[:, heads:], v, length)  # [B, kv, L, hd]
+        valid = torch.arange(length, device=qkv.device)[None, :] <= positions[:, None]  # [B, L]
+        # GQA without repeating K/V: the query heads of one kv head become that head's query "length".
+        qg = qk[:, :heads].reshape(b, kv_heads, groups, hd)
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=valid[:, None, None, :])
+        return out.reshape(b, q_dim)
+
+
+class KernelOps(TorchOps):
+    """The same ops through cpu_kernels.cpp (CPU, float32 or bfloat16)."""
+
+    name = "cpu-kernels"
+
+    def __init__(self, kernels: ModuleType) -> None:
+        self.k = kernels
+
+    def use_threads(self, n: int) -> None:
+        # The kernels size their own parallelism (small ops stay on the calling thread): no toggling needed.
+        torch.set_num_threads(n)
+
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, pack: bool = True):
+        # pack=False marks a one-off product (a prefill's adapter): a packed copy would cost more than it saves
+        return KernelLinear(self.k, weight, bias) if pack else Linear(weight, bias, pack=False)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self.k.rms_norm(x, weight, eps)
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        return self.k.silu_mul(gu)
+
+    def attend_decode(self, qkv, cos, sin, positions, cache, layer, shape) -> torch.Tensor:
+        return self.k.attend_decode(qkv, cos, sin, positions, cache.k[layer], cache.v[layer], *shape)
+
+
+def ops_for(device: torch.device, dtype: torch.dtype, use_kernels: bool = True) -> TorchOps:
+    """KernelOps on a CPU that can run them (float32/bfloat16), else TorchOps."""
+    if use_kernels and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+        kernels = cpu_kernels.load()
+        if kernels is not None:
+            return KernelOps(kernels)
+    return TorchOps()
