@@ -1,11 +1,15 @@
-"""lora_ops against a naive per-token loop: y[t] += B_{s[t]} (A_{s[t]} x[t]) per part, or nothing for base."""
+"""Mixed-adapter LoRA against a naive per-token loop: y[t] += B_{s[t]} (A_{s[t]} x[t]) per part, or nothing
+for base. Both implementations: lora_ops.LoraBatch (TorchOps, dense masked ops) and lora_grouped (KernelOps,
+per adapter segment in the CPU kernels)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from trtllm_peft.executor.torch.lora_ops import GROUPS, LoraBatch, part_slices, prepare
+from trtllm_peft.executor.torch import cpu_kernels
+from trtllm_peft.executor.torch.lora_ops import GROUPS, part_slices
+from trtllm_peft.executor.torch.ops import KernelOps, TorchOps
 from trtllm_peft.lora import LoraAdapter, LoraWeights, ModelSpec
 from trtllm_peft.lora.modules import DEFAULT_TARGET_MODULES
 
@@ -41,6 +45,20 @@ ADAPTERS = [
 ]
 
 
+@pytest.fixture(params=["torch", "kernels"])
+def ops(request):
+    if request.param == "torch":
+        return TorchOps()
+    kernels = cpu_kernels.load()
+    if kernels is None:
+        pytest.skip(f"CPU kernels: {cpu_kernels.why_unavailable()}")
+    return KernelOps(kernels)
+
+
+def batch_of(ops, adapters, dtype=torch.float32):
+    return ops.lora_batch([ops.prepare_lora(a, SPEC, dtype, "cpu") for a in adapters], SPEC, dtype, "cpu")
+
+
 def naive(x: torch.Tensor, token_adapter: list[int], layer: int, group: str) -> torch.Tensor:
     """Per token, per module: scale · B (A x) into the module's output columns."""
     width = {"qkv": 16 + 2 * 8, "o": 16, "gate_up": 48, "down": 16}[group]
@@ -56,10 +74,11 @@ def naive(x: torch.Tensor, token_adapter: list[int], layer: int, group: str) -> 
 
 
 @pytest.mark.parametrize("group", GROUPS)
-@pytest.mark.parametrize("token_adapter", [[0, 1, 2, -1, 1, 0], [2, 2, 2], [-1, -1], [1]])
-def test_batched_ops_equal_a_naive_loop(group, token_adapter):
-    tensors = [prepare(a, SPEC, torch.float32, "cpu") for a in ADAPTERS]
-    batch = LoraBatch(tensors, SPEC, torch.float32, "cpu")
+@pytest.mark.parametrize(
+    "token_adapter", [[0, 1, 2, -1, 1, 0], [2, 2, 2], [-1, -1], [1], [0] * 11 + [2, -1, 1] * 3]
+)
+def test_batched_ops_equal_a_naive_loop(ops, group, token_adapter):
+    batch = batch_of(ops, ADAPTERS)
     mask = batch.mask(torch.tensor(token_adapter))
     d_in = 24 if group == "down" else 16
     x = torch.randn(len(token_adapter), d_in)
@@ -70,16 +89,24 @@ def test_batched_ops_equal_a_naive_loop(group, token_adapter):
         torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-4)
 
 
-def test_a_batch_of_one_adapter_has_its_width_and_unit_cost():
-    t = prepare(ADAPTERS[1], SPEC, torch.float32, "cpu")
+def test_one_adapter_alone_needs_no_mask(ops):
+    batch = batch_of(ops, ADAPTERS[:1])
+    assert batch.mask(torch.zeros(5, dtype=torch.long)) is None
+    x = torch.randn(5, 16)
+    y = torch.zeros(5, 32)
+    batch.apply_group(0, "qkv", x, y, None)
+    torch.testing.assert_close(y.double(), naive(x, [0] * 5, 0, "qkv"), atol=1e-4, rtol=1e-4)
+
+
+def test_a_batch_of_one_adapter_has_its_width_and_unit_cost(ops):
+    t = ops.prepare_lora(ADAPTERS[1], SPEC, torch.float32, "cpu")
     assert t.width == 8 and t.rank_units == 2 * (8 + 2)
-    batch = LoraBatch([t], SPEC, torch.float32, "cpu")
+    batch = ops.lora_batch([t], SPEC, torch.float32, "cpu")
     assert set(batch.groups) == {(0, "qkv"), (1, "qkv")}  # no work for groups the adapter lacks
 
 
-def test_bfloat16_ops_stay_close_to_float64():
-    tensors = [prepare(a, SPEC, torch.bfloat16, "cpu") for a in ADAPTERS]
-    batch = LoraBatch(tensors, SPEC, torch.bfloat16, "cpu")
+def test_bfloat16_ops_stay_close_to_float64(ops):
+    batch = batch_of(ops, ADAPTERS, torch.bfloat16)
     tok = [0, 1, 2, -1]
     x = torch.randn(4, 16)
     y = torch.zeros(4, 48, dtype=torch.bfloat16)

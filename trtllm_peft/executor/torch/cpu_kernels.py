@@ -1,18 +1,21 @@
-"""The AVX-512 decode kernels of cpu_kernels.cpp: compiled once per machine, or None where they can't run.
+"""The AVX-512 decode kernels of csrc/: compiled once per machine, or None where they can't run.
 
 Why our own kernels: at decode batch sizes every projection is a skinny matmul whose cost is streaming the
 weights. oneDNN's packed GEMM reaches ~20 GB/s on two cores here; a 16-column k-major layout that reads each
 weight byte once reaches 30-45 GB/s (bench/README.md). The same file fuses the per-layer small ops (RMSNorm,
-SiLU·up, RoPE + KV write + attention) whose eager cost is dispatch overhead, not arithmetic.
+SiLU·up, RoPE + KV write + attention) whose eager cost is dispatch overhead, not arithmetic, and applies
+mixed-adapter LoRA per adapter segment straight from the device tier's packed tensors (csrc/lora.cpp).
 
 Compiled by torch's extension loader into its cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)
-on first use, ~30 s, reused afterwards; a changed source is rebuilt. Needs g++ and a CPU with avx512f/bw/vl
+on first use, ~1 min, reused afterwards; the module's name carries a hash of the sources, so an edited
+source is a new module, never a stale one. Needs g++ and a CPU with avx512f/bw/vl
 and avx512_bf16 (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and later); anywhere else the
 executor uses the pure-torch ops, which compute the same thing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import threading
@@ -21,7 +24,7 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_suffix(".cpp")
+CSRC = Path(__file__).with_name("csrc")
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
 
@@ -66,9 +69,17 @@ def _build() -> ModuleType | None:
         return None
     from torch.utils.cpp_extension import load as load_extension
 
-    log.info("loading the CPU decode kernels (compiled once per machine, ~30 s the first time)")
+    files = sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h"))
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files) + " ".join(CFLAGS).encode()).hexdigest()
+    log.info("loading the CPU decode kernels (compiled once per machine, ~1 min the first time)")
     try:
-        return load_extension("trtllm_peft_cpu_kernels", [str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
+        return load_extension(
+            f"trtllm_peft_cpu_kernels_{digest[:12]}",
+            [str(f) for f in files if f.suffix == ".cpp"],
+            extra_cflags=CFLAGS,
+            extra_include_paths=[str(CSRC)],
+            verbose=False,
+        )
     except Exception as exc:  # a failed compile must not stop the server: the torch ops are complete
         log.warning("CPU decode kernels failed to build (%s): using the pure-torch ops", str(exc)[:500])
         return None

@@ -5,7 +5,7 @@ A background thread runs continuous batching. Each iteration it
   2. admits waiting requests into the batch while there is a KV row and the device tier can hold their
      adapter (else they wait — distinct adapters in the batch never exceed the device budget),
      prefilling each whole prompt and sampling its first token,
-  3. runs one decode step for the whole batch (all adapters mixed, lora_ops.LoraBatch),
+  3. runs one decode step for the whole batch (all adapters mixed, ops.lora_batch),
   4. sends streaming deltas and final results, and retires finished or cancelled requests.
 The caller's threads only touch the request queue, the response lists and the cancel set, under one lock.
 """
@@ -36,7 +36,6 @@ from trtllm_peft.executor.api import (
 )
 from trtllm_peft.executor.torch.intake import check_request, read_lora
 from trtllm_peft.executor.torch.kv_cache import KVCache
-from trtllm_peft.executor.torch.lora_ops import LoraBatch, prepare
 from trtllm_peft.executor.torch.model import LlamaModel
 from trtllm_peft.executor.torch.ops import ops_for
 from trtllm_peft.executor.torch.peft_cache import LoraCacheFullError, PeftCache, PeftTaskNotCachedError
@@ -110,7 +109,7 @@ class TorchExecutor:
         self._waiting: list[Sequence] = []
         self._running: list[Sequence] = []  # row i of the KV cache = _running[i]
         self._lora_key: tuple[int, ...] = ()
-        self._lora_batch: LoraBatch | None = None
+        self._lora_batch = None  # the running batch's adapters (ops.lora_batch), restacked on a set change
         self._iter = 0
         self._stopped = False
         self._threads = torch.get_num_threads() if split_threads else 0
@@ -294,7 +293,7 @@ class TorchExecutor:
             )
             return False
         return self.cache.try_load_device(
-            seq.task_id, lambda a: prepare(a, self.spec, self.dtype, self.device)
+            seq.task_id, lambda a: self.ops.prepare_lora(a, self.spec, self.dtype, self.device)
         )
 
     def _prefill(self, seq: Sequence) -> None:
@@ -302,20 +301,14 @@ class TorchExecutor:
         self._running.append(seq)
         lora = None
         if seq.task_id is not None:  # one adapter: stack it alone rather than re-stacking the whole batch
-            lora = LoraBatch(
-                [self.cache.device.get(seq.task_id)],
-                self.spec,
-                self.dtype,
-                self.device,
-                pack=False,
-                ops=self.ops,
-            )
+            adapter = self.cache.device.get(seq.task_id)
+            lora = self.ops.lora_batch([adapter], self.spec, self.dtype, self.device, one_off=True)
         ids = torch.tensor(seq.tokens, dtype=torch.long, device=self.device)
         logits = self.model.prefill(ids, row, self.kv, lora, 0)
         seq.cached = seq.prompt_len
         self._take(logits[None], [seq])
 
-    def _lora(self) -> tuple[LoraBatch | None, list[int]]:
+    def _lora(self):
         """The stacked adapters of the running batch and each row's index into them (-1: base).
 
         Restacked only when the set of tasks changes, not when rows move (compaction reorders rows).
@@ -326,7 +319,7 @@ class TorchExecutor:
         if tasks != set(self._lora_key):
             self._lora_key = tuple(sorted(tasks))
             adapters = [self.cache.device.get(t) for t in self._lora_key]
-            self._lora_batch = LoraBatch(adapters, self.spec, self.dtype, self.device, ops=self.ops)
+            self._lora_batch = self.ops.lora_batch(adapters, self.spec, self.dtype, self.device)
         pos = {t: i for i, t in enumerate(self._lora_key)}
         return self._lora_batch, [pos.get(s.task_id, -1) for s in self._running]
 

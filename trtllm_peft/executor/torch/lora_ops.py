@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 
 from trtllm_peft.executor.torch.linear import Linear
-from trtllm_peft.executor.torch.ops import TorchOps
 from trtllm_peft.lora.adapter import LoraAdapter
 from trtllm_peft.lora.spec import ModelSpec
 
@@ -102,7 +101,7 @@ def prepare(
 class StackedGroup:
     """A (layer, group) for every adapter of a batch, stacked along the rank axis."""
 
-    a: Linear  # A_cat [P·R, in] (or the ops' KernelLinear)
+    a: Linear  # A_cat [P·R, in]
     b: list[Linear]  # P × B_p [out_p, R]
     slices: list[slice]
 
@@ -118,10 +117,10 @@ class LoraBatch:
         device,
         *,
         pack: bool = True,
-        ops: TorchOps | None = None,
+        linear=Linear,
     ) -> None:
         self.dtype, self.device, self.pack = dtype, device, pack
-        self.linear = (ops or TorchOps()).linear
+        self.linear = linear  # (weight, *, pack) -> a product with __call__ and add_to (linear.py)
         self.width = sum(a.width for a in adapters)
         owner = [j for j, a in enumerate(adapters) for _ in range(a.width)]
         self.owner = torch.tensor(owner, dtype=torch.long, device=device)  # [R]

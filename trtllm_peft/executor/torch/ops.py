@@ -22,6 +22,10 @@ import torch.nn.functional as F
 from trtllm_peft.executor.torch import cpu_kernels
 from trtllm_peft.executor.torch.kv_cache import KVCache
 from trtllm_peft.executor.torch.linear import KernelLinear, Linear, single_thread_except_big_matmuls
+from trtllm_peft.executor.torch.lora_grouped import GroupedLoraBatch, prepare_packed
+from trtllm_peft.executor.torch.lora_ops import AdapterTensors, LoraBatch, prepare
+from trtllm_peft.lora.adapter import LoraAdapter
+from trtllm_peft.lora.spec import ModelSpec
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -42,6 +46,18 @@ class TorchOps:
 
     def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, pack: bool = True) -> Linear:
         return Linear(weight, bias, pack=pack)
+
+    def prepare_lora(
+        self, adapter: LoraAdapter, spec: ModelSpec, dtype: torch.dtype, device
+    ) -> AdapterTensors:
+        """An adapter in the form this implementation's LoRA batches use (what the device tier holds)."""
+        return prepare(adapter, spec, dtype, device)
+
+    def lora_batch(
+        self, adapters: list[AdapterTensors], spec: ModelSpec, dtype, device, *, one_off: bool = False
+    ):
+        """The adapters of a batch, ready for `apply_group`; one_off: used for a single forward (a prefill)."""
+        return LoraBatch(adapters, spec, dtype, device, pack=not one_off, linear=self.linear)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
@@ -90,6 +106,12 @@ class KernelOps(TorchOps):
     def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, pack: bool = True):
         # pack=False marks a one-off product (a prefill's adapter): a packed copy would cost more than it saves
         return KernelLinear(self.k, weight, bias) if pack else Linear(weight, bias, pack=False)
+
+    def prepare_lora(self, adapter, spec, dtype, device) -> AdapterTensors:
+        return prepare_packed(self.k, adapter, spec, dtype, device)
+
+    def lora_batch(self, adapters, spec, dtype, device, *, one_off: bool = False) -> GroupedLoraBatch:
+        return GroupedLoraBatch(self.k, adapters, spec)  # references the packed tensors: no copy to avoid
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self.k.rms_norm(x, weight, eps)

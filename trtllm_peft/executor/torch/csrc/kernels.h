@@ -1,0 +1,108 @@
+// Shared helpers of the CPU decode kernels (x86 AVX-512 + AVX512-BF16). Built by ../cpu_kernels.py.
+//
+// Every kernel computes in float32 lanes and rounds once to the tensor's dtype (float32 or bfloat16,
+// round-to-nearest-even), except where it mirrors an op that transformers rounds in between (noted there).
+#pragma once
+
+#include <ATen/Parallel.h>  // at::get_num_threads
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+namespace trtllm_peft {
+
+using bf16 = at::BFloat16;
+
+constexpr int64_t kBlock = 16;  // float32 lanes of a zmm register: output columns per packed weight block
+constexpr int64_t kMaxHeadDim = 256;
+
+// The lanes of a 16-wide chunk at offset i that fall inside length n.
+inline __mmask16 tail_mask(int64_t n, int64_t i) {
+  return n - i >= kBlock ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+}
+
+inline __m512 bf16_to_f32(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
+inline __m512 load16(const float* p, __mmask16 m = 0xFFFF) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const bf16* p, __mmask16 m = 0xFFFF) { return bf16_to_f32(_mm256_maskz_loadu_epi16(m, p)); }
+inline void store16(float* p, __m512 v, __mmask16 m = 0xFFFF) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(bf16* p, __m512 v, __mmask16 m = 0xFFFF) {
+  _mm256_mask_storeu_epi16(p, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+
+// v rounded to T's precision, kept in float32 lanes.
+template <typename T>
+inline __m512 round16(__m512 v) {
+  if constexpr (std::is_same<T, float>::value)
+    return v;
+  else
+    return bf16_to_f32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+
+inline float to_f(float v) { return v; }
+inline float to_f(bf16 v) { return static_cast<float>(v); }
+template <typename T>
+inline T round_to(float v) { return static_cast<T>(v); }
+
+// exp of float32 lanes: Cody-Waite reduction to r in [-ln2/2, ln2/2], degree-6 Taylor (rel. err < 2e-7).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), 0);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  for (float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Calls fn with a float or bf16 value whose type selects the instantiation.
+template <typename Fn>
+void dispatch(at::ScalarType t, Fn&& fn) {
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16, "float32 or bfloat16 only");
+  if (t == at::kFloat)
+    fn(float{});
+  else
+    fn(bf16{});
+}
+
+inline void check_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be 2-D with contiguous rows");
+}
+
+// Rows per thread for row-wise ops: decode-sized inputs stay on the calling thread (a pool wake-up costs
+// more than they do); prefill-sized ones split.
+inline int64_t row_grain(int64_t rows, int64_t cols) { return rows * cols < 65536 ? std::max<int64_t>(rows, 1) : 1; }
+
+// fn over [begin, end) split into contiguous ranges of at least `grain`, on up to torch's thread count
+// (thread_pool.cpp: the kernels' own workers, woken without a syscall between back-to-back calls).
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+
+// ---- the module's functions (linear.cpp, lora.cpp, layer_ops.cpp) -------------------------------------
+
+torch::Tensor pack(const torch::Tensor& w);
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, const c10::optional<torch::Tensor>& bias);
+void linear_into(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, const c10::optional<torch::Tensor>& bias,
+                 torch::Tensor& y, bool accumulate);
+template <typename T>
+void linear_rows(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t N, const T* bias, T* const* yr,
+                 bool accumulate, bool may_split);
+
+// One (layer, projection group) of a batch's adapters, for LoRA applied per adapter segment (lora.cpp).
+struct LoraGroup {
+  std::vector<c10::optional<torch::Tensor>> a;  // per adapter: packed A [P·R_j, in], none if it lacks the group
+  std::vector<std::vector<torch::Tensor>> b;    // per adapter: P packed B [out_p, R_j] (scale folded in)
+  std::vector<int64_t> ranks;                   // R_j
+  std::vector<int64_t> starts, widths;          // per part p: its columns of the group's output
+  void apply(const torch::Tensor& x, torch::Tensor& y, const c10::optional<torch::Tensor>& token_adapter) const;
+};
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps);
+torch::Tensor silu_mul(const torch::Tensor& gu);
+torch::Tensor attend_decode(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                            const torch::Tensor& positions, torch::Tensor& kc, torch::Tensor& vc, int64_t num_heads,
+                            int64_t num_kv_heads, int64_t head_dim);
+
+}  // namespace trtllm_peft

@@ -1,0 +1,182 @@
+// The small per-layer ops of a decode step, fused: RMSNorm, SiLU·up, and RoPE + KV write + attention.
+// Their eager cost is dispatch, not arithmetic; here each is one call per layer. Roundings to the dtype
+// follow transformers' eager ops wherever it rounds in between, so bfloat16 results track it.
+
+#include "kernels.h"
+
+namespace trtllm_peft {
+namespace {
+
+template <typename T>
+void rms_norm_rows(const T* x, int64_t ldx, const T* w, T* out, int64_t M, int64_t H, float eps) {
+  for (int64_t m = 0; m < M; m++) {
+    const T* row = x + m * ldx;
+    __m512 ss = _mm512_setzero_ps();
+    for (int64_t i = 0; i < H; i += kBlock) {
+      const __m512 v = load16(row + i, tail_mask(H, i));
+      ss = _mm512_fmadd_ps(v, v, ss);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / H + eps));
+    // As transformers: normalise in float32, cast to the dtype, then multiply by the weight in the dtype.
+    for (int64_t i = 0; i < H; i += kBlock) {
+      const __mmask16 mask = tail_mask(H, i);
+      const __m512 h = round16<T>(_mm512_mul_ps(load16(row + i, mask), inv));
+      store16(out + m * H + i, _mm512_mul_ps(load16(w + i, mask), h), mask);
+    }
+  }
+}
+
+// gu [M, 2I] = [gate | up] -> silu(gate) · up, silu rounded to the dtype first as torch's eager ops do.
+template <typename T>
+void silu_mul_rows(const T* gu, int64_t ld, T* out, int64_t M, int64_t I) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t i = 0; i < I; i += kBlock) {
+      const __mmask16 mask = tail_mask(I, i);
+      const __m512 g = load16(gu + m * ld + i, mask), up = load16(gu + m * ld + I + i, mask);
+      const __m512 s = _mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      store16(out + m * I + i, _mm512_mul_ps(round16<T>(s), up), mask);
+    }
+}
+
+// out = rope(x) at one position (rotate-half: [x1, x2] -> [x1·c - x2·s, x2·c + x1·s]), each product and the
+// sum rounded to T as transformers' `x * cos + rotate_half(x) * sin` is. O: T (the cache) or float.
+template <typename T, typename O>
+void rope(const T* x, const T* cos, const T* sin, int64_t hd, O* out) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < half; i += kBlock) {
+    const __mmask16 m = tail_mask(half, i);
+    const __m512 x1 = load16(x + i, m), x2 = load16(x + half + i, m);
+    const __m512 lo = _mm512_sub_ps(round16<T>(_mm512_mul_ps(x1, load16(cos + i, m))),
+                                    round16<T>(_mm512_mul_ps(x2, load16(sin + i, m))));
+    const __m512 hi = _mm512_add_ps(round16<T>(_mm512_mul_ps(x2, load16(cos + half + i, m))),
+                                    round16<T>(_mm512_mul_ps(x1, load16(sin + half + i, m))));
+    store16(out + i, round16<T>(lo), m);
+    store16(out + half + i, round16<T>(hi), m);
+  }
+}
+
+// scores[l] = scale · q·keys[l] for l in [0, len): four keys at a time, so four independent dot products
+// (and their horizontal sums) are in flight instead of one latency-bound chain.
+template <typename T>
+float scores_of(const float* q, const T* keys, int64_t len, int64_t hd, float scale, float* scores) {
+  float mx = -INFINITY;
+  int64_t l = 0;
+  for (; l < len; l += 4) {
+    const int64_t n = std::min<int64_t>(4, len - l);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t i = 0; i < hd; i += kBlock) {
+      const __mmask16 m = tail_mask(hd, i);
+      const __m512 qv = load16(q + i, m);
+      for (int64_t r = 0; r < n; r++) acc[r] = _mm512_fmadd_ps(qv, load16(keys + (l + r) * hd + i, m), acc[r]);
+    }
+    for (int64_t r = 0; r < n; r++) mx = std::max(mx, scores[l + r] = _mm512_reduce_add_ps(acc[r]) * scale);
+  }
+  return mx;
+}
+
+// One (row, kv head): its g query heads q [g, hd] over cache positions 0..len-1 -> out [g, hd].
+template <typename T>
+void attend_head(const float* q, int64_t g, const T* keys, const T* values, int64_t len, int64_t hd, float scale,
+                 T* out, std::vector<float>& scores) {
+  scores.resize(len);
+  const int64_t chunks = (hd + kBlock - 1) / kBlock;
+  for (int64_t h = 0; h < g; h++) {
+    const float* qh = q + h * hd;
+    const float mx = scores_of(qh, keys, len, hd, scale, scores.data());
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t l = 0; l < len; l += kBlock) {
+      const __mmask16 m = tail_mask(len, l);
+      const __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(load16(&scores[l], m), _mm512_set1_ps(mx))));
+      store16(&scores[l], e, m);
+      sum = _mm512_add_ps(sum, e);
+    }
+    __m512 acc[kMaxHeadDim / kBlock];
+    for (int64_t i = 0; i < chunks; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < len; p++) {
+      const __m512 w = _mm512_set1_ps(scores[p]);
+      for (int64_t i = 0; i < chunks; i++)
+        acc[i] = _mm512_fmadd_ps(w, load16(values + p * hd + i * kBlock, tail_mask(hd, i * kBlock)), acc[i]);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (int64_t i = 0; i < chunks; i++) store16(out + h * hd + i * kBlock, _mm512_mul_ps(acc[i], inv), tail_mask(hd, i * kBlock));
+  }
+}
+
+template <typename T>
+void attend_rows(const T* qkv, int64_t ld, const T* cos, const T* sin, const int64_t* pos, T* kc, T* vc, T* out,
+                 int64_t B, int64_t nh, int64_t nkv, int64_t hd, int64_t max_len) {
+  const int64_t g = nh / nkv, qd = nh * hd, kvd = nkv * hd;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  int64_t work = 0;
+  for (int64_t b = 0; b < B; b++) work += (pos[b] + 1) * nh * hd;
+  const int64_t units = B * nkv, grain = work < 262144 ? units : 1;  // short contexts: one thread
+  parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    std::vector<float> scores, q(g * hd);
+    for (int64_t u = u0; u < u1; u++) {
+      const int64_t b = u / nkv, h = u % nkv, p = pos[b];
+      const T* row = qkv + b * ld;
+      const T *c = cos + p * hd, *s = sin + p * hd;
+      const int64_t head = (b * nkv + h) * max_len;  // this (row, kv head)'s cache: [max_len, hd]
+      TORCH_CHECK(p >= 0 && p < max_len, "attend_decode: position ", p, " outside the cache");
+      rope(row + qd + h * hd, c, s, hd, kc + (head + p) * hd);
+      std::memcpy(vc + (head + p) * hd, row + qd + kvd + h * hd, hd * sizeof(T));
+      for (int64_t j = 0; j < g; j++) rope(row + (h * g + j) * hd, c, s, hd, q.data() + j * hd);
+      attend_head(q.data(), g, kc + head * hd, vc + head * hd, p + 1, hd, scale, out + b * qd + h * g * hd, scores);
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  check_rows(x, "x");
+  TORCH_CHECK(w.scalar_type() == x.scalar_type() && w.is_contiguous() && w.numel() == x.size(1), "rms_norm: weight");
+  auto out = torch::empty({x.size(0), x.size(1)}, x.options());
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t H = x.size(1);
+    parallel_for(0, x.size(0), row_grain(x.size(0), H), [&](int64_t m0, int64_t m1) {
+      rms_norm_rows<T>(x.data_ptr<T>() + m0 * x.stride(0), x.stride(0), w.data_ptr<T>(), out.data_ptr<T>() + m0 * H,
+                       m1 - m0, H, static_cast<float>(eps));
+    });
+  });
+  return out;
+}
+
+torch::Tensor silu_mul(const torch::Tensor& gu) {
+  check_rows(gu, "gu");
+  const int64_t I = gu.size(1) / 2;
+  auto out = torch::empty({gu.size(0), I}, gu.options());
+  dispatch(gu.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    parallel_for(0, gu.size(0), row_grain(gu.size(0), I), [&](int64_t m0, int64_t m1) {
+      silu_mul_rows<T>(gu.data_ptr<T>() + m0 * gu.stride(0), gu.stride(0), out.data_ptr<T>() + m0 * I, m1 - m0, I);
+    });
+  });
+  return out;
+}
+
+// qkv [B, q + 2kv] (this step's projections), cos/sin [L, hd], positions [B], kc/vc this layer's cache
+// [rows, kv, L, hd]: rotates q and k, stores k and v at each row's position, returns attention [B, q].
+torch::Tensor attend_decode(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                            const torch::Tensor& positions, torch::Tensor& kc, torch::Tensor& vc, int64_t num_heads,
+                            int64_t num_kv_heads, int64_t head_dim) {
+  check_rows(qkv, "qkv");
+  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(),
+              "attend_decode: cache and tables must be contiguous");
+  TORCH_CHECK(head_dim % 2 == 0 && head_dim <= kMaxHeadDim, "attend_decode: head_dim must be even, at most 256");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(), "attend_decode: positions int64");
+  TORCH_CHECK(kc.size(0) >= qkv.size(0) && kc.size(1) == num_kv_heads && kc.size(3) == head_dim, "attend_decode: cache");
+  const int64_t B = qkv.size(0);
+  auto out = torch::empty({B, num_heads * head_dim}, qkv.options());
+  dispatch(qkv.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    attend_rows<T>(qkv.data_ptr<T>(), qkv.stride(0), cos.data_ptr<T>(), sin.data_ptr<T>(), positions.data_ptr<int64_t>(),
+                   kc.data_ptr<T>(), vc.data_ptr<T>(), out.data_ptr<T>(), B, num_heads, num_kv_heads, head_dim,
+                   kc.size(2));
+  });
+  return out;
+}
+
+}  // namespace trtllm_peft

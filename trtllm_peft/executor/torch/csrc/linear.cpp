@@ -1,0 +1,155 @@
+// y (+)= x · Wᵀ (+ b) from a packed W, for any number of rows; the workhorse of a decode step.
+//
+// Packed layout: W [N, K] becomes blocks of 16 output columns, k-major inside a block, so one 64-byte load
+// feeds 16 columns and each weight byte is read once per call however many rows x has:
+//   float32:  [ceil(N/16), K, 16]          bfloat16: [ceil(N/16), ceil(K/2), 16, 2]  (k pairs for vdpbf16ps)
+// Columns past N and the odd k past K are zero. Accumulation is float32; the output is rounded once.
+// Rows are passed as pointers, so a caller can read and write scattered rows (lora.cpp) without copies.
+
+#include "kernels.h"
+
+namespace trtllm_peft {
+namespace {
+
+constexpr int kRows = 8;  // rows per micro-kernel call: 8 rows x 2 blocks = 16 zmm accumulators
+
+template <int M, int NB>
+inline void dot_f32(const float* const* x, const float* wp, int64_t K, __m512 (&acc)[kRows][2]) {
+  for (int64_t k = 0; k < K; k++) {
+    __m512 w[NB];
+    for (int j = 0; j < NB; j++) w[j] = _mm512_loadu_ps(wp + (j * K + k) * kBlock);
+    for (int m = 0; m < M; m++) {
+      const __m512 xb = _mm512_set1_ps(x[m][k]);
+      for (int j = 0; j < NB; j++) acc[m][j] = _mm512_fmadd_ps(xb, w[j], acc[m][j]);
+    }
+  }
+}
+
+template <int M, int NB>
+inline void dot_bf16_pair(const bf16* const* x, const bf16* wp, int64_t pairs, int64_t k, bool lone,
+                          __m512 (&acc)[kRows][2]) {
+  __m512bh w[NB];
+  for (int j = 0; j < NB; j++) w[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wp + (j * pairs + k) * 2 * kBlock));
+  for (int m = 0; m < M; m++) {
+    int32_t pair = 0;
+    if (lone)  // the odd last k: x's partner lane must be zero, and must not be read past the row
+      std::memcpy(&pair, x[m] + 2 * k, sizeof(bf16));
+    else
+      std::memcpy(&pair, x[m] + 2 * k, sizeof(pair));
+    const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+    for (int j = 0; j < NB; j++) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xb, w[j]);
+  }
+}
+
+template <int M, int NB>
+inline void dot_bf16(const bf16* const* x, const bf16* wp, int64_t K, __m512 (&acc)[kRows][2]) {
+  const int64_t pairs = (K + 1) / 2;  // the packed block's k pairs (an odd K padded with a zero k)
+  for (int64_t k = 0; k < K / 2; k++) dot_bf16_pair<M, NB>(x, wp, pairs, k, false, acc);
+  if (K % 2) dot_bf16_pair<M, NB>(x, wp, pairs, K / 2, true, acc);
+}
+
+// Rows x[0..M) against blocks blk..blk+NB of W, written (or added) into y's rows at those columns.
+template <typename T, int M, int NB>
+void tile(const T* const* x, const T* wp, int64_t K, int64_t blk, int64_t N, const T* bias, T* const* y, bool accumulate) {
+  __m512 acc[kRows][2];
+  for (int m = 0; m < M; m++)
+    for (int j = 0; j < NB; j++) acc[m][j] = _mm512_setzero_ps();
+  if constexpr (std::is_same<T, float>::value)
+    dot_f32<M, NB>(x, wp + blk * K * kBlock, K, acc);
+  else
+    dot_bf16<M, NB>(x, wp + blk * ((K + 1) / 2) * 2 * kBlock, K, acc);
+  for (int j = 0; j < NB; j++) {
+    const int64_t col = (blk + j) * kBlock;
+    const __mmask16 mask = tail_mask(N, col);
+    const __m512 b = bias ? load16(bias + col, mask) : _mm512_setzero_ps();
+    for (int m = 0; m < M; m++) {
+      __m512 v = _mm512_add_ps(acc[m][j], b);
+      if (accumulate) v = _mm512_add_ps(v, load16(y[m] + col, mask));
+      store16(y[m] + col, v, mask);
+    }
+  }
+}
+
+template <typename T, int M>
+void tile_rows(const T* const* x, const T* wp, int64_t K, int64_t blk, int64_t nb, int64_t N, const T* bias,
+               T* const* y, bool acc) {
+  if (nb == 2)
+    tile<T, M, 2>(x, wp, K, blk, N, bias, y, acc);
+  else
+    tile<T, M, 1>(x, wp, K, blk, N, bias, y, acc);
+}
+
+template <typename T>
+void run_linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, const c10::optional<torch::Tensor>& bias,
+                torch::Tensor& y, bool accumulate) {
+  const int64_t M = x.size(0);
+  std::vector<const T*> xr(M);
+  std::vector<T*> yr(M);
+  for (int64_t m = 0; m < M; m++) {
+    xr[m] = x.data_ptr<T>() + m * x.stride(0);
+    yr[m] = y.data_ptr<T>() + m * y.stride(0);
+  }
+  linear_rows<T>(xr.data(), M, wp.data_ptr<T>(), x.size(1), n, bias ? bias->data_ptr<T>() : nullptr, yr.data(),
+                 accumulate, true);
+}
+
+}  // namespace
+
+template <typename T>
+void linear_rows(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t N, const T* bias, T* const* yr,
+                 bool accumulate, bool may_split) {
+  const int64_t blocks = (N + kBlock - 1) / kBlock, units = (blocks + 1) / 2;
+  // Weights dominate: threads split the output columns, and every 8-row chunk reuses a unit's weights from
+  // cache. Small products stay on the calling thread (waking the pool costs more than they do).
+  const int64_t grain = !may_split || blocks * K < 32768 ? units : 1;
+  parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; u++) {
+      const int64_t blk = 2 * u, nb = std::min<int64_t>(2, blocks - blk);
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+        switch (std::min<int64_t>(kRows, M - m0)) {
+#define TILE(r) \
+  case r: tile_rows<T, r>(xr + m0, wp, K, blk, nb, N, bias, yr + m0, accumulate); break;
+          TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8)
+#undef TILE
+        }
+      }
+    }
+  });
+}
+
+template void linear_rows<float>(const float* const*, int64_t, const float*, int64_t, int64_t, const float*,
+                                 float* const*, bool, bool);
+template void linear_rows<bf16>(const bf16* const*, int64_t, const bf16*, int64_t, int64_t, const bf16*,
+                                bf16* const*, bool, bool);
+
+// W [N, K] -> the packed layout above.
+torch::Tensor pack(const torch::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2, "pack: W must be 2-D [N, K]");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, "pack: float32 or bfloat16 only");
+  const bool pairs = w.scalar_type() == at::kBFloat16;
+  const int64_t N = w.size(0), K = w.size(1), Np = (N + kBlock - 1) / kBlock * kBlock, Kp = K + (pairs ? K % 2 : 0);
+  auto padded = torch::zeros({Np, Kp}, w.options());
+  padded.narrow(0, 0, N).narrow(1, 0, K).copy_(w);
+  if (!pairs) return padded.view({Np / kBlock, kBlock, Kp}).transpose(1, 2).contiguous();
+  return padded.view({Np / kBlock, kBlock, Kp / 2, 2}).permute({0, 2, 1, 3}).contiguous();
+}
+
+// y (+)= x · Wᵀ (+ bias) into `y` (which may be a column slice of a wider tensor).
+void linear_into(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, const c10::optional<torch::Tensor>& bias,
+                 torch::Tensor& y, bool accumulate) {
+  check_rows(x, "x");
+  check_rows(y, "y");
+  TORCH_CHECK(x.scalar_type() == wp.scalar_type() && y.scalar_type() == x.scalar_type(), "linear: dtype mismatch");
+  TORCH_CHECK(y.size(0) == x.size(0) && y.size(1) == n, "linear: y must be [M, N]");
+  const int64_t K = x.size(1), packed_k = x.scalar_type() == at::kFloat ? K : (K + 1) / 2;
+  TORCH_CHECK(wp.dim() >= 2 && wp.size(1) == packed_k && wp.size(0) * kBlock >= n, "linear: W does not match x");
+  dispatch(x.scalar_type(), [&](auto tag) { run_linear<decltype(tag)>(x, wp, n, bias, y, accumulate); });
+}
+
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, const c10::optional<torch::Tensor>& bias) {
+  auto y = torch::empty({x.size(0), n}, x.options());
+  linear_into(x, wp, n, bias, y, false);
+  return y;
+}
+
+}  // namespace trtllm_peft

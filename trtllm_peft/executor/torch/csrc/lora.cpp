@@ -1,0 +1,75 @@
+// Mixed-adapter LoRA for one (layer, projection group), per adapter segment (the SGMV idea of Punica):
+//
+//     for each adapter j of the batch, over the tokens t that use it:
+//         xa[t]              = x[t] · A_jᵀ                          [P·R_j]  (rounded to the dtype, as PEFT)
+//         y[t, slice_p]     += xa[t, p-th R_j block] · B_jpᵀ          per part p (scale already in B)
+//
+// Each adapter's weights are read once per call and only its own tokens are computed: no [T, Σ R] masked
+// product, and no restacking when the batch's set of adapters changes (the device tier's packed tensors
+// are used in place). Rows are addressed by pointer, so tokens need not be contiguous.
+
+#include "kernels.h"
+
+namespace trtllm_peft {
+namespace {
+
+template <typename T>
+void apply_adapter(const LoraGroup& g, size_t j, const std::vector<int64_t>& rows, const torch::Tensor& x,
+                   torch::Tensor& y, bool may_split) {
+  const int64_t t = static_cast<int64_t>(rows.size()), rank = g.ranks[j];
+  const int64_t parts = static_cast<int64_t>(g.starts.size()), width = parts * rank;
+  std::vector<T> xa(t * width);
+  std::vector<const T*> xr(t), ar(t);
+  std::vector<T*> out(t);
+  for (int64_t i = 0; i < t; i++) {
+    xr[i] = x.data_ptr<T>() + rows[i] * x.stride(0);
+    out[i] = xa.data() + i * width;
+  }
+  linear_rows<T>(xr.data(), t, g.a[j]->data_ptr<T>(), x.size(1), width, nullptr, out.data(), false, may_split);
+  for (int64_t p = 0; p < parts; p++) {
+    for (int64_t i = 0; i < t; i++) {
+      ar[i] = xa.data() + i * width + p * rank;
+      out[i] = y.data_ptr<T>() + rows[i] * y.stride(0) + g.starts[p];
+    }
+    linear_rows<T>(ar.data(), t, g.b[j][p].data_ptr<T>(), rank, g.widths[p], nullptr, out.data(), true, may_split);
+  }
+}
+
+}  // namespace
+
+void LoraGroup::apply(const torch::Tensor& x, torch::Tensor& y, const c10::optional<torch::Tensor>& token_adapter) const {
+  check_rows(x, "x");
+  check_rows(y, "y");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type() && x.size(0) == y.size(0), "lora: x and y disagree");
+  const int64_t tokens = x.size(0);
+  // Each adapter's tokens; none given means every token uses adapter 0.
+  std::vector<std::vector<int64_t>> rows(a.size());
+  if (token_adapter) {
+    TORCH_CHECK(token_adapter->scalar_type() == at::kLong && token_adapter->numel() == tokens, "lora: token_adapter");
+    const torch::Tensor owner = token_adapter->contiguous();
+    const int64_t* ta = owner.data_ptr<int64_t>();
+    for (int64_t t = 0; t < tokens; t++)
+      if (ta[t] >= 0) {
+        TORCH_CHECK(ta[t] < static_cast<int64_t>(a.size()), "lora: adapter index out of range");
+        rows[ta[t]].push_back(t);
+      }
+  } else {
+    for (int64_t t = 0; t < tokens; t++) rows[0].push_back(t);
+  }
+  std::vector<size_t> work;
+  for (size_t j = 0; j < a.size(); j++)
+    if (a[j] && !rows[j].empty()) work.push_back(j);
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    if (work.size() == 1) {  // one adapter: its own products may use every thread
+      apply_adapter<T>(*this, work[0], rows[work[0]], x, y, true);
+      return;
+    }
+    // Several: one thread per adapter at a time (each writes only its own tokens' rows of y).
+    parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; w++) apply_adapter<T>(*this, work[w], rows[work[w]], x, y, false);
+    });
+  });
+}
+
+}  // namespace trtllm_peft

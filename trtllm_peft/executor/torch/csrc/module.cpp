@@ -1,0 +1,21 @@
+// The Python module of the CPU decode kernels (loaded by ../cpu_kernels.py).
+
+#include "kernels.h"
+
+namespace tp = trtllm_peft;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack", &tp::pack, "W [N, K] -> packed 16-column blocks (linear.cpp)");
+  m.def("linear", &tp::linear, "x · Wᵀ (+ b) from a packed W");
+  m.def("linear_into", &tp::linear_into, "y (+)= x · Wᵀ (+ b); y may be a column slice");
+  m.def("rms_norm", &tp::rms_norm, "RMSNorm as transformers computes it");
+  m.def("silu_mul", &tp::silu_mul, "silu(gate) · up of [gate | up]");
+  m.def("attend_decode", &tp::attend_decode, "RoPE + KV write + attention, one token per row");
+  pybind11::class_<tp::LoraGroup>(m, "LoraGroup")
+      .def(pybind11::init<std::vector<c10::optional<torch::Tensor>>, std::vector<std::vector<torch::Tensor>>,
+                          std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>>(),
+           pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("ranks"), pybind11::arg("starts"),
+           pybind11::arg("widths"))
+      .def("apply", &tp::LoraGroup::apply, "y += each token's adapter's LoRA delta (token_adapter None: all adapter 0)",
+           pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("token_adapter"));
+}

@@ -1,0 +1,75 @@
+"""Mixed-adapter LoRA through the CPU kernels, per adapter segment, from the device tier's packed tensors.
+
+Same semantics as lora_ops.LoraBatch (y[t, slice_p] += B_{s[t],p} · (A_{s[t],p} · x[t])), computed the way
+Punica's SGMV does on GPUs (csrc/lora.cpp): for each adapter of the batch, its own tokens against its own
+weights — each adapter's bytes read once per step, no masked [T, ΣR] product, and nothing restacked when
+the set of adapters in the batch changes: a batch only references what `prepare_packed` put in the
+device tier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from trtllm_peft.executor.torch.lora_ops import AdapterTensors, part_slices, prepare
+from trtllm_peft.lora.adapter import LoraAdapter
+from trtllm_peft.lora.spec import ModelSpec
+
+
+@dataclass
+class PackedGroup:
+    """One adapter's (layer, group) in the kernels' packed layout (csrc/linear.cpp)."""
+
+    a: torch.Tensor  # packed A [P·R, in]
+    b: list[torch.Tensor]  # P × packed B_p [out_p, R], scale folded in
+
+
+def prepare_packed(
+    kernels, adapter: LoraAdapter, spec: ModelSpec, dtype: torch.dtype, device
+) -> AdapterTensors:
+    """`lora_ops.prepare`'s layout, packed once for the kernels (this is what the device tier holds)."""
+    dense = prepare(adapter, spec, dtype, device)
+    groups = {
+        key: PackedGroup(
+            a=kernels.pack(g.a.reshape(-1, g.a.shape[2])),  # [P, R, in] -> [P·R, in]
+            b=[kernels.pack(bt.t().contiguous()) for bt in g.bt],  # [R, out_p] -> B_p [out_p, R]
+        )
+        for key, g in dense.groups.items()
+    }
+    return replace(dense, groups=groups)
+
+
+class GroupedLoraBatch:
+    """The adapters of one batch (`prepare_packed` output), referenced in place; same interface as LoraBatch."""
+
+    def __init__(self, kernels, adapters: list[AdapterTensors], spec: ModelSpec) -> None:
+        self.single = len(adapters) == 1
+        ranks = [a.width for a in adapters]
+        self.groups = {}
+        for layer in range(spec.num_layers):
+            for g, parts in part_slices(spec).items():
+                found = [a.groups.get((layer, g)) for a in adapters]
+                if parts and any(f is not None for f in found):
+                    self.groups[(layer, g)] = kernels.LoraGroup(
+                        a=[f.a if f is not None else None for f in found],
+                        b=[f.b if f is not None else [] for f in found],
+                        ranks=ranks,
+                        starts=[sl.start for _, sl in parts],
+                        widths=[sl.stop - sl.start for _, sl in parts],
+                    )
+
+    def mask(self, token_adapter: torch.Tensor) -> torch.Tensor | None:
+        """Each token's adapter index (-1: none) as the kernels take it; None when all use the only one."""
+        if self.single and bool((token_adapter == 0).all()):
+            return None
+        return token_adapter.to(torch.long).contiguous()
+
+    def apply_group(
+        self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None
+    ) -> None:
+        """y[T, out] += the LoRA delta of each token's adapter for this (layer, group); x [T, in]."""
+        st = self.groups.get((layer, group))
+        if st is not None:
+            st.apply(x, y, mask)
