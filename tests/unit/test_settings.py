@@ -14,6 +14,7 @@ def test_defaults_are_nims():
     s = Settings.from_env({})
     assert (s.max_gpu_loras, s.max_cpu_loras, s.max_lora_rank, s.server_port) == (8, 16, 32, 8000)
     assert s.peft_source is None and s.peft_refresh_interval is None and not s.jsonl_logging
+    assert s.cpu_kernels
 
 
 def test_values_are_parsed():
@@ -27,11 +28,12 @@ def test_values_are_parsed():
             "NIM_JSONL_LOGGING": "1",
             "NIM_LOG_LEVEL": "debug",
             "TRTLLM_PEFT_BACKEND": "TORCH",
+            "TRTLLM_PEFT_CPU_KERNELS": "0",
         }
     )
     assert s.peft_source == Path("/loras") and s.peft_refresh_interval == 2.5
     assert (s.max_gpu_loras, s.max_cpu_loras, s.max_lora_rank) == (4, 40, 64)
-    assert s.jsonl_logging and s.log_level == "DEBUG" and s.backend == "torch"
+    assert s.jsonl_logging and s.log_level == "DEBUG" and s.backend == "torch" and not s.cpu_kernels
 
 
 def test_local_peft_directory_is_the_fallback():
@@ -53,6 +55,7 @@ def test_local_peft_directory_is_the_fallback():
         ({"NIM_JSONL_LOGGING": "maybe"}, "NIM_JSONL_LOGGING='maybe' must be one of"),
         ({"NIM_LOG_LEVEL": "loud"}, "NIM_LOG_LEVEL='loud' must be one of"),
         ({"TRTLLM_PEFT_BACKEND": "onnx"}, "TRTLLM_PEFT_BACKEND='onnx' must be one of auto, torch, trtllm"),
+        ({"TRTLLM_PEFT_CPU_KERNELS": "fast"}, "TRTLLM_PEFT_CPU_KERNELS='fast' must be one of 1, 0"),
         (
             {"NIM_MAX_GPU_LORAS": "32", "NIM_MAX_CPU_LORAS": "16"},
             "NIM_MAX_CPU_LORAS (16) must be >= NIM_MAX_GPU_LORAS",

@@ -23,5 +23,8 @@ def create_executor(settings: Settings, engine: EngineDir) -> Executor:
     from trtllm_peft.executor.torch import TorchExecutor
 
     return TorchExecutor(
-        engine.path, max_gpu_loras=settings.max_gpu_loras, max_cpu_loras=settings.max_cpu_loras
+        engine.path,
+        max_gpu_loras=settings.max_gpu_loras,
+        max_cpu_loras=settings.max_cpu_loras,
+        cpu_kernels=settings.cpu_kernels,
     )

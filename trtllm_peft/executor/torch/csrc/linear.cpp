@@ -13,8 +13,13 @@ namespace {
 
 constexpr int kRows = 8;  // rows per micro-kernel call: 8 rows x 2 blocks = 16 zmm accumulators
 
+// Blocks a thread streams side by side: 2 for 5-8 rows; 4 for up to 4 rows, where a tile has spare
+// registers and more independent weight streams in flight hide memory latency (LoRA's one-token
+// products, a lone decode).
+constexpr int64_t unit_blocks(int64_t rows) { return rows <= 4 ? 4 : 2; }
+
 template <int M, int NB>
-inline void dot_f32(const float* const* x, const float* wp, int64_t K, __m512 (&acc)[kRows][2]) {
+inline void dot_f32(const float* const* x, const float* wp, int64_t K, __m512 (&acc)[M][NB]) {
   for (int64_t k = 0; k < K; k++) {
     __m512 w[NB];
     for (int j = 0; j < NB; j++) w[j] = _mm512_loadu_ps(wp + (j * K + k) * kBlock);
@@ -27,7 +32,7 @@ inline void dot_f32(const float* const* x, const float* wp, int64_t K, __m512 (&
 
 template <int M, int NB>
 inline void dot_bf16_pair(const bf16* const* x, const bf16* wp, int64_t pairs, int64_t k, bool lone,
-                          __m512 (&acc)[kRows][2]) {
+                          __m512 (&acc)[M][NB]) {
   __m512bh w[NB];
   for (int j = 0; j < NB; j++) w[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wp + (j * pairs + k) * 2 * kBlock));
   for (int m = 0; m < M; m++) {
@@ -42,7 +47,7 @@ inline void dot_bf16_pair(const bf16* const* x, const bf16* wp, int64_t pairs, i
 }
 
 template <int M, int NB>
-inline void dot_bf16(const bf16* const* x, const bf16* wp, int64_t K, __m512 (&acc)[kRows][2]) {
+inline void dot_bf16(const bf16* const* x, const bf16* wp, int64_t K, __m512 (&acc)[M][NB]) {
   const int64_t pairs = (K + 1) / 2;  // the packed block's k pairs (an odd K padded with a zero k)
   for (int64_t k = 0; k < K / 2; k++) dot_bf16_pair<M, NB>(x, wp, pairs, k, false, acc);
   if (K % 2) dot_bf16_pair<M, NB>(x, wp, pairs, K / 2, true, acc);
@@ -51,7 +56,7 @@ inline void dot_bf16(const bf16* const* x, const bf16* wp, int64_t K, __m512 (&a
 // Rows x[0..M) against blocks blk..blk+NB of W, written (or added) into y's rows at those columns.
 template <typename T, int M, int NB>
 void tile(const T* const* x, const T* wp, int64_t K, int64_t blk, int64_t N, const T* bias, T* const* y, bool accumulate) {
-  __m512 acc[kRows][2];
+  __m512 acc[M][NB];
   for (int m = 0; m < M; m++)
     for (int j = 0; j < NB; j++) acc[m][j] = _mm512_setzero_ps();
   if constexpr (std::is_same<T, float>::value)
@@ -73,10 +78,14 @@ void tile(const T* const* x, const T* wp, int64_t K, int64_t blk, int64_t N, con
 template <typename T, int M>
 void tile_rows(const T* const* x, const T* wp, int64_t K, int64_t blk, int64_t nb, int64_t N, const T* bias,
                T* const* y, bool acc) {
-  if (nb == 2)
-    tile<T, M, 2>(x, wp, K, blk, N, bias, y, acc);
-  else
-    tile<T, M, 1>(x, wp, K, blk, N, bias, y, acc);
+  switch (nb) {
+    case 1: return tile<T, M, 1>(x, wp, K, blk, N, bias, y, acc);
+    case 2: return tile<T, M, 2>(x, wp, K, blk, N, bias, y, acc);
+  }
+  if constexpr (unit_blocks(M) == 4) {
+    if (nb == 3) return tile<T, M, 3>(x, wp, K, blk, N, bias, y, acc);
+    return tile<T, M, 4>(x, wp, K, blk, N, bias, y, acc);
+  }
 }
 
 template <typename T>
@@ -98,13 +107,10 @@ void run_linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, cons
 template <typename T>
 void linear_rows(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t N, const T* bias, T* const* yr,
                  bool accumulate, bool may_split) {
-  const int64_t blocks = (N + kBlock - 1) / kBlock, units = (blocks + 1) / 2;
-  // Weights dominate: threads split the output columns, and every 8-row chunk reuses a unit's weights from
-  // cache. Small products stay on the calling thread (waking the pool costs more than they do).
-  const int64_t grain = !may_split || blocks * K < 32768 ? units : 1;
-  parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+  const int64_t width = unit_blocks(M), blocks = (N + kBlock - 1) / kBlock, units = (blocks + width - 1) / width;
+  auto body = [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; u++) {
-      const int64_t blk = 2 * u, nb = std::min<int64_t>(2, blocks - blk);
+      const int64_t blk = width * u, nb = std::min<int64_t>(width, blocks - blk);
       for (int64_t m0 = 0; m0 < M; m0 += kRows) {
         switch (std::min<int64_t>(kRows, M - m0)) {
 #define TILE(r) \
@@ -114,7 +120,13 @@ void linear_rows(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t 
         }
       }
     }
-  });
+  };
+  // Weights dominate: threads split the output columns, and every 8-row chunk reuses a unit's weights from
+  // cache. Small products stay on the calling thread (waking a worker costs more than they do).
+  if (!may_split || blocks * K < 32768)
+    body(0, units);
+  else
+    parallel_for(0, units, 1, body);
 }
 
 template void linear_rows<float>(const float* const*, int64_t, const float*, int64_t, int64_t, const float*,

@@ -13,25 +13,34 @@
 namespace trtllm_peft {
 namespace {
 
+// Scratch reused across calls on a thread: an adapter segment's products allocate nothing.
+template <typename T>
+struct Scratch {
+  std::vector<T> xa;
+  std::vector<const T*> in;
+  std::vector<T*> out;
+};
+
 template <typename T>
 void apply_adapter(const LoraGroup& g, size_t j, const std::vector<int64_t>& rows, const torch::Tensor& x,
                    torch::Tensor& y, bool may_split) {
+  thread_local Scratch<T> s;
   const int64_t t = static_cast<int64_t>(rows.size()), rank = g.ranks[j];
   const int64_t parts = static_cast<int64_t>(g.starts.size()), width = parts * rank;
-  std::vector<T> xa(t * width);
-  std::vector<const T*> xr(t), ar(t);
-  std::vector<T*> out(t);
+  s.xa.resize(t * width);
+  s.in.resize(t);
+  s.out.resize(t);
   for (int64_t i = 0; i < t; i++) {
-    xr[i] = x.data_ptr<T>() + rows[i] * x.stride(0);
-    out[i] = xa.data() + i * width;
+    s.in[i] = x.data_ptr<T>() + rows[i] * x.stride(0);
+    s.out[i] = s.xa.data() + i * width;
   }
-  linear_rows<T>(xr.data(), t, g.a[j]->data_ptr<T>(), x.size(1), width, nullptr, out.data(), false, may_split);
+  linear_rows<T>(s.in.data(), t, g.a[j]->data_ptr<T>(), x.size(1), width, nullptr, s.out.data(), false, may_split);
   for (int64_t p = 0; p < parts; p++) {
     for (int64_t i = 0; i < t; i++) {
-      ar[i] = xa.data() + i * width + p * rank;
-      out[i] = y.data_ptr<T>() + rows[i] * y.stride(0) + g.starts[p];
+      s.in[i] = s.xa.data() + i * width + p * rank;
+      s.out[i] = y.data_ptr<T>() + rows[i] * y.stride(0) + g.starts[p];
     }
-    linear_rows<T>(ar.data(), t, g.b[j][p].data_ptr<T>(), rank, g.widths[p], nullptr, out.data(), true, may_split);
+    linear_rows<T>(s.in.data(), t, g.b[j][p].data_ptr<T>(), rank, g.widths[p], nullptr, s.out.data(), true, may_split);
   }
 }
 
