@@ -218,12 +218,8 @@ class Reference:
         ]
         lora = LoraBatch(tensors, self.spec, self.model.dtype, self.model.device)
         index = [adapters.index(a.adapter) for a in answers]
-        logits = torch.stack(
-            [
-                self.model.prefill(torch.tensor(self.prompt_ids[a.prompt]), row, self.kv, lora, index[row])
-                for row, a in enumerate(answers)
-            ]
-        )  # [B, V]
+        prompts = [torch.tensor(self.prompt_ids[a.prompt]) for a in answers]
+        logits = self.model.prefill(prompts, list(range(len(answers))), self.kv, lora, index)  # [B, V]
         verdicts = [Verdict(a) for a in answers]
         positions = torch.tensor([len(self.prompt_ids[a.prompt]) for a in answers])
         for k in range(self.n):

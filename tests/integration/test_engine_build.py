@@ -80,7 +80,8 @@ def _hf_model(engine: Path, tmp: Path):
     return AutoModelForCausalLM.from_pretrained(str(view), dtype=torch.float32).eval()
 
 
-def test_smollm2_mixed_batch_matches_transformers_and_peft(smol_engine, tmp_path):
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["kernels", "torch-ops"])
+def test_smollm2_mixed_batch_matches_transformers_and_peft(smol_engine, tmp_path, cpu_kernels):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -98,7 +99,9 @@ def test_smollm2_mixed_batch_matches_transformers_and_peft(smol_engine, tmp_path
     packed = pack(formats.load_for_engine(tmp_path / "a", load_spec(smol_engine)), torch.float32)
     prompts = [[1, 9690, 198, 2683, 359, 253], [504, 3458, 282, 4649, 314]]
     oc = OutputConfig(return_log_probs=True, exclude_input_from_output=True)
-    with TorchExecutor(smol_engine, memory_budget_bytes=3 * 2**30, max_batch_size=4, max_seq_len=64) as ex:
+    with TorchExecutor(
+        smol_engine, memory_budget_bytes=3 * 2**30, max_batch_size=4, max_seq_len=64, cpu_kernels=cpu_kernels
+    ) as ex:
         ids = ex.enqueue_requests(
             [
                 Request(prompts[0], 3, output_config=oc),
@@ -139,8 +142,9 @@ TINY_VARIANTS = {
 }
 
 
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["kernels", "torch-ops"])
 @pytest.mark.parametrize("variant", list(TINY_VARIANTS))
-def test_architecture_variants_match_transformers(variant, tmp_path):
+def test_architecture_variants_match_transformers(variant, tmp_path, cpu_kernels):
     import transformers
 
     arch, extra = TINY_VARIANTS[variant]
@@ -160,7 +164,7 @@ def test_architecture_variants_match_transformers(variant, tmp_path):
     )
     assert EngineDir.open(engine).arch.qkv_bias == arch.startswith("Qwen2")
     prompt = list(range(3, 40))  # past original_max_position_embeddings: llama3 scaling matters
-    with TorchExecutor(engine, memory_budget_bytes=2**30) as ex:
+    with TorchExecutor(engine, memory_budget_bytes=2**30, cpu_kernels=cpu_kernels) as ex:
         rid = ex.enqueue_request(
             Request(
                 prompt, 5, output_config=OutputConfig(return_log_probs=True, exclude_input_from_output=True)

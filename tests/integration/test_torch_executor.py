@@ -1,5 +1,7 @@
 """The reference engine against transformers + peft, the oracle, on the same weights.
 
+Correctness runs through both op implementations (the CPU kernels, where this CPU has them, and plain torch).
+
 Mixed batches of base and adapter requests (different ranks, module subsets, rsLoRA) arriving at different
 steps must give PEFT's one-request-at-a-time greedy tokens (a divergence is accepted only at a numerical
 tie: top-2 log-prob gap < 1e-3) and per-token log-probs within 1e-3. Plus the PEFT cache semantics seen
@@ -120,11 +122,12 @@ def req(prompt, packed=None, task=None, send=True, n=N_NEW, **kw) -> Request:
     )
 
 
-def test_mixed_batches_match_peft_with_staggered_arrivals(engine, adapters):
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["kernels", "torch-ops"])
+def test_mixed_batches_match_peft_with_staggered_arrivals(engine, adapters, cpu_kernels):
     names = list(ADAPTERS)
     plan = [(p, names[i % 3] if i % 4 else None) for i, p in enumerate(PROMPTS * 2)]  # base + every adapter
     tasks = {n: i + 1 for i, n in enumerate(names)}
-    with TorchExecutor(engine, memory_budget_bytes=2**30) as ex:
+    with TorchExecutor(engine, memory_budget_bytes=2**30, cpu_kernels=cpu_kernels) as ex:
         first = [
             ex.enqueue_request(req(p, adapters[a][1] if a else None, tasks.get(a), streaming=True))
             for p, a in plan[:3]

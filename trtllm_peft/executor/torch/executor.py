@@ -268,18 +268,21 @@ class TorchExecutor:
         return None
 
     def _admit(self, out: list[Response]) -> tuple[int, int]:
-        """Move waiting requests into the batch (prefill + first token); returns (context tokens, admitted)."""
-        budget, n_ctx, admitted = self.max_num_tokens, 0, 0
+        """Move waiting requests into the batch (one prefill for all + first tokens); (context tokens, admitted)."""
+        budget, n_ctx, admitted = self.max_num_tokens, 0, []
         for seq in list(self._waiting):
-            if len(self._running) >= self.kv.rows or (n_ctx and n_ctx + seq.prompt_len > budget):
+            if len(self._running) + len(admitted) >= self.kv.rows or (
+                n_ctx and n_ctx + seq.prompt_len > budget
+            ):
                 break
             if seq.task_id is not None and not self._device_ready(seq, out):
                 continue
             self._waiting.remove(seq)
-            self._prefill(seq)
+            admitted.append(seq)
             n_ctx += seq.prompt_len
-            admitted += 1
-        return n_ctx, admitted
+        if admitted:
+            self._prefill(admitted)
+        return n_ctx, len(admitted)
 
     def _device_ready(self, seq: Sequence, out: list[Response]) -> bool:
         """Bring the request's adapter to the device tier; False = wait. An adapter that can never fit fails."""
@@ -296,17 +299,21 @@ class TorchExecutor:
             seq.task_id, lambda a: self.ops.prepare_lora(a, self.spec, self.dtype, self.device)
         )
 
-    def _prefill(self, seq: Sequence) -> None:
-        row = len(self._running)
-        self._running.append(seq)
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """One forward for all newly admitted prompts (their own adapters stacked for it), into new rows."""
+        rows = list(range(len(self._running), len(self._running) + len(seqs)))
+        self._running.extend(seqs)
+        tasks = sorted({s.task_id for s in seqs} - {None})
         lora = None
-        if seq.task_id is not None:  # one adapter: stack it alone rather than re-stacking the whole batch
-            adapter = self.cache.device.get(seq.task_id)
-            lora = self.ops.lora_batch([adapter], self.spec, self.dtype, self.device, one_off=True)
-        ids = torch.tensor(seq.tokens, dtype=torch.long, device=self.device)
-        logits = self.model.prefill(ids, row, self.kv, lora, 0)
-        seq.cached = seq.prompt_len
-        self._take(logits[None], [seq])
+        if tasks:  # only these prompts' adapters: the running batch's stack is left as it is
+            adapters = [self.cache.device.get(t) for t in tasks]
+            lora = self.ops.lora_batch(adapters, self.spec, self.dtype, self.device, one_off=True)
+        prompts = [torch.tensor(s.tokens, dtype=torch.long, device=self.device) for s in seqs]
+        index = [tasks.index(s.task_id) if s.task_id is not None else -1 for s in seqs]
+        logits = self.model.prefill(prompts, rows, self.kv, lora, index)
+        for s in seqs:
+            s.cached = s.prompt_len
+        self._take(logits, seqs)
 
     def _lora(self):
         """The stacked adapters of the running batch and each row's index into them (-1: base).

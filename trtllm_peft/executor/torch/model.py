@@ -146,31 +146,45 @@ class LlamaModel:
     @torch.inference_mode()
     def prefill(
         self,
-        ids: torch.Tensor,
-        row: int,
+        prompts: list[torch.Tensor],
+        rows: list[int],
         cache: KVCache,
         lora: LoraBatch | None = None,
-        adapter_index: int = -1,
+        adapters: list[int] | None = None,
     ) -> torch.Tensor:
-        """Run a whole prompt `ids` [T] from position 0 into cache row `row`; logits [V] of the last token."""
-        t = ids.shape[0]
-        positions = torch.arange(t, device=self.device)
-        mask = lora.mask(torch.full((t,), adapter_index, device=self.device)) if lora is not None else None
+        """Run whole prompts (each [T_i], from position 0) into cache rows `rows`; float32 logits [P, V] of
+        each prompt's last token. `adapters[i]`: prompt i's index into `lora` (-1: base).
+
+        The prompts are one forward: their tokens are concatenated, so every projection and LoRA product reads
+        its weights once for all of them; attention stays within each prompt.
+        """
+        lengths = [p.shape[0] for p in prompts]
+        ends = torch.tensor(lengths).cumsum(0).tolist()
+        ids = torch.cat(prompts)  # [ΣT]
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+        mask = None
+        if lora is not None:
+            owner = [torch.full((n,), a, device=self.device) for n, a in zip(lengths, adapters, strict=True)]
+            mask = lora.mask(torch.cat(owner))
 
         def attend(layer, qkv):
-            q, k, v = self._split_rope(qkv, positions)
-            cache.write_prompt(layer, row, k, v)
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None],
-                k.transpose(0, 1)[None],
-                v.transpose(0, 1)[None],
-                is_causal=True,
-                enable_gqa=True,
-            )
-            return out[0].transpose(0, 1).reshape(t, self.q_dim)
+            q, k, v = self._split_rope(qkv, positions)  # [ΣT, heads, hd], [ΣT, kv, hd] x2
+            out = torch.empty(qkv.shape[0], self.q_dim, dtype=qkv.dtype, device=qkv.device)
+            for row, end, n in zip(rows, ends, lengths, strict=True):
+                span = slice(end - n, end)
+                cache.write_prompt(layer, row, k[span], v[span])
+                o = F.scaled_dot_product_attention(
+                    q[span].transpose(0, 1)[None],
+                    k[span].transpose(0, 1)[None],
+                    v[span].transpose(0, 1)[None],
+                    is_causal=True,
+                    enable_gqa=True,
+                )  # [1, heads, n, hd]
+                out[span] = o[0].transpose(0, 1).reshape(n, self.q_dim)
+            return out
 
         hidden = self._forward(ids, positions, attend, lora, mask)
-        return self.logits(hidden[-1:])[0]
+        return self.logits(hidden[[e - 1 for e in ends]])
 
     @torch.inference_mode()
     def decode(

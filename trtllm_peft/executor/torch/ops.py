@@ -1,7 +1,7 @@
 """The per-layer ops of the forward pass, in two interchangeable implementations.
 
 `TorchOps` is plain torch: it runs on every device (CUDA included) and is the oracle. `KernelOps` runs the
-same math through the AVX-512 kernels of cpu_kernels.cpp, where a decode step's cost is weight streaming
+same math through the AVX-512 kernels of csrc/, where a decode step's cost is weight streaming
 and per-op overhead. `ops_for(device, use_kernels)` picks one at executor start.
 
 Semantics shared by both (tests/unit/test_cpu_kernels.py holds them to each other):
@@ -92,7 +92,7 @@ class TorchOps:
 
 
 class KernelOps(TorchOps):
-    """The same ops through cpu_kernels.cpp (CPU, float32 or bfloat16)."""
+    """The same ops through the CPU kernels of csrc/ (float32 or bfloat16)."""
 
     name = "cpu-kernels"
 
@@ -104,8 +104,7 @@ class KernelOps(TorchOps):
         torch.set_num_threads(n)
 
     def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, pack: bool = True):
-        # pack=False marks a one-off product (a prefill's adapter): a packed copy would cost more than it saves
-        return KernelLinear(self.k, weight, bias) if pack else Linear(weight, bias, pack=False)
+        return KernelLinear(self.k, weight, bias)  # the kernels read only the packed layout
 
     def prepare_lora(self, adapter, spec, dtype, device) -> AdapterTensors:
         return prepare_packed(self.k, adapter, spec, dtype, device)
