@@ -13,6 +13,7 @@ FLOPs ÷ matmul rate where larger. Writes bench/results/engine.json and bench/en
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -194,7 +195,14 @@ def ensure_engines(dtypes: list[str]) -> None:
 
 
 def bench_dtype(
-    dt: str, batches: list[int], n: int, repeats: int, dirs: list[Path], rows: list[dict], m: dict
+    dt: str,
+    batches: list[int],
+    n: int,
+    repeats: int,
+    dirs: list[Path],
+    rows: list[dict],
+    m: dict,
+    torch_ops: bool = False,
 ) -> None:
     engine, torch_dt = ENGINES[dt], getattr(torch, dt)
     spec = load_spec(engine)
@@ -202,9 +210,10 @@ def bench_dtype(
     params = sum(v.numel() for v in EngineDir.open(engine).load_weights().values())
     base, pm = hf_model(engine, torch_dt), peft_model(engine, torch_dt, dirs)
     mixed = f"{N_ADAPTERS} distinct adapters"
-    with TorchExecutor(
-        engine, max_batch_size=max(batches), max_seq_len=PROMPT_LEN + n + 8, memory_budget_bytes=6 * 2**30
-    ) as ex:
+    sizes = dict(max_batch_size=max(batches), max_seq_len=PROMPT_LEN + n + 8, memory_budget_bytes=6 * 2**30)
+    with contextlib.ExitStack() as stack:
+        ex = stack.enter_context(TorchExecutor(engine, **sizes))
+        plain = stack.enter_context(TorchExecutor(engine, cpu_kernels=False, **sizes)) if torch_ops else None
         for b in batches:
             runs = {
                 ("trtllm-peft (ours)", "base"): ours_runner(ex, packed, b, 0),
@@ -216,6 +225,9 @@ def bench_dtype(
                     pm, b, adapter_names=[f"a{i % N_ADAPTERS}" for i in range(b)]
                 ),
             }
+            if plain is not None:  # the same engine on plain torch ops: what the CPU kernels add
+                runs[("trtllm-peft, torch ops", "base")] = ours_runner(plain, packed, b, 0)
+                runs[("trtllm-peft, torch ops", mixed)] = ours_runner(plain, packed, b, N_ADAPTERS)
             rates = {
                 ("floor", "base"): b / floor_ms(params, dt, b, m) * 1e3,
                 **interleaved_rates(runs, b, n, repeats),
@@ -231,6 +243,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(ENGINES))
     ap.add_argument("--tokens", type=int, default=None)
+    ap.add_argument(
+        "--torch-ops",
+        action="store_true",
+        help="also run our engine on plain torch ops (TRTLLM_PEFT_CPU_KERNELS=0)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n = args.tokens or (8 if args.quick else 24)
@@ -246,7 +263,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dirs = make_adapters(ENGINES[args.dtypes[0]], Path(tmp))
         for dt in args.dtypes:
-            bench_dtype(dt, batches, n, repeats, dirs, rows, m)
+            bench_dtype(dt, batches, n, repeats, dirs, rows, m, args.torch_ops)
     report(rows, m, args, load)
 
 

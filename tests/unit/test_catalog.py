@@ -99,6 +99,7 @@ def test_scanning_10000_adapters_holds_no_weights(tmp_path):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert len(cat) == 10_000
-    # bounded per adapter (names, paths, stats), no file contents: 41 MB of weights on disk here
-    assert peak < 10_000 * 2_000
+    # bounded per adapter (names, paths, stats: ~2 KB, varying a little run to run), no file contents:
+    # holding them would take more than the 41 MB of weights on disk here
+    assert peak < 10_000 * 3_000
     assert not cat.scan().any  # a rescan of unchanged adapters changes nothing (its speed: bench/catalog.py)

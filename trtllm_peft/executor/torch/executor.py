@@ -7,12 +7,11 @@ A background thread runs continuous batching. Each iteration it
      prefilling each whole prompt and sampling its first token,
   3. runs one decode step for the whole batch (all adapters mixed, ops.lora_batch),
   4. sends streaming deltas and final results, and retires finished or cancelled requests.
-The caller's threads only touch the request queue, the response lists and the cancel set, under one lock.
+The caller's threads and the engine thread share only a `Mailbox` (mailbox.py).
 """
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import threading
@@ -23,7 +22,7 @@ import torch
 
 from trtllm_peft.engine.engine_dir import EngineDir
 from trtllm_peft.engine.memory import default_budget_bytes, peft_cache_config, plan_memory
-from trtllm_peft.errors import AdapterError, TrtllmPeftError
+from trtllm_peft.errors import AdapterError
 from trtllm_peft.executor.api import (
     DEVICE_CACHE_FULL_MESSAGE,
     FETCH_ERROR_PREFIX,
@@ -36,6 +35,7 @@ from trtllm_peft.executor.api import (
 )
 from trtllm_peft.executor.torch.intake import check_request, read_lora
 from trtllm_peft.executor.torch.kv_cache import KVCache
+from trtllm_peft.executor.torch.mailbox import Mailbox
 from trtllm_peft.executor.torch.model import LlamaModel
 from trtllm_peft.executor.torch.ops import ops_for
 from trtllm_peft.executor.torch.peft_cache import LoraCacheFullError, PeftCache, PeftTaskNotCachedError
@@ -101,17 +101,13 @@ class TorchExecutor:
             self.device,
         )
         self._ids = itertools.count(1)
-        self._lock = threading.Condition()
-        self._new: collections.deque[Sequence] = collections.deque()
-        self._responses: dict[int, list[Response]] = collections.defaultdict(list)
-        self._cancel: set[int] = set()
-        self._stats: collections.deque[IterationStats] = collections.deque(maxlen=1000)
+        self._ids_lock = threading.Lock()
+        self.mailbox = Mailbox()
         self._waiting: list[Sequence] = []
         self._running: list[Sequence] = []  # row i of the KV cache = _running[i]
         self._lora_key: tuple[int, ...] = ()
         self._lora_batch = None  # the running batch's adapters (ops.lora_batch), restacked on a set change
         self._iter = 0
-        self._stopped = False
         self._threads = torch.get_num_threads() if split_threads else 0
         self._thread = threading.Thread(target=self._loop, name="trtllm-peft-engine", daemon=True)
         self._thread.start()
@@ -135,66 +131,38 @@ class TorchExecutor:
         return self.enqueue_requests([request])[0]
 
     def enqueue_requests(self, requests: list[Request]) -> list[IdType]:
-        with self._lock:
-            if self._stopped:
-                raise TrtllmPeftError("the executor has been shut down")
-            ids = []
-            for req in requests:
-                rid = next(self._ids)
-                self._new.append(
-                    Sequence(
-                        id=rid,
-                        request=req,
-                        sampling=new_state(req.sampling_config, req.end_id, self.device),
-                        max_new=req.max_tokens,
-                    )
-                )
-                ids.append(rid)
-            self._lock.notify_all()
+        with self._ids_lock:
+            ids = [next(self._ids) for _ in requests]
+        seqs = [
+            Sequence(
+                id=rid,
+                request=req,
+                sampling=new_state(req.sampling_config, req.end_id, self.device),
+                max_new=req.max_tokens,
+            )
+            for rid, req in zip(ids, requests, strict=True)
+        ]
+        self.mailbox.post(seqs)
         return ids
 
     def await_responses(self, id: IdType | None = None, timeout: float | None = None) -> list[Response]:
         """Responses ready (for all requests, or request `id`), waiting up to `timeout` s for the first one."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            while not self._ready(id):
-                left = None if deadline is None else deadline - time.monotonic()
-                if (left is not None and left <= 0) or (self._stopped and not self._thread.is_alive()):
-                    return []
-                self._lock.wait(left)
-            if id is not None:
-                return self._responses.pop(id, [])
-            out = [r for rs in self._responses.values() for r in rs]
-            self._responses.clear()
-            return out
-
-    def _ready(self, id: IdType | None) -> bool:
-        return bool(self._responses.get(id)) if id is not None else any(self._responses.values())
+        return self.mailbox.collect(id, timeout, self._thread.is_alive)
 
     def get_num_responses_ready(self, id: IdType | None = None) -> int:
-        with self._lock:
-            if id is not None:
-                return len(self._responses.get(id, []))
-            return sum(len(r) for r in self._responses.values())
+        return self.mailbox.num_ready(id)
 
     def cancel_request(self, id: IdType) -> None:
-        with self._lock:
-            self._cancel.add(id)
-            self._lock.notify_all()
+        self.mailbox.cancel(id)
 
     def can_enqueue_requests(self) -> bool:
-        return not self._stopped
+        return not self.mailbox.stopped
 
     def get_latest_iteration_stats(self) -> list[IterationStats]:
-        with self._lock:
-            out = list(self._stats)
-            self._stats.clear()
-            return out
+        return self.mailbox.take_stats()
 
     def shutdown(self) -> None:
-        with self._lock:
-            self._stopped = True
-            self._lock.notify_all()
+        self.mailbox.stop()
         self._thread.join()
 
     def __enter__(self) -> TorchExecutor:
@@ -208,14 +176,8 @@ class TorchExecutor:
     def _loop(self) -> None:
         if self._threads > 1:
             self.ops.use_threads(self._threads)
-        while True:
-            with self._lock:
-                while not (self._new or self._waiting or self._running or self._stopped):
-                    self._lock.wait()
-                if self._stopped:
-                    return
-                new, cancel = list(self._new), set(self._cancel)
-                self._new.clear()
+        while (work := self.mailbox.take_work(busy=bool(self._waiting or self._running))) is not None:
+            new, cancel = work
             try:
                 self._iteration(new, cancel)
             except Exception as e:  # a bug must not hang every caller: fail what is in flight, keep serving
@@ -365,8 +327,7 @@ class TorchExecutor:
                     self.cache.finish(seq.task_id)
                 done.append(seq)
         if cancel:
-            with self._lock:
-                self._cancel -= cancel
+            self.mailbox.cancelled(cancel)
         return done
 
     def _retire(self) -> list[Sequence]:
@@ -396,10 +357,7 @@ class TorchExecutor:
                 out.append(r)
         n_done = len(done) + len(self._retire())
         if out:
-            with self._lock:
-                for r in out:
-                    self._responses[r.request_id].append(r)
-                self._lock.notify_all()
+            self.mailbox.deliver(out)
             out.clear()
         return n_done
 
@@ -420,20 +378,16 @@ class TorchExecutor:
             num_host_cached_lora_tasks=len(self.cache.host),
             num_device_cached_lora_tasks=len(self.cache.device),
         )
-        with self._lock:
-            self._stats.append(stats)
+        self.mailbox.deliver([], stats)
 
     def _fail_all(self, message: str) -> None:
         """After an internal error: answer every request in flight with it and start from a clean state."""
         seqs = self._waiting + self._running
         self._waiting, self._running, self._lora_key, self._lora_batch = [], [], (), None
         self.cache = PeftCache(self.cache.host.capacity, self.cache.device.capacity)
-        with self._lock:
-            for s in seqs:
-                self._responses[s.id].append(
-                    Response(request_id=s.id, error_msg=message, client_id=s.request.client_id)
-                )
-            self._lock.notify_all()
+        self.mailbox.deliver(
+            [Response(request_id=s.id, error_msg=message, client_id=s.request.client_id) for s in seqs]
+        )
 
 
 def peft_cache_config_for(spec, max_gpu_loras: int, max_cpu_loras: int) -> PeftCacheConfig:
