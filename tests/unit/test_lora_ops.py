@@ -59,7 +59,9 @@ def batch_of(ops, adapters, dtype=torch.float32):
     return ops.lora_batch([ops.prepare_lora(a, SPEC, dtype, "cpu") for a in adapters], SPEC, dtype, "cpu")
 
 
-def naive(x: torch.Tensor, token_adapter: list[int], layer: int, group: str) -> torch.Tensor:
+def naive(
+    x: torch.Tensor, token_adapter: list[int], layer: int, group: str, adapters=ADAPTERS
+) -> torch.Tensor:
     """Per token, per module: scale · B (A x) into the module's output columns."""
     width = {"qkv": 16 + 2 * 8, "o": 16, "gate_up": 48, "down": 16}[group]
     y = torch.zeros(x.shape[0], width, dtype=torch.float64)
@@ -67,7 +69,7 @@ def naive(x: torch.Tensor, token_adapter: list[int], layer: int, group: str) -> 
         if j < 0:
             continue
         for m, sl in part_slices(SPEC)[group]:
-            w = ADAPTERS[j].weights.get((layer, m))
+            w = adapters[j].weights.get((layer, m))
             if w is not None:
                 y[t, sl] += (w.b.double() @ (w.a.double() @ x[t].double())) * w.scale
     return y
@@ -87,6 +89,28 @@ def test_batched_ops_equal_a_naive_loop(ops, group, token_adapter):
         y = torch.zeros_like(want, dtype=torch.float32)
         batch.apply_group(layer, group, x, y, mask)
         torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-4)
+
+
+EQUAL_RANK = [  # one token each: the kernels stream these adapters side by side (lora.cpp single tokens)
+    adapter(4, dict.fromkeys(DEFAULT_TARGET_MODULES, 4)),
+    adapter(5, {"attn_q": 4, "mlp_gate": 2, "mlp_4h_to_h": 3}),  # width 4, some modules lower or absent
+    adapter(6, dict.fromkeys(DEFAULT_TARGET_MODULES, 4), layers=(1,)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("token_adapter", [[2, 0, 1], [1, -1, 0, 2], [0, 1]])
+def test_one_token_per_adapter_of_equal_rank_equals_a_naive_loop(ops, dtype, group, token_adapter):
+    batch = batch_of(ops, EQUAL_RANK, dtype)
+    mask = batch.mask(torch.tensor(token_adapter))
+    x = torch.randn(len(token_adapter), 24 if group == "down" else 16).to(dtype)
+    for layer in range(SPEC.num_layers):
+        want = naive(x.float(), token_adapter, layer, group, EQUAL_RANK)
+        y = torch.zeros_like(want, dtype=dtype)
+        batch.apply_group(layer, group, x, y, mask)
+        tol = 1e-4 if dtype == torch.float32 else 0.03 * float(want.abs().max().clamp(min=1))
+        torch.testing.assert_close(y.double(), want, atol=tol, rtol=1e-4 if dtype == torch.float32 else 0.02)
 
 
 def test_one_adapter_alone_needs_no_mask(ops):

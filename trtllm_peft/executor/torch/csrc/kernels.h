@@ -89,6 +89,10 @@ void linear_into(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, con
 template <typename T>
 void linear_rows(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t N, const T* bias, T* const* yr,
                  bool accumulate, bool may_split);
+// y_m (+)= x_m · W_mᵀ for rows m = 0..M-1, each row with its own packed W_m (all [N, K]): the rows' weights
+// are streamed side by side (LoRA's one-token adapter segments).
+template <typename T>
+void linear_each(const T* const* xr, const T* const* wr, int64_t M, int64_t K, int64_t N, T* const* yr, bool accumulate);
 
 // One (layer, projection group) of a batch's adapters, for LoRA applied per adapter segment (lora.cpp).
 struct LoraGroup {

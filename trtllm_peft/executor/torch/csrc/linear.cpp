@@ -11,12 +11,12 @@
 namespace trtllm_peft {
 namespace {
 
-constexpr int kRows = 8;  // rows per micro-kernel call: 8 rows x 2 blocks = 16 zmm accumulators
+constexpr int kRows = 8;  // rows per micro-kernel call (at most 8 x 3 = 24 zmm accumulators)
 
-// Blocks a thread streams side by side: 2 for 5-8 rows; 4 for up to 4 rows, where a tile has spare
-// registers and more independent weight streams in flight hide memory latency (LoRA's one-token
-// products, a lone decode).
-constexpr int64_t unit_blocks(int64_t rows) { return rows <= 4 ? 4 : 2; }
+// Blocks a thread streams side by side: as many as the registers allow (rows x blocks accumulators <= 24),
+// since more independent weight streams in flight pull more memory bandwidth (measured on the SmolLM2
+// decode linears at batch 8: 2 blocks 23-29 GB/s, 3 blocks 28-36 GB/s).
+constexpr int64_t unit_blocks(int64_t rows) { return rows <= 2 ? 8 : rows <= 4 ? 6 : 3; }
 
 template <int M, int NB>
 inline void dot_f32(const float* const* x, const float* wp, int64_t K, __m512 (&acc)[M][NB]) {
@@ -53,16 +53,9 @@ inline void dot_bf16(const bf16* const* x, const bf16* wp, int64_t K, __m512 (&a
   if (K % 2) dot_bf16_pair<M, NB>(x, wp, pairs, K / 2, true, acc);
 }
 
-// Rows x[0..M) against blocks blk..blk+NB of W, written (or added) into y's rows at those columns.
+// acc (+ bias) written (or added) into y's rows at the columns of blocks blk..blk+NB.
 template <typename T, int M, int NB>
-void tile(const T* const* x, const T* wp, int64_t K, int64_t blk, int64_t N, const T* bias, T* const* y, bool accumulate) {
-  __m512 acc[M][NB];
-  for (int m = 0; m < M; m++)
-    for (int j = 0; j < NB; j++) acc[m][j] = _mm512_setzero_ps();
-  if constexpr (std::is_same<T, float>::value)
-    dot_f32<M, NB>(x, wp + blk * K * kBlock, K, acc);
-  else
-    dot_bf16<M, NB>(x, wp + blk * ((K + 1) / 2) * 2 * kBlock, K, acc);
+inline void store_tile(const __m512 (&acc)[M][NB], int64_t blk, int64_t N, const T* bias, T* const* y, bool accumulate) {
   for (int j = 0; j < NB; j++) {
     const int64_t col = (blk + j) * kBlock;
     const __mmask16 mask = tail_mask(N, col);
@@ -75,16 +68,60 @@ void tile(const T* const* x, const T* wp, int64_t K, int64_t blk, int64_t N, con
   }
 }
 
-template <typename T, int M>
+// Rows x[0..M) against blocks blk..blk+NB of W, written (or added) into y's rows at those columns.
+template <typename T, int M, int NB>
+void tile(const T* const* x, const T* wp, int64_t K, int64_t blk, int64_t N, const T* bias, T* const* y, bool accumulate) {
+  __m512 acc[M][NB];
+  for (int m = 0; m < M; m++)
+    for (int j = 0; j < NB; j++) acc[m][j] = _mm512_setzero_ps();
+  if constexpr (std::is_same<T, float>::value)
+    dot_f32<M, NB>(x, wp + blk * K * kBlock, K, acc);
+  else
+    dot_bf16<M, NB>(x, wp + blk * ((K + 1) / 2) * 2 * kBlock, K, acc);
+  store_tile<T, M, NB>(acc, blk, N, bias, y, accumulate);
+}
+
+// Row m against its own W_m (all [N, K]): blocks blk..blk+NB of every W_m streamed side by side.
+template <typename T, int M, int NB>
+void tile_each(const T* const* x, const T* const* w, int64_t K, int64_t blk, int64_t N, T* const* y, bool accumulate) {
+  __m512 acc[M][NB];
+  for (int m = 0; m < M; m++)
+    for (int j = 0; j < NB; j++) acc[m][j] = _mm512_setzero_ps();
+  if constexpr (std::is_same<T, float>::value) {
+    for (int64_t k = 0; k < K; k++)
+      for (int m = 0; m < M; m++) {
+        const __m512 xb = _mm512_set1_ps(x[m][k]);
+        for (int j = 0; j < NB; j++)
+          acc[m][j] = _mm512_fmadd_ps(xb, _mm512_loadu_ps(w[m] + ((blk + j) * K + k) * kBlock), acc[m][j]);
+      }
+  } else {
+    const int64_t pairs = (K + 1) / 2;
+    for (int64_t k = 0; k < pairs; k++)
+      for (int m = 0; m < M; m++) {
+        int32_t pair = 0;
+        if (2 * k + 1 == K)  // the odd last k: x's partner lane must be zero, and must not be read past the row
+          std::memcpy(&pair, x[m] + 2 * k, sizeof(bf16));
+        else
+          std::memcpy(&pair, x[m] + 2 * k, sizeof(pair));
+        const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+        for (int j = 0; j < NB; j++) {
+          const auto* p = w[m] + ((blk + j) * pairs + k) * 2 * kBlock;
+          acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xb, reinterpret_cast<__m512bh>(_mm512_loadu_si512(p)));
+        }
+      }
+  }
+  store_tile<T, M, NB>(acc, blk, N, nullptr, y, accumulate);
+}
+
+// The tile for `nb` blocks (1..NB), chosen at compile time.
+template <typename T, int M, int NB = unit_blocks(M)>
 void tile_rows(const T* const* x, const T* wp, int64_t K, int64_t blk, int64_t nb, int64_t N, const T* bias,
                T* const* y, bool acc) {
-  switch (nb) {
-    case 1: return tile<T, M, 1>(x, wp, K, blk, N, bias, y, acc);
-    case 2: return tile<T, M, 2>(x, wp, K, blk, N, bias, y, acc);
-  }
-  if constexpr (unit_blocks(M) == 4) {
-    if (nb == 3) return tile<T, M, 3>(x, wp, K, blk, N, bias, y, acc);
-    return tile<T, M, 4>(x, wp, K, blk, N, bias, y, acc);
+  if constexpr (NB == 1) {
+    tile<T, M, 1>(x, wp, K, blk, N, bias, y, acc);
+  } else {
+    if (nb == NB) return tile<T, M, NB>(x, wp, K, blk, N, bias, y, acc);
+    tile_rows<T, M, NB - 1>(x, wp, K, blk, nb, N, bias, y, acc);
   }
 }
 
@@ -133,6 +170,29 @@ template void linear_rows<float>(const float* const*, int64_t, const float*, int
                                  float* const*, bool, bool);
 template void linear_rows<bf16>(const bf16* const*, int64_t, const bf16*, int64_t, int64_t, const bf16*,
                                 bf16* const*, bool, bool);
+
+template <typename T>
+void linear_each(const T* const* xr, const T* const* wr, int64_t M, int64_t K, int64_t N, T* const* yr, bool accumulate) {
+  const int64_t blocks = (N + kBlock - 1) / kBlock;
+  for (int64_t m0 = 0; m0 < M; m0 += kRows)
+    for (int64_t blk = 0; blk < blocks; blk += 2) {
+      const bool two = blocks - blk >= 2;
+      switch (std::min<int64_t>(kRows, M - m0)) {
+#define EACH(r)                                                                         \
+  case r:                                                                               \
+    if (two)                                                                            \
+      tile_each<T, r, 2>(xr + m0, wr + m0, K, blk, N, yr + m0, accumulate);             \
+    else                                                                                \
+      tile_each<T, r, 1>(xr + m0, wr + m0, K, blk, N, yr + m0, accumulate);             \
+    break;
+        EACH(1) EACH(2) EACH(3) EACH(4) EACH(5) EACH(6) EACH(7) EACH(8)
+#undef EACH
+      }
+    }
+}
+
+template void linear_each<float>(const float* const*, const float* const*, int64_t, int64_t, int64_t, float* const*, bool);
+template void linear_each<bf16>(const bf16* const*, const bf16* const*, int64_t, int64_t, int64_t, bf16* const*, bool);
 
 // W [N, K] -> the packed layout above.
 torch::Tensor pack(const torch::Tensor& w) {

@@ -17,7 +17,7 @@ namespace {
 template <typename T>
 struct Scratch {
   std::vector<T> xa;
-  std::vector<const T*> in;
+  std::vector<const T*> in, w;
   std::vector<T*> out;
 };
 
@@ -41,6 +41,37 @@ void apply_adapter(const LoraGroup& g, size_t j, const std::vector<int64_t>& row
       s.out[i] = y.data_ptr<T>() + rows[i] * y.stride(0) + g.starts[p];
     }
     linear_rows<T>(s.in.data(), t, g.b[j][p].data_ptr<T>(), rank, g.widths[p], nullptr, s.out.data(), true, may_split);
+  }
+}
+
+// Adapters work[w0..w1) of equal rank, one token each (a decode step of distinct adapters): their products
+// run side by side (linear_each), so every adapter's weights stream at once instead of one small array
+// after another.
+template <typename T>
+void apply_single_tokens(const LoraGroup& g, const std::vector<size_t>& work, const std::vector<std::vector<int64_t>>& rows,
+                         int64_t w0, int64_t w1, const torch::Tensor& x, torch::Tensor& y) {
+  thread_local Scratch<T> s;
+  const int64_t n = w1 - w0, rank = g.ranks[work[w0]];
+  const int64_t parts = static_cast<int64_t>(g.starts.size()), width = parts * rank;
+  s.xa.resize(n * width);
+  s.in.resize(n);
+  s.w.resize(n);
+  s.out.resize(n);
+  for (int64_t i = 0; i < n; i++) {
+    const size_t j = work[w0 + i];
+    s.in[i] = x.data_ptr<T>() + rows[j][0] * x.stride(0);
+    s.w[i] = g.a[j]->data_ptr<T>();
+    s.out[i] = s.xa.data() + i * width;
+  }
+  linear_each<T>(s.in.data(), s.w.data(), n, x.size(1), width, s.out.data(), false);
+  for (int64_t p = 0; p < parts; p++) {
+    for (int64_t i = 0; i < n; i++) {
+      const size_t j = work[w0 + i];
+      s.in[i] = s.xa.data() + i * width + p * rank;
+      s.w[i] = g.b[j][p].data_ptr<T>();
+      s.out[i] = y.data_ptr<T>() + rows[j][0] * y.stride(0) + g.starts[p];
+    }
+    linear_each<T>(s.in.data(), s.w.data(), n, rank, g.widths[p], s.out.data(), true);
   }
 }
 
@@ -74,9 +105,14 @@ void LoraGroup::apply(const torch::Tensor& x, torch::Tensor& y, const c10::optio
       apply_adapter<T>(*this, work[0], rows[work[0]], x, y, true);
       return;
     }
-    // Several: one thread per adapter at a time (each writes only its own tokens' rows of y).
+    bool single_tokens = true;
+    for (size_t j : work) single_tokens &= rows[j].size() == 1 && ranks[j] == ranks[work[0]];
+    // Several: the threads split the adapters (each writes only its own tokens' rows of y).
     parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t w0, int64_t w1) {
-      for (int64_t w = w0; w < w1; w++) apply_adapter<T>(*this, work[w], rows[work[w]], x, y, false);
+      if (single_tokens)
+        apply_single_tokens<T>(*this, work, rows, w0, w1, x, y);
+      else
+        for (int64_t w = w0; w < w1; w++) apply_adapter<T>(*this, work[w], rows[work[w]], x, y, false);
     });
   });
 }
