@@ -100,7 +100,8 @@ class KernelOps(TorchOps):
         self.k = kernels
 
     def use_threads(self, n: int) -> None:
-        # The kernels size their own parallelism (small ops stay on the calling thread): no toggling needed.
+        # The kernels size their own parallelism (small ops stay on the calling thread), from their own count.
+        self.k.set_num_threads(n)
         torch.set_num_threads(n)
 
     def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, pack: bool = True):

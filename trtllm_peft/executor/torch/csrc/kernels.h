@@ -79,6 +79,7 @@ inline int64_t row_grain(int64_t rows, int64_t cols) { return rows * cols < 6553
 // fn over [begin, end) split into contiguous ranges of at least `grain`, on up to torch's thread count
 // (thread_pool.cpp: the kernels' own workers, woken without a syscall between back-to-back calls).
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+void set_num_threads(int n);  // the kernels' own thread count (0: follow torch's)
 
 // ---- the module's functions (linear.cpp, lora.cpp, layer_ops.cpp) -------------------------------------
 

@@ -5,6 +5,7 @@
 namespace tp = trtllm_peft;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_num_threads", &tp::set_num_threads, "threads the kernels use (0: torch's count)");
   m.def("pack", &tp::pack, "W [N, K] -> packed 16-column blocks (linear.cpp)");
   m.def("linear", &tp::linear, "x · Wᵀ (+ b) from a packed W");
   m.def("linear_into", &tp::linear_into, "y (+)= x · Wᵀ (+ b); y may be a column slice");

@@ -107,12 +107,20 @@ Pool& pool() {
   return *p;
 }
 
+// Threads the kernels use, set by the engine (0: torch's count in the calling thread). Our own setting, since
+// torch's is shared with every other thread of the process: another executor's engine thread dropping
+// torch to one thread (the plain-torch ops do, between their big matmuls) must not slow this one.
+std::atomic<int> num_threads{0};
+
 }  // namespace
+
+void set_num_threads(int n) { num_threads.store(std::max(n, 0)); }
 
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
   const int64_t n = end - begin;
   if (n <= 0) return;
-  const int threads = std::min(at::get_num_threads(), pool().workers() + 1);
+  const int wanted = num_threads.load() > 0 ? num_threads.load() : at::get_num_threads();
+  const int threads = std::min(wanted, pool().workers() + 1);
   const int64_t chunks = std::min<int64_t>(threads, (n + std::max<int64_t>(grain, 1) - 1) / std::max<int64_t>(grain, 1));
   if (chunks <= 1) {
     fn(begin, end);
