@@ -1,4 +1,5 @@
-"""`Linear`: a frozen y = x·Wᵀ + b, prepacked for the CPU's matmul library when that pays."""
+"""Frozen projections y = x·Wᵀ + b: `Linear` on torch (prepacked for oneDNN when that pays), `KernelLinear`
+on the CPU kernels (what ops.KernelOps uses)."""
 
 from __future__ import annotations
 
@@ -80,8 +81,9 @@ class Linear:
 
 
 class KernelLinear:
-    """y = x Wᵀ + b through cpu_kernels.cpp: W packed once into 16-column k-major blocks, read once per call
-    whatever the number of rows (1.1-1.8x oneDNN's packed GEMM at decode sizes, equal at prefill sizes)."""
+    """y = x Wᵀ + b through the CPU kernels (csrc/linear.cpp): W packed once into 16-column k-major blocks and
+    read once per call whatever the number of rows (1.3-1.8x oneDNN's packed GEMM at decode sizes, equal at
+    prefill sizes)."""
 
     def __init__(self, kernels, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.k = kernels

@@ -2,7 +2,8 @@
 
 Not transformers' generate: per layer the step is a handful of large ops — RMSNorm, one fused q/k/v
 matmul (+ bias for Qwen2), RoPE on q and k together, one attention call, o-proj, one fused gate/up matmul,
-SiLU·up, down-proj — plus the LoRA group ops of lora_ops.py when the batch has adapters. Logits are
+SiLU·up, down-proj — plus the LoRA group ops (ops.lora_batch) when the batch has adapters; each through
+`ops` (plain torch, or the CPU kernels). Prompts admitted together are prefilled in one forward. Logits are
 computed only for the positions that need them (DESIGN §6: a full-prefill LM head copies the embedding).
 Numerics follow transformers' LlamaForCausalLM (RMSNorm in float32, RoPE tables in float32 cast to the
 compute dtype, attention scale 1/√head_dim), so greedy tokens and log-probs match PEFT's.
