@@ -56,34 +56,38 @@ void rope(const T* x, const T* cos, const T* sin, int64_t hd, O* out) {
   }
 }
 
-// scores[l] = scale · q·keys[l] for l in [0, len): four keys at a time, so four independent dot products
-// (and their horizontal sums) are in flight instead of one latency-bound chain.
-template <typename T>
+// scores[l] = scale · q·keys[l] for l in [0, len), C = ceil(hd/16) chunks known at compile time (so the
+// accumulators stay in registers); four keys at a time keep four dot products and their horizontal sums in
+// flight instead of one latency-bound chain.
+template <typename T, int C>
 float scores_of(const float* q, const T* keys, int64_t len, int64_t hd, float scale, float* scores) {
+  __m512 qv[C];
+  for (int i = 0; i < C; i++) qv[i] = load16(q + i * kBlock, tail_mask(hd, i * kBlock));
   float mx = -INFINITY;
   int64_t l = 0;
-  for (; l < len; l += 4) {
-    const int64_t n = std::min<int64_t>(4, len - l);
+  for (; l + 4 <= len; l += 4) {
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t i = 0; i < hd; i += kBlock) {
-      const __mmask16 m = tail_mask(hd, i);
-      const __m512 qv = load16(q + i, m);
-      for (int64_t r = 0; r < n; r++) acc[r] = _mm512_fmadd_ps(qv, load16(keys + (l + r) * hd + i, m), acc[r]);
-    }
-    for (int64_t r = 0; r < n; r++) mx = std::max(mx, scores[l + r] = _mm512_reduce_add_ps(acc[r]) * scale);
+    for (int i = 0; i < C; i++)
+      for (int r = 0; r < 4; r++)
+        acc[r] = _mm512_fmadd_ps(qv[i], load16(keys + (l + r) * hd + i * kBlock, tail_mask(hd, i * kBlock)), acc[r]);
+    for (int r = 0; r < 4; r++) mx = std::max(mx, scores[l + r] = _mm512_reduce_add_ps(acc[r]) * scale);
+  }
+  for (; l < len; l++) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < C; i++)
+      acc = _mm512_fmadd_ps(qv[i], load16(keys + l * hd + i * kBlock, tail_mask(hd, i * kBlock)), acc);
+    mx = std::max(mx, scores[l] = _mm512_reduce_add_ps(acc) * scale);
   }
   return mx;
 }
 
 // One (row, kv head): its g query heads q [g, hd] over cache positions 0..len-1 -> out [g, hd].
-template <typename T>
+template <typename T, int C>
 void attend_head(const float* q, int64_t g, const T* keys, const T* values, int64_t len, int64_t hd, float scale,
                  T* out, std::vector<float>& scores) {
   scores.resize(len);
-  const int64_t chunks = (hd + kBlock - 1) / kBlock;
   for (int64_t h = 0; h < g; h++) {
-    const float* qh = q + h * hd;
-    const float mx = scores_of(qh, keys, len, hd, scale, scores.data());
+    const float mx = scores_of<T, C>(q + h * hd, keys, len, hd, scale, scores.data());
     __m512 sum = _mm512_setzero_ps();
     for (int64_t l = 0; l < len; l += kBlock) {
       const __mmask16 m = tail_mask(len, l);
@@ -91,15 +95,28 @@ void attend_head(const float* q, int64_t g, const T* keys, const T* values, int6
       store16(&scores[l], e, m);
       sum = _mm512_add_ps(sum, e);
     }
-    __m512 acc[kMaxHeadDim / kBlock];
-    for (int64_t i = 0; i < chunks; i++) acc[i] = _mm512_setzero_ps();
+    __m512 acc[C];
+    for (int i = 0; i < C; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t p = 0; p < len; p++) {
       const __m512 w = _mm512_set1_ps(scores[p]);
-      for (int64_t i = 0; i < chunks; i++)
+      for (int i = 0; i < C; i++)
         acc[i] = _mm512_fmadd_ps(w, load16(values + p * hd + i * kBlock, tail_mask(hd, i * kBlock)), acc[i]);
     }
     const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-    for (int64_t i = 0; i < chunks; i++) store16(out + h * hd + i * kBlock, _mm512_mul_ps(acc[i], inv), tail_mask(hd, i * kBlock));
+    for (int i = 0; i < C; i++) store16(out + h * hd + i * kBlock, _mm512_mul_ps(acc[i], inv), tail_mask(hd, i * kBlock));
+  }
+}
+
+// attend_head with C = ceil(hd / 16) as a compile-time constant.
+template <typename T>
+void attend_head_any(const float* q, int64_t g, const T* keys, const T* values, int64_t len, int64_t hd, float scale,
+                     T* out, std::vector<float>& scores) {
+  switch ((hd + kBlock - 1) / kBlock) {
+#define HEAD(c) \
+  case c: return attend_head<T, c>(q, g, keys, values, len, hd, scale, out, scores);
+    HEAD(1) HEAD(2) HEAD(3) HEAD(4) HEAD(5) HEAD(6) HEAD(7) HEAD(8)
+    HEAD(9) HEAD(10) HEAD(11) HEAD(12) HEAD(13) HEAD(14) HEAD(15) HEAD(16)
+#undef HEAD
   }
 }
 
@@ -122,7 +139,7 @@ void attend_rows(const T* qkv, int64_t ld, const T* cos, const T* sin, const int
       rope(row + qd + h * hd, c, s, hd, kc + (head + p) * hd);
       std::memcpy(vc + (head + p) * hd, row + qd + kvd + h * hd, hd * sizeof(T));
       for (int64_t j = 0; j < g; j++) rope(row + (h * g + j) * hd, c, s, hd, q.data() + j * hd);
-      attend_head(q.data(), g, kc + head * hd, vc + head * hd, p + 1, hd, scale, out + b * qd + h * g * hd, scores);
+      attend_head_any(q.data(), g, kc + head * hd, vc + head * hd, p + 1, hd, scale, out + b * qd + h * g * hd, scores);
     }
   });
 }
