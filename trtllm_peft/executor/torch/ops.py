@@ -2,14 +2,17 @@
 
 `TorchOps` is plain torch: it runs on every device (CUDA included) and is the oracle. `KernelOps` runs the
 same math through the AVX-512 kernels of csrc/, where a decode step's cost is weight streaming
-and per-op overhead. `ops_for(device, use_kernels)` picks one at executor start.
+and per-op overhead. `ops_for(device, dtype, use_kernels)` picks one at executor start.
 
-Semantics shared by both (tests/unit/test_cpu_kernels.py holds them to each other):
+Semantics shared by both (tests/unit/test_cpu_kernels.py and test_lora_ops.py hold them to each other):
     linear(W, b)(x)            x · Wᵀ + b                     x [T, in] -> [T, out]; `.add_to(y, x)`: y += x·Wᵀ + b
     rms_norm(x, w, eps)        w · cast(x / rms(x))           computed in float32 then cast, as transformers
     silu_mul(gu)               silu(gate) · up                gu [T, 2I] = [gate | up] -> [T, I]
     attend_decode(...)         RoPE on q and k, k and v stored at each row's position, then attention of
                                each row's query over its cache positions 0..pos  -> [B, q_dim]
+    prepare_lora, lora_batch   an adapter's device-tier form; a batch's adapters with
+                               `apply_group(layer, group, x, y, mask)`: y += each token's LoRA delta
+    use_threads(n)             the engine thread's threading
 """
 
 from __future__ import annotations
