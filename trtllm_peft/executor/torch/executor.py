@@ -87,12 +87,7 @@ class TorchExecutor:
             self.peft_cache_config.num_host_module_layer, self.peft_cache_config.num_device_module_layer
         )
         self.ops = ops_for(self.device, self.dtype, cpu_kernels)
-        log.info(
-            "reference engine on %s, %s, ops: %s",
-            self.device,
-            str(self.dtype).removeprefix("torch."),
-            self.ops.name,
-        )
+        log.info("reference engine: %s, %s, %s ops", self.device, self.dtype, self.ops.name)
         self.model = LlamaModel(
             self.arch, self.engine.load_weights(), self.dtype, self.device, self.max_seq_len, self.ops
         )

@@ -112,12 +112,7 @@ class LlamaModel:
         return self.ops.rms_norm(x, weight, self.arch.rms_norm_eps)
 
     def _forward(
-        self,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        attend,
-        lora: LoraBatch | None,
-        mask: torch.Tensor | None,
+        self, ids: torch.Tensor, attend, lora: LoraBatch | None, mask: torch.Tensor | None
     ) -> torch.Tensor:
         """Hidden states [T, H] before the final norm; `attend(layer, qkv) -> [T, q_dim]`."""
         x = self.embed[ids]  # [T, H]: a new tensor, so the residual adds below may write into it
@@ -184,7 +179,7 @@ class LlamaModel:
                 out[span] = o[0].transpose(0, 1).reshape(n, self.q_dim)
             return out
 
-        hidden = self._forward(ids, positions, attend, lora, mask)
+        hidden = self._forward(ids, attend, lora, mask)
         return self.logits(hidden[[e - 1 for e in ends]])
 
     @torch.inference_mode()
@@ -204,5 +199,5 @@ class LlamaModel:
         def attend(layer, qkv):
             return self.ops.attend_decode(qkv, self.cos, self.sin, positions, cache, layer, shape)
 
-        hidden = self._forward(ids, positions, attend, lora, mask)
+        hidden = self._forward(ids, attend, lora, mask)
         return self.logits(hidden)
