@@ -1,4 +1,4 @@
-"""cpu_kernels.cpp against the pure-torch ops (ops.TorchOps) it replaces: same math, float32 and bfloat16.
+"""The CPU kernels (csrc/) against the pure-torch ops (ops.TorchOps) they replace: same math, float32 and bfloat16.
 
 Tolerances: float32 agrees to float32 rounding (the kernels accumulate in another order); bfloat16 to one
 bfloat16 rounding step of the output (2^-8 relative), as two correct bfloat16 implementations do.

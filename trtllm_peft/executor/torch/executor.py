@@ -107,7 +107,7 @@ class TorchExecutor:
         self._waiting: list[Sequence] = []
         self._running: list[Sequence] = []  # row i of the KV cache = _running[i]
         self._lora_key: tuple[int, ...] = ()
-        self._lora_batch = None  # the running batch's adapters (ops.lora_batch), restacked on a set change
+        self._lora_batch = None  # the running batch's adapters (ops.lora_batch), rebuilt on a set change
         self._iter = 0
         self._threads = torch.get_num_threads() if split_threads else 0
         self._thread = threading.Thread(target=self._loop, name="trtllm-peft-engine", daemon=True)

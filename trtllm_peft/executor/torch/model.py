@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from trtllm_peft.engine.engine_dir import ArchConfig
 from trtllm_peft.executor.torch.kv_cache import KVCache
 from trtllm_peft.executor.torch.linear import Linear
+from trtllm_peft.executor.torch.lora_grouped import GroupedLoraBatch
 from trtllm_peft.executor.torch.lora_ops import LoraBatch
 from trtllm_peft.executor.torch.ops import TorchOps, rope
 
@@ -112,7 +113,7 @@ class LlamaModel:
         return self.ops.rms_norm(x, weight, self.arch.rms_norm_eps)
 
     def _forward(
-        self, ids: torch.Tensor, attend, lora: LoraBatch | None, mask: torch.Tensor | None
+        self, ids: torch.Tensor, attend, lora: LoraBatch | GroupedLoraBatch | None, mask: torch.Tensor | None
     ) -> torch.Tensor:
         """Hidden states [T, H] before the final norm; `attend(layer, qkv) -> [T, q_dim]`."""
         x = self.embed[ids]  # [T, H]: a new tensor, so the residual adds below may write into it
@@ -145,7 +146,7 @@ class LlamaModel:
         prompts: list[torch.Tensor],
         rows: list[int],
         cache: KVCache,
-        lora: LoraBatch | None = None,
+        lora: LoraBatch | GroupedLoraBatch | None = None,
         adapters: list[int] | None = None,
     ) -> torch.Tensor:
         """Run whole prompts (each [T_i], from position 0) into cache rows `rows`; float32 logits [P, V] of
@@ -188,7 +189,7 @@ class LlamaModel:
         ids: torch.Tensor,
         positions: torch.Tensor,
         cache: KVCache,
-        lora: LoraBatch | None = None,
+        lora: LoraBatch | GroupedLoraBatch | None = None,
         token_adapter: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One token for each of rows 0..B-1: `ids` [B] at `positions` [B]; float32 logits [B, V]."""
