@@ -137,7 +137,8 @@ def engine_config(
             "lora_target_modules": list(lora_target_modules),
             "trtllm_modules_to_hf_modules": {m: TRTLLM_TO_HF[m] for m in lora_target_modules},
         },
-        "plugin_config": {"lora_plugin": dtype_name(dtype), "dora_plugin": False, "gemm_plugin": None},
+        # The reference engine applies DoRA magnitudes in every build (executor/torch/lora_ops.py).
+        "plugin_config": {"lora_plugin": dtype_name(dtype), "dora_plugin": True, "gemm_plugin": None},
     }
     return {"version": "trtllm-peft-reference", "pretrained_config": pretrained, "build_config": build}
 
