@@ -8,7 +8,10 @@ alone and in batches mixed with plain LoRA adapters and base requests, through t
 
 from __future__ import annotations
 
+import copy
+import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,6 +52,7 @@ def adapters(tmp_path_factory, engine):
     for name, kw in ADAPTERS.items():
         d = tmp_path_factory.mktemp(name)
         model = make_peft_adapter(d, **kw).eval()
+        model.dora_dir = d
         out[name] = (model, pack(formats.load_for_engine(d, spec, base), torch.float32))
     return out
 
@@ -124,3 +128,62 @@ def test_smollm2_dora_beside_lora_matches_peft(smol_engine, tmp_path, cpu_kernel
         assert not r.has_error(), r.error_msg
         ref = reference(models[a or "lora"], prompt, 3, a is not None)
         assert_matches(r.result.output_token_ids[0], r.result.log_probs[0], ref)
+
+
+def _engine_as_trtllm(engine: Path, out: Path, *, dora_plugin: bool) -> Path:
+    """The tiny engine's files under a config.json as trtllm-build writes it (version 1.2.0), with or without
+    the DoRA plugin: what the TensorRT-LLM stand-in (tests/trtllm_standin) serves through the reference engine."""
+    out.mkdir()
+    for f in engine.iterdir():
+        if f.name != "config.json":
+            (out / f.name).symlink_to(f.resolve())
+    cfg = json.loads((engine / "config.json").read_text())
+    cfg["version"] = "1.2.0"
+    cfg["build_config"]["plugin_config"]["dora_plugin"] = dora_plugin
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.parametrize("dora_plugin", [True, False], ids=["dora-plugin", "no-dora-plugin"])
+def test_trtllm_executor_passes_dora_rows_as_tensorrt_llm_1_2_runs_them(
+    engine, adapters, tmp_path, monkeypatch, dora_plugin
+):
+    """Through TrtllmExecutor and the stand-in: with the DoRA plugin the 4-column rows (is_dora = 1) give
+    PEFT's DoRA outputs; without it 1.2 takes the same rows and ignores the magnitudes (no refusal, no warning:
+    examples/dora/README.md), which is why lora.validate refuses DoRA for such an engine before sending."""
+    from tests import trtllm_standin
+    from trtllm_peft.errors import AdapterIncompatibleError
+    from trtllm_peft.executor.trtllm import TrtllmExecutor
+    from trtllm_peft.lora import fit_to_spec
+
+    trtllm_standin.install(monkeypatch)
+    trt_engine = _engine_as_trtllm(engine, tmp_path / "trt", dora_plugin=dora_plugin)
+    model, packed = adapters["dora_all_r4"]
+    ex = TrtllmExecutor(trt_engine, max_gpu_loras=2, max_cpu_loras=4)
+    try:
+        rid = ex.enqueue_request(req(PROMPTS[2], packed, 1, n=N_NEW))
+        r = collect(ex, [rid])[rid]
+        (seen,) = ex._exec.requests_seen
+    finally:
+        ex.shutdown()
+    assert not r.has_error(), r.error_msg
+    assert torch.equal(seen.lora_config.config, packed.config) and bool((packed.config[:, 3] == 1).all())
+    assert torch.equal(seen.lora_config.weights, packed.weights)
+    if dora_plugin:
+        ref = reference(model, PROMPTS[2], N_NEW)
+    else:
+        ref = reference(_without_magnitudes(model), PROMPTS[2], N_NEW)
+        with pytest.raises(AdapterIncompatibleError, match="without the DoRA plugin"):
+            fit_to_spec(formats.load(model.dora_dir), EngineDir.open(trt_engine).spec)
+    assert_matches(r.result.output_token_ids[0], r.result.log_probs[0], ref)
+
+
+def _without_magnitudes(model):
+    """The same PEFT model with every DoRA factor 1 (m = ‖W + s·B·A‖_row): plain LoRA."""
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in plain.modules():
+            for key, mag in getattr(m, "lora_magnitude_vector", {}).items():
+                delta = m.lora_B[key].weight @ m.lora_A[key].weight
+                mag.weight.copy_(mag.get_weight_norm(m.get_base_layer().weight, delta, m.scaling[key]))
+    return plain
