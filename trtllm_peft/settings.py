@@ -39,6 +39,19 @@ class Settings:
     engine_dir: Path = Path("engines/smollm2-135m")  # TRTLLM_PEFT_ENGINE_DIR: the built engine to serve
     backend: str = "auto"  # TRTLLM_PEFT_BACKEND: auto | torch | trtllm
     cpu_kernels: bool = True  # TRTLLM_PEFT_CPU_KERNELS: 0 runs the reference engine on plain torch ops only
+    # HTTP limits: what one client may cost before it gets a precise error (server/limits.py)
+    max_request_bytes: int = 4 << 20  # TRTLLM_PEFT_MAX_REQUEST_BYTES: largest OpenAI request body (413)
+    max_triton_request_bytes: int = (
+        64 << 20
+    )  # TRTLLM_PEFT_MAX_TRITON_REQUEST_BYTES: /v2 bodies (Triton's 64 MB)
+    read_timeout: float = (
+        30.0  # TRTLLM_PEFT_READ_TIMEOUT: seconds to send a request head, or between body reads
+    )
+    drain_timeout: float = (
+        30.0  # TRTLLM_PEFT_DRAIN_TIMEOUT: seconds running requests get to finish on SIGTERM
+    )
+    lora_queue_timeout: float = 30.0  # TRTLLM_PEFT_LORA_QUEUE_TIMEOUT: longest wait for host-cache room (429)
+    lora_queue_size: int = 1024  # TRTLLM_PEFT_LORA_QUEUE_SIZE: requests waiting for host-cache room at most
     # `trtllm-peft pull`. Secrets are kept out of repr() so that logging a Settings never leaks them.
     hf_token: str | None = field(default=None, repr=False)  # HF_TOKEN (or HUGGING_FACE_HUB_TOKEN)
     hf_endpoint: str = "https://huggingface.co"  # HF_ENDPOINT: the Hugging Face Hub (or a mirror)
@@ -64,6 +77,14 @@ class Settings:
             engine_dir=reader.path("TRTLLM_PEFT_ENGINE_DIR") or cls.engine_dir,
             backend=reader.choice("TRTLLM_PEFT_BACKEND", "auto", BACKENDS, upper=False),
             cpu_kernels=reader.boolean("TRTLLM_PEFT_CPU_KERNELS", default=True),
+            max_request_bytes=reader.integer("TRTLLM_PEFT_MAX_REQUEST_BYTES", 4 << 20, minimum=1024),
+            max_triton_request_bytes=reader.integer(
+                "TRTLLM_PEFT_MAX_TRITON_REQUEST_BYTES", 64 << 20, minimum=1024
+            ),
+            read_timeout=reader.seconds("TRTLLM_PEFT_READ_TIMEOUT", 30.0, minimum=0.1),
+            drain_timeout=reader.seconds("TRTLLM_PEFT_DRAIN_TIMEOUT", 30.0, minimum=0),
+            lora_queue_timeout=reader.seconds("TRTLLM_PEFT_LORA_QUEUE_TIMEOUT", 30.0, minimum=0),
+            lora_queue_size=reader.integer("TRTLLM_PEFT_LORA_QUEUE_SIZE", 1024, minimum=0),
             hf_token=reader.text("HF_TOKEN", fallback="HUGGING_FACE_HUB_TOKEN"),
             hf_endpoint=reader.url("HF_ENDPOINT") or cls.hf_endpoint,
             ngc_api_key=reader.text("NGC_API_KEY", fallback="NGC_CLI_API_KEY"),
@@ -123,6 +144,19 @@ class _Reader:
             return None
         if not value >= minimum:
             self.errors.append(f"{name}={raw} must be >= {minimum} seconds (unset it to scan only at start)")
+        return value
+
+    def seconds(self, name: str, default: float, *, minimum: float) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            self.errors.append(f"{name}={raw!r} is not a number of seconds")
+            return default
+        if not minimum <= value < float("inf"):
+            self.errors.append(f"{name}={raw} must be a finite number of seconds >= {minimum}")
         return value
 
     def boolean(self, name: str, default: bool = False) -> bool:
