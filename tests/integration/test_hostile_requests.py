@@ -119,6 +119,11 @@ RAW = [
     ),
     ("surrogate-model", b'{"model": "\\ud800", "prompt": "hi"}', "model: invalid Unicode"),
     ("not-json", b"model=smollm2", "not valid JSON"),
+    # the openai client refuses to send these (allow_nan=False, strict UTF-8); curl and other SDKs do not
+    ("surrogate-prompt", b'{"model": "smollm2", "prompt": "hello \\ud800"}', "prompt: invalid Unicode"),
+    ("rep-penalty-inf", b'{"model": "smollm2", "prompt": "hi", "repetition_penalty": Infinity}', "finite"),
+    ("temperature-nan", b'{"model": "smollm2", "prompt": "hi", "temperature": NaN}', "temperature"),
+    ("frequency-1e999", b'{"model": "smollm2", "prompt": "hi", "frequency_penalty": 1e999}', "finite"),
 ]
 
 
@@ -211,15 +216,8 @@ CLIENT_ROWS = [
     ("empty-prompt", dict(prompt=""), "prompt"),
     ("negative-token-id", dict(prompt=[1, -1, 2]), "out of range"),
     ("token-id-past-vocab", dict(prompt=[1, 10**9]), "out of range"),
-    ("surrogate-prompt", dict(prompt="hello \ud800"), "invalid Unicode"),
-    (
-        "rep-penalty-inf",
-        dict(prompt="hi", extra_body={"repetition_penalty": float("inf")}),
-        "repetition_penalty",
-    ),
     ("top-k-2^64", dict(prompt="hi", extra_body={"top_k": 2**64}), "top_k"),
     ("nvext-top-k-2^64", dict(prompt="hi", extra_body={"nvext": {"top_k": 2**64}}), "top_k"),
-    ("temperature-nan", dict(prompt="hi", temperature=float("nan")), "temperature"),
     ("too-long-to-tokenize", dict(prompt="hello world " * 200_000), "maximum context length"),
 ]
 
@@ -235,9 +233,10 @@ def test_openai_client_errors_are_400(server, client, kw, phrase):
     assert err.status_code == 400 and phrase in err.body["message"]
 
 
-def test_surrogate_model_name_via_client(server, client):
-    with pytest.raises(openai.BadRequestError, match="invalid Unicode"):
-        client.chat.completions.create(model="smollm2\udfff", messages=[{"role": "user", "content": "hi"}])
+def test_surrogate_model_name_on_chat(server):
+    body = b'{"model": "smollm2\\udfff", "messages": [{"role": "user", "content": "hi"}]}'
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=body, headers=JSON)
+    openai_error(r, 400, "model: invalid Unicode", param="model")
 
 
 def test_long_prompt_is_tokenized_off_the_event_loop(server, client):
