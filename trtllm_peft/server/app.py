@@ -17,7 +17,7 @@ from trtllm_peft.server.http_errors import error_response
 from trtllm_peft.server.limits import BodyLimitMiddleware, Limits
 from trtllm_peft.server.openai_routes import router as openai_router
 from trtllm_peft.server.runtime import Runtime
-from trtllm_peft.server.triton_routes import router as triton_router
+from trtllm_peft.server.triton.routes import router as triton_router
 from trtllm_peft.settings import Settings
 
 log = logging.getLogger(__name__)
