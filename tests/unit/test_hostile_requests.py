@@ -18,8 +18,8 @@ from trtllm_peft.server.http_errors import BadRequestError
 from trtllm_peft.server.json_body import MAX_DEPTH, parse_json
 from trtllm_peft.server.limits import BodyLimitMiddleware, Limits
 from trtllm_peft.server.schemas import ChatCompletionRequest, CompletionRequest
-from trtllm_peft.server.triton_schemas import parse_request
-from trtllm_peft.server.triton_tensors import HEADER_LENGTH, Tensor, TritonProtocolError, decode_request
+from trtllm_peft.server.triton.schemas import parse_request
+from trtllm_peft.server.triton.tensors import HEADER_LENGTH, Tensor, TritonProtocolError, decode_request
 from trtllm_peft.settings import Settings
 
 # ---- request JSON: UTF-8, nesting, lone surrogates ---------------------------------------------------------
