@@ -127,6 +127,11 @@ class ExecutorConfig:
         self.max_beam_width, self.max_queue_size = max_beam_width, max_queue_size
         self.kv_cache_config = kv_cache_config or KvCacheConfig()
         self.peft_cache_config = peft_cache_config or PeftCacheConfig()
+        if not isinstance(gather_generation_logits, bool):
+            raise TypeError(
+                f"incompatible function arguments: gather_generation_logits={gather_generation_logits!r}"
+            )
+        self.gather_generation_logits = gather_generation_logits
 
 
 class InflightBatchingStats:

@@ -138,7 +138,9 @@ class TorchExecutor:
             Sequence(
                 id=rid,
                 request=req,
-                sampling=new_state(req.sampling_config, req.end_id, self.device),
+                sampling=new_state(
+                    req.sampling_config, req.end_id, self.device, req.embedding_bias, req.bad_words
+                ),
                 max_new=req.max_tokens,
             )
             for rid, req in zip(ids, requests, strict=True)
@@ -273,9 +275,11 @@ class TorchExecutor:
             lora = self.ops.lora_batch(adapters, self.spec, self.dtype, self.device, one_off=True)
         prompts = [torch.tensor(s.tokens, dtype=torch.long, device=self.device) for s in seqs]
         index = [tasks.index(s.task_id) if s.task_id is not None else -1 for s in seqs]
-        logits = self.model.prefill(prompts, rows, self.kv, lora, index)
-        for s in seqs:
+        context = {i: None for i, s in enumerate(seqs) if s.request.output_config.return_context_logits}
+        logits = self.model.prefill(prompts, rows, self.kv, lora, index, context)
+        for i, s in enumerate(seqs):
             s.cached = s.prompt_len
+            s.context_logits = context.get(i)
         self._take(logits, seqs)
 
     def _lora(self):
@@ -315,7 +319,8 @@ class TorchExecutor:
             want,
         )
         for i, s in enumerate(seqs):
-            s.add(tokens[i], lps[i] if lps is not None else None)
+            raw = logits[i].clone() if s.request.output_config.return_generation_logits else None  # [V]
+            s.add(tokens[i], lps[i] if lps is not None else None, raw)
 
     def _cancel_seqs(self, cancel: set[int]) -> list[Sequence]:
         """Mark cancelled requests finished; waiting ones leave now, running ones at the next _emit."""

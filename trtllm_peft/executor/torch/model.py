@@ -148,9 +148,12 @@ class LlamaModel:
         cache: KVCache,
         lora: LoraBatch | GroupedLoraBatch | None = None,
         adapters: list[int] | None = None,
+        context: dict[int, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Run whole prompts (each [T_i], from position 0) into cache rows `rows`; float32 logits [P, V] of
-        each prompt's last token. `adapters[i]`: prompt i's index into `lora` (-1: base).
+        each prompt's last token. `adapters[i]`: prompt i's index into `lora` (-1: base). For each prompt
+        index i in `context`, `context[i]` is set to its logits at every position [T_i, V]
+        (OutputConfig.return_context_logits); the other prompts cost no extra LM-head rows.
 
         The prompts are one forward: their tokens are concatenated, so every projection and LoRA product reads
         its weights once for all of them; attention stays within each prompt.
@@ -181,6 +184,8 @@ class LlamaModel:
             return out
 
         hidden = self._forward(ids, attend, lora, mask)
+        for i in context or {}:
+            context[i] = self.logits(hidden[ends[i] - lengths[i] : ends[i]])  # [T_i, V]
         return self.logits(hidden[[e - 1 for e in ends]])
 
     @torch.inference_mode()
