@@ -43,7 +43,7 @@ def standin_engine(engine: Path, parent: Path, *, gather_logits: bool) -> Path:
     """A copy of `engine` (files linked) marked as a TensorRT-LLM engine; `gather_logits` sets build_config's
     gather_context_logits / gather_generation_logits as `trtllm-build --gather_…_logits` writes them."""
     d = parent / "smollm2-135m-trtllm"
-    d.mkdir()
+    d.mkdir(parents=True)
     for f in engine.iterdir():
         if f.name not in ("trtllm_peft.json", "config.json"):
             (d / f.name).symlink_to(f.resolve())
