@@ -9,10 +9,10 @@ Every step that does real work is a command, logged before it runs so that anyon
      save_config=True)`) — the examples are not in the wheel, the API is;
   3. `trtllm-build --checkpoint_dir CKPT --output_dir OUT --gemm_plugin auto --lora_plugin auto
      --lora_target_modules … --max_lora_rank R --max_batch_size … --max_input_len … --max_seq_len …
-     --max_num_tokens …` (flags of tensorrt_llm/commands/build.py; `--lora_plugin auto` follows the
-     checkpoint dtype, so adapters must come in that dtype); with `--dora`, also `--dora_plugin enable`
-     (plugin.py cli_plugin_args; examples/dora/README.md), without which TensorRT-LLM silently ignores DoRA
-     magnitudes. A DoRA engine keeps the base weights it was built from reachable (source_model, or the
+     --max_num_tokens … --kv_cache_type paged` (flags of tensorrt_llm/commands/build.py; `--lora_plugin auto`
+     follows the checkpoint dtype, so adapters must come in that dtype); with `--dora`, also `--dora_plugin
+     enable` (plugin.py cli_plugin_args; examples/dora/README.md), without which TensorRT-LLM silently ignores
+     DoRA magnitudes. A DoRA engine keeps the base weights it was built from reachable (source_model, or the
      dequantized model.safetensors of a GGUF) for normalizing PEFT magnitudes (lora/dora.py);
   4. the tokenizer and trtllm_peft.json (backend, source, NIM_* sizing, PEFT cache plan, the commands) are
      written beside TensorRT-LLM's config.json and rank0.engine (DESIGN §4.2).
@@ -54,6 +54,11 @@ class TrtllmBuild:
     max_num_tokens: int | None = None
     lora_target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     max_lora_rank: int = 32
+    # OpenAI log-probs are computed from the engine's logits (executor/api.py). Generation logits cost one
+    # [vocab] row per generated token of a request that asks; context logits make every prefill compute
+    # [tokens, vocab] logits, so they are opt-in (without them `echo` + `logprobs` is a 400 naming the flag).
+    gather_generation_logits: bool = True
+    gather_context_logits: bool = False
     dora: bool = False
 
     def convert_command(self, python: str = sys.executable) -> list[str]:
@@ -83,6 +88,10 @@ class TrtllmBuild:
             "--max_input_len", str(self.max_seq_len - 1),
             "--max_seq_len", str(self.max_seq_len),
             "--max_num_tokens", str(self.max_num_tokens or self.max_seq_len),
+            # explicit, not left to the default: in-flight batching and the PEFT cache need the paged KV cache
+            "--kv_cache_type", "paged",
+            *(["--gather_generation_logits"] if self.gather_generation_logits else []),
+            *(["--gather_context_logits"] if self.gather_context_logits else []),
             *(["--dora_plugin", "enable"] if self.dora else []),
         ]  # fmt: skip
 
