@@ -163,6 +163,15 @@ def test_recipes_load_and_fill_only_unset_flags():
         "engines/llama-3-8b-instruct",
     )
     assert args.lora_target_modules == SEVEN
+    assert args.dora is False  # recipes default to no DoRA plugin; `dora: true` or --dora asks for it
+
+
+def test_a_recipe_asks_for_the_dora_plugin(tmp_path):
+    (tmp_path / "d.yaml").write_text("dora: true\n")
+    args = Namespace(model=None, out=None, dtype=None, max_batch_size=None, max_seq_len=None)
+    args.max_num_tokens = args.lora_target_modules = args.dora = None
+    apply_recipe(args, load_recipe(tmp_path / "d.yaml"), "trtllm")
+    assert args.dora is True
 
 
 @pytest.mark.parametrize(
@@ -172,6 +181,7 @@ def test_recipes_load_and_fill_only_unset_flags():
         ("lora_target_modules: [q_proj]\n", "unknown lora_target_modules"),
         ("dtype: int8\n", "unsupported dtype"),
         ("max_seq_len: 64\nmax_len: 3\n", "unknown key 'max_len'"),
+        ("dora: yes please\n", "dora must be true or false"),
         ("[1, 2]\n", "a recipe is a mapping"),
     ],
 )

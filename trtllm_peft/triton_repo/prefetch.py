@@ -16,6 +16,7 @@ from pathlib import Path
 
 from trtllm_peft import formats
 from trtllm_peft.errors import AdapterError
+from trtllm_peft.lora.dora import WeightOf
 from trtllm_peft.lora.spec import ModelSpec
 from trtllm_peft.serving.catalog import Catalog
 
@@ -43,9 +44,11 @@ def previous_ids(tasks_file: Path) -> dict[str, int]:
 
 
 def write_prefetch_dir(
-    peft_source: Path | None, out: Path, spec: ModelSpec, keep: dict[str, int]
+    peft_source: Path | None, out: Path, spec: ModelSpec, keep: dict[str, int], base: WeightOf | None = None
 ) -> PrefetchResult:
-    """Convert every adapter of `peft_source` into `out/<id>/`; adapters that do not fit are skipped, with why."""
+    """Convert every adapter of `peft_source` into `out/<id>/`; adapters that do not fit are skipped, with why.
+
+    `base` (the engine's weights) normalizes DoRA magnitudes, as TensorRT-LLM's rows carry them."""
     result = PrefetchResult()
     if out.exists():
         shutil.rmtree(out)
@@ -59,7 +62,7 @@ def write_prefetch_dir(
         if task_id is None:
             task_id, next_id = next_id, next_id + 1
         try:
-            adapter = formats.load_for_engine(entry.path, spec)
+            adapter = formats.load_for_engine(entry.path, spec, base)
             formats.save(adapter, out / str(task_id), "trtllm", spec)
         except AdapterError as e:
             shutil.rmtree(out / str(task_id), ignore_errors=True)
