@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trtllm_peft.engine.engine_dir import EngineDir
+from trtllm_peft.engine.peft_cache_sizing import EngineMemoryEstimate, engine_memory_estimate
 from trtllm_peft.errors import SettingsError
 from trtllm_peft.settings import Settings
 from trtllm_peft.triton_repo.lora_cache import GIB, LoraCacheParams, lora_cache_params
@@ -49,12 +50,19 @@ class RepoReport:
     def lines(self) -> list[str]:
         d, h = self.lora.sizing.device, self.lora.sizing.host
         src = self.python_models_from
+        n, skipped = len(self.prefetch.tasks), len(self.prefetch.skipped)
+        prefetch = (
+            f"  lora_prefetch_dir: {n} adapters, {skipped} skipped; ids in {self.out / TASKS_FILE}"
+            if self.prefetch.prefetched
+            else f"  no lora_prefetch_dir (TensorRT-LLM reads no bf16 .npy): {n} adapters served by name "
+            f"through the peft model, {skipped} skipped; ids in {self.out / TASKS_FILE}"
+        )
         return [
             f"Triton model repository: {self.out}",
-            f"  LoRA cache: GPU fraction {self.lora.gpu_memory_fraction} ({d.pages} pages, {d.bytes / GIB:.2f} GiB), "
-            f"host {self.lora.host_memory_bytes:,} bytes ({h.pages} pages)",
-            f"  lora_prefetch_dir: {len(self.prefetch.tasks)} adapters, {len(self.prefetch.skipped)} skipped; "
-            f"ids in {self.out / TASKS_FILE}",
+            f"  LoRA cache: GPU fraction {self.lora.gpu_memory_fraction} of the "
+            f"{self.lora.gpu_free_after_engine / GIB:.2f} GiB free after the engine ({d.pages} pages, "
+            f"{d.bytes / GIB:.2f} GiB), host {self.lora.host_memory_bytes:,} bytes ({h.pages} pages)",
+            prefetch,
             f"  Python models: copied from {src}"
             if src
             else "  Python models: model.py NOT copied (no tensorrtllm_backend found): run this inside NVIDIA's "
@@ -98,7 +106,12 @@ def generate_repository(
         decoupled=decoupled,
         lora_cache={
             **lora.as_parameters(),
-            "lora_prefetch_dir": f"{repo_dir.rstrip('/')}/{PREFETCH_DIR.as_posix()}",
+            # absent (not empty) when nothing is prefetched: an empty path would still be scanned
+            **(
+                {"lora_prefetch_dir": f"{repo_dir.rstrip('/')}/{PREFETCH_DIR.as_posix()}"}
+                if prefetch.prefetched
+                else {}
+            ),
         },
         kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction,
     )
@@ -122,8 +135,8 @@ def _copy_python_models(source: Path, out: Path) -> Path:
     return source
 
 
-def _default_gpu_free_bytes() -> int | None:
-    """Free memory of GPU 0 when one is visible (the engine is not loaded yet: an upper bound)."""
+def _gpu0_free_bytes() -> int | None:
+    """Free memory of GPU 0 now, when one is visible (None without CUDA)."""
     try:
         import torch
 
@@ -132,6 +145,34 @@ def _default_gpu_free_bytes() -> int | None:
     except Exception:  # no usable CUDA: the flag is needed
         return None
     return None
+
+
+def engine_estimate(engine_dir: Path) -> EngineMemoryEstimate:
+    """What the engine, its buffers and decoder will take on the GPU before the PEFT cache is made."""
+    engine = EngineDir.open(engine_dir)
+    build = engine.build_config
+    seq = int(build.get("max_seq_len", 2048))
+    return engine_memory_estimate(
+        engine.spec,
+        engine_bytes=sum(f.stat().st_size for f in engine.path.glob("*.engine")),
+        max_batch_size=int(build.get("max_batch_size", 8)),
+        max_seq_len=seq,
+        max_num_tokens=int(build.get("max_num_tokens") or seq),
+    )
+
+
+def free_after_engine(engine_dir: Path, gpu_free_gib: float | None) -> int:
+    """`--gpu-free-gib` when given; else GPU 0's free memory now less the engine's estimate (logged)."""
+    if gpu_free_gib:
+        return int(gpu_free_gib * GIB)
+    free = _gpu0_free_bytes()
+    if not free:
+        raise SettingsError(
+            "no GPU visible: pass --gpu-free-gib (GPU memory free after the engine, runtime buffers and decoder)"
+        )
+    estimate = engine_estimate(engine_dir)
+    log.info("GPU memory before the PEFT cache, estimated:\n%s", "\n".join(estimate.lines()))
+    return free - estimate.total
 
 
 def add_triton_repo_arguments(p: argparse.ArgumentParser) -> None:
@@ -147,8 +188,9 @@ def add_triton_repo_arguments(p: argparse.ArgumentParser) -> None:
         "--gpu-free-gib",
         type=float,
         default=None,
-        help="GPU memory free after the engine is loaded, GiB: sizes lora_cache_gpu_memory_fraction "
-        "(default: free memory of GPU 0 when one is visible)",
+        help="GPU memory free after the engine, runtime buffers and decoder are allocated, GiB (TensorRT-LLM "
+        "applies lora_cache_gpu_memory_fraction to it; its [MemUsageChange] log lines give it). Default: the free "
+        "memory of GPU 0 less an estimate of engine + activations + buffers + decoder",
     )
     p.add_argument(
         "--served-engine-dir", default=None, help="the engine's path as Triton sees it (in a container)"
@@ -171,9 +213,7 @@ def add_triton_repo_arguments(p: argparse.ArgumentParser) -> None:
 def run_triton_repo(args: argparse.Namespace, settings: Settings) -> int:
     """`trtllm-peft triton-repo`: write the repository and print what it holds."""
     settings = settings.replace(engine_dir=args.engine, peft_source=args.peft_source)
-    free = int(args.gpu_free_gib * GIB) if args.gpu_free_gib else _default_gpu_free_bytes()
-    if not free:
-        raise SettingsError("no GPU visible: pass --gpu-free-gib (GPU memory free after loading the engine)")
+    free = free_after_engine(settings.engine_dir, args.gpu_free_gib)
     report = generate_repository(
         settings.engine_dir,
         args.out,
