@@ -27,7 +27,7 @@ model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 from google.protobuf import text_format  # noqa: E402
 
 GIB = 1024**3
-MODELS = ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble", "tensorrt_llm_bls")
+MODELS = ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble", "tensorrt_llm_bls", "peft")
 # Tiny Llama, 7 modules, in+out per module: q 64, k 48, v 48, dense 64 (hidden×hidden), gate/up/down 80.
 # page width = min = 48 values; slots per page = max(8 · 3 layers · Σ ceil(d/48) = 8·3·12, ceil(8·80/48)) = 288
 PAGE_WIDTH, SLOTS_PER_PAGE, BF16 = 48, 288, 2
@@ -98,6 +98,7 @@ def test_every_config_parses_with_tritons_schema(repo, engine):
         "postprocessing": "python",
         "ensemble": "ensemble",
         "tensorrt_llm_bls": "python",
+        "peft": "python",
     }
     trt = read_config(repo, "tensorrt_llm")
     p = params(trt)
@@ -105,6 +106,10 @@ def test_every_config_parses_with_tritons_schema(repo, engine):
     assert not trt.model_transaction_policy.decoupled
     assert params(read_config(repo, "preprocessing"))["tokenizer_dir"] == str(engine.resolve())
     assert params(read_config(repo, "tensorrt_llm_bls"))["tensorrt_llm_model_name"] == "tensorrt_llm"
+    peft = params(read_config(repo, "peft"))
+    assert peft["target_model"] == "ensemble" and peft["engine_dir"] == str(engine.resolve())
+    assert peft["lora_tasks_file"] == str(repo.resolve() / "lora_tasks.json")
+    assert "class TritonPythonModel(PeftModel)" in (repo / "peft" / "1" / "model.py").read_text()
 
 
 def test_lora_inputs_take_the_engine_dtype(repo):

@@ -6,6 +6,7 @@
       postprocessing/config.pbtxt  1/
       ensemble/config.pbtxt        1/
       tensorrt_llm_bls/config.pbtxt 1/
+      peft/config.pbtxt            1/model.py   adapters by name (NIM_PEFT_SOURCE), peft_model.py
       lora_tasks.json              adapter name -> task id (Triton clients send ids)
 
 Every config is filled: engine and tokenizer paths, batch size and dtype from the engine, the PEFT cache from
@@ -29,6 +30,7 @@ from trtllm_peft.settings import Settings
 from trtllm_peft.triton_repo.lora_cache import GIB, LoraCacheParams, lora_cache_params
 from trtllm_peft.triton_repo.models import MODELS, PYTHON_MODELS, RepoParams
 from trtllm_peft.triton_repo.pbtxt import render
+from trtllm_peft.triton_repo.peft_model import MODEL_PY as PEFT_MODEL_PY
 from trtllm_peft.triton_repo.prefetch import TASKS_FILE, PrefetchResult, previous_ids, write_prefetch_dir
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ def generate_repository(
     decoupled: bool = False,
     kv_cache_free_gpu_mem_fraction: float = 0.9,
     python_models: Path | None = None,
+    xgrammar_tokenizer_info: str | None = None,
 ) -> RepoReport:
     """Write the repository for `engine_dir` into `out` (configs replaced; other files kept)."""
     engine = EngineDir.open(engine_dir)
@@ -114,10 +117,15 @@ def generate_repository(
             ),
         },
         kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction,
+        xgrammar_tokenizer_info_path=xgrammar_tokenizer_info or "",
+        lora_tasks_file=f"{repo_dir.rstrip('/')}/{TASKS_FILE}",
+        peft_source=str(settings.peft_source.resolve()) if settings.peft_source else "",
+        peft_refresh_interval=str(settings.peft_refresh_interval or ""),
     )
     for name, build in MODELS.items():
         (out / name / "1").mkdir(parents=True, exist_ok=True)
         (out / name / "config.pbtxt").write_text(render(build(params)))
+    (out / "peft" / "1" / "model.py").write_text(PEFT_MODEL_PY)
     source = python_models or (CONTAINER_MODELS if CONTAINER_MODELS.is_dir() else None)
     copied = _copy_python_models(source, out) if source else None
     return RepoReport(out=out, lora=lora, prefetch=prefetch, python_models_from=copied)
@@ -203,6 +211,12 @@ def add_triton_repo_arguments(p: argparse.ArgumentParser) -> None:
         "--kv-cache-free-gpu-mem-fraction", type=float, default=0.9, help="KV cache share (default 0.9)"
     )
     p.add_argument(
+        "--xgrammar-tokenizer-info",
+        default=None,
+        help="guided decoding: the tokenizer-info JSON of TensorRT-LLM's generate_xgrammar_tokenizer_info.py "
+        "(as Triton sees it); sets guided_decoding_backend=xgrammar (default: off)",
+    )
+    p.add_argument(
         "--python-models",
         type=Path,
         default=None,
@@ -224,6 +238,7 @@ def run_triton_repo(args: argparse.Namespace, settings: Settings) -> int:
         decoupled=args.decoupled,
         kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
         python_models=args.python_models,
+        xgrammar_tokenizer_info=args.xgrammar_tokenizer_info,
     )
     print("\n".join(report.lines()))
     for name, why in sorted(report.prefetch.skipped.items()):
