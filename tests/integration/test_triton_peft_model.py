@@ -101,8 +101,10 @@ def run(executor, ids: list[int], max_tokens: int, lora: LoraConfig | None) -> t
 
 
 class Clock:
+    """Starts at the real monotonic time (the model's first scan used it), then moves only when told."""
+
     def __init__(self):
-        self.now = 0.0
+        self.now = time.monotonic()
 
     def __call__(self) -> float:
         return self.now
@@ -190,7 +192,7 @@ def test_refresh_interval_picks_up_a_new_adapter(world, engine, loras):
     early = ask(model, config, "hi", "gamma")
     assert early.has_error() and early.error().code() == standin.pb_utils.TritonError.NOT_FOUND
     assert "Available adapters: alpha, beta" in early.error().message()
-    clock.now = 31.0  # NIM_PEFT_REFRESH_INTERVAL=30 has passed: the next request rescans
+    clock.now += 31  # NIM_PEFT_REFRESH_INTERVAL=30 has passed: the next request rescans
     assert tokens_of(ask(model, config, "hi", "gamma")) == reference(engine, loras / "gamma", "hi")
     task, dtype = ensemble.sent[-1]
     assert task >= 1 << 40 and dtype == torch.bfloat16  # not numbered by triton-repo: a router id
@@ -200,7 +202,7 @@ def test_refresh_interval_picks_up_a_new_adapter(world, engine, loras):
     "name, code, text",
     [
         ("nope", "NOT_FOUND", "The adapter 'nope' does not exist"),
-        ("empty", "NOT_FOUND", "does not exist"),
+        ("empty", "NOT_FOUND", "does not exist"),  # made after the last scan: unknown until a rescan
     ],
 )
 def test_bad_names_are_refused_by_name(world, loras, name, code, text):

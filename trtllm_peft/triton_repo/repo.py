@@ -99,26 +99,22 @@ def generate_repository(
         settings.peft_source, out / PREFETCH_DIR, spec, previous_ids(out / TASKS_FILE)
     )
     (out / TASKS_FILE).write_text(prefetch.to_json())
-    repo_dir = served_repo_dir or str(out.resolve())
+    repo_dir = (served_repo_dir or str(out.resolve())).rstrip("/")
     served_engine = served_engine_dir or str(engine.path.resolve())
+    # absent (not empty) when nothing is prefetched: an empty path would still be scanned
+    prefetch_dir = (
+        {"lora_prefetch_dir": f"{repo_dir}/{PREFETCH_DIR.as_posix()}"} if prefetch.prefetched else {}
+    )
     params = RepoParams(
         engine_dir=served_engine,
         tokenizer_dir=served_engine,  # the engine directory carries the tokenizer
         dtype=TRITON_DTYPES[spec.dtype],
         max_batch_size=int(engine.build_config.get("max_batch_size", 8)),
         decoupled=decoupled,
-        lora_cache={
-            **lora.as_parameters(),
-            # absent (not empty) when nothing is prefetched: an empty path would still be scanned
-            **(
-                {"lora_prefetch_dir": f"{repo_dir.rstrip('/')}/{PREFETCH_DIR.as_posix()}"}
-                if prefetch.prefetched
-                else {}
-            ),
-        },
+        lora_cache={**lora.as_parameters(), **prefetch_dir},
         kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction,
         xgrammar_tokenizer_info_path=xgrammar_tokenizer_info or "",
-        lora_tasks_file=f"{repo_dir.rstrip('/')}/{TASKS_FILE}",
+        lora_tasks_file=f"{repo_dir}/{TASKS_FILE}",
         peft_source=str(settings.peft_source.resolve()) if settings.peft_source else "",
         peft_refresh_interval=str(settings.peft_refresh_interval or ""),
     )
