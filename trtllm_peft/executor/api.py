@@ -2,7 +2,7 @@
 
 Names, field names and argument order follow the C++ header and its Python bindings:
   cpp/include/tensorrt_llm/executor/executor.h (SamplingConfig, OutputConfig, LoraConfig, Request, Result,
-  Response, PeftCacheConfig, Executor), cpp/include/tensorrt_llm/executor/types.h (FinishReason,
+  Response, PeftCacheConfig, KvCacheConfig, Executor), cpp/include/tensorrt_llm/executor/types.h (FinishReason,
   IterationStats), cpp/tensorrt_llm/nanobind/executor/request.cpp and executorConfig.cpp (the Python
   names: snake_case, everything after `max_tokens` keyword-only).
 Both executors (TorchExecutor, TrtllmExecutor) accept and return exactly these types, so the serving
@@ -15,6 +15,16 @@ Semantics the executors honour (TensorRT-LLM's, see DESIGN §4.4):
 * Sampling is greedy unless `top_k > 1` or `top_p > 0` (TensorRT-LLM: top_k=0 and top_p=0 is greedy,
   whatever the temperature). An OpenAI layer that means "sample" must therefore pass top_p=1.0.
 * The end id is not part of the output tokens; a matched stop word is.
+* Logits (`OutputConfig.return_context_logits` / `return_generation_logits`) are the model's raw float32
+  logits, before embedding_bias, bad words, penalties and temperature: `Result.context_logits` [prompt_len,
+  vocab] (row i predicts prompt token i + 1), `Result.generation_logits` [1, T, vocab] in a non-streaming
+  result, [T, 1, vocab] in a streaming one (executor.h `Result::generationLogits`), row t being the logits
+  the t-th output token was sampled from. TensorRT-LLM returns them only when the engine was built with
+  `--gather_context_logits` / `ExecutorConfig(gather_generation_logits=True)` (executorImpl.cpp
+  fetchNewRequests); the serving layer computes OpenAI's log-probs (top-k included) from them.
+* `embedding_bias` [vocab] float32 is added to the logits before sampling (llmRequest.h); `bad_words` ban
+  a word's last token wherever the sequence ends with the rest of it; `SamplingConfig.min_tokens` holds
+  back the end id until that many tokens were generated (TensorRT-LLM's minLength).
 """
 
 from __future__ import annotations
@@ -130,6 +140,7 @@ class Request:
     pad_id: int | None = None
     bad_words: list[list[int]] | None = None
     stop_words: list[list[int]] | None = None
+    embedding_bias: torch.Tensor | None = None  # [vocab] float32, added to the logits
     lora_config: LoraConfig | None = None
     client_id: int | None = None
 
@@ -143,6 +154,8 @@ class Result:
     finish_reasons: list[FinishReason] = field(default_factory=lambda: [FinishReason.NOT_FINISHED])
     log_probs: list[list[float]] | None = None
     cum_log_probs: list[float] | None = None
+    context_logits: torch.Tensor | None = None  # [prompt_len, vocab] float32
+    generation_logits: torch.Tensor | None = None  # [1, T, vocab] (final) or [T, 1, vocab] (streaming)
     sequence_index: int = 0
     is_sequence_final: bool = False
     decoding_iter: int = 0
@@ -188,6 +201,43 @@ class PeftCacheConfig:
     lora_prefetch_dir: str | None = None
 
 
+@dataclass(frozen=True)
+class KvCacheConfig:
+    """executor::KvCacheConfig (executor.h, TensorRT-LLM 1.2): the fields this project uses, same names/defaults.
+
+    `max_tokens` and `free_gpu_memory_fraction` both bound the cache; when both are set the smaller wins
+    ("memory corresponding to the minimum will be allocated"). The fraction applies to the memory left after
+    weights, PEFT caches and activations (for the reference engine: of its memory budget). Block size is not
+    here: TensorRT-LLM fixes it at build (`plugin_config.tokens_per_block`, default 32).
+    """
+
+    enable_block_reuse: bool = True
+    max_tokens: int | None = None
+    free_gpu_memory_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        f = self.free_gpu_memory_fraction
+        if f is not None and not 0.0 < f <= 1.0:
+            raise ValueError(f"free_gpu_memory_fraction must be in (0, 1], got {f}")
+
+
+@dataclass
+class KvCacheStats:
+    """executor::KvCacheStats (types.h): block counts of the KV cache and its reuse."""
+
+    max_num_blocks: int = 0
+    free_num_blocks: int = 0
+    used_num_blocks: int = 0
+    tokens_per_block: int = 0
+    alloc_total_blocks: int = 0
+    alloc_new_blocks: int = 0
+    reused_blocks: int = 0
+    missed_blocks: int = 0
+    cache_hit_rate: float = 0.0
+
+
 @dataclass
 class IterationStats:
     """executor::IterationStats (types.h), the fields this engine can fill."""
@@ -208,6 +258,7 @@ class IterationStats:
     num_active_lora_tasks: int = 0
     num_host_cached_lora_tasks: int = 0
     num_device_cached_lora_tasks: int = 0
+    kv_cache_stats: KvCacheStats | None = None
 
 
 @runtime_checkable
