@@ -258,3 +258,13 @@ def test_cli_writes_and_reports(engine, peft_source, tmp_path, capsys):
     assert "no lora_prefetch_dir" in text and "2 adapters served by name" in text and "2 skipped" in text
     assert "skipped too-big" in text and "of the 40.00 GiB free after the engine" in text
     assert read_config(tmp_path / "r", "ensemble").platform == "ensemble"
+
+
+def test_kv_cache_settings_follow_nim_variables(engine, peft_source, tmp_path):
+    out = tmp_path / "r"
+    nim = settings(peft_source, kv_cache_percent=0.75, enable_kv_cache_reuse=True)
+    generate_repository(engine, out, nim, gpu_free_bytes=40 * GIB)
+    p = params(read_config(out, "tensorrt_llm"))
+    assert p["kv_cache_free_gpu_mem_fraction"] == "0.75" and p["enable_kv_cache_reuse"] == "True"
+    generate_repository(engine, out, nim, gpu_free_bytes=40 * GIB, kv_cache_free_gpu_mem_fraction=0.5)
+    assert params(read_config(out, "tensorrt_llm"))["kv_cache_free_gpu_mem_fraction"] == "0.5"  # the flag wins

@@ -108,6 +108,7 @@ class RepoParams:
     decoupled: bool
     lora_cache: dict[str, str]  # lora_cache_* and lora_prefetch_dir
     kv_cache_free_gpu_mem_fraction: float = 0.9
+    enable_kv_cache_reuse: bool = False  # NIM_ENABLE_KV_CACHE_REUSE
     instance_count: int = 1
     # guided decoding (TensorRT-LLM's GuidedDecodingConfig): off unless a tokenizer-info file is given, the
     # JSON TensorRT-LLM's generate_xgrammar_tokenizer_info.py writes (encoded_vocab, tokenizer_str, stop ids)
@@ -162,7 +163,7 @@ def tensorrt_llm(p: RepoParams) -> Message:
         "batch_scheduler_policy": "guaranteed_no_evict",
         "kv_cache_free_gpu_mem_fraction": str(p.kv_cache_free_gpu_mem_fraction),
         "exclude_input_in_output": "True",
-        "enable_kv_cache_reuse": "False",
+        "enable_kv_cache_reuse": str(p.enable_kv_cache_reuse),
         "normalize_log_probs": "True",
         # read by getGuidedDecodingConfigFromParams with GetParameter outside any try: absent = load failure
         "tokenizer_dir": p.tokenizer_dir,

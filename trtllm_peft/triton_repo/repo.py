@@ -81,7 +81,7 @@ def generate_repository(
     served_engine_dir: str | None = None,
     served_repo_dir: str | None = None,
     decoupled: bool = False,
-    kv_cache_free_gpu_mem_fraction: float = 0.9,
+    kv_cache_free_gpu_mem_fraction: float | None = None,
     python_models: Path | None = None,
     xgrammar_tokenizer_info: str | None = None,
 ) -> RepoReport:
@@ -112,7 +112,9 @@ def generate_repository(
         max_batch_size=int(engine.build_config.get("max_batch_size", 8)),
         decoupled=decoupled,
         lora_cache={**lora.as_parameters(), **prefetch_dir},
-        kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction,
+        # the flag, else NIM_KVCACHE_PERCENT, else the backend's usual 0.9
+        kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction or settings.kv_cache_percent or 0.9,
+        enable_kv_cache_reuse=settings.enable_kv_cache_reuse,
         xgrammar_tokenizer_info_path=xgrammar_tokenizer_info or "",
         lora_tasks_file=f"{repo_dir}/{TASKS_FILE}",
         peft_source=str(settings.peft_source.resolve()) if settings.peft_source else "",
@@ -204,7 +206,10 @@ def add_triton_repo_arguments(p: argparse.ArgumentParser) -> None:
         "--decoupled", action="store_true", help="decoupled mode (streaming; needs gRPC or generate_stream)"
     )
     p.add_argument(
-        "--kv-cache-free-gpu-mem-fraction", type=float, default=0.9, help="KV cache share (default 0.9)"
+        "--kv-cache-free-gpu-mem-fraction",
+        type=float,
+        default=None,
+        help="KV cache share of the memory left (default NIM_KVCACHE_PERCENT, else 0.9)",
     )
     p.add_argument(
         "--xgrammar-tokenizer-info",
