@@ -267,4 +267,6 @@ def test_kv_cache_settings_follow_nim_variables(engine, peft_source, tmp_path):
     p = params(read_config(out, "tensorrt_llm"))
     assert p["kv_cache_free_gpu_mem_fraction"] == "0.75" and p["enable_kv_cache_reuse"] == "True"
     generate_repository(engine, out, nim, gpu_free_bytes=40 * GIB, kv_cache_free_gpu_mem_fraction=0.5)
-    assert params(read_config(out, "tensorrt_llm"))["kv_cache_free_gpu_mem_fraction"] == "0.5"  # the flag wins
+    assert (
+        params(read_config(out, "tensorrt_llm"))["kv_cache_free_gpu_mem_fraction"] == "0.5"
+    )  # the flag wins
