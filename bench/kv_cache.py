@@ -214,7 +214,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=33, help="decode: tokens per timed run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=32, help="chunked: max_num_tokens per iteration")
-    ap.add_argument("--stream-tokens", type=int, default=256, help="chunked: tokens each of the 8 streams makes")
+    ap.add_argument(
+        "--stream-tokens", type=int, default=256, help="chunked: tokens each of the 8 streams makes"
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
