@@ -8,7 +8,11 @@ cpp/tensorrt_llm/executor/executorImpl.cpp for the behaviour):
   request: " + its text (executorImpl.cpp, fetchNewRequests);
 * the capacity scheduler holds a request back while its adapter's device pages do not fit beside the tasks
   in progress; finished requests mark their task done in both tiers (markRequestDone);
-* await_responses(timeout) / (id, timeout), cancel_request, get_num_responses_ready, shutdown.
+* await_responses(timeout) / (id, timeout), cancel_request, get_num_responses_ready, shutdown;
+* guided decoding exists only with ExecutorConfig(guided_decoding_config=…), validated at construction
+  (executorConfig.cpp GuidedDecodingConfig::validate); a request with GuidedDecodingParams on an executor
+  without it is an error response (executorImpl.cpp fetchNewRequests: "Request is specified with
+  GuidedDecodingParams, but GuidedDecoder is not setup. …").
 Generation is delegated to TorchExecutor with caches too large to refuse anything: every admission decision
 is the stand-in's. Each host-cache entry gets its own delegate task id, so a task id re-put after eviction can
 never reach stale weights in the delegate.
@@ -42,9 +46,14 @@ class Executor:
             )
         from trtllm_peft.executor.torch import TorchExecutor
 
+        guided = executor_config.guided_decoding_config
+        if guided is not None:
+            guided.validate()
         self.spec = load_spec(model_path)
         self.peft = PeftCacheManager(self.spec, executor_config.peft_cache_config)
-        self.delegate = TorchExecutor(model_path, peft_cache_config=DELEGATE_CACHE, device="cpu")
+        self.delegate = TorchExecutor(
+            model_path, peft_cache_config=DELEGATE_CACHE, device="cpu", guided_decoding_config=_guided(guided)
+        )
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
         self._pending: list[tuple[int, t.Request]] = []  # admitted, waiting for device pages
@@ -63,6 +72,9 @@ class Executor:
             rid = next(self._ids)
             self.requests_seen.append(request)
             lc = request.lora_config
+            if request.guided_decoding_params is not None and self.delegate.guides is None:
+                self._answer(rid, FETCH_ERROR + api.GUIDED_NOT_SETUP_MESSAGE, request.client_id)
+                return rid
             try:
                 if lc is not None:
                     self.peft.add_request(rid, lc.task_id, lc.weights, lc.config)
@@ -133,6 +145,7 @@ class Executor:
             stop_words=req.stop_words,
             lora_config=lora,
             client_id=req.client_id,
+            guided_decoding_params=_guided_params(req.guided_decoding_params),
         )
 
     def _answer(self, rid: int, payload: str | t.Result, client_id: int | None) -> None:
@@ -242,6 +255,17 @@ def _result(r: api.Result) -> t.Result:
         r.decoding_iter,
     )
     return out
+
+
+def _guided(c: c.GuidedDecodingConfig | None) -> api.GuidedDecodingConfig | None:
+    if c is None:
+        return None
+    backend = api.GuidedDecodingBackend[c.backend.name]
+    return api.GuidedDecodingConfig(backend, c.encoded_vocab, c.tokenizer_str, c.stop_token_ids)
+
+
+def _guided_params(p: t.GuidedDecodingParams | None) -> api.GuidedDecodingParams | None:
+    return None if p is None else api.GuidedDecodingParams(api.GuideType[p.guide_type.name], p.guide)
 
 
 def _cancelled() -> t.Result:

@@ -39,6 +39,7 @@ _PATTERNS: list[tuple[ErrorKind, tuple[str, ...]]] = [
             "must have both lora_weights and lora_keys",
             "Invalid shape for lora_",
             "lora keys to have TYPE_INT32",
+            "Guided decoding: ",
         ),
     ),
 ]

@@ -4,7 +4,7 @@ The only module that imports TensorRT-LLM's executor bindings (lazily, when an e
 the binding's and back; TensorRT-LLM does the batching, the KV cache and the PEFT cache. Signatures follow
 the nanobind bindings: cpp/tensorrt_llm/nanobind/executor/request.cpp (Request: everything after
 max_tokens keyword-only; SamplingConfig(beam_width, *, …); LoraConfig(task_id, weights=None, config=None)),
-executorConfig.cpp (PeftCacheConfig, KvCacheConfig, ExecutorConfig), executor.cpp (Executor(model_path,
+executorConfig.cpp (PeftCacheConfig, KvCacheConfig, GuidedDecodingConfig, ExecutorConfig), executor.cpp (Executor(model_path,
 model_type, executor_config), await_responses(timeout: timedelta) / (id, timeout)).
 
 LoRA tensors go in as TensorRT-LLM wants them (cpp/tensorrt_llm/executor/loraConfig.cpp,
@@ -34,6 +34,8 @@ from trtllm_peft.engine.peft_cache_sizing import (
 from trtllm_peft.errors import EngineError
 from trtllm_peft.executor.api import (
     FinishReason,
+    GuidedDecodingConfig,
+    GuidedDecodingParams,
     IdType,
     IterationStats,
     LoraConfig,
@@ -173,6 +175,26 @@ def _build_request(tle: Any, req: Request, weights: torch.Tensor | None, config:
         stop_words=req.stop_words,
         lora_config=lora,
         client_id=req.client_id,
+        guided_decoding_params=to_trtllm_guided(tle, req.guided_decoding_params),
+    )
+
+
+def to_trtllm_guided(tle: Any, p: GuidedDecodingParams | None) -> Any:
+    """tle.GuidedDecodingParams(guide_type, guide) (nanobind/executor/request.cpp), same enum names."""
+    if p is None:
+        return None
+    return tle.GuidedDecodingParams(tle.GuidedDecodingParams.GuideType[p.guide_type.name], p.guide)
+
+
+def to_trtllm_guided_config(tle: Any, c: GuidedDecodingConfig | None) -> Any:
+    """tle.GuidedDecodingConfig(backend, encoded_vocab, tokenizer_str, stop_token_ids) (executorConfig.cpp)."""
+    if c is None:
+        return None
+    return tle.GuidedDecodingConfig(
+        tle.GuidedDecodingConfig.GuidedDecodingBackend[c.backend.name],
+        encoded_vocab=c.encoded_vocab,
+        tokenizer_str=c.tokenizer_str,
+        stop_token_ids=c.stop_token_ids,
     )
 
 
@@ -222,9 +244,15 @@ def from_trtllm_stats(s: Any, active_lora_tasks: int) -> IterationStats:
 
 
 def executor_config(
-    tle: Any, sizing: PeftCacheSizing, *, kv_cache_fraction: float, max_queue_size: int | None = None
+    tle: Any,
+    sizing: PeftCacheSizing,
+    *,
+    kv_cache_fraction: float,
+    max_queue_size: int | None = None,
+    guided_decoding_config: GuidedDecodingConfig | None = None,
 ) -> Any:
-    """tle.ExecutorConfig: beam width 1, KV cache from the free memory fraction, our PEFT cache sizing."""
+    """tle.ExecutorConfig: beam width 1, KV cache from the free memory fraction, our PEFT cache sizing,
+    guided decoding (xgrammar) when configured."""
     p = sizing.config
     peft = tle.PeftCacheConfig(
         num_host_module_layer=p.num_host_module_layer,
@@ -237,6 +265,7 @@ def executor_config(
         kv_cache_config=tle.KvCacheConfig(free_gpu_memory_fraction=kv_cache_fraction),
         peft_cache_config=peft,
         max_queue_size=max_queue_size,
+        guided_decoding_config=to_trtllm_guided_config(tle, guided_decoding_config),
     )
 
 
@@ -255,6 +284,7 @@ class TrtllmExecutor:
         optimal_adapter_size: int | None = None,
         kv_cache_fraction: float = DEFAULT_KV_CACHE_FRACTION,
         max_queue_size: int | None = None,
+        guided_decoding_config: GuidedDecodingConfig | None = None,
     ) -> None:
         tle = import_bindings()
         self.engine_dir = Path(engine_dir)
@@ -272,7 +302,11 @@ class TrtllmExecutor:
         )
         self._log_plan(kv_cache_fraction)
         config = executor_config(
-            tle, self.sizing, kv_cache_fraction=kv_cache_fraction, max_queue_size=max_queue_size
+            tle,
+            self.sizing,
+            kv_cache_fraction=kv_cache_fraction,
+            max_queue_size=max_queue_size,
+            guided_decoding_config=guided_decoding_config,
         )
         self._tle = tle
         self._exec = tle.Executor(self.engine_dir, tle.ModelType.DECODER_ONLY, config)
@@ -280,10 +314,17 @@ class TrtllmExecutor:
         self._tasks: dict[IdType, int | None] = {}  # request id → LoRA task id, while in flight
 
     @classmethod
-    def from_settings(cls, engine: Any, settings: Any) -> TrtllmExecutor:
+    def from_settings(
+        cls, engine: Any, settings: Any, guided_decoding_config: GuidedDecodingConfig | None = None
+    ) -> TrtllmExecutor:
         """From an EngineDir (or path) and Settings (NIM_MAX_GPU_LORAS, NIM_MAX_CPU_LORAS)."""
         path = getattr(engine, "path", engine)
-        return cls(path, max_gpu_loras=settings.max_gpu_loras, max_cpu_loras=settings.max_cpu_loras)
+        return cls(
+            path,
+            max_gpu_loras=settings.max_gpu_loras,
+            max_cpu_loras=settings.max_cpu_loras,
+            guided_decoding_config=guided_decoding_config,
+        )
 
     def _log_plan(self, kv_cache_fraction: float) -> None:
         build = _build_config(self.engine_dir)
