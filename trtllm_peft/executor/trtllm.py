@@ -38,6 +38,7 @@ from trtllm_peft.executor.api import (
     GuidedDecodingParams,
     IdType,
     IterationStats,
+    KvCacheConfig,
     LoraConfig,
     Request,
     Response,
@@ -249,10 +250,13 @@ def executor_config(
     *,
     kv_cache_fraction: float,
     max_queue_size: int | None = None,
+    kv_cache_config: KvCacheConfig | None = None,
+    enable_chunked_context: bool = False,
     guided_decoding_config: GuidedDecodingConfig | None = None,
 ) -> Any:
-    """tle.ExecutorConfig: beam width 1, KV cache from the free memory fraction, our PEFT cache sizing,
-    guided decoding (xgrammar) when configured."""
+    """tle.ExecutorConfig: beam width 1, our KvCacheConfig (its fraction, else `kv_cache_fraction`), our PEFT
+    cache sizing, chunked context as asked, guided decoding (xgrammar) when configured. Field for field: the
+    names are TensorRT-LLM's (executor.h)."""
     p = sizing.config
     peft = tle.PeftCacheConfig(
         num_host_module_layer=p.num_host_module_layer,
@@ -260,9 +264,15 @@ def executor_config(
         optimal_adapter_size=p.optimal_adapter_size,
         max_adapter_size=p.max_adapter_size,
     )
+    kv = kv_cache_config or KvCacheConfig()
     return tle.ExecutorConfig(
         max_beam_width=1,
-        kv_cache_config=tle.KvCacheConfig(free_gpu_memory_fraction=kv_cache_fraction),
+        kv_cache_config=tle.KvCacheConfig(
+            enable_block_reuse=kv.enable_block_reuse,
+            max_tokens=kv.max_tokens,
+            free_gpu_memory_fraction=kv.free_gpu_memory_fraction or kv_cache_fraction,
+        ),
+        enable_chunked_context=enable_chunked_context,
         peft_cache_config=peft,
         max_queue_size=max_queue_size,
         guided_decoding_config=to_trtllm_guided_config(tle, guided_decoding_config),
@@ -284,6 +294,8 @@ class TrtllmExecutor:
         optimal_adapter_size: int | None = None,
         kv_cache_fraction: float = DEFAULT_KV_CACHE_FRACTION,
         max_queue_size: int | None = None,
+        kv_cache_config: KvCacheConfig | None = None,
+        enable_chunked_context: bool = False,
         guided_decoding_config: GuidedDecodingConfig | None = None,
     ) -> None:
         tle = import_bindings()
@@ -306,6 +318,8 @@ class TrtllmExecutor:
             self.sizing,
             kv_cache_fraction=kv_cache_fraction,
             max_queue_size=max_queue_size,
+            kv_cache_config=kv_cache_config,
+            enable_chunked_context=enable_chunked_context,
             guided_decoding_config=guided_decoding_config,
         )
         self._tle = tle
@@ -317,12 +331,18 @@ class TrtllmExecutor:
     def from_settings(
         cls, engine: Any, settings: Any, guided_decoding_config: GuidedDecodingConfig | None = None
     ) -> TrtllmExecutor:
-        """From an EngineDir (or path) and Settings (NIM_MAX_GPU_LORAS, NIM_MAX_CPU_LORAS)."""
+        """From an EngineDir (or path) and Settings (NIM_MAX_GPU_LORAS, NIM_MAX_CPU_LORAS, NIM_KV cache ones)."""
         path = getattr(engine, "path", engine)
+        kv = KvCacheConfig(
+            enable_block_reuse=settings.enable_kv_cache_reuse,
+            free_gpu_memory_fraction=settings.kv_cache_percent,
+        )
         return cls(
             path,
             max_gpu_loras=settings.max_gpu_loras,
             max_cpu_loras=settings.max_cpu_loras,
+            kv_cache_config=kv,
+            enable_chunked_context=settings.enable_chunked_context,
             guided_decoding_config=guided_decoding_config,
         )
 
