@@ -7,9 +7,9 @@ import torch
 
 from trtllm_peft.executor.api import NOT_CACHED_MESSAGE
 from trtllm_peft.lora import LoraAdapter, LoraWeights, pack
+from trtllm_peft.server.triton.lora_tasks import CLIENT_TASK_BASE, ClientLoraTasks, LoraTaskError
 from trtllm_peft.serving.catalog import Catalog
 from trtllm_peft.serving.host_cache import HostCache, HostCacheFullError
-from trtllm_peft.serving.triton_lora import CLIENT_TASK_BASE, ClientLoraTasks, LoraTaskError
 
 
 def tensors(spec, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,6 +43,7 @@ def test_commands_carry_the_recipe_and_the_lora_flags(tmp_path):
         "trtllm-build", "--checkpoint_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "engine"),
         "--gemm_plugin", "auto", "--lora_plugin", "auto", "--lora_target_modules", *SEVEN, "--max_lora_rank", "64",
         "--max_batch_size", "64", "--max_input_len", "8191", "--max_seq_len", "8192", "--max_num_tokens", "8192",
+        "--kv_cache_type", "paged",
     ]  # fmt: skip
     assert job.convert_command("python3") == [
         "python3", "-m", "trtllm_peft.engine.trtllm_build", "convert", "--model_dir", str(tmp_path / "hf"),

@@ -9,7 +9,7 @@ Every step that does real work is a command, logged before it runs so that anyon
      save_config=True)`) — the examples are not in the wheel, the API is;
   3. `trtllm-build --checkpoint_dir CKPT --output_dir OUT --gemm_plugin auto --lora_plugin auto
      --lora_target_modules … --max_lora_rank R --max_batch_size … --max_input_len … --max_seq_len …
-     --max_num_tokens …` (flags of tensorrt_llm/commands/build.py; `--lora_plugin auto` follows the
+     --max_num_tokens … --kv_cache_type paged` (flags of tensorrt_llm/commands/build.py; `--lora_plugin auto` follows the
      checkpoint dtype, so adapters must come in that dtype);
   4. the tokenizer and trtllm_peft.json (backend, source, NIM_* sizing, PEFT cache plan, the commands) are
      written beside TensorRT-LLM's config.json and rank0.engine (DESIGN §4.2).
@@ -79,6 +79,8 @@ class TrtllmBuild:
             "--max_input_len", str(self.max_seq_len - 1),
             "--max_seq_len", str(self.max_seq_len),
             "--max_num_tokens", str(self.max_num_tokens or self.max_seq_len),
+            # explicit, not left to the default: in-flight batching and the PEFT cache need the paged KV cache
+            "--kv_cache_type", "paged",
         ]  # fmt: skip
 
 

@@ -14,7 +14,7 @@ from trtllm_peft.errors import TrtllmPeftError
 from trtllm_peft.server.openai_routes import router as openai_router
 from trtllm_peft.server.runtime import Runtime
 from trtllm_peft.server.schemas import error_body
-from trtllm_peft.server.triton_routes import router as triton_router
+from trtllm_peft.server.triton.routes import router as triton_router
 from trtllm_peft.settings import Settings
 
 log = logging.getLogger(__name__)

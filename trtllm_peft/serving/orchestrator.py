@@ -174,7 +174,7 @@ class Orchestrator:
         self, task, packed: PackedLora, prompt_ids: list[int], params: GenerationParams
     ) -> AsyncIterator[Step]:
         """Like `generate`, for a task the caller has already leased in the host cache (`task.name`,
-        `task.task_id`: Triton's client task ids, serving/triton_lora.py). Released when the stream ends."""
+        `task.task_id`: Triton's client task ids, server/triton/lora_tasks.py). Released when the stream ends."""
         self._count(self.stats.running_by_adapter, task.name, +1)
         try:
             async with aclosing(self._run(task, packed, prompt_ids, params)) as steps:

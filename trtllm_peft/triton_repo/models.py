@@ -1,9 +1,9 @@
-"""The five models of a tensorrtllm_backend repository, as protobuf-text messages.
+"""The five stock models of a tensorrtllm_backend repository, as protobuf-text messages.
 
 Names, datatypes, dims and parameters follow tensorrtllm_backend's templates
-(triton_backend/all_models/inflight_batcher_llm/*/config.pbtxt in NVIDIA/TensorRT-LLM) for a decoder-only
-LLM: multimodal, encoder-decoder, draft-model and guided-decoding tensors are left out. The ensemble's own
-inputs and outputs are derived from the steps they map to, so the ensemble cannot disagree with its steps.
+(triton_backend/all_models/inflight_batcher_llm/*/config.pbtxt in NVIDIA/TensorRT-LLM, 1.2 era; tensors in
+tensors.py). The ensemble's own inputs and outputs are derived from the steps they map to, so the ensemble
+cannot disagree with its steps.
 """
 
 from __future__ import annotations
@@ -11,96 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trtllm_peft.triton_repo.pbtxt import Enum, Message, parameters
-
-# (name, datatype, dims, flags): flags "o" optional, "r" allow_ragged_batch, "s" reshape to a scalar.
-# "DT" stands for the engine's dtype (LoRA weights and prompt tables must match it: TensorRT-LLM's rule).
-Row = tuple[str, str, tuple[int, ...], str]
-
-TRTLLM_INPUTS: list[Row] = [
-    ("input_ids", "INT32", (-1,), "or"),
-    ("input_lengths", "INT32", (1,), "s"),
-    ("request_output_len", "INT32", (1,), "s"),
-    ("num_return_sequences", "INT32", (1,), "os"),
-    ("decoder_input_ids", "INT32", (-1,), "or"),
-    ("decoder_input_lengths", "INT32", (1,), "os"),
-    ("end_id", "INT32", (1,), "os"),
-    ("pad_id", "INT32", (1,), "os"),
-    ("stop_words_list", "INT32", (2, -1), "or"),
-    ("bad_words_list", "INT32", (2, -1), "or"),
-    ("embedding_bias", "FP32", (-1,), "or"),
-    ("beam_width", "INT32", (1,), "os"),
-    ("temperature", "FP32", (1,), "os"),
-    ("runtime_top_k", "INT32", (1,), "os"),
-    ("runtime_top_p", "FP32", (1,), "os"),
-    ("runtime_top_p_min", "FP32", (1,), "os"),
-    ("runtime_top_p_decay", "FP32", (1,), "os"),
-    ("runtime_top_p_reset_ids", "INT32", (1,), "os"),
-    ("len_penalty", "FP32", (1,), "os"),
-    ("early_stopping", "BOOL", (1,), "os"),
-    ("repetition_penalty", "FP32", (1,), "os"),
-    ("min_tokens", "INT32", (1,), "os"),
-    ("beam_search_diversity_rate", "FP32", (1,), "os"),
-    ("presence_penalty", "FP32", (1,), "os"),
-    ("frequency_penalty", "FP32", (1,), "os"),
-    ("seed", "UINT64", (1,), "os"),
-    ("return_log_probs", "BOOL", (1,), "os"),
-    ("return_context_logits", "BOOL", (1,), "os"),
-    ("return_generation_logits", "BOOL", (1,), "os"),
-    ("return_num_input_tokens", "BOOL", (1,), "os"),
-    ("return_num_output_tokens", "BOOL", (1,), "os"),
-    ("exclude_input_in_output", "BOOL", (1,), "os"),
-    ("stop", "BOOL", (1,), "os"),
-    ("streaming", "BOOL", (1,), "os"),
-    ("prompt_embedding_table", "DT", (-1, -1), "or"),
-    ("prompt_vocab_size", "INT32", (1,), "os"),
-    # LoRA: task id, weights [N, D×Hi + Ho×D] in the engine dtype, config [N, 3] (module, layer, rank)
-    # or [N, 4] (+ is_dora): the stock config fixes 3 columns; TensorRT-LLM reads both.
-    ("lora_task_id", "UINT64", (1,), "os"),
-    ("lora_weights", "DT", (-1, -1), "or"),
-    ("lora_config", "INT32", (-1, -1), "or"),
-]
-TRTLLM_OUTPUTS: list[Row] = [
-    ("output_ids", "INT32", (-1, -1), ""),
-    ("sequence_length", "INT32", (-1,), ""),
-    ("cum_log_probs", "FP32", (-1,), ""),
-    ("output_log_probs", "FP32", (-1, -1), ""),
-    ("context_logits", "FP32", (-1, -1), ""),
-    ("generation_logits", "FP32", (-1, -1, -1), ""),
-    ("batch_index", "INT32", (1,), ""),
-    ("sequence_index", "INT32", (1,), ""),
-    ("num_input_tokens", "INT32", (1,), ""),
-    ("num_output_tokens", "INT32", (1,), ""),
-]
-PRE_INPUTS: list[Row] = [
-    ("QUERY", "STRING", (1,), ""),
-    ("DECODER_QUERY", "STRING", (1,), "o"),
-    ("REQUEST_OUTPUT_LEN", "INT32", (1,), ""),
-    ("BAD_WORDS_DICT", "STRING", (-1,), "o"),
-    ("STOP_WORDS_DICT", "STRING", (-1,), "o"),
-    ("EMBEDDING_BIAS_WORDS", "STRING", (-1,), "o"),
-    ("EMBEDDING_BIAS_WEIGHTS", "FP32", (-1,), "o"),
-    ("END_ID", "INT32", (1,), "o"),
-    ("PAD_ID", "INT32", (1,), "o"),
-    ("PROMPT_TABLE_EXTRA_ID", "UINT64", (1,), "o"),
-]
-# preprocessing/1/model.py looks up the dtype of every one of these at start, multimodal or not
-PRE_OUTPUTS: list[Row] = [
-    ("INPUT_ID", "INT32", (-1,), ""),
-    ("REQUEST_INPUT_LEN", "INT32", (1,), ""),
-    ("DECODER_INPUT_ID", "INT32", (-1,), ""),
-    ("REQUEST_DECODER_INPUT_LEN", "INT32", (1,), ""),
-    ("BAD_WORDS_IDS", "INT32", (2, -1), ""),
-    ("STOP_WORDS_IDS", "INT32", (2, -1), ""),
-    ("EMBEDDING_BIAS", "FP32", (-1,), ""),
-    ("REQUEST_OUTPUT_LEN", "INT32", (-1,), ""),
-    ("OUT_END_ID", "INT32", (1,), ""),
-    ("OUT_PAD_ID", "INT32", (1,), ""),
-    ("OUT_PROMPT_TABLE_EXTRA_IDS", "UINT64", (-1,), ""),
-    ("PIXEL_VALUES", "FP16", (-1, -1, -1, -1), ""),
-    ("IMAGE_SIZES", "INT64", (-1, 2), ""),
-]
-POST_INPUTS: list[Row] = [("TOKENS_BATCH", "INT32", (-1, -1), ""), ("SEQUENCE_LENGTH", "INT32", (-1,), "")]
-POST_OUTPUTS: list[Row] = [("OUTPUT", "STRING", (-1,), "")]
+from trtllm_peft.triton_repo.tensors import (
+    POST_INPUTS,
+    POST_OUTPUTS,
+    PRE_INPUTS,
+    PRE_OUTPUTS,
+    TRTLLM_INPUTS,
+    TRTLLM_OUTPUTS,
+    Row,
+)
 
 # ensemble step maps: model input/output name -> ensemble tensor ("_X" = internal between steps)
 PRE_IN = {
@@ -146,6 +65,9 @@ _SAME = [
     "lora_task_id",
     "lora_weights",
     "lora_config",
+    "return_perf_metrics",
+    "guided_decoding_guide_type",
+    "guided_decoding_guide",
 ]
 TRTLLM_IN = {
     "input_ids": "_INPUT_ID",
@@ -168,7 +90,7 @@ TRTLLM_OUT = {
     "output_ids": "_TOKENS_BATCH",
     "sequence_length": "_SEQUENCE_LENGTH",
     **{n: n for n in ("cum_log_probs", "output_log_probs", "context_logits", "generation_logits")},
-    **{n: n for n in ("batch_index", "sequence_index", "num_input_tokens", "num_output_tokens")},
+    **{n[0]: n[0] for n in TRTLLM_OUTPUTS[6:]},  # batch/sequence index, KV-cache and timing metrics, …
 }
 POST_IN = {"TOKENS_BATCH": "_TOKENS_BATCH", "SEQUENCE_LENGTH": "_SEQUENCE_LENGTH"}
 POST_OUT = {"OUTPUT": "text_output"}
@@ -187,6 +109,13 @@ class RepoParams:
     lora_cache: dict[str, str]  # lora_cache_* and lora_prefetch_dir
     kv_cache_free_gpu_mem_fraction: float = 0.9
     instance_count: int = 1
+    # guided decoding (TensorRT-LLM's GuidedDecodingConfig): off unless a tokenizer-info file is given, the
+    # JSON TensorRT-LLM's generate_xgrammar_tokenizer_info.py writes (encoded_vocab, tokenizer_str, stop ids)
+    xgrammar_tokenizer_info_path: str = ""
+
+    @property
+    def guided_decoding_backend(self) -> str:
+        return "xgrammar" if self.xgrammar_tokenizer_info_path else ""
 
 
 def tensor(row: Row, dtype: str) -> Message:
@@ -231,6 +160,10 @@ def tensorrt_llm(p: RepoParams) -> Message:
         "exclude_input_in_output": "True",
         "enable_kv_cache_reuse": "False",
         "normalize_log_probs": "True",
+        # read by getGuidedDecodingConfigFromParams with GetParameter outside any try: absent = load failure
+        "tokenizer_dir": p.tokenizer_dir,
+        "xgrammar_tokenizer_info_path": p.xgrammar_tokenizer_info_path,
+        "guided_decoding_backend": p.guided_decoding_backend,
         **p.lora_cache,
     }
     head: Message = [
@@ -308,7 +241,8 @@ def ensemble(p: RepoParams) -> Message:
 def tensorrt_llm_bls(p: RepoParams) -> Message:
     """The Python BLS alternative to the ensemble (same inputs and outputs; calls `tensorrt_llm`)."""
     inputs, outputs = ensemble_io()
-    inputs = [r for r in inputs if r[0] != "decoder_text_input"] + [
+    inputs = inputs + [
+        ("prompt_table_extra_id", "UINT64", (1,), "o"),
         ("num_draft_tokens", "INT32", (1,), "o"),
         ("use_draft_logits", "BOOL", (1,), "os"),
     ]

@@ -20,8 +20,9 @@ from fastapi.routing import APIRoute
 from trtllm_peft import __version__
 from trtllm_peft.errors import TrtllmPeftError
 from trtllm_peft.server.runtime import Runtime
-from trtllm_peft.server.triton_generation import Totals, TritonGeneration
-from trtllm_peft.server.triton_schemas import (
+from trtllm_peft.server.triton.generation import Totals, TritonGeneration
+from trtllm_peft.server.triton.lora_tasks import ClientLoraTasks
+from trtllm_peft.server.triton.schemas import (
     TRITON_MODELS,
     VERSION,
     check_inputs,
@@ -30,7 +31,7 @@ from trtllm_peft.server.triton_schemas import (
     model_metadata,
     parse_request,
 )
-from trtllm_peft.server.triton_tensors import (
+from trtllm_peft.server.triton.tensors import (
     HEADER_LENGTH,
     Tensor,
     TritonProtocolError,
@@ -40,7 +41,6 @@ from trtllm_peft.server.triton_tensors import (
     to_json_value,
 )
 from trtllm_peft.serving.orchestrator import ModelNotFoundError
-from trtllm_peft.serving.triton_lora import ClientLoraTasks
 
 EXTENSIONS = ["binary_tensor_data", "generate", "model_repository"]
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from trtllm_peft.lora.spec import ModelSpec
-from trtllm_peft.server.triton_tensors import NUMPY_TYPES, Tensor, TritonProtocolError, bytes_tensor
+from trtllm_peft.server.triton.tensors import NUMPY_TYPES, Tensor, TritonProtocolError, bytes_tensor
 
 VERSION = "1"
 LORA_INPUTS = ("lora_task_id", "lora_weights", "lora_config")

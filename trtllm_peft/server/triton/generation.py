@@ -6,7 +6,7 @@ What differs from the OpenAI path (and is TensorRT-LLM's behaviour, which Triton
   preprocessing makes them) and a matched stop word stays in the output;
 * `end_id` ends the sequence on that token (not part of the output); `end_id` -1 never ends it;
 * `exclude_input_in_output` false puts the decoded prompt in front of the text.
-The first step is awaited before anything is sent, so errors are real HTTP statuses (as in generation.py).
+The first step is awaited before anything is sent, so errors are real HTTP statuses (as in server/generation.py).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 from trtllm_peft.errors import TrtllmPeftError
 from trtllm_peft.server.runtime import Runtime
-from trtllm_peft.server.triton_schemas import TritonRequest
-from trtllm_peft.server.triton_tensors import TritonProtocolError
+from trtllm_peft.server.triton.lora_tasks import ClientLoraTasks
+from trtllm_peft.server.triton.schemas import TritonRequest
+from trtllm_peft.server.triton.tensors import TritonProtocolError
 from trtllm_peft.serving.orchestrator import GenerationParams, Step
-from trtllm_peft.serving.triton_lora import ClientLoraTasks
 
 
 @dataclass

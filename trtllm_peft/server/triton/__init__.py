@@ -1,0 +1,1 @@
+"""Triton's protocols: KServe v2 HTTP routes, tensor codecs, stock model emulation, client LoRA task ids."""
