@@ -15,6 +15,7 @@ from trtllm_peft.errors import SettingsError
 
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 BACKENDS = ("auto", "torch", "trtllm")
+SYMLINK_POLICIES = ("inside", "all", "none")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class Settings:
     engine_dir: Path = Path("engines/smollm2-135m")  # TRTLLM_PEFT_ENGINE_DIR: the built engine to serve
     backend: str = "auto"  # TRTLLM_PEFT_BACKEND: auto | torch | trtllm
     cpu_kernels: bool = True  # TRTLLM_PEFT_CPU_KERNELS: 0 runs the reference engine on plain torch ops only
+    follow_symlinks: str = (
+        "inside"  # TRTLLM_PEFT_FOLLOW_SYMLINKS: inside (links resolving under NIM_PEFT_SOURCE) | all | none
+    )
     enable_kv_cache_reuse: bool = (
         False  # NIM_ENABLE_KV_CACHE_REUSE: reuse cached prompt prefixes (per adapter)
     )
@@ -72,6 +76,9 @@ class Settings:
             engine_dir=reader.path("TRTLLM_PEFT_ENGINE_DIR") or cls.engine_dir,
             backend=reader.choice("TRTLLM_PEFT_BACKEND", "auto", BACKENDS, upper=False),
             cpu_kernels=reader.boolean("TRTLLM_PEFT_CPU_KERNELS", default=True),
+            follow_symlinks=reader.choice(
+                "TRTLLM_PEFT_FOLLOW_SYMLINKS", "inside", SYMLINK_POLICIES, upper=False
+            ),
             enable_kv_cache_reuse=reader.boolean("NIM_ENABLE_KV_CACHE_REUSE"),
             kv_cache_percent=reader.fraction("NIM_KVCACHE_PERCENT"),
             enable_chunked_context=reader.boolean("TRTLLM_PEFT_ENABLE_CHUNKED_CONTEXT", default=True),

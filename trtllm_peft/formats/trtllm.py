@@ -62,8 +62,10 @@ def load(path: Path, spec: ModelSpec | None) -> LoraAdapter:
         raise AdapterFormatError(path, f"missing {want}")
     notes: list[str] = []
     rows, width = max_rows(spec), max_row_width(spec)
-    _check_raw_size(cfg_file, rows * 4 * 4, f"{rows} rows of 4 int32")
-    _check_raw_size(w_file, rows * width * 4, f"{rows} rows of {width} float32")
+    if cfg_file.suffix == ".bin":  # a .npy's header is checked instead, more precisely (_read_npy)
+        _check_raw_size(cfg_file, rows * 4 * 4, f"{rows} rows of 4 int32")
+    if w_file.suffix == ".bin":
+        _check_raw_size(w_file, rows * width * 4, f"{rows} rows of {width} float32")
     config = _config_array(_read_npy(cfg_file, rows, 16), cfg_file) if cfg_file.suffix == ".npy" else None
     weights = _weights_tensor(_read_npy(w_file, rows, width), w_file) if w_file.suffix == ".npy" else None
     if any(x is not None and x.ndim == 2 for x in (config, weights)):
@@ -305,13 +307,13 @@ def _shape_problem(shape: tuple[int, ...], rows: int, width: int) -> str | None:
         if values <= rows * width:
             return None
         return f"shape {list(shape)} holds {values} values, more than this engine's largest adapter"
-    if shape[-2] > rows:
-        return f"{shape[-2]} rows, more than this engine's adapters have ({rows}: one per layer and module)"
     if shape[-1] > width:
         return (
             f"rows of {shape[-1]} values are wider than any this engine takes ({width}: max_lora_rank x "
             "(in + out) of its widest module)"
         )
+    if shape[-2] > rows:
+        return f"{shape[-2]} rows, more than this engine's adapters have ({rows}: one per layer and module)"
     return None
 
 
