@@ -3,7 +3,8 @@
 An adapter for an engine can be no larger than LoRA on every module of every layer at the engine's
 max_lora_rank, stored in float32 (the widest dtype an adapter file uses). Anything larger (a 2 GB member of
 a gzip .nemo, a sparse `.npy` whose header claims [1, 90, 5000000]) is refused from its size or header alone,
-so a hostile file costs a stat() and a few header bytes, not its size in memory. Without an engine spec
+so a hostile file costs a stat() and a few header bytes, not its size in memory; what passes is read into
+memory, bounded by these ceilings (safe_io.py says why not memory-mapped). Without an engine spec
 (`trtllm-peft inspect` of a lone file) a fixed ceiling applies.
 """
 

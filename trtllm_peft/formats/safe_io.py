@@ -1,10 +1,15 @@
 """Reading untrusted weight files: safetensors, weights-only pickles, tar archives. Never runs their code.
 
 Every failure becomes an AdapterFormatError that says what is wrong with which file, in words a user can
-act on (a Git-LFS pointer, a truncated file, a pickle that wants to run code). Nothing is read whole
-blindly: sizes are checked against limits.ReadLimits first, safetensors and pickles are memory-mapped,
-tar archives are indexed with a bound on members and declared bytes (a gzip bomb is refused from its
-headers) and members are streamed with a limit. Error texts never quote the files' bytes.
+act on (a Git-LFS pointer, a truncated file, a pickle that wants to run code). Nothing is read blindly:
+sizes are checked against limits.ReadLimits first (from the headers), tar archives are indexed with a bound
+on members and declared bytes (a gzip bomb is refused from its headers) and members are streamed with a
+limit. Error texts never quote the files' bytes.
+
+Tensors are deliberately not left memory-mapped: a tensor backed by a mapping of a file that is truncated
+or rewritten in place (a user replacing an adapter) kills the whole server with SIGBUS on its next read
+(measured: safetensors' safe_open().get_tensor() then os.truncate() -> "Bus error"). The bounded bytes are
+read into memory instead, and parsed by the formats' own libraries.
 """
 
 from __future__ import annotations
@@ -79,8 +84,9 @@ def safetensors_header(path: Path) -> dict:
 
 def read_safetensors(path: Path, limits: ReadLimits | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, after checking its size and header (every tensor's shape against
-    `limits`); read through a memory map, one tensor at a time."""
-    from safetensors import SafetensorError, safe_open
+    `limits`); read into memory (not mapped: see the module's doc) and parsed by safetensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_bytes
 
     limits = limits or ReadLimits.for_spec(None)
     limits.check_file(path)
@@ -95,18 +101,17 @@ def read_safetensors(path: Path, limits: ReadLimits | None = None) -> dict[str, 
             path, too_big[:8] + ([f"… {len(too_big) - 8} more"] if len(too_big) > 8 else [])
         )
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no mapping)
+        return dict(sorted(load_bytes(path.read_bytes()).items()))  # safe_open().keys() order, as before
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise AdapterFormatError(path, f"unreadable safetensors file ({type(e).__name__}: {e})") from None
 
 
 def torch_load(path: Path, limits: ReadLimits | None = None) -> dict[str, torch.Tensor]:
     """A torch.save()d dict of tensors, loaded with weights_only=True (a pickle that would run code is
-    refused) and memory-mapped, after checking the file's size against `limits`."""
+    refused), after checking the file's size against `limits`."""
     check_not_lfs_pointer(path)
     (limits or ReadLimits.for_spec(None)).check_file(path)
-    return _torch_load(str(path), path, mmap=_is_zip(path))
+    return _torch_load(str(path), path)
 
 
 def torch_load_bytes(data: bytes, source: str | Path) -> dict[str, torch.Tensor]:
@@ -116,15 +121,9 @@ def torch_load_bytes(data: bytes, source: str | Path) -> dict[str, torch.Tensor]
     return _torch_load(io.BytesIO(data), source)
 
 
-def _is_zip(path: Path) -> bool:
-    """torch.save's zip format (since torch 1.6) can be memory-mapped; the legacy pickle format cannot."""
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
-
-
-def _torch_load(f: str | io.BytesIO, path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+def _torch_load(f: str | io.BytesIO, path: str | Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+        obj = torch.load(f, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours its message for terminals
         reason = text.splitlines()[0] if text else "disallowed content"

@@ -269,8 +269,8 @@ def _check_raw_size(path: Path, most: int, what: str) -> None:
 
 
 def _read_npy(path: Path, rows: int, width: int) -> np.ndarray:
-    """np.load(allow_pickle=False, memory-mapped), after checking the header so that every failure says what
-    is wrong and that the array is no larger than `rows` x `width` (the engine's largest adapter)."""
+    """np.load(allow_pickle=False), after checking the header so that every failure says what is wrong and
+    that the array is no larger than `rows` x `width` (the engine's largest adapter)."""
     check_not_lfs_pointer(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -295,7 +295,7 @@ def _read_npy(path: Path, rows: int, width: int) -> np.ndarray:
                     f"truncated .npy file: {list(shape)} {dtype} needs {need} bytes of data, has {size - f.tell()}",
                 )
     try:
-        return np.load(path, allow_pickle=False, mmap_mode="r")
+        return np.load(path, allow_pickle=False)  # reads only the checked [N, W] (not mapped: safe_io.py)
     except (ValueError, OSError, EOFError) as e:
         raise AdapterFormatError(path, f"unreadable .npy file ({type(e).__name__})") from None
 
