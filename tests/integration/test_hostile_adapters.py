@@ -179,10 +179,13 @@ def test_hostile_adapter_is_refused_and_costs_nothing(setup, spec, name, fmt, br
     message = first.json()["error"]["message"]
     assert phrase in message, message
     assert SECRET[:8].decode() not in message
-    assert again.status_code == 422 and again.json()["error"]["message"] == message
+    assert again.status_code == 422 and phrase in again.json()["error"]["message"]  # now from the catalog
     log = server.log.read_text()
     assert log.count(f"adapter '{name}' skipped") <= 1, "loaded again on the second request"
     assert "Traceback" not in log
+    print(
+        f"{name}: {len(watch.latencies)} live polls, slowest {max(watch.latencies):.3f} s; RSS {before:.0f} MB, peak {watch.peak_rss:.0f} MB"
+    )
     assert not watch.failures, watch.failures
     assert max(watch.latencies) < 1.0, f"/v1/health/live took {max(watch.latencies):.2f} s during the attack"
     assert watch.peak_rss - before < 200, f"RSS {before:.0f} MB -> peak {watch.peak_rss:.0f} MB"
