@@ -1,14 +1,20 @@
 """On-disk adapter formats. Each module owns one format: `detect(dir)`, `load(dir, spec)`, `save(...)`.
 
-`load()` here is the edge: whatever the format, out comes one canonical `LoraAdapter`.
+`load()` here is the edge: whatever the format, out comes one canonical `LoraAdapter`, or an AdapterError.
+Any other exception while reading an adapter (a bug, a deep recursion, memory) becomes an AdapterFormatError
+here, so that a server marks the adapter invalid until its files change instead of answering 500 and
+retrying the same files on every request.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
-from trtllm_peft.errors import AdapterFormatError
+from trtllm_peft.errors import AdapterError, AdapterFormatError
 from trtllm_peft.lora import LoraAdapter, ModelSpec, fit_to_spec
 
 
@@ -43,13 +49,32 @@ def detect(path: str | Path) -> str:
 
 def load(path: str | Path, spec: ModelSpec | None = None) -> LoraAdapter:
     """Read the adapter in directory `path`, whatever its format. TensorRT-LLM files need `spec`."""
-    fmt = detect(path)
-    return _registry()[fmt].load(Path(path), spec)
+    with adapter_errors(path):
+        fmt = detect(path)
+        return _registry()[fmt].load(Path(path), spec)
 
 
 def load_for_engine(path: str | Path, spec: ModelSpec) -> LoraAdapter:
     """Read and fit to the engine: fused modules split, every incompatibility raised at once."""
-    return fit_to_spec(load(path, spec), spec)
+    adapter = load(path, spec)
+    with adapter_errors(path):
+        return fit_to_spec(adapter, spec)
+
+
+@contextlib.contextmanager
+def adapter_errors(path: str | Path) -> Iterator[None]:
+    """Every exception but an AdapterError becomes one, naming its kind (never the files' content)."""
+    try:
+        yield
+    except AdapterError:
+        raise
+    except RecursionError:
+        raise AdapterFormatError(path, "nested too deeply to read (a hostile or corrupt file?)") from None
+    except MemoryError:
+        raise AdapterFormatError(path, "needs more memory to read than there is (corrupt sizes?)") from None
+    except Exception as e:
+        logging.getLogger(__name__).debug("reading adapter %s failed", path, exc_info=True)
+        raise AdapterFormatError(path, f"could not be read ({type(e).__name__})") from None
 
 
 def save(adapter: LoraAdapter, out: str | Path, fmt: str, spec: ModelSpec) -> list[Path]:
