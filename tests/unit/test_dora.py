@@ -168,3 +168,18 @@ def test_a_dora_row_too_short_for_its_magnitude_is_refused(peft_dora, tiny_spec,
         unpack(
             packed.weights[:, :-1], packed.config, tiny_spec
         )  # every row is full: the magnitude loses a value
+
+
+def test_the_widest_dora_row_is_within_the_npy_read_limits(tiny_spec):
+    """A max-rank DoRA row on the widest module (r·(in + out) + out values) is not refused as too wide."""
+    from trtllm_peft.formats.trtllm import max_row_width
+    from trtllm_peft.lora import LoraWeights
+    from trtllm_peft.lora.pack import row_size
+
+    r = tiny_spec.max_lora_rank
+    for module in tiny_spec.lora_target_modules:
+        d_in, d_out = tiny_spec.module_dims(module)
+        w = LoraWeights(
+            torch.zeros(r, d_in), torch.zeros(d_out, r), magnitude=torch.ones(d_out), normalized=True
+        )
+        assert row_size(w) <= max_row_width(tiny_spec)

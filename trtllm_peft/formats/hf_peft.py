@@ -19,6 +19,7 @@ import torch
 from trtllm_peft.errors import AdapterFormatError
 from trtllm_peft.formats import safe_io
 from trtllm_peft.formats.hf_peft_config import CONFIG_NAME, HfLoraConfig, alpha_for, read_config, write_config
+from trtllm_peft.formats.limits import ReadLimits
 from trtllm_peft.lora.adapter import Key, LoraAdapter, LoraWeights
 from trtllm_peft.lora.modules import HF_PARENT, HF_TO_TRTLLM, TRTLLM_TO_HF
 from trtllm_peft.lora.spec import ModelSpec
@@ -76,7 +77,8 @@ def detect(path: Path) -> bool:
 def load(path: Path, spec: ModelSpec | None = None) -> LoraAdapter:
     """Read a PEFT LoRA adapter; every problem is reported at once in an AdapterFormatError.
 
-    `spec` is not needed (the file is self-describing); fitting to an engine is lora.fit_to_spec's job.
+    `spec` is not needed (the file is self-describing; fitting to an engine is lora.fit_to_spec's job), but
+    bounds what is read: no tensor larger than the engine's largest LoRA tensor is read (limits.py).
     """
     path = Path(path)
     if not path.is_dir():
@@ -89,8 +91,9 @@ def load(path: Path, spec: ModelSpec | None = None) -> LoraAdapter:
     if weights_path is None:
         problems.add(f"missing adapter weights: expected {' or '.join(WEIGHT_FILES)}")
         raise AdapterFormatError(path, problems.render())
-    tensors = _read_weights(weights_path)
-    stale = _disagreement(path, tensors) if weights_path.suffix == ".safetensors" else None
+    limits = ReadLimits.for_spec(spec)  # sizes checked from the headers before any tensor is read
+    tensors = _read_weights(weights_path, limits)
+    stale = _disagreement(path, tensors, limits) if weights_path.suffix == ".safetensors" else None
     if stale:
         problems.add(stale)
     pairs = _lora_pairs(tensors, problems)
@@ -105,19 +108,19 @@ def load(path: Path, spec: ModelSpec | None = None) -> LoraAdapter:
     )
 
 
-def _read_weights(weights_path: Path) -> dict:
+def _read_weights(weights_path: Path, limits: ReadLimits) -> dict:
     if weights_path.suffix == ".safetensors":
-        return safe_io.read_safetensors(weights_path)
-    return safe_io.torch_load(weights_path)
+        return safe_io.read_safetensors(weights_path, limits)
+    return safe_io.torch_load(weights_path, limits)
 
 
-def _disagreement(path: Path, tensors: dict) -> str | None:
+def _disagreement(path: Path, tensors: dict, limits: ReadLimits) -> str | None:
     """PEFT reads safetensors and ignores a .bin beside it; if the two differ, nobody knows which adapter
     the user meant (a half-finished re-export?), so a .bin that disagrees is a problem, not a detail."""
     bin_path = path / WEIGHT_FILES[1]
     if not bin_path.is_file():
         return None
-    other = safe_io.torch_load(bin_path)
+    other = safe_io.torch_load(bin_path, limits)
     differ = sorted(
         k
         for k in set(tensors) | set(other)

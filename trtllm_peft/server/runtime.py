@@ -56,7 +56,10 @@ class Runtime:
         loop = asyncio.get_running_loop()
         tokenizer = await asyncio.to_thread(Tokenizer, engine.path)
         executor: Executor = await asyncio.to_thread(executor_factory, settings, engine)
-        catalog = Catalog(Path(settings.peft_source) if settings.peft_source else None)
+        catalog = Catalog(
+            Path(settings.peft_source) if settings.peft_source else None,
+            follow_symlinks=settings.follow_symlinks,
+        )
         await asyncio.to_thread(catalog.scan)
         host_cache = HostCache(spec.cache_units(settings.max_cpu_loras))  # the engine's max rank
         metrics = Metrics(max_lora=settings.max_gpu_loras)
