@@ -225,3 +225,15 @@ def test_hf_lora_convert_without_a_base_model_refuses_dora_with_the_way_out(peft
     spec.loader.exec_module(module)
     assert module.main(["-i", str(peft_dora[0]), "-o", str(tmp_path / "o"), "--storage-type", "float32"]) == 2
     assert "trtllm-peft convert --to trtllm --base" in capsys.readouterr().err
+
+
+def test_inspect_reports_dora_and_its_form(peft_dora, tiny_spec, base_dir, tmp_path):
+    from trtllm_peft.inspect_adapter import inspect, render
+
+    report = inspect(peft_dora[0], tiny_spec)
+    assert report.ok and report.dora == "trained" and "DoRA      magnitudes trained" in render(report)
+    formats.save(formats.load(peft_dora[0]), tmp_path / "t", "trtllm", tiny_spec, BaseWeights.open(base_dir))
+    assert inspect(tmp_path / "t", tiny_spec).dora == "normalized"
+    plain = tmp_path / "plain"
+    make_peft_adapter(plain)
+    assert inspect(plain, tiny_spec).dora is None
