@@ -112,7 +112,7 @@ class Server:
         log: Path,
         *,
         module: str = "trtllm_peft.cli",
-        ready_timeout: float = 180,
+        ready_timeout: float = 600,  # a cold CPU-kernel compile on a loaded 2-core box takes minutes
         **env: str,
     ):
         self.port = free_port()

@@ -253,7 +253,7 @@ CASES = [
         "npy-wide-rows",
         "trtllm",
         npy_header("model.lora_weights.npy", (1, 90, 5_000_000)),
-        "rows of 5000000 values are wider than any this engine takes (2560",
+        "rows of 5000000 values are wider than any this engine takes (2816",  # rank x (in + out) + out (DoRA)
     ),
     (
         "npy-many-rows",

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 
 from trtllm_peft.errors import AdapterError, AdapterFormatError
-from trtllm_peft.lora import LoraAdapter, ModelSpec, fit_to_spec
+from trtllm_peft.lora import LoraAdapter, ModelSpec, dora, fit_to_spec
 
 
 def _registry() -> dict[str, ModuleType]:
@@ -54,11 +54,15 @@ def load(path: str | Path, spec: ModelSpec | None = None) -> LoraAdapter:
         return _registry()[fmt].load(Path(path), spec)
 
 
-def load_for_engine(path: str | Path, spec: ModelSpec) -> LoraAdapter:
-    """Read and fit to the engine: fused modules split, every incompatibility raised at once."""
+def load_for_engine(path: str | Path, spec: ModelSpec, base: dora.WeightOf | None = None) -> LoraAdapter:
+    """Read and fit to the engine: fused modules split, every incompatibility raised at once.
+
+    DoRA magnitudes come out normalized, as TensorRT-LLM's rows take them: `base` (the engine's weights,
+    engine/base_weights.py) is needed when the file holds them as trained (a PEFT adapter).
+    """
     adapter = load(path, spec)
     with adapter_errors(path):
-        return fit_to_spec(adapter, spec)
+        return dora.normalized(fit_to_spec(adapter, spec), base)
 
 
 @contextlib.contextmanager
@@ -77,8 +81,19 @@ def adapter_errors(path: str | Path) -> Iterator[None]:
         raise AdapterFormatError(path, f"could not be read ({type(e).__name__})") from None
 
 
-def save(adapter: LoraAdapter, out: str | Path, fmt: str, spec: ModelSpec) -> list[Path]:
-    """Write `adapter` in format `fmt` into directory `out`; returns the files written."""
+# The form each format stores DoRA magnitudes in (NeMo's LoRA checkpoints have none: nemo.save refuses).
+_NORMALIZED = {"hf": False, "trtllm": True}
+
+
+def save(
+    adapter: LoraAdapter, out: str | Path, fmt: str, spec: ModelSpec, base: dora.WeightOf | None = None
+) -> list[Path]:
+    """Write `adapter` in format `fmt` into directory `out`; returns the files written.
+
+    DoRA magnitudes are converted to the format's form (needs `base` when they are in the other one).
+    """
     if fmt not in FORMAT_NAMES:
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMAT_NAMES)}")
+    if fmt in _NORMALIZED:
+        adapter = dora.in_form(adapter, _NORMALIZED[fmt], base)
     return _registry()[fmt].save(adapter, Path(out), spec)

@@ -31,7 +31,6 @@ MAX_PATTERN_KEYS = 2048  # rank_pattern / alpha_pattern keys (one per module of 
 
 # Set keys whose value changes the forward pass or needs tensors that plain LoRA rows cannot hold.
 _REFUSED_IF_SET: dict[str, str] = {
-    "use_dora": "DoRA (use_dora) is not supported: its forward pass normalises the merged weight",
     "modules_to_save": "modules_to_save is not supported: the adapter carries full copies of {value} that "
     "would replace the base model's",
     "lora_bias": "lora_bias is not supported: lora_B has a bias vector",
@@ -59,6 +58,7 @@ class HfLoraConfig:
     r: int
     lora_alpha: float
     use_rslora: bool = False
+    use_dora: bool = False  # DoRA: every targeted module carries lora_magnitude_vector (hf_peft.py)
     target_modules: str | tuple[str, ...] = ()
     exclude_modules: str | tuple[str, ...] | None = None
     layers_to_transform: int | tuple[int, ...] | None = None
@@ -117,6 +117,7 @@ class HfLoraConfig:
             "r",
             "lora_alpha",
             "use_rslora",
+            "use_dora",
             "rank_pattern",
             "alpha_pattern",
             "target_modules",
@@ -180,6 +181,7 @@ def read_config(directory: Path) -> tuple[HfLoraConfig, list[str]]:
         "r": _positive_int(raw, "r", problems, required=True),
         "lora_alpha": _number(raw.get("lora_alpha", DEFAULT_ALPHA), "lora_alpha", problems),
         "use_rslora": bool(raw.get("use_rslora") or False),
+        "use_dora": bool(raw.get("use_dora") or False),
         "target_modules": _targets(raw, "target_modules", problems, required=True),
         "exclude_modules": _targets(raw, "exclude_modules", problems, required=False),
         "layers_to_transform": _layers_to_transform(raw, problems),
@@ -369,6 +371,7 @@ def write_config(
     target_modules: list[str] | str,
     layers_to_transform: list[int] | None,
     base_model: str | None,
+    use_dora: bool = False,
 ) -> None:
     """adapter_config.json that PeftModel.from_pretrained reads; per-module values go to the patterns.
 
@@ -384,6 +387,7 @@ def write_config(
         "r": r,
         "lora_alpha": alpha,
         "use_rslora": False,
+        "use_dora": use_dora,
         "target_modules": target_modules,
         "rank_pattern": {name: v for name, v in ranks.items() if v != r},
         "alpha_pattern": {name: v for name, v in alphas.items() if v != alpha},

@@ -47,6 +47,13 @@ from trtllm_peft.lora import LoraAdapter, LoraWeights, ModelSpec
 
 NEMO2_MARKER = Path("weights") / "adapter_metadata.json"
 WEIGHTS_MEMBER = "model_weights.ckpt"
+# NeMo 1.x's LoRA checkpoints (peft_scheme lora/qlora: linear_in / linear_out per adapter) have no place for
+# a magnitude vector; NeMo's DoRA is NeMo 2's nemo.collections.llm.peft.DoRA, whose checkpoints are exported to
+# Hugging Face PEFT adapters (export_lora), the format that carries it here.
+DORA_REFUSAL = (
+    "DoRA adapters cannot be written as NeMo 1.x .nemo LoRA: that format has no DoRA magnitude "
+    "(NeMo's DoRA is NeMo 2's, exported as Hugging Face PEFT); write --to hf or --to trtllm"
+)
 MAX_LISTED = 8  # distinct key problems listed before "… and N more" (a full-model .nemo has thousands)
 MAX_CONFIG_BYTES = 4 << 20  # model_config.yaml of a real NeMo model is ~10 KB
 
@@ -87,9 +94,11 @@ def load(path: Path, spec: ModelSpec | None = None) -> LoraAdapter:
 
 
 def save(adapter: LoraAdapter, out: Path, spec: ModelSpec) -> list[Path]:
-    """Write `out/<out.name>.nemo` (see nemo_writer.write)."""
+    """Write `out/<out.name>.nemo` (see nemo_writer.write). DoRA adapters are refused: see DORA_REFUSAL."""
     from trtllm_peft.formats.nemo_writer import write
 
+    if adapter.is_dora:
+        raise AdapterFormatError(out, DORA_REFUSAL)
     return write(adapter, Path(out), spec)
 
 

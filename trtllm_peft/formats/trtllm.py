@@ -19,7 +19,7 @@ from trtllm_peft.errors import AdapterFormatError
 from trtllm_peft.formats.safe_io import check_not_lfs_pointer
 from trtllm_peft.lora import LoraAdapter, LoraWeights, ModelSpec, fit_to_spec, unpack
 from trtllm_peft.lora.modules import MODULE_IDS, MODULE_NAMES
-from trtllm_peft.lora.pack import config_rows, row_order, row_size, write_scaled_b
+from trtllm_peft.lora.pack import check_normalized, config_rows, row_order, row_size, write_scaled_b
 from trtllm_peft.lora.spec import DTYPES, dtype_name
 
 WEIGHTS_FILE = "model.lora_weights.npy"
@@ -118,6 +118,7 @@ def write_npy(adapter: LoraAdapter, out: Path, dtype: str | torch.dtype) -> list
     dt = DTYPES[dtype_name(dtype)]
     _check_shapes(adapter)
     items = row_order(adapter)
+    check_normalized(items, adapter.source)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weights_path, config_path = out / WEIGHTS_FILE, out / CONFIG_FILE
@@ -213,7 +214,7 @@ class _replacing:
 
 
 def _stream_rows(f, items: list[tuple[tuple[int, str], LoraWeights]], dt: torch.dtype) -> None:
-    """The .npy header of `[1, N, W]` then each row: A, B·scale, and a seek over the padding."""
+    """The .npy header of `[1, N, W]` then each row: A, B·scale, a DoRA row's magnitude, a seek over the padding."""
     width = max((row_size(w) for _, w in items), default=0)
     itemsize = torch.empty((), dtype=dt).element_size()
     header = {
@@ -234,6 +235,8 @@ def _stream_rows(f, items: list[tuple[tuple[int, str], LoraWeights]], dt: torch.
             b = scratch[: b.numel()].view(b.shape)
             write_scaled_b(w, b)
         f.write(_raw(b))
+        if w.is_dora:
+            f.write(_raw(scratch[: w.out_features].copy_(w.magnitude.reshape(-1))))
         f.seek(start + (i + 1) * width * itemsize)  # padding: a hole, reads back as zeros
     f.truncate(start + len(items) * width * itemsize)
 
@@ -249,14 +252,16 @@ def max_rows(spec: ModelSpec) -> int:
 
 
 def max_row_width(spec: ModelSpec) -> int:
-    """Widest row an adapter of `spec` needs: max_lora_rank x (in + out) of its widest module."""
+    """Widest row an adapter of `spec` needs: max_lora_rank x (in + out) of its widest module, + out for a
+    DoRA magnitude (LoraModule::flattenedInOutSize(adapterSize, isDora))."""
     widths = []
     for module in MODULE_IDS:
         try:
-            widths.append(sum(spec.module_dims(module)))
+            d_in, d_out = spec.module_dims(module)
         except KeyError:  # a module id this architecture does not have
             continue
-    return max(spec.max_lora_rank, 1) * max(widths)
+        widths.append(max(spec.max_lora_rank, 1) * (d_in + d_out) + d_out)
+    return max(widths)
 
 
 def _check_raw_size(path: Path, most: int, what: str) -> None:
@@ -310,7 +315,7 @@ def _shape_problem(shape: tuple[int, ...], rows: int, width: int) -> str | None:
     if shape[-1] > width:
         return (
             f"rows of {shape[-1]} values are wider than any this engine takes ({width}: max_lora_rank x "
-            "(in + out) of its widest module)"
+            "(in + out) (+ out for DoRA) of its widest module)"
         )
     if shape[-2] > rows:
         return f"{shape[-2]} rows, more than this engine's adapters have ({rows}: one per layer and module)"

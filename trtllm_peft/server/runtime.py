@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trtllm_peft.engine.base_weights import BaseWeights
 from trtllm_peft.engine.engine_dir import EngineDir
 from trtllm_peft.executor.api import Executor
 from trtllm_peft.lora import ModelSpec
@@ -72,6 +73,7 @@ class Runtime:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             on_load=metrics.load_seconds.observe,
+            base_weights=await asyncio.to_thread(BaseWeights.open, engine.path),
             queue_timeout=settings.lora_queue_timeout,
             queue_size=settings.lora_queue_size,
         )

@@ -106,8 +106,12 @@ def _load_or_build() -> ModuleType | None:
 
     name = module_name()
     if (PREBUILT / f"{name}{LIB_EXT}").is_file():
-        log.info("CPU decode kernels: the ones `make install` built (%s)", PREBUILT)
-        return _import_module_from_library(name, str(PREBUILT), True)
+        try:
+            module = _import_module_from_library(name, str(PREBUILT), True)
+            log.info("CPU decode kernels: the ones `make install` built (%s)", PREBUILT)
+            return module
+        except (ImportError, OSError) as exc:  # built against another torch: build again below
+            log.warning("CPU decode kernels in %s do not load (%s): building them", PREBUILT, exc)
     log.info("loading the CPU decode kernels (compiled once per machine, ~1 min the first time)")
     try:
         return build(Path(_get_build_directory(name, verbose=False)), name)
