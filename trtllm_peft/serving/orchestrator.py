@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from trtllm_peft import formats
 from trtllm_peft.errors import AdapterError, TrtllmPeftError
 from trtllm_peft.executor.api import (
@@ -140,10 +142,12 @@ class Orchestrator:
         pad_token_id: int | None = None,
         on_load: Callable[[float], None] | None = None,
         loaders: int = 2,
+        base_weights: Callable[[int, str], torch.Tensor] | None = None,
         queue_timeout: float = 0.0,
         queue_size: int = 0,
     ):
         self.spec, self.base_model_id, self.catalog = spec, base_model_id, catalog
+        self.base_weights = base_weights  # W per (layer, module): DoRA's norms, once per adapter load
         self.host_cache, self.client = host_cache, client
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self._pool = ThreadPoolExecutor(max_workers=loaders, thread_name_prefix="adapter-load")
@@ -331,7 +335,7 @@ class Orchestrator:
     def _load(self, entry: AdapterEntry) -> PackedLora:
         """Read, validate and pack one adapter (in a worker thread)."""
         start = time.perf_counter()
-        adapter = formats.load_for_engine(entry.path, self.spec)
+        adapter = formats.load_for_engine(entry.path, self.spec, self.base_weights)
         packed = pack(adapter, self.spec.dtype)
         elapsed = time.perf_counter() - start
         log.info(
