@@ -58,6 +58,7 @@ class Settings:
     )
     enable_chunked_context: bool = True  # TRTLLM_PEFT_ENABLE_CHUNKED_CONTEXT: prefill long prompts in chunks
     max_num_tokens: int | None = None  # TRTLLM_PEFT_MAX_NUM_TOKENS: tokens per engine iteration (engine's)
+    tool_call_parser: str = "auto"  # TRTLLM_PEFT_TOOL_CALL_PARSER: hermes | llama3_json | mistral | auto
     # `trtllm-peft pull`. Secrets are kept out of repr() so that logging a Settings never leaks them.
     hf_token: str | None = field(default=None, repr=False)  # HF_TOKEN (or HUGGING_FACE_HUB_TOKEN)
     hf_endpoint: str = "https://huggingface.co"  # HF_ENDPOINT: the Hugging Face Hub (or a mirror)
@@ -82,6 +83,12 @@ class Settings:
             cache_path=reader.path("NIM_CACHE_PATH"),
             engine_dir=reader.path("TRTLLM_PEFT_ENGINE_DIR") or cls.engine_dir,
             backend=reader.choice("TRTLLM_PEFT_BACKEND", "auto", BACKENDS, upper=False),
+            tool_call_parser=reader.choice(
+                "TRTLLM_PEFT_TOOL_CALL_PARSER",
+                "auto",
+                ("auto", "hermes", "llama3_json", "mistral"),
+                upper=False,
+            ),
             cpu_kernels=reader.boolean("TRTLLM_PEFT_CPU_KERNELS", default=True),
             follow_symlinks=reader.choice(
                 "TRTLLM_PEFT_FOLLOW_SYMLINKS", "inside", SYMLINK_POLICIES, upper=False

@@ -21,7 +21,14 @@ import torch
 
 from trtllm_peft import formats
 from trtllm_peft.errors import AdapterError, TrtllmPeftError
-from trtllm_peft.executor.api import FinishReason, LoraConfig, OutputConfig, Request, SamplingConfig
+from trtllm_peft.executor.api import (
+    FinishReason,
+    GuidedDecodingParams,
+    LoraConfig,
+    OutputConfig,
+    Request,
+    SamplingConfig,
+)
 from trtllm_peft.executor.errors import ErrorKind, classify
 from trtllm_peft.lora import ModelSpec, PackedLora, pack
 from trtllm_peft.serving.catalog import AdapterEntry, Catalog
@@ -67,6 +74,7 @@ class GenerationParams:
     frequency_penalty: float | None = None
     ignore_eos: bool = False
     logprobs: bool = False
+    guided: GuidedDecodingParams | None = None  # structured output / forced tool calls (executor/guided.py)
 
     def sampling_config(self) -> SamplingConfig:
         # TensorRT-LLM samples only when top_k or top_p is set: OpenAI's default is sampling with
@@ -213,6 +221,7 @@ class Orchestrator:
             end_id=None if params.ignore_eos else self.eos_token_id,
             pad_id=self.pad_token_id,
             lora_config=self._lora_config(entry, packed, with_weights=False) if entry else None,
+            guided_decoding_params=params.guided,
         )
         resent, first = False, True
         while True:
