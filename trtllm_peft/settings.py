@@ -51,6 +51,8 @@ class Settings:
     hf_token: str | None = field(default=None, repr=False)  # HF_TOKEN (or HUGGING_FACE_HUB_TOKEN)
     hf_endpoint: str = "https://huggingface.co"  # HF_ENDPOINT: the Hugging Face Hub (or a mirror)
     ngc_api_key: str | None = field(default=None, repr=False)  # NGC_API_KEY (or NGC_CLI_API_KEY)
+    # TRTLLM_PEFT_API_KEY: when set, /v1/* and /v2/* (health routes excepted) need `Authorization: Bearer <key>`
+    api_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -79,6 +81,7 @@ class Settings:
             hf_token=reader.text("HF_TOKEN", fallback="HUGGING_FACE_HUB_TOKEN"),
             hf_endpoint=reader.url("HF_ENDPOINT") or cls.hf_endpoint,
             ngc_api_key=reader.text("NGC_API_KEY", fallback="NGC_CLI_API_KEY"),
+            api_key=reader.text("TRTLLM_PEFT_API_KEY"),
         )
         reader.raise_if_errors()
         settings = cls(**values)

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 
 from trtllm_peft import __version__
 from trtllm_peft.errors import TrtllmPeftError
+from trtllm_peft.server.edge import edge_middleware
 from trtllm_peft.server.openai_routes import router as openai_router
 from trtllm_peft.server.runtime import Runtime
 from trtllm_peft.server.schemas import error_body
@@ -45,6 +46,7 @@ def create_app(settings: Settings, executor_factory) -> FastAPI:
     app.include_router(triton_router)
     _add_management_routes(app)
     _add_error_handlers(app)
+    app.middleware("http")(edge_middleware(settings.api_key))
     return app
 
 
@@ -54,16 +56,19 @@ def _add_management_routes(app: FastAPI) -> None:
         return {"object": "health.response", "message": "live"}
 
     @app.get("/v1/health/ready")
+    @app.get("/health")  # vLLM's path (probes written for vLLM)
     async def ready(request: Request):
         if getattr(request.app.state, "runtime", None) is None:
             return JSONResponse({"object": "health.response", "message": "not ready"}, status_code=503)
         return {"object": "health.response", "message": "ready"}
 
     @app.get("/v1/version")
+    @app.get("/version")  # vLLM's path; `version` is vLLM's key
     async def version():
-        return {"release": __version__, "api": "1.0.0"}
+        return {"release": __version__, "api": "1.0.0", "version": __version__}
 
     @app.get("/v1/metrics")
+    @app.get("/metrics")  # vLLM's path, scraped by default by the Gateway API Inference Extension
     async def metrics(request: Request):
         rt: Runtime | None = getattr(request.app.state, "runtime", None)
         if rt is None:

@@ -15,8 +15,15 @@ from fastapi.responses import StreamingResponse
 
 from trtllm_peft.errors import TrtllmPeftError
 from trtllm_peft.server.generation import Generation, Piece, Sequence
+from trtllm_peft.server.openai_logprobs import CompletionLogprobs, chat_logprobs, merge_blocks
 from trtllm_peft.server.runtime import Runtime
-from trtllm_peft.server.schemas import ChatCompletionRequest, CompletionRequest, Usage, _Sampling
+from trtllm_peft.server.schemas import (
+    MAX_CHOICES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Usage,
+    _Sampling,
+)
 from trtllm_peft.serving.orchestrator import GenerationParams
 
 router = APIRouter()
@@ -75,7 +82,13 @@ def _card(model_id: str, root: str, created: float) -> dict[str, Any]:
 
 
 def _params(
-    rt: Runtime, body: _Sampling, prompt_len: int, max_tokens: int | None, logprobs: bool
+    rt: Runtime,
+    body: _Sampling,
+    prompt_len: int,
+    max_tokens: int | None,
+    *,
+    top_logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
 ) -> GenerationParams:
     limit = rt.max_model_len
     if prompt_len >= limit:
@@ -102,34 +115,83 @@ def _params(
         presence_penalty=body.presence_penalty or None,
         frequency_penalty=body.frequency_penalty or None,
         ignore_eos=bool(body.ignore_eos or (nv and nv.ignore_eos)),
-        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        prompt_logprobs=prompt_logprobs,
+        **_logit_controls(rt, body),
     )
 
 
-async def _start(rt: Runtime, body: _Sampling, prompt_ids: list[int], params: GenerationParams) -> Generation:
+def _vocab(rt: Runtime) -> int:
+    return rt.orchestrator.spec.vocab_size
+
+
+def _logit_controls(rt: Runtime, body: _Sampling) -> dict[str, Any]:
+    """logit_bias, min_tokens, stop_token_ids, bad_words in engine terms; 400 naming a bad id."""
+    vocab = _vocab(rt)
+    bias = []
+    for key, value in (body.logit_bias or {}).items():
+        token = int(key) if key.lstrip("-").isdigit() else None
+        if token is None or not 0 <= token < vocab:
+            raise BadRequestError(f"logit_bias key {key!r} is not a token id: token ids are 0 to {vocab - 1}")
+        bias.append((token, float(value)))
+    bad_ids = [t for t in body.stop_token_ids if not 0 <= t < vocab]
+    if bad_ids:
+        raise BadRequestError(f"stop_token_ids: {bad_ids[0]} is not a token id (0 to {vocab - 1})")
+    return {
+        "logit_bias": tuple(bias),
+        "min_tokens": body.min_tokens,
+        "stop_token_ids": tuple(body.stop_token_ids),
+        "bad_words": _bad_words(rt, body.bad_words),
+    }
+
+
+def _bad_words(rt: Runtime, words: list[str]) -> tuple[tuple[int, ...], ...]:
+    """Each word's token ids, alone and after a space (as vLLM tokenizes bad_words)."""
+    out: list[tuple[int, ...]] = []
+    for word in words:
+        if not word or len(word) > 256:
+            raise BadRequestError("bad_words: each word must have 1 to 256 characters")
+        for variant in (word, " " + word.lstrip()):
+            ids = tuple(rt.tokenizer.encode(variant, add_special_tokens=False))
+            if ids and ids not in out:
+                out.append(ids)
+    return tuple(out)
+
+
+async def _start(
+    rt: Runtime, body: _Sampling, prompts: list[list[int]], params: GenerationParams
+) -> Generation:
+    """Every prompt × n sequences submitted together (they batch in the engine)."""
     gen = Generation(
         rt.orchestrator,
         rt.tokenizer,
         rt.metrics,
         model=body.model,
-        prompt_ids=prompt_ids,
+        prompts=prompts,
         params=params,
         stops=body.stop,
         n=body.n,
     )
     await gen.start()
-    rt.metrics.prompt_tokens.labels(body.model).inc(len(prompt_ids) * body.n)
-    rt.metrics.request_prompt.labels(body.model).observe(len(prompt_ids))
+    for p in prompts:
+        rt.metrics.prompt_tokens.labels(body.model).inc(len(p) * body.n)
+        rt.metrics.request_prompt.labels(body.model).observe(len(p))
     return gen
 
 
-def _usage(prompt_len: int, gen: Generation, n: int) -> dict[str, int]:
-    prompt = prompt_len * n
+def _usage(prompt_tokens: int, gen: Generation) -> dict[str, int]:
+    """Each prompt counted once, whatever n (as OpenAI and vLLM count); completion tokens of all choices."""
     return Usage(
-        prompt_tokens=prompt,
+        prompt_tokens=prompt_tokens,
         completion_tokens=gen.completion_tokens,
-        total_tokens=prompt + gen.completion_tokens,
+        total_tokens=prompt_tokens + gen.completion_tokens,
     ).model_dump()
+
+
+def _response_id(request: Request, prefix: str) -> str:
+    """`<prefix>-<X-Request-Id>` when the client sent one (vLLM's rule), else a random one."""
+    rid = request.headers.get("x-request-id")
+    return f"{prefix}-{rid}" if rid else f"{prefix}-{uuid.uuid4().hex}"
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
@@ -142,89 +204,106 @@ def _sse(obj: dict[str, Any]) -> bytes:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     rt = _rt(request)
-    prompt_ids, prompt_text = _completion_prompt(rt, body.prompt)
-    params = _params(rt, body, len(prompt_ids), body.max_tokens or 16, body.logprobs is not None)
-    gen = await _start(rt, body, prompt_ids, params)
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    echo = prompt_text if body.echo else ""
+    prompts = _completion_prompts(rt, body.prompt)
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise BadRequestError(f"{len(prompts)} prompts × n={body.n} is more than {MAX_CHOICES} choices")
+    longest = max(prompts, key=len)[0]
+    k = body.logprobs
+    params = _params(
+        rt,
+        body,
+        len(longest),
+        body.max_tokens or 16,
+        top_logprobs=k,
+        prompt_logprobs=k if body.echo and k is not None else None,
+    )
+    gen = await _start(rt, body, [ids for ids, _ in prompts], params)
+    rid, created = _response_id(request, "cmpl"), int(time.time())
+    echoes = [text if body.echo else "" for _, text in prompts]
+    prompt_tokens = sum(len(ids) for ids, _ in prompts)
     if body.stream:
-        return _stream(_completion_chunks(rt, body, gen, rid, created, echo, len(prompt_ids)))
+        return _stream(_completion_chunks(rt, body, gen, rid, created, echoes, prompt_tokens))
     seqs = await _collect(request, gen)
-    choices = [
-        {
-            "index": s.index,
-            "text": echo + s.text,
-            "finish_reason": s.finish_reason,
-            "stop_reason": None,
-            "logprobs": _completion_logprobs(rt, s.token_ids, s.logprobs)
-            if body.logprobs is not None
-            else None,
-        }
-        for s in seqs
-    ]
+    choices = []
+    for s in seqs:
+        echo = echoes[s.index // body.n]
+        choices.append(
+            {
+                "index": s.index,
+                "text": echo + s.text,
+                "finish_reason": s.finish_reason,
+                "stop_reason": None,
+                "logprobs": _completion_block(rt, gen, body, s.index, s.token_ids, s.top, body.echo),
+            }
+        )
     return {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": body.model,
         "choices": choices,
-        "usage": _usage(len(prompt_ids), gen, body.n),
+        "usage": _usage(prompt_tokens, gen),
     }
 
 
-def _completion_prompt(rt: Runtime, prompt) -> tuple[list[int], str]:
-    if isinstance(prompt, str):
-        return rt.tokenizer.encode(prompt), prompt
-    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-        return list(prompt), rt.tokenizer.decode(list(prompt))
-    if isinstance(prompt, list) and len(prompt) == 1:
-        return _completion_prompt(rt, prompt[0])
-    raise BadRequestError("one prompt per request: send a string or a list of token ids")
+def _completion_prompts(rt: Runtime, prompt) -> list[tuple[list[int], str]]:
+    """(token ids, text) of each prompt: a string, a list of strings, token ids, or a list of token-id lists."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+        prompt = [prompt]
+    if len(prompt) > MAX_CHOICES:
+        raise BadRequestError(f"at most {MAX_CHOICES} prompts in one request")
+    vocab, out = _vocab(rt), []
+    for p in prompt:
+        if isinstance(p, str):
+            out.append((rt.tokenizer.encode(p), p))
+            continue
+        bad = next((t for t in p if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise BadRequestError(f"prompt token id {bad} is out of range: token ids are 0 to {vocab - 1}")
+        out.append((list(p), rt.tokenizer.decode(list(p))))
+    if any(not ids for ids, _ in out):
+        raise BadRequestError("prompt must not be empty")
+    return out
+
+
+def _completion_block(
+    rt, gen: Generation, body, index: int, token_ids, top, with_prompt: bool, logprobs=None
+):
+    """`choices[i].logprobs` of a completion (the echoed prompt's first when `with_prompt`)."""
+    if body.logprobs is None:
+        return None
+    builder = logprobs or CompletionLogprobs(rt.tokenizer)
+    block = None
+    if with_prompt:
+        prompt_ids = gen.prompts[index // body.n]
+        block = builder.block(prompt_ids, gen.prompt_logprobs[index // body.n])
+    return merge_blocks(block, builder.block(token_ids, top))
 
 
 async def _completion_chunks(
-    rt, body, gen: Generation, rid, created, echo, prompt_len
+    rt, body, gen: Generation, rid, created, echoes: list[str], prompt_tokens: int
 ) -> AsyncIterator[bytes]:
     base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
-    echoed: set[int] = set()
+    builders: dict[int, CompletionLogprobs] = {}
     async for p in gen.stream():
-        text = p.text
-        if echo and p.index not in echoed:
-            echoed.add(p.index)
-            text = echo + text
-        logprobs = _completion_logprobs(rt, p.token_ids, p.logprobs) if body.logprobs is not None else None
-        yield _sse(
-            {
-                **base,
-                "choices": [
-                    {
-                        "index": p.index,
-                        "text": text,
-                        "logprobs": logprobs,
-                        "finish_reason": p.finish_reason,
-                        "stop_reason": None,
-                    }
-                ],
-            }
-        )
+        text, logprobs = p.text, None
+        first = p.index not in builders
+        builder = builders.setdefault(p.index, CompletionLogprobs(rt.tokenizer))
+        echo = echoes[p.index // body.n] if first else ""
+        if body.logprobs is not None:
+            with_prompt = first and body.echo
+            logprobs = _completion_block(rt, gen, body, p.index, p.token_ids, p.top, with_prompt, builder)
+        choice = {
+            "index": p.index,
+            "text": echo + text,
+            "logprobs": logprobs,
+            "finish_reason": p.finish_reason,
+            "stop_reason": None,
+        }
+        yield _sse({**base, "choices": [choice]})
     if body.stream_options and body.stream_options.include_usage:
-        yield _sse({**base, "choices": [], "usage": _usage(prompt_len, gen, body.n)})
+        yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, gen)})
     yield b"data: [DONE]\n\n"
-
-
-def _completion_logprobs(rt: Runtime, token_ids: list[int], logprobs: list[float] | None) -> dict[str, Any]:
-    tokens = [rt.tokenizer.token_text(t) for t in token_ids]
-    lps = list(logprobs or [None] * len(tokens))
-    offsets, pos = [], 0
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t)
-    return {
-        "tokens": tokens,
-        "token_logprobs": lps,
-        "text_offset": offsets,
-        "top_logprobs": [{t: lp} if lp is not None else None for t, lp in zip(tokens, lps, strict=True)],
-    }
 
 
 # ---- /v1/chat/completions --------------------------------------------------------------------------------
@@ -233,15 +312,18 @@ def _completion_logprobs(rt: Runtime, token_ids: list[int], logprobs: list[float
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     rt = _rt(request)
+    if body.n > MAX_CHOICES:
+        raise BadRequestError(f"n={body.n} is more than {MAX_CHOICES} choices")
     try:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [_message(m) for m in body.messages]
         prompt = rt.tokenizer.apply_chat_template(messages)
     except ValueError as e:
         raise BadRequestError(str(e)) from None
-    want_lp = body.logprobs
-    params = _params(rt, body, len(prompt.token_ids), body.max_completion_tokens or body.max_tokens, want_lp)
-    gen = await _start(rt, body, prompt.token_ids, params)
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    k = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    params = _params(rt, body, len(prompt.token_ids), max_tokens, top_logprobs=k)
+    gen = await _start(rt, body, [prompt.token_ids], params)
+    rid, created = _response_id(request, "chatcmpl"), int(time.time())
     if body.stream:
         return _stream(_chat_chunks(rt, body, gen, rid, created, len(prompt.token_ids)))
     seqs: list[Sequence] = await _collect(request, gen)
@@ -249,7 +331,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         {
             "index": s.index,
             "message": {"role": "assistant", "content": s.text},
-            "logprobs": _chat_logprobs(rt, s.token_ids, s.logprobs) if want_lp else None,
+            "logprobs": chat_logprobs(rt.tokenizer, s.top) if k is not None else None,
             "finish_reason": s.finish_reason,
             "stop_reason": None,
         }
@@ -261,8 +343,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         "created": created,
         "model": body.model,
         "choices": choices,
-        "usage": _usage(len(prompt.token_ids), gen, body.n),
+        "usage": _usage(len(prompt.token_ids), gen),
     }
+
+
+def _message(m) -> dict[str, Any]:
+    out = {"role": m.role, "content": m.text()}
+    if m.name is not None:
+        out["name"] = m.name
+    return out
 
 
 async def _chat_chunks(rt, body, gen: Generation, rid, created, prompt_len) -> AsyncIterator[bytes]:
@@ -284,7 +373,7 @@ async def _chat_chunks(rt, body, gen: Generation, rid, created, prompt_len) -> A
     async for p in gen.stream():
         yield _sse({**base, "choices": [_chat_delta(rt, body, p)]})
     if body.stream_options and body.stream_options.include_usage:
-        yield _sse({**base, "choices": [], "usage": _usage(prompt_len, gen, body.n)})
+        yield _sse({**base, "choices": [], "usage": _usage(prompt_len, gen)})
     yield b"data: [DONE]\n\n"
 
 
@@ -292,18 +381,9 @@ def _chat_delta(rt: Runtime, body: ChatCompletionRequest, p: Piece) -> dict[str,
     return {
         "index": p.index,
         "delta": {"content": p.text} if p.text else {},
-        "logprobs": _chat_logprobs(rt, p.token_ids, p.logprobs) if body.logprobs else None,
+        "logprobs": chat_logprobs(rt.tokenizer, p.top or []) if body.logprobs else None,
         "finish_reason": p.finish_reason,
     }
-
-
-def _chat_logprobs(rt: Runtime, token_ids: list[int], logprobs: list[float] | None) -> dict[str, Any]:
-    content = []
-    for t, lp in zip(token_ids, logprobs or [None] * len(token_ids), strict=True):
-        text = rt.tokenizer.token_text(t)
-        entry = {"token": text, "logprob": lp, "bytes": list(text.encode())}
-        content.append({**entry, "top_logprobs": [entry] if lp is not None else []})
-    return {"content": content}
 
 
 async def _collect(request: Request, gen: Generation) -> list[Sequence]:
