@@ -14,9 +14,8 @@ import logging
 import re
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
 
-from trtllm_peft.server.schemas import error_body
+from trtllm_peft.server.http_errors import error_response
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +37,18 @@ def edge_middleware(api_key: str | None):
 
     async def edge(request: Request, call_next):
         rid = request.headers.get("x-request-id")
+        path = request.url.path
         if rid is not None and not REQUEST_ID.fullmatch(rid):
-            body = error_body("X-Request-Id must be 1 to 128 visible ASCII characters", 400, "X-Request-Id")
-            return JSONResponse(body, status_code=400)
-        if (
-            api_key
-            and needs_key(request.url.path)
-            and not authorized(request.headers.get("authorization"), api_key)
-        ):
-            body = error_body("missing or wrong API key: send 'Authorization: Bearer <key>'", 401)
-            return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            message = "X-Request-Id must be 1 to 128 visible ASCII characters"
+            return error_response(path, message, 400, "X-Request-Id")
+        if api_key and needs_key(path) and not authorized(request.headers.get("authorization"), api_key):
+            response = error_response(
+                path, "missing or wrong API key: send 'Authorization: Bearer <key>'", 401
+            )
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
         if rid is not None:
-            log.info("request %s: %s %s", rid, request.method, request.url.path)
+            log.info("request %s: %s %s", rid, request.method, path)
         response = await call_next(request)
         if rid is not None:
             response.headers["X-Request-Id"] = rid

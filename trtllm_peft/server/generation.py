@@ -9,10 +9,11 @@ string) closes the sequence, which cancels its engine request.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from trtllm_peft.errors import TrtllmPeftError
 from trtllm_peft.serving.logprobs import TokenLogprob
@@ -70,13 +71,11 @@ class Generation:
 
     async def start(self) -> None:
         """Open every sequence and await their first pieces together (one batch for the engine); raises
-        TrtllmPeftError before anything is sent."""
+        TrtllmPeftError before anything is sent. Choice j of each prompt samples with seed + j."""
+        seeds = choice_seeds(self.params.seed, self.per_prompt)
         try:
             for i in range(self.n):
-                params = self.params
-                j = i % self.per_prompt
-                if params.seed is not None and j:
-                    params = _with_seed(params, params.seed + j)  # n samples, not n copies of one
+                params = replace(self.params, seed=seeds[i % self.per_prompt])
                 self._streams.append(self._pieces(i, self.prompts[i // self.per_prompt], params))
             self._firsts = list(await asyncio.gather(*(anext(s) for s in self._streams)))
         except BaseException as e:
@@ -170,7 +169,12 @@ class Generation:
         m.success.labels(*labels, reason or "abort").inc()
 
 
-def _with_seed(params: GenerationParams, seed: int) -> GenerationParams:
-    from dataclasses import replace
+SEED_SPACE = 2**64  # the engine's seed is a uint64 (TensorRT-LLM's RandomSeedType)
 
-    return replace(params, seed=seed)
+
+def choice_seeds(seed: int | None, n: int) -> list[int]:
+    """The sampling seed of each of n choices: `seed + i` when the client gave one (reproducible), else
+    a random base per request (the engine would otherwise seed every request, and every choice, with 0:
+    n identical samples, the same on every call)."""
+    base = secrets.randbits(63) if seed is None else seed
+    return [(base + i) % SEED_SPACE for i in range(n)]

@@ -15,6 +15,8 @@ from fastapi.responses import StreamingResponse
 
 from trtllm_peft.errors import TrtllmPeftError
 from trtllm_peft.server.generation import Generation, Piece, Sequence
+from trtllm_peft.server.http_errors import BadRequestError
+from trtllm_peft.server.json_body import JsonRoute
 from trtllm_peft.server.openai_logprobs import CompletionLogprobs, chat_logprobs, merge_blocks
 from trtllm_peft.server.runtime import Runtime
 from trtllm_peft.server.schemas import (
@@ -26,14 +28,12 @@ from trtllm_peft.server.schemas import (
 )
 from trtllm_peft.serving.orchestrator import GenerationParams
 
-router = APIRouter()
+router = APIRouter(route_class=JsonRoute)  # bodies checked (UTF-8, depth, Unicode) before validation
 
 
 DISCONNECT_POLL_S = 0.5
 
-
-class BadRequestError(TrtllmPeftError):
-    http_status = 400
+__all__ = ["BadRequestError", "router"]
 
 
 class ClientGoneError(TrtllmPeftError):
@@ -121,13 +121,9 @@ def _params(
     )
 
 
-def _vocab(rt: Runtime) -> int:
-    return rt.orchestrator.spec.vocab_size
-
-
 def _logit_controls(rt: Runtime, body: _Sampling) -> dict[str, Any]:
     """logit_bias, min_tokens, stop_token_ids, bad_words in engine terms; 400 naming a bad id."""
-    vocab = _vocab(rt)
+    vocab = rt.vocab_size
     bias = []
     for key, value in (body.logit_bias or {}).items():
         token = int(key) if key.lstrip("-").isdigit() else None
@@ -204,10 +200,10 @@ def _sse(obj: dict[str, Any]) -> bytes:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     rt = _rt(request)
-    prompts = _completion_prompts(rt, body.prompt)
+    prompts = await _completion_prompts(rt, body.prompt)
     if len(prompts) * body.n > MAX_CHOICES:
         raise BadRequestError(f"{len(prompts)} prompts × n={body.n} is more than {MAX_CHOICES} choices")
-    longest = max(prompts, key=len)[0]
+    longest = max((ids for ids, _ in prompts), key=len)
     k = body.logprobs
     params = _params(
         rt,
@@ -246,23 +242,26 @@ async def completions(body: CompletionRequest, request: Request):
     }
 
 
-def _completion_prompts(rt: Runtime, prompt) -> list[tuple[list[int], str]]:
-    """(token ids, text) of each prompt: a string, a list of strings, token ids, or a list of token-id lists."""
+async def _completion_prompts(rt: Runtime, prompt) -> list[tuple[list[int], str]]:
+    """(token ids, text) of each prompt: a string, a list of strings, token ids, or a list of token-id lists;
+    tokenizing runs in a thread (it can take a while)."""
     if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
         prompt = [prompt]
     if len(prompt) > MAX_CHOICES:
-        raise BadRequestError(f"at most {MAX_CHOICES} prompts in one request")
-    vocab, out = _vocab(rt), []
+        raise BadRequestError(f"at most {MAX_CHOICES} prompts in one request", param="prompt")
+    out = []
     for p in prompt:
         if isinstance(p, str):
-            out.append((rt.tokenizer.encode(p), p))
-            continue
-        bad = next((t for t in p if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise BadRequestError(f"prompt token id {bad} is out of range: token ids are 0 to {vocab - 1}")
-        out.append((list(p), rt.tokenizer.decode(list(p))))
-    if any(not ids for ids, _ in out):
-        raise BadRequestError("prompt must not be empty")
+            _check_prompt_chars(rt, len(p))
+            ids = await asyncio.to_thread(rt.tokenizer.encode, p)
+            if not ids:
+                raise BadRequestError("prompt must not be empty", param="prompt")
+            out.append((ids, p))
+        else:
+            if not p:
+                raise BadRequestError("prompt must not be empty", param="prompt")
+            _check_token_ids(rt, p)
+            out.append((list(p), await asyncio.to_thread(rt.tokenizer.decode, list(p))))
     return out
 
 
@@ -278,6 +277,37 @@ def _completion_block(
         prompt_ids = gen.prompts[index // body.n]
         block = builder.block(prompt_ids, gen.prompt_logprobs[index // body.n])
     return merge_blocks(block, builder.block(token_ids, top))
+
+
+def _check_prompt_chars(rt: Runtime, chars: int) -> None:
+    """Refuse, before tokenizing, a prompt too long to fit however it tokenizes.
+
+    No token covers more than `tokenizer.max_token_chars` characters, so a prompt of more than
+    max_model_len × that many characters has more tokens than the context holds.
+    """
+    limit = rt.max_model_len * rt.tokenizer.max_token_chars
+    if chars > limit:
+        raise BadRequestError(
+            f"This model's maximum context length is {rt.max_model_len} tokens. However, your prompt has "
+            f"{chars} characters, more than {rt.max_model_len} tokens can hold. Please reduce the length of "
+            "the prompt.",
+            param="prompt",
+        )
+
+
+def _check_token_ids(rt: Runtime, ids: list[int]) -> None:
+    if len(ids) >= rt.max_model_len:
+        raise BadRequestError(
+            f"This model's maximum context length is {rt.max_model_len} tokens. However, your prompt has "
+            f"{len(ids)} tokens. Please reduce the length of the prompt.",
+            param="prompt",
+        )
+    vocab = rt.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise BadRequestError(
+            f"token id {bad} is out of range: token ids are 0 to {vocab - 1}", param="prompt"
+        )
 
 
 async def _completion_chunks(
@@ -316,9 +346,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise BadRequestError(f"n={body.n} is more than {MAX_CHOICES} choices")
     try:
         messages = [_message(m) for m in body.messages]
-        prompt = rt.tokenizer.apply_chat_template(messages)
+        _check_prompt_chars(rt, sum(len(m["content"]) for m in messages))
+        prompt = await asyncio.to_thread(rt.tokenizer.apply_chat_template, messages)
     except ValueError as e:
-        raise BadRequestError(str(e)) from None
+        raise BadRequestError(str(e), param="messages") from None
     k = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = _params(rt, body, len(prompt.token_ids), max_tokens, top_logprobs=k)

@@ -9,11 +9,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_CHOICES = 64  # prompts × n in one request: each is a sequence in the engine's batch
 MAX_WORDS = 64  # stop_token_ids, bad_words: each one is checked at every step
 
+INT32_MAX = 2**31 - 1  # the engine's SizeType32 (TensorRT-LLM): larger counts cannot even be passed on
+
 
 class _Request(BaseModel):
     # Nothing is silently ignored: a field we do not know (or cannot honour) is a 400 naming it. The
     # fields OpenAI clients send that change nothing here are declared, and accepted, in _ClientFields.
-    model_config = ConfigDict(extra="forbid")
+    # No float may be inf or NaN: each one reaches the sampler (`repetition_penalty: inf` would poison it).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class _ClientFields(_Request):
@@ -33,7 +36,7 @@ class _ClientFields(_Request):
 class NvExt(_Request):
     """NVIDIA's extension object (NIM): sampling knobs OpenAI lacks."""
 
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=INT32_MAX)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
 
@@ -45,17 +48,17 @@ class StreamOptions(_Request):
 
 class _Sampling(_ClientFields):
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: list[str] = Field(default_factory=list)  # OpenAI also takes one string: see _stops
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # choice i samples with seed + i (generation.py)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
-    top_k: int | None = Field(None, ge=0)  # vLLM-style top-level extras, same as nvext's
+    top_k: int | None = Field(None, ge=0, le=INT32_MAX)  # vLLM-style top-level extras, same as nvext's
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
     nvext: NvExt | None = None
@@ -100,7 +103,7 @@ class CompletionRequest(_Sampling):
     @field_validator("prompt")
     @classmethod
     def _non_empty(cls, v):
-        if isinstance(v, list) and not v:
+        if not v or (isinstance(v, list) and any(isinstance(p, str | list) and not p for p in v)):
             raise ValueError("prompt must not be empty")
         return v
 
@@ -125,7 +128,7 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     parallel_tool_calls: bool | None = None
@@ -149,6 +152,9 @@ def error_body(message: str, status: int, param: str | None = None) -> dict[str,
         400: "BadRequestError",
         401: "AuthenticationError",
         404: "NotFoundError",
+        405: "MethodNotAllowedError",
+        408: "RequestTimeoutError",
+        413: "RequestTooLargeError",
         422: "UnprocessableEntityError",
         429: "RateLimitError",
         503: "ServiceUnavailableError",

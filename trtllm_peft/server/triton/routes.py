@@ -19,6 +19,7 @@ from fastapi.routing import APIRoute
 
 from trtllm_peft import __version__
 from trtllm_peft.errors import TrtllmPeftError
+from trtllm_peft.server.json_body import parse_json
 from trtllm_peft.server.runtime import Runtime
 from trtllm_peft.server.triton.generation import Totals, TritonGeneration
 from trtllm_peft.server.triton.lora_tasks import ClientLoraTasks
@@ -149,7 +150,9 @@ async def model_ready(request: Request, model: str, version: str | None = None):
 async def infer(request: Request, model: str, version: str | None = None):
     rt = _rt(request)
     _, with_lora = _model(rt, model, version)
-    header, inputs = decode_request(await request.body(), request.headers)
+    header, inputs = decode_request(
+        await request.body(), request.headers, rt.settings.max_triton_request_bytes
+    )
     gen = await _start(request, rt, model, with_lora, inputs)
     totals = await gen.collect()
     outputs = _outputs(gen, totals, requested=_requested(header))
@@ -211,10 +214,7 @@ async def _start(
 
 
 def _json_body_inputs(rt: Runtime, model: str, with_lora: bool, raw: bytes) -> dict[str, Tensor]:
-    try:
-        body = json.loads(raw or b"{}")
-    except ValueError as e:
-        raise TritonProtocolError(f"failed to parse the request JSON: {e}") from None
+    body = parse_json(raw or b"{}")
     if not isinstance(body, dict):
         raise TritonProtocolError("the generate request must be a JSON object")
     body.pop("id", None)
