@@ -384,3 +384,17 @@ def test_api_key_guards_v1_and_v2_but_not_health(server):
         assert httpx.get(f"{server.url}{path}").status_code == 200, path
     assert "time_to_first_token_seconds" in httpx.get(f"{server.url}/metrics").text
     assert json.loads(httpx.get(f"{server.url}/version").text)["version"]
+
+
+def test_detokenizer_flushes_an_unfinished_character_at_the_end(smollm2_engine):
+    """A sequence that ends inside a multi-byte character still ends its last chunk with text (U+FFFD, as a
+    whole-sequence decode renders it): vLLM's streaming test asserts the finishing chunk's `delta.content`."""
+    from trtllm_peft.serving.tokenizer import Tokenizer
+
+    tok = Tokenizer(smollm2_engine)
+    ids = tok.encode("héllo 😀", add_special_tokens=False)
+    d = tok.stream()
+    text = "".join(d.step(i) for i in ids[:-1])  # the emoji's last byte never comes
+    assert text + d.flush() == tok.decode(ids[:-1]) and d.flush() == ""
+    d = tok.stream()
+    assert "".join(d.step(i) for i in ids) == "héllo 😀" and d.flush() == ""

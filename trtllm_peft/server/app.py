@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from trtllm_peft import __version__
 from trtllm_peft.errors import TrtllmPeftError
 from trtllm_peft.server.drain import Drain, DrainMiddleware
-from trtllm_peft.server.edge import edge_middleware
+from trtllm_peft.server.edge import EdgeMiddleware
 from trtllm_peft.server.http_errors import error_response
 from trtllm_peft.server.limits import BodyLimitMiddleware, Limits
 from trtllm_peft.server.openai_routes import router as openai_router
@@ -47,7 +47,7 @@ def create_app(settings: Settings, executor_factory) -> FastAPI:
     app.include_router(triton_router)
     _add_management_routes(app)
     _add_error_handlers(app)
-    app.middleware("http")(edge_middleware(settings.api_key))  # API key, X-Request-Id
+    app.add_middleware(EdgeMiddleware, api_key=settings.api_key)  # API key, X-Request-Id
     limits = Limits(settings.max_request_bytes, settings.max_triton_request_bytes, settings.read_timeout)
     app.add_middleware(BodyLimitMiddleware, limits=limits)
     app.state.drain = Drain()

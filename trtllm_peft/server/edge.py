@@ -13,7 +13,7 @@ import hmac
 import logging
 import re
 
-from fastapi import Request
+from starlette.datastructures import Headers, MutableHeaders
 
 from trtllm_peft.server.http_errors import error_response
 
@@ -32,26 +32,40 @@ def authorized(header: str | None, key: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
 
-def edge_middleware(api_key: str | None):
-    """The middleware function for app.middleware("http")."""
+class EdgeMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware): the body-limit and drain middlewares around it see the request
+    stream untouched."""
 
-    async def edge(request: Request, call_next):
-        rid = request.headers.get("x-request-id")
-        path = request.url.path
+    def __init__(self, app, api_key: str | None = None) -> None:
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers, path = Headers(scope=scope), scope["path"]
+        rid = headers.get("x-request-id")
+        refusal = None
         if rid is not None and not REQUEST_ID.fullmatch(rid):
-            message = "X-Request-Id must be 1 to 128 visible ASCII characters"
-            return error_response(path, message, 400, "X-Request-Id")
-        if api_key and needs_key(path) and not authorized(request.headers.get("authorization"), api_key):
-            response = error_response(
+            refusal = error_response(
+                path, "X-Request-Id must be 1 to 128 visible ASCII characters", 400, "X-Request-Id"
+            )
+        elif self.api_key and needs_key(path) and not authorized(headers.get("authorization"), self.api_key):
+            refusal = error_response(
                 path, "missing or wrong API key: send 'Authorization: Bearer <key>'", 401
             )
-            response.headers["WWW-Authenticate"] = "Bearer"
-            return response
-        if rid is not None:
-            log.info("request %s: %s %s", rid, request.method, path)
-        response = await call_next(request)
-        if rid is not None:
-            response.headers["X-Request-Id"] = rid
-        return response
+            refusal.headers["WWW-Authenticate"] = "Bearer"
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        if rid is None:
+            await self.app(scope, receive, send)
+            return
+        log.info("request %s: %s %s", rid, scope["method"], path)
 
-    return edge
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).append("X-Request-Id", rid)
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

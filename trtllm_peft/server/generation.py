@@ -146,7 +146,8 @@ class Generation:
                     self.completion_tokens += len(step.token_ids)  # current before the piece is out
                     if step.prompt is not None:
                         self.prompt_logprobs[index // self.per_prompt] = step.prompt
-                    text = stop.feed("".join(detok.step(t) for t in step.token_ids))
+                    text = "".join(detok.step(t) for t in step.token_ids)
+                    text = stop.feed(text + (detok.flush() if step.finish_reason else ""))
                     reason = "stop" if stop.stopped else step.finish_reason
                     if reason and not stop.stopped:
                         text += stop.flush()
