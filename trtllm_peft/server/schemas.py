@@ -33,7 +33,16 @@ class _ClientFields(_Request):
     service_tier: Literal["auto", "default"] | None = None
 
 
-class NvExt(_Request):
+class _Guided(_Request):
+    """Structured output as NIM (`nvext`) and vLLM (top level) name it (server/structured.py maps them)."""
+
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+
+class NvExt(_Guided):
     """NVIDIA's extension object (NIM): sampling knobs OpenAI lacks."""
 
     top_k: int | None = Field(None, ge=0, le=INT32_MAX)
@@ -41,12 +50,27 @@ class NvExt(_Request):
     ignore_eos: bool = False
 
 
+class JsonSchemaFormat(_Request):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's `response_format`: text, any JSON object, or JSON valid against `json_schema.schema`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class StreamOptions(_Request):
     include_usage: bool = False
     continuous_usage_stats: Literal[False] = False  # vLLM's per-chunk usage: not served
 
 
-class _Sampling(_ClientFields):
+class _Sampling(_ClientFields, _Guided):
     model: str
     max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -62,6 +86,7 @@ class _Sampling(_ClientFields):
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
     nvext: NvExt | None = None
+    response_format: ResponseFormat | None = None
     # OpenAI's logit_bias: token id (a string in JSON) -> bias added to its logit; ids checked in the route
     logit_bias: dict[str, float] | None = Field(None, max_length=1024)
     # vLLM's extras: min_tokens holds back the end token; stop_token_ids end the sequence (the token is
@@ -111,6 +136,8 @@ class CompletionRequest(_Sampling):
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, max_length=128)  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result answers this call
     name: str | None = Field(None, max_length=256)  # passed to the chat template, which may use it
 
     def text(self) -> str:
@@ -131,6 +158,8 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None  # server/tools.py checks them (and tool_choice) together
+    tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")

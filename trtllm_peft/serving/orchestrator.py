@@ -21,7 +21,14 @@ import torch
 
 from trtllm_peft import formats
 from trtllm_peft.errors import AdapterError, TrtllmPeftError
-from trtllm_peft.executor.api import FinishReason, LoraConfig, OutputConfig, Request, SamplingConfig
+from trtllm_peft.executor.api import (
+    FinishReason,
+    GuidedDecodingParams,
+    LoraConfig,
+    OutputConfig,
+    Request,
+    SamplingConfig,
+)
 from trtllm_peft.executor.errors import ErrorKind, classify
 from trtllm_peft.lora import ModelSpec, PackedLora, pack
 from trtllm_peft.serving.catalog import AdapterEntry, Catalog
@@ -75,6 +82,7 @@ class GenerationParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids checked against the vocabulary
     stop_token_ids: tuple[int, ...] = ()
     bad_words: tuple[tuple[int, ...], ...] = ()
+    guided: GuidedDecodingParams | None = None  # structured output / forced tool calls (executor/guided.py)
 
     def output_config(self) -> OutputConfig:
         return OutputConfig(
@@ -167,10 +175,12 @@ class Orchestrator:
         pad_token_id: int | None = None,
         on_load: Callable[[float], None] | None = None,
         loaders: int = 2,
+        base_weights: Callable[[int, str], torch.Tensor] | None = None,
         queue_timeout: float = 0.0,
         queue_size: int = 0,
     ):
         self.spec, self.base_model_id, self.catalog = spec, base_model_id, catalog
+        self.base_weights = base_weights  # W per (layer, module): DoRA's norms, once per adapter load
         self.host_cache, self.client = host_cache, client
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self._pool = ThreadPoolExecutor(max_workers=loaders, thread_name_prefix="adapter-load")
@@ -247,6 +257,7 @@ class Orchestrator:
             stop_words=params.stop_words(),
             embedding_bias=params.embedding_bias(self.spec.vocab_size),
             lora_config=self._lora_config(entry, packed, with_weights=False) if entry else None,
+            guided_decoding_params=params.guided,
         )
         resent, first = False, True
         while True:
@@ -378,7 +389,7 @@ class Orchestrator:
     def _load(self, entry: AdapterEntry) -> PackedLora:
         """Read, validate and pack one adapter (in a worker thread)."""
         start = time.perf_counter()
-        adapter = formats.load_for_engine(entry.path, self.spec)
+        adapter = formats.load_for_engine(entry.path, self.spec, self.base_weights)
         packed = pack(adapter, self.spec.dtype)
         elapsed = time.perf_counter() - start
         log.info(
