@@ -145,7 +145,8 @@ def test_health_metadata_and_repository(triton, server):
     assert inputs["lora_task_id"]["datatype"] == "UINT64"
     assert "lora_task_id" not in {i["name"] for i in triton.get_model_metadata("sql")["inputs"]}
     index = {m["name"]: m["state"] for m in triton.get_model_repository_index()}
-    assert index == {"ensemble": "READY", "tensorrt_llm_bls": "READY", "smollm2": "READY", "sql": "READY"}
+    stock = ("ensemble", "tensorrt_llm_bls", "preprocessing", "tensorrt_llm", "postprocessing")
+    assert index == {name: "READY" for name in (*stock, "smollm2", "sql")}
     with pytest.raises(InferenceServerException, match="Request for unknown model: 'nope' is not found"):
         triton.get_model_metadata("nope")
     assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
@@ -268,9 +269,9 @@ def test_generate_and_generate_stream(server):
         assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
         events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")]
     assert len(events) > 1 and "".join(e["text_output"] for e in events) == openai_text(server, "sql")
-    bad = httpx.post(f"{server.url}/v2/models/ensemble/generate", json={**body, "min_tokens": 3}, timeout=30)
+    bad = httpx.post(f"{server.url}/v2/models/ensemble/generate", json={**body, "min_length": 3}, timeout=30)
     assert bad.status_code == 400 and bad.json() == {
-        "error": "unexpected inference input 'min_tokens' for model 'ensemble'"
+        "error": "unexpected inference input 'min_length' for model 'ensemble'"
     }
     gone = httpx.post(f"{server.url}/v2/models/nope/generate", json=body, timeout=30)
     assert gone.status_code == 400 and "Request for unknown model" in gone.json()["error"]

@@ -14,6 +14,7 @@ from trtllm_peft.errors import TrtllmPeftError
 from trtllm_peft.server.openai_routes import router as openai_router
 from trtllm_peft.server.runtime import Runtime
 from trtllm_peft.server.schemas import error_body
+from trtllm_peft.server.triton.grpc_service import start_grpc
 from trtllm_peft.server.triton.routes import router as triton_router
 from trtllm_peft.settings import Settings
 
@@ -22,18 +23,26 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_S = "1"
 
 
-def create_app(settings: Settings, executor_factory) -> FastAPI:
-    """The server for `settings`; `executor_factory(settings, engine_dir) -> Executor` picks the backend."""
+def create_app(settings: Settings, executor_factory, host: str = "0.0.0.0") -> FastAPI:
+    """The server for `settings`; `executor_factory(settings, engine_dir) -> Executor` picks the backend.
+
+    The KServe v2 gRPC service (settings.grpc_port, 0 = off) runs in the same event loop, on `host`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.runtime = None
-        app.state.runtime = await Runtime.start(settings, executor_factory)
-        log.info("ready: http://0.0.0.0:%d/v1/models", settings.server_port)
+        grpc_server = None
+        if settings.grpc_port:
+            grpc_server = await start_grpc(app.state, host, settings.grpc_port)
         try:
+            app.state.runtime = await Runtime.start(settings, executor_factory)
+            log.info("ready: http://0.0.0.0:%d/v1/models", settings.server_port)
             yield
         finally:
-            await app.state.runtime.close()
+            if grpc_server is not None:
+                await grpc_server.stop(grace=2)
+            if app.state.runtime is not None:
+                await app.state.runtime.close()
 
     app = FastAPI(
         title="trtllm-peft",
