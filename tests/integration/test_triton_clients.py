@@ -407,8 +407,8 @@ def test_end_to_end_test_by_hand_equals_ensemble(protocol, grpc, http, server):
             prepare_tensor("stop_words", np.array([[""]], dtype=object), protocol),
         ]
         ensemble = client.infer("ensemble", inputs, request_id=str(i)).as_numpy("text_output")
-        assert by_hand[i][0] == ensemble[0][0]  # both carry the prompt (exclude_input_in_output unset)
-        assert ensemble[0][0].decode() == prompt + openai_text(server, prompt=prompt)
+        assert by_hand[i] == ensemble[0]  # both carry the prompt (exclude_input_in_output unset)
+        assert ensemble[0].decode() == prompt + openai_text(server, prompt=prompt)
 
 
 # ---- errors: the same texts on both protocols; a stream survives a bad request ------------------------------

@@ -37,7 +37,9 @@ def _common(
 def text_outputs(index: int, gen: TritonGeneration, done) -> dict[str, Tensor]:
     """`done`: a Totals (whole sequence) or a Chunk (one streamed piece)."""
     return {
-        "text_output": bytes_tensor("text_output", [done.text], [1, 1]),
+        # [1], not [1, 1]: postprocessing/1/model.py answers np.array(list of B×beams strings), and the stock
+        # clients read `as_numpy("text_output")[0].decode()`
+        "text_output": bytes_tensor("text_output", [done.text], [1]),
         **_common(index, gen, done.token_ids, done.logprobs),
     }
 

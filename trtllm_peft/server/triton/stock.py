@@ -123,7 +123,7 @@ def _scalar_or(inputs: dict[str, Tensor], name: str, default):
 
 
 def postprocess(tok: Tokenizer, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-    """One batch item: OUTPUT[0, beam] = decode(TOKENS_BATCH[0, beam, :SEQUENCE_LENGTH[0, beam]])."""
+    """One batch item: OUTPUT[beam] = decode(TOKENS_BATCH[0, beam, :SEQUENCE_LENGTH[0, beam]])."""
     tokens, lengths = inputs["TOKENS_BATCH"].data, inputs["SEQUENCE_LENGTH"].data  # [1, beams, T], [1, beams]
     if lengths.shape != tokens.shape[:2]:
         raise TritonProtocolError(
@@ -134,7 +134,7 @@ def postprocess(tok: Tokenizer, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         tok.decode(tokens[0, beam, : max(0, int(lengths[0, beam]))].tolist())
         for beam in range(tokens.shape[1])
     ]
-    return {"OUTPUT": bytes_tensor("OUTPUT", texts, [1, len(texts)])}
+    return {"OUTPUT": bytes_tensor("OUTPUT", texts, [len(texts)])}  # flat B×beams, as np.array(req_outputs)
 
 
 # ---- tensorrt_llm ----------------------------------------------------------------------------------------
