@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trtllm_peft.executor.torch.kv_cache import KVCache
+from trtllm_peft.executor.torch.kv import PagedKVCache
 from trtllm_peft.executor.torch.lora_ops import LoraBatch, prepare
-from trtllm_peft.executor.torch.model import LlamaModel
+from trtllm_peft.executor.torch.model import Chunk, LlamaModel
 from trtllm_peft.lora import ModelSpec, PackedLora, unpack
 
 TIE_GAP = 1e-3  # top-2 log-prob gap below which two tokens are a numerical tie
@@ -169,15 +169,18 @@ class Reference:
         self.model, self.spec, self.packed, self.prompt_ids = model, spec, packed, prompt_ids
         self.token_text, self.n = token_text, max_tokens
         self.max_len = max(len(p) for p in prompt_ids) + max_tokens + 1
-        self.kv = KVCache(
+        tpb = 32
+        width = -(-self.max_len // tpb)  # row i owns blocks i·width .. (i+1)·width - 1
+        self.kv = PagedKVCache(
             spec.num_layers,
-            BATCH,
+            BATCH * width,
+            tpb,
             model.arch.num_kv_heads,
-            self.max_len,
             model.arch.head_dim,
             model.dtype,
             model.device,
         )
+        self.tables = self.kv.tables([list(range(i * width, (i + 1) * width)) for i in range(BATCH)])
 
     def check(self, answers: list[Answer]) -> list[Verdict]:
         """A verdict per answer; divergences found in a batch are re-judged alone.
@@ -218,8 +221,12 @@ class Reference:
         ]
         lora = LoraBatch(tensors, self.spec, self.model.dtype, self.model.device)
         index = [adapters.index(a.adapter) for a in answers]
-        prompts = [torch.tensor(self.prompt_ids[a.prompt]) for a in answers]
-        logits = self.model.prefill(prompts, list(range(len(answers))), self.kv, lora, index)  # [B, V]
+        prompts = [self.prompt_ids[a.prompt] for a in answers]
+        chunks = [Chunk(self.tables[i], 0, len(p)) for i, p in enumerate(prompts)]
+        ids = torch.tensor([t for p in prompts for t in p])
+        owner = torch.tensor([index[i] for i, p in enumerate(prompts) for _ in p])
+        positions0 = torch.cat([torch.arange(len(p)) for p in prompts])
+        logits = self.model.step(ids, positions0, chunks, None, self.kv, lora, owner)  # [B, V]
         verdicts = [Verdict(a) for a in answers]
         positions = torch.tensor([len(self.prompt_ids[a.prompt]) for a in answers])
         for k in range(self.n):
@@ -227,8 +234,14 @@ class Reference:
                 self._step(v, k, lp) for v, lp in zip(verdicts, torch.log_softmax(logits, -1), strict=True)
             ]
             if k + 1 < self.n:
-                logits = self.model.decode(
-                    torch.tensor(feed), positions + k, self.kv, lora, torch.tensor(index)
+                logits = self.model.step(
+                    torch.tensor(feed),
+                    positions + k,
+                    [],
+                    self.tables[: len(answers)],
+                    self.kv,
+                    lora,
+                    torch.tensor(index),
                 )
         return verdicts
 

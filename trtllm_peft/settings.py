@@ -40,6 +40,14 @@ class Settings:
     engine_dir: Path = Path("engines/smollm2-135m")  # TRTLLM_PEFT_ENGINE_DIR: the built engine to serve
     backend: str = "auto"  # TRTLLM_PEFT_BACKEND: auto | torch | trtllm
     cpu_kernels: bool = True  # TRTLLM_PEFT_CPU_KERNELS: 0 runs the reference engine on plain torch ops only
+    enable_kv_cache_reuse: bool = (
+        False  # NIM_ENABLE_KV_CACHE_REUSE: reuse cached prompt prefixes (per adapter)
+    )
+    kv_cache_percent: float | None = (
+        None  # NIM_KVCACHE_PERCENT: share of the free memory for the KV cache (0.9)
+    )
+    enable_chunked_context: bool = True  # TRTLLM_PEFT_ENABLE_CHUNKED_CONTEXT: prefill long prompts in chunks
+    max_num_tokens: int | None = None  # TRTLLM_PEFT_MAX_NUM_TOKENS: tokens per engine iteration (engine's)
     # `trtllm-peft pull`. Secrets are kept out of repr() so that logging a Settings never leaks them.
     hf_token: str | None = field(default=None, repr=False)  # HF_TOKEN (or HUGGING_FACE_HUB_TOKEN)
     hf_endpoint: str = "https://huggingface.co"  # HF_ENDPOINT: the Hugging Face Hub (or a mirror)
@@ -66,6 +74,10 @@ class Settings:
             engine_dir=reader.path("TRTLLM_PEFT_ENGINE_DIR") or cls.engine_dir,
             backend=reader.choice("TRTLLM_PEFT_BACKEND", "auto", BACKENDS, upper=False),
             cpu_kernels=reader.boolean("TRTLLM_PEFT_CPU_KERNELS", default=True),
+            enable_kv_cache_reuse=reader.boolean("NIM_ENABLE_KV_CACHE_REUSE"),
+            kv_cache_percent=reader.fraction("NIM_KVCACHE_PERCENT"),
+            enable_chunked_context=reader.boolean("TRTLLM_PEFT_ENABLE_CHUNKED_CONTEXT", default=True),
+            max_num_tokens=reader.integer("TRTLLM_PEFT_MAX_NUM_TOKENS", None, minimum=1),
             hf_token=reader.text("HF_TOKEN", fallback="HUGGING_FACE_HUB_TOKEN"),
             hf_endpoint=reader.url("HF_ENDPOINT") or cls.hf_endpoint,
             ngc_api_key=reader.text("NGC_API_KEY", fallback="NGC_CLI_API_KEY"),
@@ -130,6 +142,19 @@ class _Reader:
             return None
         if not value >= minimum:
             self.errors.append(f"{name}={raw} must be >= {minimum} seconds (unset it to scan only at start)")
+        return value
+
+    def fraction(self, name: str) -> float | None:
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not 0.0 < value <= 1.0:
+            self.errors.append(f"{name}={raw!r} must be a number in (0, 1]")
+            return None
         return value
 
     def boolean(self, name: str, default: bool = False) -> bool:

@@ -62,7 +62,9 @@ def test_engine_dir_has_tensorrt_llms_schema_and_tokenizer(smol_engine):
         "NIM_MAX_GPU_LORAS",
         "NIM_MAX_CPU_LORAS",
     }
-    assert meta["memory_plan"]["kv_slots"] >= 1
+    plan = meta["memory_plan"]
+    assert plan["kv_num_blocks"] * plan["tokens_per_block"] >= plan["max_seq_len"]
+    assert build["plugin_config"]["tokens_per_block"] == plan["tokens_per_block"] == 32
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(smol_engine))

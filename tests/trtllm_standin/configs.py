@@ -34,6 +34,9 @@ class KvCacheConfig:
         runtime_defaults=None,
     ):
         float_arg("free_gpu_memory_fraction", free_gpu_memory_fraction)
+        int_arg("max_tokens", max_tokens, optional=True, minimum=1)
+        if not isinstance(enable_block_reuse, bool):
+            raise TypeError(f"incompatible function arguments: enable_block_reuse={enable_block_reuse!r}")
         self.enable_block_reuse, self.max_tokens = enable_block_reuse, max_tokens
         self.free_gpu_memory_fraction = free_gpu_memory_fraction
 
@@ -125,6 +128,7 @@ class ExecutorConfig:
             if value is not None and not isinstance(value, cls):
                 raise TypeError(f"incompatible function arguments: {name} must be a {cls.__name__}")
         self.max_beam_width, self.max_queue_size = max_beam_width, max_queue_size
+        self.enable_chunked_context = bool(enable_chunked_context)
         self.kv_cache_config = kv_cache_config or KvCacheConfig()
         self.peft_cache_config = peft_cache_config or PeftCacheConfig()
 

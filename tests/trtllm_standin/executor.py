@@ -44,7 +44,18 @@ class Executor:
 
         self.spec = load_spec(model_path)
         self.peft = PeftCacheManager(self.spec, executor_config.peft_cache_config)
-        self.delegate = TorchExecutor(model_path, peft_cache_config=DELEGATE_CACHE, device="cpu")
+        kv = executor_config.kv_cache_config  # the KV cache is the delegate's: reuse and sizing as configured
+        self.delegate = TorchExecutor(
+            model_path,
+            peft_cache_config=DELEGATE_CACHE,
+            device="cpu",
+            kv_cache_config=api.KvCacheConfig(
+                enable_block_reuse=kv.enable_block_reuse,
+                max_tokens=kv.max_tokens,
+                free_gpu_memory_fraction=kv.free_gpu_memory_fraction,
+            ),
+            enable_chunked_context=executor_config.enable_chunked_context,
+        )
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
         self._pending: list[tuple[int, t.Request]] = []  # admitted, waiting for device pages

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trtllm_peft.executor.torch import cpu_kernels
-from trtllm_peft.executor.torch.kv_cache import KVCache
+from trtllm_peft.executor.torch.kv import PagedKVCache
 from trtllm_peft.executor.torch.ops import KernelOps, TorchOps
 
 KERNELS = cpu_kernels.load()
@@ -91,11 +91,19 @@ def test_rms_norm_and_silu_mul_equal_torch(dtype, rows):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens_per_block", [4, 32])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 2, 4), (4, 4, 8), (8, 1, 40)])
-def test_attend_decode_equals_torch_and_writes_the_same_cache(dtype, heads, kv_heads, head_dim):
-    g = torch.Generator().manual_seed(heads * head_dim)
-    rows, max_len = 5, 48
-    positions = torch.tensor([0, 7, 31, 3, 47])  # each row at its own position, one at the last slot
+def test_attend_decode_equals_torch_and_writes_the_same_cache(
+    dtype, tokens_per_block, heads, kv_heads, head_dim
+):
+    """Through shuffled block tables (paged: a row's blocks anywhere in the pool), kernel == torch ops."""
+    g = torch.Generator().manual_seed(heads * head_dim + tokens_per_block)
+    rows, max_len, tpb = 5, 96, tokens_per_block
+    positions = torch.tensor([0, 7, 31, 3, 95])  # each row at its own position, one at the last slot
+    width = max_len // tpb
+    num_blocks = rows * width + 3
+    perm = torch.randperm(num_blocks, generator=g)[: rows * width].view(rows, width)
+    tables = perm.to(torch.int32).contiguous()
     qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
     angles = torch.outer(torch.arange(max_len).float(), torch.rand(head_dim // 2, generator=g))
     cos, sin = (
@@ -104,14 +112,19 @@ def test_attend_decode_equals_torch_and_writes_the_same_cache(dtype, heads, kv_h
     )
     caches = []
     for _ in range(2):
-        c = KVCache(2, rows, kv_heads, max_len, head_dim, dtype, "cpu")
+        c = PagedKVCache(2, num_blocks, tpb, kv_heads, head_dim, dtype, "cpu")
         c.k.copy_(torch.randn(c.k.shape, generator=g))  # stale values beyond each position must be ignored
+        c.v.copy_(torch.randn(c.v.shape, generator=g))
         caches.append(c)
     caches[1].k.copy_(caches[0].k)
     caches[1].v.copy_(caches[0].v)
     shape = (heads, kv_heads, head_dim)
-    want = TorchOps().attend_decode(qkv, cos, sin, positions, caches[0], 1, shape)
-    got = KernelOps(KERNELS).attend_decode(qkv, cos, sin, positions, caches[1], 1, shape)
+    want = TorchOps().attend_decode(qkv, cos, sin, positions, caches[0], 1, shape, tables)
+    got = KernelOps(KERNELS).attend_decode(qkv, cos, sin, positions, caches[1], 1, shape, tables)
     close(got, want, dtype)
     close(caches[1].k, caches[0].k, dtype)
     assert torch.equal(caches[1].v, caches[0].v)
+    # the written slots are where the block tables say
+    for b, p in enumerate(positions.tolist()):
+        v_in = qkv[b, (heads + kv_heads) * head_dim :].view(kv_heads, head_dim)
+        assert torch.equal(caches[1].v[1, tables[b, p // tpb], :, p % tpb], v_in)

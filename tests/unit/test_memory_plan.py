@@ -6,6 +6,7 @@ import pytest
 
 from trtllm_peft.engine.memory import num_module_layers, peft_cache_config, plan_memory, weights_bytes
 from trtllm_peft.errors import EngineError
+from trtllm_peft.executor.api import KvCacheConfig
 from trtllm_peft.lora import ModelSpec
 
 SMOL = ModelSpec(
@@ -43,11 +44,12 @@ def test_kv_cache_gets_what_the_peft_cache_leaves(loras):
     )
     plan = plan_memory(SMOL, max_gpu_loras=loras, **kw)
     assert plan.used_bytes <= plan.budget_bytes
-    assert plan.kv_bytes == plan.kv_slots * plan.max_seq_len * plan.kv_bytes_per_token
+    assert plan.kv_bytes == plan.kv_num_blocks * plan.tokens_per_block * plan.kv_bytes_per_token
     if loras > 1:
         smaller = plan_memory(SMOL, max_gpu_loras=1, **{**kw, "max_cpu_loras": 2})
         assert (
-            smaller.kv_slots >= plan.kv_slots and plan.peft_device_bytes == loras * smaller.peft_device_bytes
+            smaller.kv_num_blocks >= plan.kv_num_blocks
+            and plan.peft_device_bytes == loras * smaller.peft_device_bytes
         )
 
 
@@ -62,7 +64,7 @@ def test_lora_activations_grow_with_batch_and_rank():
 def test_host_cache_outside_the_budget_on_a_gpu():
     kw = dict(max_batch_size=64, max_seq_len=2048, max_gpu_loras=8, max_cpu_loras=32, budget_bytes=4 * 2**30)
     cpu, gpu = plan_memory(SMOL, host_in_budget=True, **kw), plan_memory(SMOL, host_in_budget=False, **kw)
-    assert gpu.kv_slots > cpu.kv_slots
+    assert gpu.kv_num_blocks > cpu.kv_num_blocks
 
 
 def test_a_budget_without_room_for_one_sequence_names_the_knobs():
@@ -79,3 +81,35 @@ def test_table_lists_every_claim():
     text = plan.table()
     for word in ("weights", "PEFT device cache", "PEFT host cache", "LoRA activations", "KV cache", "total"):
         assert word in text
+
+
+def test_kv_cache_is_the_smaller_of_max_tokens_and_the_fraction_and_never_past_the_batch_ceiling():
+    """KvCacheConfig (executor.h): "If both mMaxTokens and mFreeGpuMemoryFraction are specified, memory
+    corresponding to the minimum will be allocated"; more than max_batch_size × max_seq_len is never usable."""
+    kw = dict(max_batch_size=4, max_seq_len=512, max_gpu_loras=1, max_cpu_loras=1, tokens_per_block=32)
+    roomy = plan_memory(SMOL, budget_bytes=64 * 2**30, **kw)
+    assert roomy.kv_num_blocks * 32 == 4 * 512  # the ceiling, not the budget
+    capped = plan_memory(SMOL, budget_bytes=64 * 2**30, kv_cache_config=KvCacheConfig(max_tokens=1000), **kw)
+    assert capped.kv_num_blocks == 1000 // 32
+    tight = dict(budget_bytes=plan_memory(SMOL, budget_bytes=64 * 2**30, **kw).used_bytes, **kw)
+    half = plan_memory(SMOL, kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=0.5), **tight)
+    both = plan_memory(
+        SMOL, kv_cache_config=KvCacheConfig(max_tokens=10**6, free_gpu_memory_fraction=0.5), **tight
+    )
+    assert half.kv_num_blocks == both.kv_num_blocks < roomy.kv_num_blocks
+    with pytest.raises(EngineError, match="one 512-token sequence"):
+        plan_memory(SMOL, budget_bytes=64 * 2**30, kv_cache_config=KvCacheConfig(max_tokens=500), **kw)
+    assert "a ceiling, not an allocation" in roomy.table() and "resident as used" in roomy.table()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(max_tokens=0), "max_tokens must be >= 1"),
+        (dict(free_gpu_memory_fraction=0.0), "free_gpu_memory_fraction must be in"),
+        (dict(free_gpu_memory_fraction=1.5), "free_gpu_memory_fraction must be in"),
+    ],
+)
+def test_kv_cache_config_refuses_bad_values_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        KvCacheConfig(**kwargs)

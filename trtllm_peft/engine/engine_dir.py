@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from trtllm_peft.engine.memory import DEFAULT_TOKENS_PER_BLOCK
 from trtllm_peft.errors import EngineError
 from trtllm_peft.lora.modules import DEFAULT_TARGET_MODULES, TRTLLM_TO_HF
 from trtllm_peft.lora.spec import DTYPES, ModelSpec, dtype_name
@@ -137,7 +138,13 @@ def engine_config(
             "lora_target_modules": list(lora_target_modules),
             "trtllm_modules_to_hf_modules": {m: TRTLLM_TO_HF[m] for m in lora_target_modules},
         },
-        "plugin_config": {"lora_plugin": dtype_name(dtype), "dora_plugin": False, "gemm_plugin": None},
+        # tokens_per_block: the paged KV cache's block size, fixed at build as in TensorRT-LLM's PluginConfig
+        "plugin_config": {
+            "lora_plugin": dtype_name(dtype),
+            "dora_plugin": False,
+            "gemm_plugin": None,
+            "tokens_per_block": DEFAULT_TOKENS_PER_BLOCK,
+        },
     }
     return {"version": "trtllm-peft-reference", "pretrained_config": pretrained, "build_config": build}
 

@@ -5,6 +5,13 @@ cache, which gets what is left): weights, PEFT device cache, PEFT host cache (co
 when host and device share memory, as on CPU), LoRA activations (∝ max_batch_size × max_lora_rank),
 other activations, then the KV cache from the remainder.
 
+The KV cache is paged (the reference engine's executor/torch/kv/): `KvCacheConfig.max_tokens` and
+`free_gpu_memory_fraction` (default 0.9, TensorRT-LLM's) of the remainder bound it, the smaller winning as in
+TensorRT-LLM; it never exceeds `max_batch_size × max_seq_len` tokens (more could only ever be idle) and must
+hold one `max_seq_len` sequence. Its figure is a ceiling: the pool is reserved, not written, and a page
+becomes resident only when a block is first used. `max_batch_size` likewise bounds running requests; it
+allocates nothing.
+
 PEFT capacities use TensorRT-LLM's official recipe (`_TrtLLM._build_model`, tensorrt_llm/llmapi/llm.py):
 `num_device_module_layer = max_lora_rank × num_layers × num_modules × max_loras`, in rank-units (one
 module-layer row of rank 1); a unit is priced at the widest module (in + out), like TensorRT-LLM's max1d.
@@ -16,15 +23,17 @@ import os
 from dataclasses import asdict, dataclass
 
 from trtllm_peft.errors import EngineError
-from trtllm_peft.executor.api import PeftCacheConfig
+from trtllm_peft.executor.api import KvCacheConfig, PeftCacheConfig
 from trtllm_peft.lora.spec import DTYPES, ModelSpec
 
 GIB = 1024**3
+DEFAULT_TOKENS_PER_BLOCK = 32  # TensorRT-LLM's plugin_config.tokens_per_block default (plugin.py)
+DEFAULT_FREE_FRACTION = 0.9  # KvCacheConfig.free_gpu_memory_fraction's default (executor.h)
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Bytes per use; `kv_slots` sequences of `max_seq_len` tokens fit in the KV cache."""
+    """Bytes per use; the KV cache holds `kv_num_blocks` blocks of `tokens_per_block` tokens (a ceiling)."""
 
     budget_bytes: int
     weights_bytes: int
@@ -34,7 +43,9 @@ class MemoryPlan:
     activation_bytes: int
     kv_bytes: int
     kv_bytes_per_token: int
-    kv_slots: int
+    kv_num_blocks: int
+    tokens_per_block: int
+    max_batch_size: int
     max_seq_len: int
     num_device_module_layer: int
     num_host_module_layer: int
@@ -63,11 +74,20 @@ class MemoryPlan:
             ),
             ("LoRA activations", self.lora_activation_bytes, "∝ max_batch_size × max_lora_rank"),
             ("other activations", self.activation_bytes, ""),
-            ("KV cache", self.kv_bytes, f"{self.kv_slots} sequences × {self.max_seq_len} tokens"),
+            (
+                "KV cache",
+                self.kv_bytes,
+                f"up to {self.kv_num_blocks:,} blocks × {self.tokens_per_block} tokens, paged, resident as used",
+            ),
         ]
         lines = [f"  {name:<18} {b / 2**20:>10.1f} MiB  {note}" for name, b, note in rows]
         lines.append(
             f"  {'total':<18} {self.used_bytes / 2**20:>10.1f} MiB  of a {self.budget_bytes / 2**20:.0f} MiB budget"
+        )
+        lines.append(
+            f"  max_batch_size {self.max_batch_size} bounds running requests (a ceiling, not an allocation); "
+            f"{self.kv_num_blocks * self.tokens_per_block // self.max_seq_len} full "
+            f"{self.max_seq_len}-token sequences fit in the KV cache"
         )
         return "memory plan:\n" + "\n".join(lines)
 
@@ -116,6 +136,8 @@ def plan_memory(
     budget_bytes: int,
     host_in_budget: bool = True,
     tied_embeddings: bool = False,
+    tokens_per_block: int = DEFAULT_TOKENS_PER_BLOCK,
+    kv_cache_config: KvCacheConfig | None = None,
 ) -> MemoryPlan:
     """Split `budget_bytes`; raise EngineError when not even one sequence's KV cache fits."""
     isz = DTYPES[spec.dtype].itemsize
@@ -138,6 +160,8 @@ def plan_memory(
         lora_activation_bytes=lora_act,
         activation_bytes=act,
         kv_bytes_per_token=kv_per_token,
+        tokens_per_block=tokens_per_block,
+        max_batch_size=max_batch_size,
         max_seq_len=max_seq_len,
         num_device_module_layer=n_dev,
         num_host_module_layer=n_host,
@@ -147,16 +171,26 @@ def plan_memory(
         plan[k] for k in ("weights_bytes", "peft_device_bytes", "lora_activation_bytes", "activation_bytes")
     )
     fixed += plan["peft_host_bytes"] if host_in_budget else 0
-    free = budget_bytes - fixed
-    per_seq = kv_per_token * max_seq_len
-    slots = min(max_batch_size, max(free, 0) // per_seq)
-    if slots < 1:
+    free = max(budget_bytes - fixed, 0)
+    tokens = kv_tokens(free, kv_per_token, max_batch_size * max_seq_len, kv_cache_config or KvCacheConfig())
+    blocks = tokens // tokens_per_block
+    if blocks * tokens_per_block < max_seq_len:
         raise EngineError(
-            f"memory budget {budget_bytes / GIB:.2f} GiB leaves {max(free, 0) / 2**20:.0f} MiB for the KV cache, "
-            f"less than one {max_seq_len}-token sequence ({per_seq / 2**20:.1f} MiB): lower NIM_MAX_GPU_LORAS / "
-            "NIM_MAX_CPU_LORAS / NIM_MAX_LORA_RANK or --max-seq-len, or raise the budget"
+            f"memory budget {budget_bytes / GIB:.2f} GiB leaves {free / 2**20:.0f} MiB for the KV cache "
+            f"({tokens} tokens), less than one {max_seq_len}-token sequence "
+            f"({kv_per_token * max_seq_len / 2**20:.1f} MiB): lower NIM_MAX_GPU_LORAS / NIM_MAX_CPU_LORAS / "
+            "NIM_MAX_LORA_RANK or --max-seq-len, or raise the budget or KvCacheConfig.max_tokens"
         )
-    return MemoryPlan(kv_bytes=slots * per_seq, kv_slots=int(slots), **plan)
+    return MemoryPlan(kv_bytes=blocks * tokens_per_block * kv_per_token, kv_num_blocks=int(blocks), **plan)
+
+
+def kv_tokens(free_bytes: int, per_token: int, ceiling: int, config: KvCacheConfig) -> int:
+    """Tokens of KV cache: the smaller of `max_tokens` and the fraction of `free_bytes`, at most `ceiling`."""
+    fraction = config.free_gpu_memory_fraction
+    tokens = int(free_bytes * (DEFAULT_FREE_FRACTION if fraction is None else fraction)) // per_token
+    if config.max_tokens is not None:
+        tokens = min(tokens, config.max_tokens)
+    return min(tokens, ceiling)
 
 
 def default_budget_bytes(device: str = "cpu") -> int:

@@ -2,7 +2,7 @@
 
 Names, field names and argument order follow the C++ header and its Python bindings:
   cpp/include/tensorrt_llm/executor/executor.h (SamplingConfig, OutputConfig, LoraConfig, Request, Result,
-  Response, PeftCacheConfig, Executor), cpp/include/tensorrt_llm/executor/types.h (FinishReason,
+  Response, PeftCacheConfig, KvCacheConfig, Executor), cpp/include/tensorrt_llm/executor/types.h (FinishReason,
   IterationStats), cpp/tensorrt_llm/nanobind/executor/request.cpp and executorConfig.cpp (the Python
   names: snake_case, everything after `max_tokens` keyword-only).
 Both executors (TorchExecutor, TrtllmExecutor) accept and return exactly these types, so the serving
@@ -188,6 +188,43 @@ class PeftCacheConfig:
     lora_prefetch_dir: str | None = None
 
 
+@dataclass(frozen=True)
+class KvCacheConfig:
+    """executor::KvCacheConfig (executor.h, TensorRT-LLM 1.2): the fields this project uses, same names/defaults.
+
+    `max_tokens` and `free_gpu_memory_fraction` both bound the cache; when both are set the smaller wins
+    ("memory corresponding to the minimum will be allocated"). The fraction applies to the memory left after
+    weights, PEFT caches and activations (for the reference engine: of its memory budget). Block size is not
+    here: TensorRT-LLM fixes it at build (`plugin_config.tokens_per_block`, default 32).
+    """
+
+    enable_block_reuse: bool = True
+    max_tokens: int | None = None
+    free_gpu_memory_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        f = self.free_gpu_memory_fraction
+        if f is not None and not 0.0 < f <= 1.0:
+            raise ValueError(f"free_gpu_memory_fraction must be in (0, 1], got {f}")
+
+
+@dataclass
+class KvCacheStats:
+    """executor::KvCacheStats (types.h): block counts of the KV cache and its reuse."""
+
+    max_num_blocks: int = 0
+    free_num_blocks: int = 0
+    used_num_blocks: int = 0
+    tokens_per_block: int = 0
+    alloc_total_blocks: int = 0
+    alloc_new_blocks: int = 0
+    reused_blocks: int = 0
+    missed_blocks: int = 0
+    cache_hit_rate: float = 0.0
+
+
 @dataclass
 class IterationStats:
     """executor::IterationStats (types.h), the fields this engine can fill."""
@@ -208,6 +245,7 @@ class IterationStats:
     num_active_lora_tasks: int = 0
     num_host_cached_lora_tasks: int = 0
     num_device_cached_lora_tasks: int = 0
+    kv_cache_stats: KvCacheStats | None = None
 
 
 @runtime_checkable

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from trtllm_peft.engine.engine_dir import EngineDir
 from trtllm_peft.errors import SettingsError
-from trtllm_peft.executor.api import Executor
+from trtllm_peft.executor.api import Executor, KvCacheConfig
 from trtllm_peft.settings import Settings
 
 
@@ -27,4 +27,15 @@ def create_executor(settings: Settings, engine: EngineDir) -> Executor:
         max_gpu_loras=settings.max_gpu_loras,
         max_cpu_loras=settings.max_cpu_loras,
         cpu_kernels=settings.cpu_kernels,
+        kv_cache_config=kv_cache_config(settings),
+        enable_chunked_context=settings.enable_chunked_context,
+        max_num_tokens=settings.max_num_tokens,
+    )
+
+
+def kv_cache_config(settings: Settings) -> KvCacheConfig:
+    """NIM's KV cache variables as TensorRT-LLM's KvCacheConfig (reuse off unless NIM_ENABLE_KV_CACHE_REUSE)."""
+    return KvCacheConfig(
+        enable_block_reuse=settings.enable_kv_cache_reuse,
+        free_gpu_memory_fraction=settings.kv_cache_percent,
     )

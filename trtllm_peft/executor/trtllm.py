@@ -36,6 +36,7 @@ from trtllm_peft.executor.api import (
     FinishReason,
     IdType,
     IterationStats,
+    KvCacheConfig,
     LoraConfig,
     Request,
     Response,
@@ -222,9 +223,16 @@ def from_trtllm_stats(s: Any, active_lora_tasks: int) -> IterationStats:
 
 
 def executor_config(
-    tle: Any, sizing: PeftCacheSizing, *, kv_cache_fraction: float, max_queue_size: int | None = None
+    tle: Any,
+    sizing: PeftCacheSizing,
+    *,
+    kv_cache_fraction: float,
+    max_queue_size: int | None = None,
+    kv_cache_config: KvCacheConfig | None = None,
+    enable_chunked_context: bool = False,
 ) -> Any:
-    """tle.ExecutorConfig: beam width 1, KV cache from the free memory fraction, our PEFT cache sizing."""
+    """tle.ExecutorConfig: beam width 1, our KvCacheConfig (its fraction, else `kv_cache_fraction`), our PEFT
+    cache sizing, chunked context as asked. Field for field: the names are TensorRT-LLM's (executor.h)."""
     p = sizing.config
     peft = tle.PeftCacheConfig(
         num_host_module_layer=p.num_host_module_layer,
@@ -232,9 +240,15 @@ def executor_config(
         optimal_adapter_size=p.optimal_adapter_size,
         max_adapter_size=p.max_adapter_size,
     )
+    kv = kv_cache_config or KvCacheConfig()
     return tle.ExecutorConfig(
         max_beam_width=1,
-        kv_cache_config=tle.KvCacheConfig(free_gpu_memory_fraction=kv_cache_fraction),
+        kv_cache_config=tle.KvCacheConfig(
+            enable_block_reuse=kv.enable_block_reuse,
+            max_tokens=kv.max_tokens,
+            free_gpu_memory_fraction=kv.free_gpu_memory_fraction or kv_cache_fraction,
+        ),
+        enable_chunked_context=enable_chunked_context,
         peft_cache_config=peft,
         max_queue_size=max_queue_size,
     )
@@ -255,6 +269,8 @@ class TrtllmExecutor:
         optimal_adapter_size: int | None = None,
         kv_cache_fraction: float = DEFAULT_KV_CACHE_FRACTION,
         max_queue_size: int | None = None,
+        kv_cache_config: KvCacheConfig | None = None,
+        enable_chunked_context: bool = False,
     ) -> None:
         tle = import_bindings()
         self.engine_dir = Path(engine_dir)
@@ -272,7 +288,12 @@ class TrtllmExecutor:
         )
         self._log_plan(kv_cache_fraction)
         config = executor_config(
-            tle, self.sizing, kv_cache_fraction=kv_cache_fraction, max_queue_size=max_queue_size
+            tle,
+            self.sizing,
+            kv_cache_fraction=kv_cache_fraction,
+            max_queue_size=max_queue_size,
+            kv_cache_config=kv_cache_config,
+            enable_chunked_context=enable_chunked_context,
         )
         self._tle = tle
         self._exec = tle.Executor(self.engine_dir, tle.ModelType.DECODER_ONLY, config)
@@ -281,9 +302,19 @@ class TrtllmExecutor:
 
     @classmethod
     def from_settings(cls, engine: Any, settings: Any) -> TrtllmExecutor:
-        """From an EngineDir (or path) and Settings (NIM_MAX_GPU_LORAS, NIM_MAX_CPU_LORAS)."""
+        """From an EngineDir (or path) and Settings (NIM_MAX_GPU_LORAS, NIM_MAX_CPU_LORAS, NIM_KV cache ones)."""
         path = getattr(engine, "path", engine)
-        return cls(path, max_gpu_loras=settings.max_gpu_loras, max_cpu_loras=settings.max_cpu_loras)
+        kv = KvCacheConfig(
+            enable_block_reuse=settings.enable_kv_cache_reuse,
+            free_gpu_memory_fraction=settings.kv_cache_percent,
+        )
+        return cls(
+            path,
+            max_gpu_loras=settings.max_gpu_loras,
+            max_cpu_loras=settings.max_cpu_loras,
+            kv_cache_config=kv,
+            enable_chunked_context=settings.enable_chunked_context,
+        )
 
     def _log_plan(self, kv_cache_fraction: float) -> None:
         build = _build_config(self.engine_dir)

@@ -4,7 +4,10 @@ NIM's names (docs "Observability"): num_requests_running/waiting, prompt_tokens_
 generation_tokens_total, time_to_first_token_seconds, time_per_output_token_seconds,
 e2e_request_latency_seconds, request_prompt_tokens, request_generation_tokens, request_success_total,
 all labelled `model_name`. Ours on top: per-adapter requests, cache residency per tier, hits/misses,
-adapter load time, and vLLM's `vllm:lora_requests_info` gauge that LoRA-aware routers read.
+adapter load time, and vLLM's `vllm:lora_requests_info` gauge that LoRA-aware routers read. The KV cache
+under vLLM's names where vLLM has one (`vllm:kv_cache_usage_perc`, `vllm:prefix_cache_queries`/`_hits` in
+tokens: vllm/v1/metrics/loggers.py), plus its blocks by state and the block reuse hit rate (TensorRT-LLM's
+KvCacheStats.cache_hit_rate).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._request_series(self.registry)
         self._lora_series(self.registry)
+        self._kv_series(self.registry)
         self.max_lora = str(max_lora)
         self._lora_labels: tuple[str, str, str] | None = None
         self._counted: dict[str, int] = {}
@@ -91,6 +95,42 @@ class Metrics:
             ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
             registry=r,
         )
+
+    def _kv_series(self, r: CollectorRegistry) -> None:
+        """The engine's KV cache (from its iteration stats)."""
+        self.kv_usage = Gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", registry=r
+        )
+        self.prefix_queries = Counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", registry=r
+        )
+        self.kv_blocks = Gauge(
+            "trtllm_peft_kv_cache_blocks", "KV cache blocks by state", ["state"], registry=r
+        )
+        self.kv_hit_rate = Gauge(
+            "trtllm_peft_kv_cache_hit_rate",
+            "Share of looked-up prompt blocks found in the reuse cache",
+            registry=r,
+        )
+
+    def set_kv(self, kv) -> None:
+        """From an executor's KvCacheStats (cumulative reuse counters, current block counts)."""
+        self.kv_usage.set(kv.used_num_blocks / kv.max_num_blocks if kv.max_num_blocks else 0.0)
+        self.kv_blocks.labels("used").set(kv.used_num_blocks)
+        self.kv_blocks.labels("free").set(kv.free_num_blocks)
+        self.kv_hit_rate.set(kv.cache_hit_rate)
+        tpb = kv.tokens_per_block
+        self._advance(self.prefix_queries, "kv_queries", (kv.reused_blocks + kv.missed_blocks) * tpb)
+        self._advance(self.prefix_hits, "kv_hits", kv.reused_blocks * tpb)
+
+    def _advance(self, counter: Counter, key: str, total: int) -> None:
+        counter.inc(max(total - self._counted.get(key, 0), 0))
+        self._counted[key] = total
 
     def count_to(self, counter: Counter, tier: str, total: int) -> None:
         """Advance a counter to a running total kept elsewhere (a cache's own hit count), at scrape time."""

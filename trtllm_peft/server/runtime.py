@@ -134,6 +134,9 @@ class Runtime:
         if stats_list:
             m.cache_adapters.labels("device").set(stats_list[-1].num_device_cached_lora_tasks)
             m.cache_adapters.labels("engine_host").set(stats_list[-1].num_host_cached_lora_tasks)
+            kv = stats_list[-1].kv_cache_stats
+            if kv is not None:
+                m.set_kv(kv)
 
     async def close(self) -> None:
         if self._refresher:

@@ -1,12 +1,16 @@
 """`TorchExecutor`: the reference engine behind the executor contract (api.py), on CPU or one CUDA GPU.
 
-A background thread runs continuous batching. Each iteration it
+A background thread runs continuous batching (TensorRT-LLM's inflight batching). Each iteration it
   1. takes new requests: validates them and their LoRA (host tier of the PEFT cache: errors answer at once),
-  2. admits waiting requests into the batch while there is a KV row and the device tier can hold their
-     adapter (else they wait — distinct adapters in the batch never exceed the device budget),
-     prefilling each whole prompt and sampling its first token,
-  3. runs one decode step for the whole batch (all adapters mixed, ops.lora_batch),
-  4. sends streaming deltas and final results, and retires finished or cancelled requests.
+  2. admits waiting requests, in order, while the batch is under `max_batch_size`, the paged KV cache can
+     promise every block the request may need (kv/blocks.py: GUARANTEED_NO_EVICT; a prefix already cached
+     for the same LoRA task is reused when `KvCacheConfig.enable_block_reuse`), and the device tier can hold
+     its adapter (else it waits — distinct adapters in the batch never exceed the device budget),
+  3. runs one forward for the whole iteration (schedule.py): a token for every decoding sequence plus prompt
+     chunks up to `max_num_tokens` (whole prompts unless `enable_chunked_context`), all adapters mixed,
+     sampling where a prompt completes or a sequence decodes,
+  4. sends streaming deltas and final results, and retires finished or cancelled requests (their blocks
+     return to the pool; full ones stay reusable until evicted).
 The caller's threads and the engine thread share only a `Mailbox` (mailbox.py).
 """
 
@@ -21,7 +25,12 @@ from pathlib import Path
 import torch
 
 from trtllm_peft.engine.engine_dir import EngineDir
-from trtllm_peft.engine.memory import default_budget_bytes, peft_cache_config, plan_memory
+from trtllm_peft.engine.memory import (
+    DEFAULT_TOKENS_PER_BLOCK,
+    default_budget_bytes,
+    peft_cache_config,
+    plan_memory,
+)
 from trtllm_peft.errors import AdapterError
 from trtllm_peft.executor.api import (
     DEVICE_CACHE_FULL_MESSAGE,
@@ -29,17 +38,20 @@ from trtllm_peft.executor.api import (
     FinishReason,
     IdType,
     IterationStats,
+    KvCacheConfig,
+    KvCacheStats,
     PeftCacheConfig,
     Request,
     Response,
 )
 from trtllm_peft.executor.torch.intake import check_request, read_lora
-from trtllm_peft.executor.torch.kv_cache import KVCache
+from trtllm_peft.executor.torch.kv import BlockManager, PagedKVCache
 from trtllm_peft.executor.torch.mailbox import Mailbox
-from trtllm_peft.executor.torch.model import LlamaModel
+from trtllm_peft.executor.torch.model import Chunk, LlamaModel
 from trtllm_peft.executor.torch.ops import ops_for
 from trtllm_peft.executor.torch.peft_cache import LoraCacheFullError, PeftCache, PeftTaskNotCachedError
 from trtllm_peft.executor.torch.sampler import new_state, sample
+from trtllm_peft.executor.torch.schedule import plan_iteration
 from trtllm_peft.executor.torch.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -53,7 +65,9 @@ def pick_device() -> torch.device:
 class TorchExecutor:
     """The reference engine. `peft_cache_config` defaults to the one the engine was sized with.
 
-    `max_batch_size` and `max_seq_len` may lower the engine's limits (a smaller KV cache); the memory plan is
+    `max_batch_size`, `max_seq_len` and `max_num_tokens` may lower the engine's limits; `kv_cache_config`
+    sizes the paged KV cache and turns block reuse on or off (TensorRT-LLM's KvCacheConfig, whose default
+    enables reuse); `enable_chunked_context` is ExecutorConfig's flag of that name. The memory plan is
     recomputed for this device and budget and logged.
     """
 
@@ -68,6 +82,9 @@ class TorchExecutor:
         max_gpu_loras: int | None = None,
         max_cpu_loras: int | None = None,
         max_seq_len: int | None = None,
+        max_num_tokens: int | None = None,
+        kv_cache_config: KvCacheConfig | None = None,
+        enable_chunked_context: bool = False,
         split_threads: bool = True,
         cpu_kernels: bool = True,
     ) -> None:
@@ -76,11 +93,18 @@ class TorchExecutor:
         self.device = torch.device(device) if device is not None else pick_device()
         bc = self.engine.build_config
         self.max_seq_len = min(int(bc["max_seq_len"]), max_seq_len or int(bc["max_seq_len"]))
-        self.max_num_tokens = int(bc.get("max_num_tokens") or self.max_seq_len)
+        built_tokens = int(bc.get("max_num_tokens") or self.max_seq_len)
+        self.max_num_tokens = min(built_tokens, max_num_tokens or built_tokens)
+        self.max_batch_size = min(int(bc["max_batch_size"]), max_batch_size or int(bc["max_batch_size"]))
+        self.tokens_per_block = int(
+            bc.get("plugin_config", {}).get("tokens_per_block") or DEFAULT_TOKENS_PER_BLOCK
+        )
+        self.kv_cache_config = kv_cache_config or KvCacheConfig()
+        self.chunked = enable_chunked_context
         sized = self.engine.meta.get("sized_from", {})
         gpu_loras = max_gpu_loras or sized.get("NIM_MAX_GPU_LORAS", 8)
         cpu_loras = max_cpu_loras or sized.get("NIM_MAX_CPU_LORAS", 16)
-        self.plan = self._plan(max_batch_size, memory_budget_bytes, gpu_loras, cpu_loras)
+        self.plan = self._plan(memory_budget_bytes, gpu_loras, cpu_loras)
         log.info("%s", self.plan.table())
         self.peft_cache_config = peft_cache_config or peft_cache_config_for(self.spec, gpu_loras, cpu_loras)
         self.cache = PeftCache(
@@ -92,20 +116,25 @@ class TorchExecutor:
             self.arch, self.engine.load_weights(), self.dtype, self.device, self.max_seq_len, self.ops
         )
         a = self.arch
-        self.kv = KVCache(
+        self.kv = PagedKVCache(
             a.num_layers,
-            self.plan.kv_slots,
+            self.plan.kv_num_blocks,
+            self.tokens_per_block,
             a.num_kv_heads,
-            self.max_seq_len,
             a.head_dim,
             self.dtype,
             self.device,
+        )
+        self.blocks = BlockManager(
+            self.plan.kv_num_blocks,
+            self.tokens_per_block,
+            enable_block_reuse=self.kv_cache_config.enable_block_reuse,
         )
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()
         self.mailbox = Mailbox()
         self._waiting: list[Sequence] = []
-        self._running: list[Sequence] = []  # row i of the KV cache = _running[i]
+        self._running: list[Sequence] = []  # admitted: prefilling or decoding, in admission order
         self._lora_key: tuple[int, ...] = ()
         self._lora_batch = None  # the running batch's adapters (ops.lora_batch), rebuilt on a set change
         self._iter = 0
@@ -113,17 +142,19 @@ class TorchExecutor:
         self._thread = threading.Thread(target=self._loop, name="trtllm-peft-engine", daemon=True)
         self._thread.start()
 
-    def _plan(self, max_batch_size, budget_bytes, gpu_loras: int, cpu_loras: int):
+    def _plan(self, budget_bytes, gpu_loras: int, cpu_loras: int):
         """The memory plan for this device and budget (the KV cache gets what the rest leaves)."""
         return plan_memory(
             self.spec,
-            max_batch_size=max_batch_size or int(self.engine.build_config["max_batch_size"]),
+            max_batch_size=self.max_batch_size,
             max_seq_len=self.max_seq_len,
             max_gpu_loras=gpu_loras,
             max_cpu_loras=cpu_loras,
             budget_bytes=budget_bytes or default_budget_bytes(self.device.type),
             host_in_budget=self.device.type == "cpu",
             tied_embeddings=self.arch.tie_word_embeddings,
+            tokens_per_block=self.tokens_per_block,
+            kv_cache_config=self.kv_cache_config,
         )
 
     # ---- caller side (any thread) ----------------------------------------------------------------------
@@ -194,9 +225,8 @@ class TorchExecutor:
                 out.append(Response(request_id=seq.id, error_msg=err, client_id=seq.request.client_id))
         done = self._cancel_seqs(cancel)
         n_done = self._emit(out, done)
-        n_ctx, n_new = self._admit(out)
-        n_done += self._emit(out, [])  # a request may finish at its first token
-        n_gen = self._decode() if self._running else 0
+        n_new = self._admit(out)
+        n_ctx, n_gen = self._step() if self._running else (0, 0)
         n_done += self._emit(out, [])
         self._record(t0, n_ctx, n_gen, n_new, n_done)
 
@@ -230,22 +260,22 @@ class TorchExecutor:
             return FETCH_ERROR_PREFIX + str(e)
         return None
 
-    def _admit(self, out: list[Response]) -> tuple[int, int]:
-        """Move waiting requests into the batch (one prefill for all + first tokens); (context tokens, admitted)."""
-        budget, n_ctx, admitted = self.max_num_tokens, 0, []
+    def _admit(self, out: list[Response]) -> int:
+        """Move waiting requests into the batch, in order, while rows and KV blocks allow; how many."""
+        admitted = 0
         for seq in list(self._waiting):
-            if len(self._running) + len(admitted) >= self.kv.rows or (
-                n_ctx and n_ctx + seq.prompt_len > budget
+            full = seq.prompt_len + seq.max_new
+            if len(self._running) >= self.max_batch_size or not self.blocks.can_admit(
+                seq.task_id, seq.tokens, full
             ):
-                break
+                break  # first come, first served: later requests do not overtake one that waits for blocks
             if seq.task_id is not None and not self._device_ready(seq, out):
                 continue
             self._waiting.remove(seq)
-            admitted.append(seq)
-            n_ctx += seq.prompt_len
-        if admitted:
-            self._prefill(admitted)
-        return n_ctx, len(admitted)
+            seq.cached = self.blocks.admit(seq.id, seq.task_id, seq.tokens, full)
+            self._running.append(seq)
+            admitted += 1
+        return admitted
 
     def _device_ready(self, seq: Sequence, out: list[Response]) -> bool:
         """Bring the request's adapter to the device tier; False = wait. An adapter that can never fit fails."""
@@ -262,48 +292,60 @@ class TorchExecutor:
             seq.task_id, lambda a: self.ops.prepare_lora(a, self.spec, self.dtype, self.device)
         )
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        """One forward for all newly admitted prompts (their own adapters stacked for it), into new rows."""
-        rows = list(range(len(self._running), len(self._running) + len(seqs)))
-        self._running.extend(seqs)
-        tasks = sorted({s.task_id for s in seqs} - {None})
-        lora = None
-        if tasks:  # only these prompts' adapters: the running batch's stack is left as it is
-            adapters = [self.cache.device.get(t) for t in tasks]
-            lora = self.ops.lora_batch(adapters, self.spec, self.dtype, self.device, one_off=True)
-        prompts = [torch.tensor(s.tokens, dtype=torch.long, device=self.device) for s in seqs]
-        index = [tasks.index(s.task_id) if s.task_id is not None else -1 for s in seqs]
-        logits = self.model.prefill(prompts, rows, self.kv, lora, index)
-        for s in seqs:
-            s.cached = s.prompt_len
-        self._take(logits, seqs)
-
     def _lora(self):
-        """The stacked adapters of the running batch and each row's index into them (-1: base).
+        """The stacked adapters of the running batch and each task's index into them (absent: base).
 
-        Restacked only when the set of tasks changes, not when rows move (compaction reorders rows).
+        Restacked only when the set of tasks changes.
         """
         tasks = {s.task_id for s in self._running} - {None}
         if not tasks:
-            return None, []
+            return None, {}
         if tasks != set(self._lora_key):
             self._lora_key = tuple(sorted(tasks))
             adapters = [self.cache.device.get(t) for t in self._lora_key]
             self._lora_batch = self.ops.lora_batch(adapters, self.spec, self.dtype, self.device)
-        pos = {t: i for i, t in enumerate(self._lora_key)}
-        return self._lora_batch, [pos.get(s.task_id, -1) for s in self._running]
+        return self._lora_batch, {t: i for i, t in enumerate(self._lora_key)}
 
-    def _decode(self) -> int:
-        live = self._running  # finished ones were retired by _emit
-        ids = torch.tensor([s.tokens[-1] for s in live], dtype=torch.long, device=self.device)
-        positions = torch.tensor([s.cached for s in live], dtype=torch.long, device=self.device)
+    def _step(self) -> tuple[int, int]:
+        """One forward: prompt chunks and one token per decoding sequence; (context tokens, decoded)."""
+        chunks, decoding = plan_iteration(
+            self._running, self.max_num_tokens, chunked=self.chunked, tokens_per_block=self.tokens_per_block
+        )
+        for seq, n in chunks:
+            self.kv.clear(self.blocks.ensure(seq.id, seq.cached + n))
+        for seq in decoding:
+            self.kv.clear(self.blocks.ensure(seq.id, seq.cached + 1))
         lora, index = self._lora()
-        token_adapter = torch.tensor(index, device=self.device) if lora is not None else None
-        logits = self.model.decode(ids, positions, self.kv, lora, token_adapter)
-        for s in live:
-            s.cached += 1
-        self._take(logits, live)
-        return len(live)
+        ids, positions, owner, parts = [], [], [], []
+        for seq, n in chunks:
+            ids += seq.tokens[seq.cached : seq.cached + n]
+            positions += range(seq.cached, seq.cached + n)
+            owner += [index.get(seq.task_id, -1)] * n
+            table = self.kv.tables([self.blocks.table(seq.id)])[0]
+            parts.append(Chunk(table, seq.cached, n, logits=seq.cached + n == seq.prompt_len))
+        ids += [s.tokens[-1] for s in decoding]
+        positions += [s.cached for s in decoding]
+        owner += [index.get(s.task_id, -1) for s in decoding]
+        tables = self.kv.tables([self.blocks.table(s.id) for s in decoding]) if decoding else None
+        dev = self.device
+        logits = self.model.step(
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            parts,
+            tables,
+            self.kv,
+            lora,
+            torch.tensor(owner, device=dev) if lora is not None else None,
+        )
+        for seq, n in chunks:
+            seq.cached += n
+        for seq in decoding:
+            seq.cached += 1
+        sampled = [seq for (seq, _), c in zip(chunks, parts, strict=True) if c.logits] + decoding
+        self._take(logits, sampled)
+        for seq in [s for s, _ in chunks] + decoding:
+            self.blocks.store(seq.id, seq.tokens, seq.cached)
+        return sum(n for _, n in chunks), len(decoding)
 
     def _take(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         want = any(s.request.output_config.return_log_probs for s in seqs)
@@ -332,22 +374,15 @@ class TorchExecutor:
         return done
 
     def _retire(self) -> list[Sequence]:
-        """Remove finished sequences from the batch, compacting KV rows; release their adapters."""
-        gone = []
-        row = 0
-        while row < len(self._running):
-            seq = self._running[row]
-            if seq.finish == FinishReason.NOT_FINISHED:
-                row += 1
-                continue
-            last = len(self._running) - 1
-            self.kv.move(last, row, self._running[last].cached)
-            self._running[row] = self._running[last]
-            self._running.pop()
+        """Remove finished sequences from the batch: their KV blocks and adapters are released."""
+        gone = [s for s in self._running if s.finish != FinishReason.NOT_FINISHED]
+        if gone:
+            self._running = [s for s in self._running if s.finish == FinishReason.NOT_FINISHED]
+        for seq in gone:
+            self.blocks.release(seq.id)
             if seq.task_id is not None:
                 self.cache.leave_device(seq.task_id)
                 self.cache.finish(seq.task_id)
-            gone.append(seq)
         return gone
 
     def _emit(self, out: list[Response], done: list[Sequence]) -> int:
@@ -372,20 +407,39 @@ class TorchExecutor:
             num_active_requests=len(self._running),
             num_queued_requests=len(self._waiting),
             num_completed_requests=n_done,
-            max_num_active_requests=self.kv.rows,
+            max_num_active_requests=self.max_batch_size,
             num_context_tokens=n_ctx,
             num_gen_tokens=n_gen,
             num_active_lora_tasks=len({s.task_id for s in self._running} - {None}),
             num_host_cached_lora_tasks=len(self.cache.host),
             num_device_cached_lora_tasks=len(self.cache.device),
+            kv_cache_stats=self._kv_stats(),
         )
         self.mailbox.deliver([], stats)
+
+    def _kv_stats(self) -> KvCacheStats:
+        b, st = self.blocks, self.blocks.stats
+        looked_up = st.reused_blocks + st.missed_blocks
+        return KvCacheStats(
+            max_num_blocks=b.num_blocks,
+            free_num_blocks=b.num_blocks - b.num_used,
+            used_num_blocks=b.num_used,
+            tokens_per_block=b.tokens_per_block,
+            alloc_total_blocks=b.taken_blocks + st.reused_blocks,
+            alloc_new_blocks=b.taken_blocks,
+            reused_blocks=st.reused_blocks,
+            missed_blocks=st.missed_blocks,
+            cache_hit_rate=st.reused_blocks / looked_up if looked_up else 0.0,
+        )
 
     def _fail_all(self, message: str) -> None:
         """After an internal error: answer every request in flight with it and start from a clean state."""
         seqs = self._waiting + self._running
         self._waiting, self._running, self._lora_key, self._lora_batch = [], [], (), None
         self.cache = PeftCache(self.cache.host.capacity, self.cache.device.capacity)
+        self.blocks = BlockManager(
+            self.blocks.num_blocks, self.tokens_per_block, enable_block_reuse=self.blocks.enable_block_reuse
+        )
         self.mailbox.deliver(
             [Response(request_id=s.id, error_msg=message, client_id=s.request.client_id) for s in seqs]
         )

@@ -53,7 +53,9 @@ def read_lora(lc: LoraConfig, spec: ModelSpec, dtype: torch.dtype) -> LoraAdapte
             f"Expected lora weights to be the same data type as base model ({lc.weights.dtype} != {dtype})"
         )
     source = f"task {lc.task_id}"
-    adapter = unpack(lc.weights.detach().cpu().clone(), lc.config.cpu(), spec, source=source)
+    # No copy: the adapter's A/B are views of the caller's [N, W] tensor, so on the reference-engine path the
+    # serving host cache and this host tier hold one copy of each adapter (TensorRT-LLM copies; it may).
+    adapter = unpack(lc.weights.detach().cpu(), lc.config.cpu(), spec, source=source)
     problems = validate(adapter, spec)
     if problems:
         raise AdapterError(source, problems)

@@ -1,10 +1,12 @@
-"""Our own Llama-family forward pass (Llama 2/3, Mistral, Qwen2, SmolLM2) over a preallocated KV cache.
+"""Our own Llama-family forward pass (Llama 2/3, Mistral, Qwen2, SmolLM2) over the paged KV cache.
 
 Not transformers' generate: per layer the step is a handful of large ops — RMSNorm, one fused q/k/v
 matmul (+ bias for Qwen2), RoPE on q and k together, one attention call, o-proj, one fused gate/up matmul,
 SiLU·up, down-proj — plus the LoRA group ops (ops.lora_batch) when the batch has adapters; each through
-`ops` (plain torch, or the CPU kernels). Prompts admitted together are prefilled in one forward. Logits are
-computed only for the positions that need them (DESIGN §6: a full-prefill LM head copies the embedding).
+`ops` (plain torch, or the CPU kernels). One iteration is one forward: the prompt chunks being prefilled and
+one token of every decoding sequence, concatenated (TensorRT-LLM's inflight batching with chunked context),
+so each weight is read once per iteration. Logits are computed only for the positions that need them
+(DESIGN §6: a full-prefill LM head copies the embedding).
 Numerics follow transformers' LlamaForCausalLM (RMSNorm in float32, RoPE tables in float32 cast to the
 compute dtype, attention scale 1/√head_dim), so greedy tokens and log-probs match PEFT's.
 """
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from trtllm_peft.engine.engine_dir import ArchConfig
-from trtllm_peft.executor.torch.kv_cache import KVCache
+from trtllm_peft.executor.torch.kv import PagedKVCache
 from trtllm_peft.executor.torch.linear import Linear
 from trtllm_peft.executor.torch.lora_grouped import GroupedLoraBatch
 from trtllm_peft.executor.torch.lora_ops import LoraBatch
@@ -33,6 +35,16 @@ class Layer:
     ln2: torch.Tensor  # [H]
     gate_up: Linear  # [2I, H] rows [gate_proj; up_proj]
     down: Linear  # [H, I]
+
+
+@dataclass
+class Chunk:
+    """Prompt positions start..start+length-1 of one sequence, prefilled this iteration."""
+
+    table: torch.Tensor  # [W] int32: the sequence's block table (covers start + length tokens)
+    start: int  # positions before it are already in the cache (reused or earlier chunks)
+    length: int
+    logits: bool = True  # whether its last token's logits are wanted (the prompt's last token is in it)
 
 
 def rope_inv_freq(arch: ArchConfig) -> torch.Tensor:
@@ -141,64 +153,65 @@ class LlamaModel:
         return self.lm_head(self._norm(hidden, self.norm)).float()
 
     @torch.inference_mode()
-    def prefill(
+    def step(
         self,
-        prompts: list[torch.Tensor],
-        rows: list[int],
-        cache: KVCache,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        chunks: list[Chunk],
+        tables: torch.Tensor | None,
+        cache: PagedKVCache,
         lora: LoraBatch | GroupedLoraBatch | None = None,
-        adapters: list[int] | None = None,
+        token_adapter: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run whole prompts (each [T_i], from position 0) into cache rows `rows`; float32 logits [P, V] of
-        each prompt's last token. `adapters[i]`: prompt i's index into `lora` (-1: base).
-
-        The prompts are one forward: their tokens are concatenated, so every projection and LoRA product reads
-        its weights once for all of them; attention stays within each prompt.
+        """One iteration: `ids` [T] at `positions` [T] are the chunks' tokens (in order) then one token per
+        decoding row, whose block tables are `tables` [B, W] int32. `token_adapter` [T]: each token's index
+        into `lora` (-1: base). Returns float32 logits [R, V]: the last token of each chunk with `logits`,
+        then every decoding row.
         """
-        lengths = [p.shape[0] for p in prompts]
-        ends = torch.tensor(lengths).cumsum(0).tolist()
-        ids = torch.cat(prompts)  # [ΣT]
-        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
-        mask = None
-        if lora is not None:
-            owner = [torch.full((n,), a, device=self.device) for n, a in zip(lengths, adapters, strict=True)]
-            mask = lora.mask(torch.cat(owner))
+        tc = sum(c.length for c in chunks)
+        mask = lora.mask(token_adapter) if lora is not None else None
+        a = self.arch
+        shape = (a.num_heads, a.num_kv_heads, a.head_dim)
 
         def attend(layer, qkv):
-            q, k, v = self._split_rope(qkv, positions)  # [ΣT, heads, hd], [ΣT, kv, hd] x2
             out = torch.empty(qkv.shape[0], self.q_dim, dtype=qkv.dtype, device=qkv.device)
-            for row, end, n in zip(rows, ends, lengths, strict=True):
-                span = slice(end - n, end)
-                cache.write_prompt(layer, row, k[span], v[span])
+            if tc:
+                out[:tc] = self._attend_chunks(layer, qkv[:tc], positions[:tc], chunks, cache)
+            if qkv.shape[0] > tc:
+                out[tc:] = self.ops.attend_decode(
+                    qkv[tc:], self.cos, self.sin, positions[tc:], cache, layer, shape, tables
+                )
+            return out
+
+        hidden = self._forward(ids, attend, lora, mask)
+        ends = torch.tensor([c.length for c in chunks], dtype=torch.long).cumsum(0).tolist()
+        rows = [e - 1 for e, c in zip(ends, chunks, strict=True) if c.logits]
+        return self.logits(hidden[rows + list(range(tc, ids.shape[0]))])
+
+    def _attend_chunks(self, layer, qkv, positions, chunks: list[Chunk], cache: PagedKVCache) -> torch.Tensor:
+        """Causal attention of each chunk over its sequence's cache positions 0..start+length-1 -> [Tc, q]."""
+        q, k, v = self._split_rope(qkv, positions)  # [Tc, heads, hd], [Tc, kv, hd] x2
+        out = torch.empty(qkv.shape[0], self.q_dim, dtype=qkv.dtype, device=qkv.device)
+        off = 0
+        for c in chunks:
+            span, end = slice(off, off + c.length), c.start + c.length
+            off += c.length
+            cache.write(layer, c.table, c.start, k[span], v[span])
+            qs = q[span].transpose(0, 1)[None]  # [1, heads, n, hd]
+            if c.start == 0:  # the whole prefix is this chunk: no need to read the cache back
                 o = F.scaled_dot_product_attention(
-                    q[span].transpose(0, 1)[None],
+                    qs,
                     k[span].transpose(0, 1)[None],
                     v[span].transpose(0, 1)[None],
                     is_causal=True,
                     enable_gqa=True,
-                )  # [1, heads, n, hd]
-                out[span] = o[0].transpose(0, 1).reshape(n, self.q_dim)
-            return out
-
-        hidden = self._forward(ids, attend, lora, mask)
-        return self.logits(hidden[[e - 1 for e in ends]])
-
-    @torch.inference_mode()
-    def decode(
-        self,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache,
-        lora: LoraBatch | GroupedLoraBatch | None = None,
-        token_adapter: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """One token for each of rows 0..B-1: `ids` [B] at `positions` [B]; float32 logits [B, V]."""
-        a = self.arch
-        mask = lora.mask(token_adapter) if lora is not None else None
-        shape = (a.num_heads, a.num_kv_heads, a.head_dim)
-
-        def attend(layer, qkv):
-            return self.ops.attend_decode(qkv, self.cos, self.sin, positions, cache, layer, shape)
-
-        hidden = self._forward(ids, attend, lora, mask)
-        return self.logits(hidden)
+                )
+            else:  # reused blocks or earlier chunks: attend over the cache, query i sees positions <= start + i
+                keys, values = cache.gather(layer, c.table, end)  # [kv, end, hd]
+                pos = torch.arange(end, device=qkv.device)
+                allowed = pos[None, :] <= pos[c.start :, None]  # [n, end]
+                o = F.scaled_dot_product_attention(
+                    qs, keys[None], values[None], attn_mask=allowed[None, None], enable_gqa=True
+                )
+            out[span] = o[0].transpose(0, 1).reshape(c.length, self.q_dim)
+        return out

@@ -8,8 +8,8 @@ Semantics shared by both (tests/unit/test_cpu_kernels.py and test_lora_ops.py ho
     linear(W, b)(x)            x · Wᵀ + b                     x [T, in] -> [T, out]; `.add_to(y, x)`: y += x·Wᵀ + b
     rms_norm(x, w, eps)        w · cast(x / rms(x))           computed in float32 then cast, as transformers
     silu_mul(gu)               silu(gate) · up                gu [T, 2I] = [gate | up] -> [T, I]
-    attend_decode(...)         RoPE on q and k, k and v stored at each row's position, then attention of
-                               each row's query over its cache positions 0..pos  -> [B, q_dim]
+    attend_decode(...)         RoPE on q and k, k and v stored at each row's position through its block
+                               table, then attention of each row's query over its positions 0..pos -> [B, q_dim]
     prepare_lora, lora_batch   an adapter's device-tier form; a batch's adapters with
                                `apply_group(layer, group, x, y, mask)`: y += each token's LoRA delta
     use_threads(n)             the engine thread's threading
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from trtllm_peft.executor.torch import cpu_kernels
-from trtllm_peft.executor.torch.kv_cache import KVCache
+from trtllm_peft.executor.torch.kv import PagedKVCache
 from trtllm_peft.executor.torch.linear import KernelLinear, Linear, single_thread_except_big_matmuls
 from trtllm_peft.executor.torch.lora_grouped import GroupedLoraBatch, prepare_packed
 from trtllm_peft.executor.torch.lora_ops import AdapterTensors, LoraBatch, prepare
@@ -76,9 +76,10 @@ class TorchOps:
         cos: torch.Tensor,  # [L, hd] tables
         sin: torch.Tensor,
         positions: torch.Tensor,  # [B] int64
-        cache: KVCache,
+        cache: PagedKVCache,
         layer: int,
         shape: tuple[int, int, int],  # (num_heads, num_kv_heads, head_dim)
+        tables: torch.Tensor,  # [B, W] int32 block tables
     ) -> torch.Tensor:
         heads, kv_heads, hd = shape
         b, q_dim, groups = qkv.shape[0], heads * hd, heads // kv_heads
@@ -86,7 +87,8 @@ class TorchOps:
         qk = rope(qkv[:, : q_dim + kv_heads * hd].view(b, heads + kv_heads, hd), c, s)
         v = qkv[:, q_dim + kv_heads * hd :].view(b, kv_heads, hd)
         length = int(positions.max()) + 1
-        keys, values = cache.write_step(layer, positions, qk[:, heads:], v, length)  # [B, kv, L, hd]
+        cache.write_step(layer, tables, positions, qk[:, heads:], v)
+        keys, values = cache.gather_rows(layer, tables, length)  # [B, kv, L, hd]
         valid = torch.arange(length, device=qkv.device)[None, :] <= positions[:, None]  # [B, L]
         # GQA without repeating K/V: the query heads of one kv head become that head's query "length".
         qg = qk[:, :heads].reshape(b, kv_heads, groups, hd)
@@ -122,8 +124,8 @@ class KernelOps(TorchOps):
     def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
         return self.k.silu_mul(gu)
 
-    def attend_decode(self, qkv, cos, sin, positions, cache, layer, shape) -> torch.Tensor:
-        return self.k.attend_decode(qkv, cos, sin, positions, cache.k[layer], cache.v[layer], *shape)
+    def attend_decode(self, qkv, cos, sin, positions, cache, layer, shape, tables) -> torch.Tensor:
+        return self.k.attend_decode(qkv, cos, sin, positions, cache.k[layer], cache.v[layer], tables, *shape)
 
 
 def ops_for(device: torch.device, dtype: torch.dtype, use_kernels: bool = True) -> TorchOps:

@@ -1,0 +1,88 @@
+"""The paged KV cache's tensors: K and V `[layers, num_blocks, kv_heads, tokens_per_block, head_dim]`.
+
+Allocated with `torch.empty` (nothing zero-filled up front: on CPU the pages become resident only as blocks
+are first written), and a block is cleared when a sequence takes it, so attention never reads stale memory.
+Sequences address it through block tables (kv/blocks.py); `tables()` packs them into the int32
+`[B, max_blocks]` tensor the decode kernel and the torch ops read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PagedKVCache:
+    """The K/V pool of `num_blocks` blocks of `tokens_per_block` tokens, all layers."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        tokens_per_block: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device,
+    ) -> None:
+        shape = (num_layers, num_blocks, num_kv_heads, tokens_per_block, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.num_blocks, self.tokens_per_block = num_blocks, tokens_per_block
+        self.device = torch.device(device)
+
+    @property
+    def num_bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def clear(self, blocks: list[int]) -> None:
+        """Zero newly taken blocks (their positions past a sequence's length are read, masked, as zeros)."""
+        if blocks:
+            idx = torch.tensor(blocks, device=self.device)
+            self.k[:, idx] = 0
+            self.v[:, idx] = 0
+
+    def tables(self, tables: list[list[int]], width: int | None = None) -> torch.Tensor:
+        """Block tables as int32 `[B, width]` (rows padded with block 0, never read past a row's length)."""
+        width = width or max((len(t) for t in tables), default=1)
+        out = torch.zeros(len(tables), max(width, 1), dtype=torch.int32)
+        for i, t in enumerate(tables):
+            out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        return out.to(self.device)
+
+    def write(self, layer: int, table: torch.Tensor, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v `[n, kv, hd]` at positions start..start+n-1 of the sequence whose block table is `table`."""
+        pos = torch.arange(start, start + k.shape[0], device=self.device)
+        blocks = table.long()[pos // self.tokens_per_block]
+        offs = pos % self.tokens_per_block
+        self.k[layer, blocks, :, offs] = k
+        self.v[layer, blocks, :, offs] = v
+
+    def gather(self, layer: int, table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sequence's K and V at positions 0..length-1, `[kv, length, hd]` each (a copy)."""
+        nb = -(-length // self.tokens_per_block)
+        idx = table[:nb].long()
+        k, v = self.k[layer, idx], self.v[layer, idx]  # [nb, kv, tpb, hd]
+        kv, hd = k.shape[1], k.shape[3]
+        k = k.transpose(0, 1).reshape(kv, nb * self.tokens_per_block, hd)[:, :length]
+        v = v.transpose(0, 1).reshape(kv, nb * self.tokens_per_block, hd)[:, :length]
+        return k, v
+
+    def write_step(
+        self, layer: int, tables: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """One token per row: k, v `[B, kv, hd]` at `positions` [B] through `tables` [B, W]."""
+        rows = torch.arange(k.shape[0], device=self.device)
+        blocks = tables.long()[rows, positions // self.tokens_per_block]
+        offs = positions % self.tokens_per_block
+        self.k[layer, blocks, :, offs] = k
+        self.v[layer, blocks, :, offs] = v
+
+    def gather_rows(self, layer: int, tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's K and V at positions 0..length-1, `[B, kv, length, hd]` (a copy; rows padded)."""
+        nb = -(-length // self.tokens_per_block)
+        idx = tables[:, :nb].long()
+        k, v = self.k[layer, idx], self.v[layer, idx]  # [B, nb, kv, tpb, hd]
+        b, _, kv, tpb, hd = k.shape
+        k = k.transpose(1, 2).reshape(b, kv, nb * tpb, hd)[:, :, :length]
+        v = v.transpose(1, 2).reshape(b, kv, nb * tpb, hd)[:, :, :length]
+        return k, v
