@@ -99,7 +99,11 @@ class Server:
             stdout=open(log, "w"),  # noqa: SIM115 (open as long as the server runs)
             stderr=subprocess.STDOUT,
         )
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()  # a server that never became ready must not outlive the fixture
+            raise
 
     def _wait_ready(self, timeout: float = 180) -> None:
         deadline = time.time() + timeout
