@@ -34,14 +34,25 @@ def smollm2_engine() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_standin_engine(smollm2_engine, tmp_path_factory) -> Path:
     """The SmolLM2 engine directory marked as a TensorRT-LLM engine, for the stand-in (tests/trtllm_standin):
-    the server then runs TrtllmExecutor, whose stand-in delegates generation to the reference engine."""
-    d = tmp_path_factory.mktemp("standin") / "smollm2-135m-trtllm"
-    d.mkdir()
-    for f in smollm2_engine.iterdir():
-        if f.name != "trtllm_peft.json":
+    the server then runs TrtllmExecutor, whose stand-in delegates generation to the reference engine.
+    Its build_config says it was built with `--gather_context_logits --gather_generation_logits`."""
+    return standin_engine(smollm2_engine, tmp_path_factory.mktemp("standin"), gather_logits=True)
+
+
+def standin_engine(engine: Path, parent: Path, *, gather_logits: bool) -> Path:
+    """A copy of `engine` (files linked) marked as a TensorRT-LLM engine; `gather_logits` sets build_config's
+    gather_context_logits / gather_generation_logits as `trtllm-build --gather_…_logits` writes them."""
+    d = parent / "smollm2-135m-trtllm"
+    d.mkdir(parents=True)
+    for f in engine.iterdir():
+        if f.name not in ("trtllm_peft.json", "config.json"):
             (d / f.name).symlink_to(f.resolve())
-    meta = json.loads((smollm2_engine / "trtllm_peft.json").read_text())
+    meta = json.loads((engine / "trtllm_peft.json").read_text())
     (d / "trtllm_peft.json").write_text(json.dumps({**meta, "backend": "trtllm"}))
+    config = json.loads((engine / "config.json").read_text())
+    flags = {"gather_context_logits": gather_logits, "gather_generation_logits": gather_logits}
+    config["build_config"] = {**config["build_config"], **flags}
+    (d / "config.json").write_text(json.dumps(config, indent=2))
     return d
 
 

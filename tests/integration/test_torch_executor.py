@@ -264,7 +264,14 @@ BAD_REQUESTS = {  # name -> (request factory given packed adapters, expected sub
         "Prompt length (64) exceeds maximum input length (63).",
     ),
     "token out of vocab": (lambda a: Request([1, 64], 4), "input token ids must be in [0, 64)"),
-    "bad words": (lambda a: Request([1, 2], 4, bad_words=[[3]]), "bad_words is not supported"),
+    "bad word out of vocab": (
+        lambda a: Request([1, 2], 4, bad_words=[[3], [5, 64]]),
+        "bad_words token ids must be in [0, 64)",
+    ),
+    "embedding_bias of the wrong size": (
+        lambda a: Request([1, 2], 4, embedding_bias=torch.zeros(63)),
+        "embedding_bias must have shape [64], got [63]",
+    ),
     "wrong dtype": (
         lambda a: Request([1], 2, lora_config=LoraConfig(5, a.weights.bfloat16(), a.config)),
         "Expected lora weights to be the same data type as base model",

@@ -131,6 +131,11 @@ class ExecutorConfig:
         self.enable_chunked_context = bool(enable_chunked_context)
         self.kv_cache_config = kv_cache_config or KvCacheConfig()
         self.peft_cache_config = peft_cache_config or PeftCacheConfig()
+        if not isinstance(gather_generation_logits, bool):
+            raise TypeError(
+                f"incompatible function arguments: gather_generation_logits={gather_generation_logits!r}"
+            )
+        self.gather_generation_logits = gather_generation_logits
 
 
 class InflightBatchingStats:

@@ -8,7 +8,12 @@ cpp/tensorrt_llm/executor/executorImpl.cpp for the behaviour):
   request: " + its text (executorImpl.cpp, fetchNewRequests);
 * the capacity scheduler holds a request back while its adapter's device pages do not fit beside the tasks
   in progress; finished requests mark their task done in both tiers (markRequestDone);
-* await_responses(timeout) / (id, timeout), cancel_request, get_num_responses_ready, shutdown.
+* await_responses(timeout) / (id, timeout), cancel_request, get_num_responses_ready, shutdown;
+* logits are returned only when the engine can gather them (executorImpl.cpp fetchNewRequests):
+  context logits need an engine built with `--gather_context_logits` (config.json
+  build_config.gather_context_logits, ModelConfig::computeContextLogits), generation logits need
+  `ExecutorConfig(gather_generation_logits=True)`; otherwise the request fails with TensorRT-LLM's text.
+  An embedding bias is viewed as [1, vocab] (llmRequest.h: `mEmbeddingBias.value()->unsqueeze(0)`).
 Generation is delegated to TorchExecutor with caches too large to refuse anything: every admission decision
 is the stand-in's. Each host-cache entry gets its own delegate task id, so a task id re-put after eviction can
 never reach stale weights in the delegate.
@@ -17,6 +22,7 @@ never reach stale weights in the delegate.
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from pathlib import Path
@@ -43,6 +49,9 @@ class Executor:
         from trtllm_peft.executor.torch import TorchExecutor
 
         self.spec = load_spec(model_path)
+        build = json.loads((Path(model_path) / "config.json").read_text()).get("build_config", {})
+        self.gather_context_logits = bool(build.get("gather_context_logits"))
+        self.gather_generation_logits = executor_config.gather_generation_logits
         self.peft = PeftCacheManager(self.spec, executor_config.peft_cache_config)
         kv = executor_config.kv_cache_config  # the KV cache is the delegate's: reuse and sizing as configured
         self.delegate = TorchExecutor(
@@ -75,6 +84,7 @@ class Executor:
             self.requests_seen.append(request)
             lc = request.lora_config
             try:
+                self._check_outputs(request)
                 if lc is not None:
                     self.peft.add_request(rid, lc.task_id, lc.weights, lc.config)
             except LoraExpectedError as e:
@@ -86,6 +96,29 @@ class Executor:
             self._pending.append((rid, request))
             self._pump()
             return rid
+
+    def _check_outputs(self, req: t.Request) -> None:
+        """executorImpl.cpp fetchNewRequests' checks of the logits a request asks for, and its bias."""
+        oc, where = req.output_config, "cpp/tensorrt_llm/executor/executorImpl.cpp"
+        if oc.return_context_logits:
+            t.check(
+                self.gather_context_logits,
+                "Return context logit need to build engine with gather_context_logits",
+                where,
+            )
+        if oc.return_generation_logits:
+            t.check(
+                self.gather_generation_logits,
+                "To return generation logits, gather_generation_logits must be enabled in ExecutorConfig",
+                where,
+            )
+        bias = req.embedding_bias
+        if bias is not None:
+            t.check(
+                bias.ndim == 1 and bias.shape[0] == self.spec.vocab_size,
+                f"embedding bias shape {list(bias.shape)} does not match [vocabSize={self.spec.vocab_size}]",
+                "cpp/include/tensorrt_llm/batch_manager/llmRequest.h",
+            )
 
     def enqueue_requests(self, requests: list[t.Request]) -> list[int]:
         return [self.enqueue_request(r) for r in requests]
@@ -130,7 +163,10 @@ class Executor:
             }
         )
         output = api.OutputConfig(
-            return_log_probs=oc.return_log_probs, exclude_input_from_output=oc.exclude_input_from_output
+            return_log_probs=oc.return_log_probs,
+            return_context_logits=oc.return_context_logits,
+            return_generation_logits=oc.return_generation_logits,
+            exclude_input_from_output=oc.exclude_input_from_output,
         )
         return api.Request(
             req.input_token_ids,
@@ -142,6 +178,7 @@ class Executor:
             pad_id=req.pad_id,
             bad_words=req.bad_words,
             stop_words=req.stop_words,
+            embedding_bias=req.embedding_bias,
             lora_config=lora,
             client_id=req.client_id,
         )
@@ -247,6 +284,7 @@ def _result(r: api.Result) -> t.Result:
     out.is_final, out.output_token_ids = r.is_final, [list(b) for b in r.output_token_ids]
     out.finish_reasons = [t.FinishReason[f.name] for f in r.finish_reasons]
     out.log_probs, out.cum_log_probs = r.log_probs, r.cum_log_probs
+    out.context_logits, out.generation_logits = r.context_logits, r.generation_logits
     out.sequence_index, out.is_sequence_final, out.decoding_iter = (
         r.sequence_index,
         r.is_final,

@@ -248,6 +248,7 @@ class Request:
         int_arg("client_id", client_id, optional=True, minimum=0)
         _token_lists("bad_words", bad_words)
         _token_lists("stop_words", stop_words)
+        _tensor("embedding_bias", embedding_bias)
         for name, value, cls in (
             ("sampling_config", sampling_config, SamplingConfig),
             ("output_config", output_config, OutputConfig),
@@ -264,6 +265,7 @@ class Request:
         self.output_config = output_config or OutputConfig()
         self.end_id, self.pad_id, self.bad_words, self.stop_words = end_id, pad_id, bad_words, stop_words
         self.lora_config, self.client_id = lora_config, client_id
+        self.embedding_bias = embedding_bias
         self.return_all_generated_tokens = return_all_generated_tokens
 
 

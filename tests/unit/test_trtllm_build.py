@@ -44,7 +44,11 @@ def test_commands_carry_the_recipe_and_the_lora_flags(tmp_path):
         "--gemm_plugin", "auto", "--lora_plugin", "auto", "--lora_target_modules", *SEVEN, "--max_lora_rank", "64",
         "--max_batch_size", "64", "--max_input_len", "8191", "--max_seq_len", "8192", "--max_num_tokens", "8192",
         "--kv_cache_type", "paged",
+        "--gather_generation_logits",
     ]  # fmt: skip
+    assert TrtllmBuild(**{**job.__dict__, "gather_context_logits": True}).build_command()[-1] == (
+        "--gather_context_logits"
+    )
     assert job.convert_command("python3") == [
         "python3", "-m", "trtllm_peft.engine.trtllm_build", "convert", "--model_dir", str(tmp_path / "hf"),
         "--output_dir", str(tmp_path / "ckpt"), "--dtype", "bfloat16",

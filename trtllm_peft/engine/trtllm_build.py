@@ -51,6 +51,11 @@ class TrtllmBuild:
     max_num_tokens: int | None = None
     lora_target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     max_lora_rank: int = 32
+    # OpenAI log-probs are computed from the engine's logits (executor/api.py). Generation logits cost one
+    # [vocab] row per generated token of a request that asks; context logits make every prefill compute
+    # [tokens, vocab] logits, so they are opt-in (without them `echo` + `logprobs` is a 400 naming the flag).
+    gather_generation_logits: bool = True
+    gather_context_logits: bool = False
 
     def convert_command(self, python: str = sys.executable) -> list[str]:
         return [
@@ -81,6 +86,8 @@ class TrtllmBuild:
             "--max_num_tokens", str(self.max_num_tokens or self.max_seq_len),
             # explicit, not left to the default: in-flight batching and the PEFT cache need the paged KV cache
             "--kv_cache_type", "paged",
+            *(["--gather_generation_logits"] if self.gather_generation_logits else []),
+            *(["--gather_context_logits"] if self.gather_context_logits else []),
         ]  # fmt: skip
 
 

@@ -15,6 +15,16 @@ Semantics the executors honour (TensorRT-LLM's, see DESIGN §4.4):
 * Sampling is greedy unless `top_k > 1` or `top_p > 0` (TensorRT-LLM: top_k=0 and top_p=0 is greedy,
   whatever the temperature). An OpenAI layer that means "sample" must therefore pass top_p=1.0.
 * The end id is not part of the output tokens; a matched stop word is.
+* Logits (`OutputConfig.return_context_logits` / `return_generation_logits`) are the model's raw float32
+  logits, before embedding_bias, bad words, penalties and temperature: `Result.context_logits` [prompt_len,
+  vocab] (row i predicts prompt token i + 1), `Result.generation_logits` [1, T, vocab] in a non-streaming
+  result, [T, 1, vocab] in a streaming one (executor.h `Result::generationLogits`), row t being the logits
+  the t-th output token was sampled from. TensorRT-LLM returns them only when the engine was built with
+  `--gather_context_logits` / `ExecutorConfig(gather_generation_logits=True)` (executorImpl.cpp
+  fetchNewRequests); the serving layer computes OpenAI's log-probs (top-k included) from them.
+* `embedding_bias` [vocab] float32 is added to the logits before sampling (llmRequest.h); `bad_words` ban
+  a word's last token wherever the sequence ends with the rest of it; `SamplingConfig.min_tokens` holds
+  back the end id until that many tokens were generated (TensorRT-LLM's minLength).
 """
 
 from __future__ import annotations
@@ -130,6 +140,7 @@ class Request:
     pad_id: int | None = None
     bad_words: list[list[int]] | None = None
     stop_words: list[list[int]] | None = None
+    embedding_bias: torch.Tensor | None = None  # [vocab] float32, added to the logits
     lora_config: LoraConfig | None = None
     client_id: int | None = None
 
@@ -143,6 +154,8 @@ class Result:
     finish_reasons: list[FinishReason] = field(default_factory=lambda: [FinishReason.NOT_FINISHED])
     log_probs: list[list[float]] | None = None
     cum_log_probs: list[float] | None = None
+    context_logits: torch.Tensor | None = None  # [prompt_len, vocab] float32
+    generation_logits: torch.Tensor | None = None  # [1, T, vocab] (final) or [T, 1, vocab] (streaming)
     sequence_index: int = 0
     is_sequence_final: bool = False
     decoding_iter: int = 0

@@ -39,6 +39,12 @@ _PATTERNS: list[tuple[ErrorKind, tuple[str, ...]]] = [
             "must have both lora_weights and lora_keys",
             "Invalid shape for lora_",
             "lora keys to have TYPE_INT32",
+            "need to build engine with gather_context_logits",  # executorImpl.cpp fetchNewRequests
+            "gather_generation_logits must be enabled",
+            "embedding bias shape",
+            "embedding_bias must",
+            "bad_words token ids must be",
+            "input token ids must be in",
         ),
     ),
 ]

@@ -12,6 +12,13 @@ runtime/loraUtils.cpp): 2-D CPU torch tensors, weights `[N, W]` in the engine dt
 int32. The `.npy` files' leading batch dimension of 1 is squeezed; numpy arrays (bfloat16 stored as
 numpy 'V2', as TensorRT-LLM's torch_to_numpy writes it) are converted. TensorRT-LLM's own errors (not in
 cache, cache full, validation) come back as error Responses with its texts; executor/errors.py classifies them.
+
+Logits: TensorRT-LLM returns context logits only from an engine built with `trtllm-build
+--gather_context_logits`, generation logits only with `ExecutorConfig(gather_generation_logits=True)` over
+an engine built with `--gather_generation_logits` (executorImpl.cpp fetchNewRequests: "Return context logit
+need to build engine with gather_context_logits", "To return generation logits, gather_generation_logits
+must be enabled in ExecutorConfig"). The executor config follows the engine's build_config, and a request
+for logits the engine cannot give is refused before it is queued, naming the build flag (a 400 upstream).
 """
 
 from __future__ import annotations
@@ -172,12 +179,37 @@ def _build_request(tle: Any, req: Request, weights: torch.Tensor | None, config:
         pad_id=req.pad_id,
         bad_words=req.bad_words,
         stop_words=req.stop_words,
+        embedding_bias=_bias(req.embedding_bias),
         lora_config=lora,
         client_id=req.client_id,
     )
 
 
+def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """embedding_bias as the engine takes it: a contiguous CPU float32 [vocab] (the engines' logits dtype)."""
+    return None if bias is None else bias.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+
+def check_logits_available(req: Request, build: dict[str, Any]) -> None:
+    """ValueError naming the build flag when `req` asks for logits the engine was not built to gather."""
+    oc = req.output_config
+    for wanted, flag in (
+        (oc.return_context_logits, "gather_context_logits"),
+        (oc.return_generation_logits, "gather_generation_logits"),
+    ):
+        if wanted and not build.get(flag):
+            raise ValueError(
+                f"this TensorRT-LLM engine was built without --{flag}, so it cannot return the logits "
+                f"log-probs are computed from; rebuild it with `trtllm-build --{flag}`"
+            )
+
+
 # ---- bindings → api ---------------------------------------------------------------------------------------
+
+
+def _logits(x: Any) -> torch.Tensor | None:
+    """A float32 CPU torch tensor of logits returned by the bindings (a torch tensor or numpy array)."""
+    return None if x is None else to_torch(x, "logits").detach().to(device="cpu", dtype=torch.float32)
 
 
 def from_trtllm_response(r: Any) -> Response:
@@ -193,6 +225,8 @@ def from_trtllm_response(r: Any) -> Response:
             finish_reasons=[FinishReason[f.name] for f in res.finish_reasons],
             log_probs=None if res.log_probs is None else [list(b) for b in res.log_probs],
             cum_log_probs=None if res.cum_log_probs is None else list(res.cum_log_probs),
+            context_logits=_logits(res.context_logits),
+            generation_logits=_logits(res.generation_logits),
             sequence_index=int(res.sequence_index),
             is_sequence_final=bool(res.is_sequence_final),
             decoding_iter=int(res.decoding_iter),
@@ -230,9 +264,11 @@ def executor_config(
     max_queue_size: int | None = None,
     kv_cache_config: KvCacheConfig | None = None,
     enable_chunked_context: bool = False,
+    gather_generation_logits: bool = False,
 ) -> Any:
     """tle.ExecutorConfig: beam width 1, our KvCacheConfig (its fraction, else `kv_cache_fraction`), our PEFT
-    cache sizing, chunked context as asked. Field for field: the names are TensorRT-LLM's (executor.h)."""
+    cache sizing, chunked context as asked, generation logits gathered when the engine was built to. Field
+    for field: the names are TensorRT-LLM's (executor.h)."""
     p = sizing.config
     peft = tle.PeftCacheConfig(
         num_host_module_layer=p.num_host_module_layer,
@@ -251,6 +287,7 @@ def executor_config(
         enable_chunked_context=enable_chunked_context,
         peft_cache_config=peft,
         max_queue_size=max_queue_size,
+        gather_generation_logits=gather_generation_logits,
     )
 
 
@@ -287,6 +324,7 @@ class TrtllmExecutor:
             optimal_adapter_size=optimal_adapter_size,
         )
         self._log_plan(kv_cache_fraction)
+        self.build_config = _build_config(self.engine_dir)
         config = executor_config(
             tle,
             self.sizing,
@@ -294,6 +332,7 @@ class TrtllmExecutor:
             max_queue_size=max_queue_size,
             kv_cache_config=kv_cache_config,
             enable_chunked_context=enable_chunked_context,
+            gather_generation_logits=bool(self.build_config.get("gather_generation_logits")),
         )
         self._tle = tle
         self._exec = tle.Executor(self.engine_dir, tle.ModelType.DECODER_ONLY, config)
@@ -336,6 +375,8 @@ class TrtllmExecutor:
         return self.enqueue_requests([request])[0]
 
     def enqueue_requests(self, requests: list[Request]) -> list[IdType]:
+        for r in requests:
+            check_logits_available(r, self.build_config)
         converted = [to_trtllm_request(self._tle, r, self.dtype) for r in requests]
         with self._lock:  # registered before await_responses can see (and pop) their final responses
             ids = list(self._exec.enqueue_requests(converted))

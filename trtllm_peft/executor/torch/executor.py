@@ -169,7 +169,9 @@ class TorchExecutor:
             Sequence(
                 id=rid,
                 request=req,
-                sampling=new_state(req.sampling_config, req.end_id, self.device),
+                sampling=new_state(
+                    req.sampling_config, req.end_id, self.device, req.embedding_bias, req.bad_words
+                ),
                 max_new=req.max_tokens,
             )
             for rid, req in zip(ids, requests, strict=True)
@@ -265,14 +267,16 @@ class TorchExecutor:
         admitted = 0
         for seq in list(self._waiting):
             full = seq.prompt_len + seq.max_new
+            # context logits cover every prompt position: such a request reuses no cached blocks
+            prefix = [] if seq.request.output_config.return_context_logits else seq.tokens
             if len(self._running) >= self.max_batch_size or not self.blocks.can_admit(
-                seq.task_id, seq.tokens, full
+                seq.task_id, prefix, full
             ):
                 break  # first come, first served: later requests do not overtake one that waits for blocks
             if seq.task_id is not None and not self._device_ready(seq, out):
                 continue
             self._waiting.remove(seq)
-            seq.cached = self.blocks.admit(seq.id, seq.task_id, seq.tokens, full)
+            seq.cached = self.blocks.admit(seq.id, seq.task_id, prefix, full)
             self._running.append(seq)
             admitted += 1
         return admitted
@@ -328,6 +332,9 @@ class TorchExecutor:
         owner += [index.get(s.task_id, -1) for s in decoding]
         tables = self.kv.tables([self.blocks.table(s.id) for s in decoding]) if decoding else None
         dev = self.device
+        context = {
+            i: None for i, (seq, _) in enumerate(chunks) if seq.request.output_config.return_context_logits
+        }
         logits = self.model.step(
             torch.tensor(ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
@@ -336,9 +343,15 @@ class TorchExecutor:
             self.kv,
             lora,
             torch.tensor(owner, device=dev) if lora is not None else None,
+            context,
         )
-        for seq, n in chunks:
+        for i, (seq, n) in enumerate(chunks):
             seq.cached += n
+            if i in context:  # [n, V] per chunk, in order: [prompt_len, V] once the prompt is done
+                part = context[i]
+                seq.context_logits = (
+                    part if seq.context_logits is None else torch.cat([seq.context_logits, part])
+                )
         for seq in decoding:
             seq.cached += 1
         sampled = [seq for (seq, _), c in zip(chunks, parts, strict=True) if c.logits] + decoding
@@ -357,7 +370,8 @@ class TorchExecutor:
             want,
         )
         for i, s in enumerate(seqs):
-            s.add(tokens[i], lps[i] if lps is not None else None)
+            raw = logits[i].clone() if s.request.output_config.return_generation_logits else None  # [V]
+            s.add(tokens[i], lps[i] if lps is not None else None, raw)
 
     def _cancel_seqs(self, cancel: set[int]) -> list[Sequence]:
         """Mark cancelled requests finished; waiting ones leave now, running ones at the next _emit."""

@@ -27,6 +27,21 @@ def check_request(req: Request, max_seq_len: int, vocab_size: int) -> str | None
         return f"{unsupported} is not supported by the reference engine"
     if max(prompt) >= vocab_size or min(prompt) < 0:
         return f"input token ids must be in [0, {vocab_size})"
+    return _check_logit_controls(req, vocab_size)
+
+
+def _check_logit_controls(req: Request, vocab_size: int) -> str | None:
+    """embedding_bias must be [vocab] floating point (llmRequest.h views it as [1, vocab]); bad words are
+    token ids of the vocabulary."""
+    bias = req.embedding_bias
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+            return "embedding_bias must be a floating-point tensor"
+        if tuple(bias.shape) != (vocab_size,):
+            return f"embedding_bias must have shape [{vocab_size}], got {list(bias.shape)}"
+    for w in req.bad_words or []:
+        if any(not 0 <= t < vocab_size for t in w):
+            return f"bad_words token ids must be in [0, {vocab_size})"
     return None
 
 
@@ -34,10 +49,8 @@ def _unsupported(req: Request) -> str | None:
     """The first requested feature this engine does not implement (rather than silently ignoring it)."""
     oc, sc = req.output_config, req.sampling_config
     for name, used in (
-        ("bad_words", bool(req.bad_words)),
-        ("return_context_logits", oc.return_context_logits),
-        ("return_generation_logits", oc.return_generation_logits),
         ("num_return_sequences > 1", (sc.num_return_sequences or 1) > 1),
+        ("return_encoder_output", oc.return_encoder_output),
     ):
         if used:
             return name

@@ -162,11 +162,13 @@ class LlamaModel:
         cache: PagedKVCache,
         lora: LoraBatch | GroupedLoraBatch | None = None,
         token_adapter: torch.Tensor | None = None,
+        context: dict[int, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """One iteration: `ids` [T] at `positions` [T] are the chunks' tokens (in order) then one token per
         decoding row, whose block tables are `tables` [B, W] int32. `token_adapter` [T]: each token's index
         into `lora` (-1: base). Returns float32 logits [R, V]: the last token of each chunk with `logits`,
-        then every decoding row.
+        then every decoding row. For each chunk index i in `context`, `context[i]` is set to that chunk's
+        logits at every position [length, V] (OutputConfig.return_context_logits); no other chunk pays for it.
         """
         tc = sum(c.length for c in chunks)
         mask = lora.mask(token_adapter) if lora is not None else None
@@ -185,6 +187,8 @@ class LlamaModel:
 
         hidden = self._forward(ids, attend, lora, mask)
         ends = torch.tensor([c.length for c in chunks], dtype=torch.long).cumsum(0).tolist()
+        for i in context or {}:
+            context[i] = self.logits(hidden[ends[i] - chunks[i].length : ends[i]])  # [length, V]
         rows = [e - 1 for e, c in zip(ends, chunks, strict=True) if c.logits]
         return self.logits(hidden[rows + list(range(tc, ids.shape[0]))])
 

@@ -6,6 +6,8 @@ sampling is reproducible unless a seed is given). Log-probs are log-softmax of t
 (after penalties and temperature) at the chosen token, before top-k/top-p truncation.
 Penalties follow TensorRT-LLM's batchApplyPenalty: repetition (divide positive / multiply negative logits)
 and presence/frequency (subtract) over every token of the sequence so far, prompt included.
+Before all of that, a request's embedding_bias [V] is added and its bad words are banned (-inf), as
+TensorRT-LLM's embedding-bias and banBadWords steps do (over the whole sequence, prompt included).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class SamplingState:
     config: SamplingConfig
     end_id: int | None = None
     min_tokens: int = 0
+    bias: torch.Tensor | None = field(default=None, repr=False)  # [V] float32, on the engine's device
+    bad_words: list[list[int]] = field(default_factory=list)
     generator: torch.Generator | None = field(default=None, repr=False)
 
     @property
@@ -38,8 +42,20 @@ class SamplingState:
         return self.config.is_greedy and not self.penalised and self.min_tokens == 0
 
 
-def new_state(config: SamplingConfig, end_id: int | None, device) -> SamplingState:
-    state = SamplingState(config=config, end_id=end_id, min_tokens=config.min_tokens or 0)
+def new_state(
+    config: SamplingConfig,
+    end_id: int | None,
+    device,
+    bias: torch.Tensor | None = None,
+    bad_words: list[list[int]] | None = None,
+) -> SamplingState:
+    state = SamplingState(
+        config=config,
+        end_id=end_id,
+        min_tokens=config.min_tokens or 0,
+        bias=None if bias is None else bias.to(device=device, dtype=torch.float32),
+        bad_words=[list(w) for w in bad_words or [] if w],
+    )
     if not config.is_greedy:
         state.generator = torch.Generator(device=device).manual_seed(int(config.seed or 0))
     return state
@@ -55,6 +71,25 @@ def _penalise(logits: torch.Tensor, tokens: torch.Tensor, c: SamplingConfig) -> 
         logits -= (counts > 0).to(logits.dtype) * (c.presence_penalty or 0.0) + counts * (
             c.frequency_penalty or 0.0
         )
+    return logits
+
+
+def _banned(history: list[int], bad_words: list[list[int]]) -> list[int]:
+    """Tokens a bad word forbids next: its last token, where the sequence ends with the rest of it."""
+    return [w[-1] for w in bad_words if len(w) == 1 or history[-(len(w) - 1) :] == w[:-1]]
+
+
+def _constrain(logits: torch.Tensor, states: list[SamplingState], histories: list[list[int]]) -> torch.Tensor:
+    """logits [B, V] with each row's embedding bias added and its bad words banned (a copy when changed)."""
+    if not any(s.bias is not None or s.bad_words for s in states):
+        return logits
+    logits = logits.clone()
+    for i, s in enumerate(states):
+        if s.bias is not None:
+            logits[i] += s.bias
+        banned = _banned(histories[i], s.bad_words) if s.bad_words else []
+        if banned:
+            logits[i, banned] = float("-inf")
     return logits
 
 
@@ -98,6 +133,7 @@ def sample(
     want_logprobs: bool,
 ) -> tuple[list[int], list[float] | None]:
     """Next token per row of logits [B, V] (float32); log-probs when `want_logprobs`."""
+    logits = _constrain(logits, states, histories)
     if all(s.plain_greedy for s in states):
         tokens = torch.argmax(logits, dim=-1)
         lps = None
