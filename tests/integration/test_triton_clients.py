@@ -171,7 +171,8 @@ def test_grpc_health_metadata_config_index(grpc, http):
 
 
 def e2e_inputs(prompt, output_len, *, streaming=False, stop_words=None, bad_words=None, end_id=None,
-               lora_dir=None, lora_task_id=None, exclude_input_in_output=True):  # fmt: skip
+               lora_dir=None, lora_task_id=None, exclude_input_in_output=True, embedding_bias_words=None,
+               embedding_bias_weights=None):  # fmt: skip
     """end_to_end_grpc_client.prepare_inputs (temperature 1.0, beam 1, num_return_sequences 1: its defaults)."""
     input0 = [[prompt]]
     inputs = {
@@ -186,6 +187,9 @@ def e2e_inputs(prompt, output_len, *, streaming=False, stop_words=None, bad_word
         inputs["bad_words"] = np.array([bad_words], dtype=object)
     if stop_words:
         inputs["stop_words"] = np.array([stop_words], dtype=object)
+    if embedding_bias_words is not None:
+        inputs["embedding_bias_words"] = np.array([embedding_bias_words], dtype=object)
+        inputs["embedding_bias_weights"] = np.array([embedding_bias_weights], dtype=np.float32)
     if end_id is not None:
         inputs["end_id"] = np.array([[end_id]], dtype=np.int32)
     inputs["exclude_input_in_output"] = np.array([[exclude_input_in_output]], dtype=bool)
@@ -267,7 +271,7 @@ def test_e2e_grpc_client_stop_words_and_lora(grpc, server, npy_dir):
 
 
 def ifb_inputs(tokenizer, *, streaming, text=PROMPT, output_len=N, lora_path=None, lora_task_id=None,
-               stop_words_list=None, bad_words_list=None, min_tokens=None, end_id=None):  # fmt: skip
+               stop_words_list=None, bad_words_list=None, min_tokens=None, end_id=None, embedding_bias=None):  # fmt: skip
     """inflight_batcher_llm_client's __main__ + prepare_inputs with its default flags."""
     pad_id = tokenizer.encode(tokenizer.pad_token or tokenizer.eos_token, add_special_tokens=False)[0]
     if end_id is None:
@@ -296,6 +300,8 @@ def ifb_inputs(tokenizer, *, streaming, text=PROMPT, output_len=N, lora_path=Non
         inputs["bad_words_list"] = bad_words_list
     if min_tokens is not None:
         inputs["min_tokens"] = np.array([[min_tokens]], dtype=np.int32)
+    if embedding_bias is not None:
+        inputs["embedding_bias"] = embedding_bias
     return input_ids[0], [prepare_tensor(k, v, "grpc") for k, v in inputs.items()]
 
 
@@ -364,6 +370,30 @@ def test_ifb_client_stop_words_list_and_min_tokens(grpc, server, tokenizer):
     _, inputs = ifb_inputs(tokenizer, streaming=True, end_id=full[0], min_tokens=3)
     held = ifb_run(grpc, inputs, streaming=True)
     assert len(held) >= 3 and full[0] not in held[:3]
+
+
+def test_bad_words_and_embedding_bias_in_both_forms(grpc, server, tokenizer, spec):
+    """Strings to the ensemble (preprocessing tokenizes them) and tensors to tensorrt_llm agree."""
+    prompt_ids, inputs = ifb_inputs(tokenizer, streaming=False, end_id=-1)
+    full = ifb_run(grpc, inputs, streaming=False)[len(prompt_ids) :]
+    word = tokenizer.decode([full[0]])
+    ids = tokenizer.encode(word, add_special_tokens=False)
+    assert ids == [full[0]]  # a one-token word: the string and the id forms ban the same thing
+    banned = np.array([[ids, [1]]], dtype=np.int32)  # [1, 2, K]: ids, then cumulative ends
+    _, inputs = ifb_inputs(tokenizer, streaming=False, end_id=-1, bad_words_list=banned)
+    no_word = ifb_run(grpc, inputs, streaming=False)[len(prompt_ids) :]
+    assert no_word[0] != full[0] and full[0] not in no_word
+    text = run_inference(grpc, [e2e_inputs(PROMPT, N, bad_words=[word], end_id=-1)], streaming=False)[0]
+    assert text == tokenizer.decode(no_word, skip_special_tokens=True)
+    bias = np.zeros((1, spec.vocab_size), np.float32)
+    bias[0, full[0]] = -1e4
+    _, inputs = ifb_inputs(tokenizer, streaming=False, end_id=-1, embedding_bias=bias)
+    biased = ifb_run(grpc, inputs, streaming=False)[len(prompt_ids) :]
+    assert biased[0] != full[0]
+    inputs = e2e_inputs(PROMPT, N, end_id=-1, embedding_bias_words=[word], embedding_bias_weights=[-1e4])
+    assert run_inference(grpc, [inputs], streaming=False)[0] == tokenizer.decode(
+        biased, skip_special_tokens=True
+    )
 
 
 # ---- end_to_end_test.py: preprocessing → tensorrt_llm → postprocessing, then the ensemble ------------------

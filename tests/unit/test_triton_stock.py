@@ -20,6 +20,7 @@ from trtllm_peft.server.triton.tensors import Tensor, TritonProtocolError, bytes
 from trtllm_peft.triton_repo import tensors as table
 
 ENGINE = Path(__file__).resolve().parents[2] / "engines" / "smollm2-135m"
+VOCAB = 49152  # SmolLM2's
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +63,15 @@ def test_parse_word_list_refuses_bad_offsets(data, message):
 
 
 def test_preprocess_defaults_and_shapes(tok):
+    query = bytes_tensor("QUERY", ["hello world"], [1, 1])
     out = stock.preprocess(
         tok,
         {
-            "QUERY": bytes_tensor("QUERY", ["hello world"], [1, 1]),
+            "QUERY": query,
             "REQUEST_OUTPUT_LEN": i32("REQUEST_OUTPUT_LEN", [[7]]),
             "STOP_WORDS_DICT": bytes_tensor("STOP_WORDS_DICT", [" world"], [1, 1]),
         },
+        VOCAB,
     )
     ids = tok.encode("hello world")
     assert out["INPUT_ID"].data.tolist() == [ids] and out["REQUEST_INPUT_LEN"].data.tolist() == [[len(ids)]]
@@ -76,15 +79,22 @@ def test_preprocess_defaults_and_shapes(tok):
     assert out["REQUEST_OUTPUT_LEN"].data.tolist() == [[7]] and out["BAD_WORDS_IDS"].shape == [1, 2, 0]
     assert stock.parse_word_list(out["STOP_WORDS_IDS"]) == [tok.encode(" world", add_special_tokens=False)]
     assert out["DECODER_INPUT_ID"].shape == [1, 1] and out["EMBEDDING_BIAS"].shape == [1, 0]
-    with pytest.raises(TritonProtocolError, match="EMBEDDING_BIAS_WORDS is not supported"):
-        stock.preprocess(
-            tok,
-            {
-                "QUERY": bytes_tensor("QUERY", ["x"], [1, 1]),
-                "REQUEST_OUTPUT_LEN": i32("REQUEST_OUTPUT_LEN", [[1]]),
-                "EMBEDDING_BIAS_WORDS": bytes_tensor("EMBEDDING_BIAS_WORDS", ["x"], [1, 1]),
-            },
-        )
+    with pytest.raises(TritonProtocolError, match="DECODER_QUERY is not supported"):
+        stock.preprocess(tok, {"QUERY": query, "DECODER_QUERY": query}, VOCAB)
+
+
+def test_embedding_bias_is_the_stock_sum_per_token(tok):
+    """_get_embedding_bias: every id of a word (encoded with the tokenizer's defaults) gets its weight."""
+    words, weights = [" cards", " in total", " cards"], [-2.0, 1.5, -1.0]
+    bias = stock.embedding_bias(tok, words, weights, VOCAB)
+    want = np.zeros(VOCAB, np.float32)
+    for word, weight in zip(words, weights, strict=True):
+        for token in tok.encode(word):
+            want[token] += weight
+    assert bias.dtype == np.float32 and (bias == want).all() and bias.min() == -3.0
+    assert stock.embedding_bias(tok, [], [], VOCAB) is None
+    with pytest.raises(TritonProtocolError, match="must have the same length"):
+        stock.embedding_bias(tok, ["a"], [], VOCAB)
 
 
 def test_postprocess_decodes_up_to_sequence_length(tok):

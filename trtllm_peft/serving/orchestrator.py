@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from trtllm_peft import formats
 from trtllm_peft.errors import AdapterError, TrtllmPeftError
 from trtllm_peft.executor.api import FinishReason, LoraConfig, OutputConfig, Request, SamplingConfig
@@ -69,6 +71,7 @@ class GenerationParams:
     stop_words: list[list[int]] | None = None
     bad_words: list[list[int]] | None = None
     min_tokens: int | None = None
+    embedding_bias: torch.Tensor | None = None  # [vocab] float32, added to the logits
 
     def sampling_config(self) -> SamplingConfig:
         # TensorRT-LLM samples only when top_k or top_p is set: OpenAI's default is sampling with
@@ -202,6 +205,7 @@ class Orchestrator:
             pad_id=self.pad_token_id,
             stop_words=params.stop_words or None,
             bad_words=params.bad_words or None,
+            embedding_bias=params.embedding_bias,
             lora_config=self._lora_config(entry, packed, with_weights=False) if entry else None,
         )
         resent, first = False, True

@@ -18,10 +18,13 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+import torch
+
 from trtllm_peft.errors import TrtllmPeftError
 from trtllm_peft.server.runtime import Runtime
 from trtllm_peft.server.triton.lora_tasks import ClientLoraTasks
 from trtllm_peft.server.triton.schemas import TritonRequest
+from trtllm_peft.server.triton.stock import embedding_bias
 from trtllm_peft.server.triton.tensors import TritonProtocolError
 from trtllm_peft.serving.orchestrator import GenerationParams, Step
 
@@ -58,6 +61,17 @@ def generation_params(rt: Runtime, req: TritonRequest, prompt_len: int) -> Gener
     words = rt.tokenizer.encode
     stops = [*req.stop_ids, *(ids for w in req.stop_words if (ids := words(w, add_special_tokens=False)))]
     bads = [*req.bad_ids, *(ids for w in req.bad_words if (ids := words(w, add_special_tokens=False)))]
+    bias = req.embedding_bias
+    if bias is None and (req.bias_words or req.bias_weights):
+        bias = torch.from_numpy(
+            embedding_bias(rt.tokenizer, req.bias_words, req.bias_weights, rt.spec.vocab_size)
+        )
+    if req.min_tokens is not None and req.min_tokens < 0:
+        raise TritonProtocolError(f"min_tokens must be >= 0, got {req.min_tokens}")
+    if req.end_id is not None and not -1 <= req.end_id < rt.spec.vocab_size:
+        raise TritonProtocolError(
+            f"end_id must be -1 (none) or a token id below {rt.spec.vocab_size}, got {req.end_id}"
+        )
     return GenerationParams(
         max_tokens=req.max_tokens,
         temperature=0.0 if greedy else req.temperature,
@@ -73,6 +87,7 @@ def generation_params(rt: Runtime, req: TritonRequest, prompt_len: int) -> Gener
         stop_words=stops,
         bad_words=bads,
         min_tokens=req.min_tokens,
+        embedding_bias=bias,
     )
 
 

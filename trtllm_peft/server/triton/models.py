@@ -146,8 +146,10 @@ class Inference:
     async def collect(self) -> Reply:
         """The whole batch as one response."""
         if not self.model.decoupled:
-            run = stock.preprocess if self.model.kind == PRE else stock.postprocess
-            return Reply(join_batch([run(self.rt.tokenizer, item) for item in self.items]))
+            tok, vocab = self.rt.tokenizer, self.rt.spec.vocab_size
+            if self.model.kind == PRE:
+                return Reply(join_batch([stock.preprocess(tok, item, vocab) for item in self.items]))
+            return Reply(join_batch([stock.postprocess(tok, item) for item in self.items]))
         try:
             totals = await asyncio.gather(*(g.collect() for g in self._gens))
         finally:

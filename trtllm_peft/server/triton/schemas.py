@@ -43,6 +43,8 @@ _SAMPLING_INPUTS = (
     IO("max_tokens", "INT32", optional=False),
     IO("bad_words", "BYTES", (-1,)),
     IO("stop_words", "BYTES", (-1,)),
+    IO("embedding_bias_words", "BYTES", (-1,)),
+    IO("embedding_bias_weights", "FP32", (-1,)),
     IO("exclude_input_in_output", "BOOL"),
     IO("end_id", "INT32"),
     IO("pad_id", "INT32"),
@@ -119,6 +121,9 @@ class TritonRequest:
     stop_ids: list[list[int]] = field(default_factory=list)  # stop_words_list, already token ids
     bad_ids: list[list[int]] = field(default_factory=list)
     min_tokens: int | None = None
+    bias_words: list[str] = field(default_factory=list)  # embedding_bias_words / _weights (the ensemble's)
+    bias_weights: list[float] = field(default_factory=list)
+    embedding_bias: torch.Tensor | None = None  # [vocab] float32 (tensorrt_llm's embedding_bias)
     prompt_ids: list[int] | None = None  # `tensorrt_llm` takes token ids; `text` is then unused
 
 
@@ -162,6 +167,10 @@ def parse_request(inputs: dict[str, Tensor]) -> TritonRequest:
         stop_words=_words(inputs, "stop_words"),
         bad_words=_words(inputs, "bad_words"),
         min_tokens=None if get("min_tokens") is None else int(get("min_tokens")),
+        bias_words=_words(inputs, "embedding_bias_words", keep_empty=True),
+        bias_weights=inputs["embedding_bias_weights"].data.reshape(-1).tolist()
+        if "embedding_bias_weights" in inputs
+        else [],
         end_id=get("end_id"),
         temperature=get("temperature"),
         top_k=get("top_k"),
@@ -181,8 +190,8 @@ def parse_request(inputs: dict[str, Tensor]) -> TritonRequest:
     )
 
 
-def _words(inputs: dict[str, Tensor], name: str) -> list[str]:
-    words = [w for w in inputs[name].strings() if w] if name in inputs else []
+def _words(inputs: dict[str, Tensor], name: str, keep_empty: bool = False) -> list[str]:
+    words = [w for w in inputs[name].strings() if w or keep_empty] if name in inputs else []
     if len(words) > MAX_WORDS:
         raise TritonProtocolError(f"at most {MAX_WORDS} {name}, got {len(words)}")
     return words

@@ -45,10 +45,10 @@ PRE_PRODUCED = (
     "OUT_END_ID",
     "OUT_PAD_ID",
 )
-_PRE_REFUSED = ("DECODER_QUERY", "EMBEDDING_BIAS_WORDS", "EMBEDDING_BIAS_WEIGHTS", "PROMPT_TABLE_EXTRA_ID")
+_PRE_REFUSED = ("DECODER_QUERY", "PROMPT_TABLE_EXTRA_ID")
 
 
-def preprocess(tok: Tokenizer, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+def preprocess(tok: Tokenizer, inputs: dict[str, Tensor], vocab_size: int) -> dict[str, Tensor]:
     """One batch item ([1, …] inputs) through preprocessing/1/model.py's text path."""
     for name in _PRE_REFUSED:
         if name in inputs and inputs[name].data.size:
@@ -65,7 +65,7 @@ def preprocess(tok: Tokenizer, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         "REQUEST_DECODER_INPUT_LEN": Tensor("REQUEST_DECODER_INPUT_LEN", "INT32", np.ones((1, 1), i32)),
         "BAD_WORDS_IDS": word_list("BAD_WORDS_IDS", tok, _strings(inputs, "BAD_WORDS_DICT")),
         "STOP_WORDS_IDS": word_list("STOP_WORDS_IDS", tok, _strings(inputs, "STOP_WORDS_DICT")),
-        "EMBEDDING_BIAS": Tensor("EMBEDDING_BIAS", "FP32", np.empty((1, 0), np.float32)),
+        "EMBEDDING_BIAS": _bias_tensor(tok, inputs, vocab_size),
         "REQUEST_OUTPUT_LEN": Tensor("REQUEST_OUTPUT_LEN", "INT32", inputs["REQUEST_OUTPUT_LEN"].data),
         "OUT_END_ID": Tensor("OUT_END_ID", "INT32", np.array([[end_id]], i32)),
         "OUT_PAD_ID": Tensor("OUT_PAD_ID", "INT32", np.array([[pad_id]], i32)),
@@ -90,6 +90,40 @@ def word_list(name: str, tok: Tokenizer, words: list[str] | None) -> Tensor:
     return Tensor(name, "INT32", np.array([[row0, row1]], np.int32))
 
 
+def embedding_bias(
+    tok: Tokenizer, words: list[str], weights: list[float], vocab_size: int
+) -> np.ndarray | None:
+    """`_get_embedding_bias`: each weight added at every id of its word (encoded as the model's tokenizer
+    does by default); [vocab] float32, or None without words. The length is the engine's vocabulary, the
+    size TensorRT-LLM checks (the stock code takes len(tokenizer.vocab), the same for unpadded models)."""
+    if not words and not weights:
+        return None
+    if len(words) != len(weights):
+        raise TritonProtocolError(
+            f"embedding bias words ({len(words)}) and weights ({len(weights)}) must have the same length"
+        )
+    if len(words) > MAX_WORDS:
+        raise TritonProtocolError(f"at most {MAX_WORDS} embedding bias words, got {len(words)}")
+    bias = np.zeros(vocab_size, np.float32)
+    for word, weight in zip(words, weights, strict=True):
+        for token in tok.encode(word):
+            if 0 <= token < vocab_size:
+                bias[token] += weight
+    return bias
+
+
+def _bias_tensor(tok: Tokenizer, inputs: dict[str, Tensor], vocab_size: int) -> Tensor:
+    words = _strings(inputs, "EMBEDDING_BIAS_WORDS", keep_empty=True) or []
+    weights = (
+        inputs["EMBEDDING_BIAS_WEIGHTS"].data.reshape(-1).tolist()
+        if "EMBEDDING_BIAS_WEIGHTS" in inputs
+        else []
+    )
+    bias = embedding_bias(tok, words, weights, vocab_size)
+    data = np.empty((1, 0), np.float32) if bias is None else bias[None]
+    return Tensor("EMBEDDING_BIAS", "FP32", data)
+
+
 def parse_word_list(t: Tensor | None) -> list[list[int]]:
     """A [1, 2, K] (or [2, K]) stop/bad words tensor back into token-id sequences, checked."""
     if t is None or t.data.size == 0:
@@ -109,10 +143,10 @@ def parse_word_list(t: Tensor | None) -> list[list[int]]:
     return words
 
 
-def _strings(inputs: dict[str, Tensor], name: str) -> list[str] | None:
+def _strings(inputs: dict[str, Tensor], name: str, keep_empty: bool = False) -> list[str] | None:
     if name not in inputs:
         return None
-    return [w for w in inputs[name].strings() if w]
+    return [w for w in inputs[name].strings() if w or keep_empty]
 
 
 def _scalar_or(inputs: dict[str, Tensor], name: str, default):
@@ -142,7 +176,6 @@ def postprocess(tok: Tokenizer, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
 _TRTLLM_REFUSED_NONEMPTY = (
     "draft_input_ids",
     "draft_logits",
-    "embedding_bias",
     "prompt_embedding_table",
     "prompt_table_extra_ids",
     "mrope_rotary_cos_sin",
@@ -186,6 +219,7 @@ def trtllm_request(inputs: dict[str, Tensor]) -> TritonRequest:
     if max_tokens < 1:
         raise TritonProtocolError(f"request_output_len must be >= 1, got {max_tokens}")
     min_tokens = get("min_tokens")
+    bias = inputs.get("embedding_bias")
     return TritonRequest(
         text="",
         prompt_ids=[int(i) for i in ids[:length]],
@@ -194,6 +228,7 @@ def trtllm_request(inputs: dict[str, Tensor]) -> TritonRequest:
         stop_ids=parse_word_list(inputs.get("stop_words_list")),
         bad_ids=parse_word_list(inputs.get("bad_words_list")),
         min_tokens=None if min_tokens is None else int(min_tokens),
+        embedding_bias=bias.to_torch().reshape(-1).float() if bias is not None and bias.data.size else None,
         end_id=int(get("end_id", -1)),
         temperature=get("temperature"),
         top_k=get("runtime_top_k"),
