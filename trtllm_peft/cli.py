@@ -64,6 +64,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from trtllm_peft.engine.engine_dir import EngineDir
     from trtllm_peft.executor.factory import create_executor
     from trtllm_peft.server.app import create_app
+    from trtllm_peft.server.drain import GracefulServer
+    from trtllm_peft.server.http_protocol import protocol_with_read_timeout
 
     settings = settings.replace(
         engine_dir=args.engine, server_port=args.port, grpc_port=args.grpc_port, peft_source=args.peft_source
@@ -76,7 +78,17 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     # the engine starts before the port opens: a bad engine or memory plan is one line and exit 2
     executor = create_executor(settings, EngineDir.open(settings.engine_dir))
     app = create_app(settings, lambda *_: executor, host=args.host)
-    uvicorn.run(app, host=args.host, port=settings.server_port, log_config=None, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=settings.server_port,
+        log_config=None,
+        http=protocol_with_read_timeout(settings.read_timeout),
+        timeout_keep_alive=5,  # idle keep-alive connections
+        timeout_graceful_shutdown=5,  # after the drain (SIGTERM) only idle connections are left
+    )
+    # SIGTERM: not ready, new requests 503, running ones finish (TRTLLM_PEFT_DRAIN_TIMEOUT), exit 0
+    GracefulServer(config, app.state.drain, settings.drain_timeout).run()
     return 0
 
 

@@ -40,6 +40,13 @@ class Settings:
     engine_dir: Path = Path("engines/smollm2-135m")  # TRTLLM_PEFT_ENGINE_DIR: the built engine to serve
     backend: str = "auto"  # TRTLLM_PEFT_BACKEND: auto | torch | trtllm
     cpu_kernels: bool = True  # TRTLLM_PEFT_CPU_KERNELS: 0 runs the reference engine on plain torch ops only
+    # HTTP limits: what one client may cost before it gets a precise error (server/limits.py)
+    max_request_bytes: int = 4 << 20  # TRTLLM_PEFT_MAX_REQUEST_BYTES: largest OpenAI request body (413)
+    max_triton_request_bytes: int = 64 << 20  # TRTLLM_PEFT_MAX_TRITON_REQUEST_BYTES: /v2 bodies (413)
+    read_timeout: float = 30.0  # TRTLLM_PEFT_READ_TIMEOUT: s to send a request head / the next body bytes
+    drain_timeout: float = 30.0  # TRTLLM_PEFT_DRAIN_TIMEOUT: s running requests get to finish on SIGTERM
+    lora_queue_timeout: float = 30.0  # TRTLLM_PEFT_LORA_QUEUE_TIMEOUT: s to wait for host-cache room (429)
+    lora_queue_size: int = 1024  # TRTLLM_PEFT_LORA_QUEUE_SIZE: requests waiting for host-cache room at most
     enable_kv_cache_reuse: bool = (
         False  # NIM_ENABLE_KV_CACHE_REUSE: reuse cached prompt prefixes (per adapter)
     )
@@ -74,6 +81,14 @@ class Settings:
             engine_dir=reader.path("TRTLLM_PEFT_ENGINE_DIR") or cls.engine_dir,
             backend=reader.choice("TRTLLM_PEFT_BACKEND", "auto", BACKENDS, upper=False),
             cpu_kernels=reader.boolean("TRTLLM_PEFT_CPU_KERNELS", default=True),
+            max_request_bytes=reader.integer("TRTLLM_PEFT_MAX_REQUEST_BYTES", 4 << 20, minimum=1024),
+            max_triton_request_bytes=reader.integer(
+                "TRTLLM_PEFT_MAX_TRITON_REQUEST_BYTES", 64 << 20, minimum=1024
+            ),
+            read_timeout=reader.seconds("TRTLLM_PEFT_READ_TIMEOUT", 30.0, minimum=0.1),
+            drain_timeout=reader.seconds("TRTLLM_PEFT_DRAIN_TIMEOUT", 30.0, minimum=0),
+            lora_queue_timeout=reader.seconds("TRTLLM_PEFT_LORA_QUEUE_TIMEOUT", 30.0, minimum=0),
+            lora_queue_size=reader.integer("TRTLLM_PEFT_LORA_QUEUE_SIZE", 1024, minimum=0),
             enable_kv_cache_reuse=reader.boolean("NIM_ENABLE_KV_CACHE_REUSE"),
             kv_cache_percent=reader.fraction("NIM_KVCACHE_PERCENT"),
             enable_chunked_context=reader.boolean("TRTLLM_PEFT_ENABLE_CHUNKED_CONTEXT", default=True),
@@ -142,6 +157,19 @@ class _Reader:
             return None
         if not value >= minimum:
             self.errors.append(f"{name}={raw} must be >= {minimum} seconds (unset it to scan only at start)")
+        return value
+
+    def seconds(self, name: str, default: float, *, minimum: float) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            self.errors.append(f"{name}={raw!r} is not a number of seconds")
+            return default
+        if not minimum <= value < float("inf"):
+            self.errors.append(f"{name}={raw} must be a finite number of seconds >= {minimum}")
         return value
 
     def fraction(self, name: str) -> float | None:

@@ -5,7 +5,8 @@
 #   2. tritonserver starts under mpirun, one rank per GPU, as tensorrtllm_backend's launch_triton_server.py
 #      does (that script backgrounds the server and exits; a container needs it in the foreground).
 # Environment: TRTLLM_PEFT_ENGINE_DIR, NIM_PEFT_SOURCE, NIM_MAX_GPU_LORAS, NIM_MAX_CPU_LORAS,
-#   WORLD_SIZE (1; the engine's tensor-parallel size), TRITON_REPO (/models), GPU_FREE_GIB (default: measured),
+#   WORLD_SIZE (1; the engine's tensor-parallel size), TRITON_REPO (/models), GPU_FREE_GIB (GPU memory free after
+#   the engine, buffers and decoder; default: the free memory now less an estimate of those),
 #   TRITON_HTTP_PORT (8000), TRITON_GRPC_PORT (8001), TRITON_METRICS_PORT (8002).
 set -euo pipefail
 repo="${TRITON_REPO:-/models}"

@@ -63,6 +63,7 @@ def server(request, backend, smollm2_engine, loras, tmp_path_factory):
         NIM_MAX_GPU_LORAS="2",
         NIM_PEFT_REFRESH_INTERVAL="0.3",
         NIM_SERVED_MODEL_NAME="smollm2",
+        TRTLLM_PEFT_LORA_QUEUE_TIMEOUT="0",  # no waiting for host-cache room: 429 at once (test_fairness waits)
     )
     yield srv
     srv.stop()

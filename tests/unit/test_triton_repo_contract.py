@@ -222,3 +222,16 @@ def test_lora_weights_take_the_engine_dtype(repo):
     for model in ("tensorrt_llm", "ensemble", "tensorrt_llm_bls"):
         inputs = {i.name: i for i in read(repo, model).input}
         assert model_config_pb2.DataType.Name(inputs["lora_weights"].data_type) == want, model
+
+
+def test_peft_model_forwards_only_what_the_ensemble_declares(repo):
+    """peft_model.py passes its inputs (less lora_name, plus the lora_* tensors) to the ensemble and asks for
+    its own outputs: each must exist there with the same datatype."""
+    peft, ens = read(repo, "peft"), read(repo, "ensemble")
+    ens_in = {i.name: i.data_type for i in ens.input}
+    forwarded = {i.name: i.data_type for i in peft.input if i.name != "lora_name"}
+    for name in ("lora_task_id", "lora_weights", "lora_config"):
+        forwarded[name] = ens_in[name]
+    assert {n: ens_in.get(n) for n in forwarded} == forwarded
+    ens_out = {o.name: o.data_type for o in ens.output}
+    assert {o.name: ens_out.get(o.name) for o in peft.output} == {o.name: o.data_type for o in peft.output}

@@ -7,12 +7,17 @@ max 18432, total 81920; Σ ceil(oneD/5120) per layer = 2+1+1+2+4+4+4 = 18.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from trtllm_peft.engine.memory import num_module_layers
 from trtllm_peft.engine.peft_cache_sizing import (
+    FREE_MEMORY_MARGIN,
     adapter_rows,
     cache_plan,
+    device_cache_fraction,
+    engine_memory_estimate,
     lora_activation_bytes,
     memory_plan_lines,
     module_in_out,
@@ -24,6 +29,7 @@ from trtllm_peft.errors import EngineError
 from trtllm_peft.lora.spec import ModelSpec
 
 MIB = 2**20
+GIB = 2**30
 LLAMA3_8B = ModelSpec(
     num_layers=32,
     hidden_size=4096,
@@ -179,3 +185,48 @@ def test_memory_plan_leaves_the_kv_cache_what_is_left():
         s, engine_bytes=0, activation_bytes=act, free_gpu_bytes=2**30, kv_cache_fraction=0.9
     )
     assert "WARNING" in tight[-1]
+
+
+# ---- lora_cache_gpu_memory_fraction: against the memory free after engine, buffers and decoder ----
+
+
+def device_pages_from_fraction(sizing, fraction: float, free: float) -> int:
+    """PeftCacheManager::getMaxNumSlots with a percent: slots = percent × free / (page width × bytes); pages."""
+    g = sizing.geometry
+    slots = int(fraction * free) // (g.page_width * g.dtype_bytes)
+    return -(-slots // g.slots_per_page)
+
+
+def test_engine_memory_estimate_by_hand():
+    est = engine_memory_estimate(
+        LLAMA3_8B, engine_bytes=16 * GIB, max_batch_size=64, max_seq_len=8192, max_num_tokens=8192
+    )
+    per_token = (6 * 4096 + 3 * 14336) * 2  # bf16 intermediates of one layer
+    lora = 2 * 8192 * 64 * 7 * 2  # x·Aᵀ for 7 modules, twice
+    assert est.activation_bytes == 8192 * per_token + lora + 64 * 128256 * 4 == 1_154_809_856
+    assert est.runtime_bytes == 64 * (3 * 128256 * 4 + 4 * 8192 * 4) == 106_889_216
+    assert est.total == 16 * GIB + 1_154_809_856 + 106_889_216 + GIB
+
+
+def test_fraction_of_memory_before_loading_gives_too_few_adapters_and_ours_gives_all():
+    """The issue's case: Llama-3-8B on an 80 GB GPU, NIM_MAX_GPU_LORAS=8 (8 pages of 360 MiB)."""
+    sizing = size_peft_cache(LLAMA3_8B, max_gpu_loras=8, max_cpu_loras=16)
+    assert sizing.device.pages == 8 and sizing.device.bytes == 8 * 360 * MIB
+    free_before = 79 * GIB
+    est = engine_memory_estimate(
+        LLAMA3_8B, engine_bytes=16 * GIB, max_batch_size=64, max_seq_len=8192, max_num_tokens=8192
+    )
+    free_after = free_before - est.total  # what TensorRT-LLM applies the fraction to
+    naive = device_cache_fraction(sizing.device.bytes, free_before, margin=0)
+    assert naive == 0.0357 and device_pages_from_fraction(sizing, naive, free_after) == 7  # not 8
+    ours = device_cache_fraction(sizing.device.bytes, free_after)
+    assert ours == math.ceil(8 * 360 * MIB * 10**4 / (free_after * 0.9)) / 10**4
+    assert device_pages_from_fraction(sizing, ours, free_after) >= 8
+    assert device_pages_from_fraction(sizing, ours, free_after * (1 - FREE_MEMORY_MARGIN)) >= 8  # the margin
+    assert device_pages_from_fraction(sizing, ours, free_after) == 9  # the margin's cost: one page at most
+
+
+@pytest.mark.parametrize("free", [0, -GIB])
+def test_no_memory_left_after_the_engine_is_an_error(free):
+    with pytest.raises(EngineError, match="no GPU memory is left"):
+        device_cache_fraction(GIB, free)

@@ -22,6 +22,7 @@ Tensor parallelism is 1 (the engines here are single-GPU): local dims equal glob
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -278,3 +279,75 @@ def memory_plan_lines(
             f"  WARNING: the device PEFT cache alone needs more than the {free_gpu_bytes / GIB:.1f} GiB free"
         )
     return ["TensorRT-LLM memory plan:", *lines]
+
+
+# ---- the device cache as a fraction of free GPU memory (tensorrtllm_backend's lora_cache_gpu_memory_fraction) ----
+#
+# TensorRT-LLM creates the PEFT cache in TrtGptModelInflightBatching's constructor
+# (cpp/tensorrt_llm/batch_manager/trtGptModelInflightBatching.cpp) after the engine is deserialised (weights +
+# TensorRT's activation memory), after createBuffers() (runtime buffers) and createDecoder(), and before the KV
+# cache; PeftCacheManager::getMaxNumSlots then takes `device_cache_percent × (free + pool free)` of *that*
+# memory. A fraction computed against the memory free before loading gives fewer pages than asked for.
+
+FREE_MEMORY_MARGIN = 0.10  # the free figure is an estimate: size as if 10% less were free
+CUDA_OVERHEAD_BYTES = GIB  # CUDA context, cuBLAS/cuBLASLt workspaces, TensorRT's own reserve (estimate)
+FRACTION_DIGITS = 4
+
+
+@dataclass(frozen=True)
+class EngineMemoryEstimate:
+    """What is allocated on the GPU before the PEFT cache (documented estimate; TensorRT-LLM logs the real
+    figures as "[MemUsageChange] Allocated … for runtime buffers / for decoder")."""
+
+    engine_bytes: int  # the serialised engine (weights dominate): size of the *.engine files
+    activation_bytes: int  # TensorRT context memory for max_num_tokens tokens (estimate)
+    runtime_bytes: int  # runtime buffers and decoder state for max_batch_size sequences (estimate)
+    overhead_bytes: int = CUDA_OVERHEAD_BYTES
+
+    @property
+    def total(self) -> int:
+        return self.engine_bytes + self.activation_bytes + self.runtime_bytes + self.overhead_bytes
+
+    def lines(self) -> list[str]:
+        rows = [
+            ("engine", self.engine_bytes),
+            ("activations (est.)", self.activation_bytes),
+            ("buffers+decoder (est.)", self.runtime_bytes),
+            ("CUDA overhead (est.)", self.overhead_bytes),
+        ]
+        return [f"  {name:<24} {b / MIB:>10,.1f} MiB" for name, b in rows]
+
+
+def engine_memory_estimate(
+    spec: ModelSpec, *, engine_bytes: int, max_batch_size: int, max_seq_len: int, max_num_tokens: int
+) -> EngineMemoryEstimate:
+    """GPU memory taken before the PEFT cache is made, estimated from the engine's limits.
+
+    Activations: one layer's intermediates for `max_num_tokens` tokens (TensorRT reuses them across layers):
+    q/k/v/attention output/residual/norm ≈ 6·hidden plus gate/up/act ≈ 3·intermediate per token in the engine
+    dtype, the LoRA plugin's x·Aᵀ, and fp32 logits of the last token of each sequence. Runtime buffers and
+    decoder: fp32 logits, probabilities and sampling workspace per sequence (3·vocab·4 bytes) and int32 token
+    buffers over max_seq_len (output ids, new tokens, sequence lengths, finished flags: 4 per position).
+    """
+    itemsize = DTYPES[spec.dtype].itemsize
+    per_token = (6 * spec.hidden_size + 3 * spec.intermediate_size) * itemsize
+    activations = (
+        max_num_tokens * per_token
+        + lora_activation_bytes(spec, max_num_tokens=max_num_tokens)
+        + max_batch_size * spec.vocab_size * 4
+    )
+    runtime = max_batch_size * (3 * spec.vocab_size * 4 + 4 * max_seq_len * 4)
+    return EngineMemoryEstimate(engine_bytes, activations, runtime)
+
+
+def device_cache_fraction(
+    device_bytes: int, free_after_engine: int, *, margin: float = FREE_MEMORY_MARGIN
+) -> float:
+    """`lora_cache_gpu_memory_fraction` that gives at least `device_bytes` when TensorRT-LLM applies it to the
+    memory free after the engine, buffers and decoder, even if that is `margin` less than `free_after_engine`.
+    Rounded up to FRACTION_DIGITS decimals (the backend parses the text with std::stof)."""
+    usable = free_after_engine * (1 - margin)
+    if usable <= 0:
+        raise EngineError("no GPU memory is left for the device LoRA cache after the engine")
+    scale = 10**FRACTION_DIGITS
+    return math.ceil(device_bytes * scale / usable) / scale

@@ -8,19 +8,20 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from trtllm_peft import __version__
 from trtllm_peft.errors import TrtllmPeftError
+from trtllm_peft.server.drain import Drain, DrainMiddleware
+from trtllm_peft.server.http_errors import error_response
+from trtllm_peft.server.limits import BodyLimitMiddleware, Limits
 from trtllm_peft.server.openai_routes import router as openai_router
 from trtllm_peft.server.runtime import Runtime
-from trtllm_peft.server.schemas import error_body
 from trtllm_peft.server.triton.grpc_service import start_grpc
 from trtllm_peft.server.triton.routes import router as triton_router
 from trtllm_peft.settings import Settings
 
 log = logging.getLogger(__name__)
-
-RETRY_AFTER_S = "1"
 
 
 def create_app(settings: Settings, executor_factory, host: str = "0.0.0.0") -> FastAPI:
@@ -33,7 +34,9 @@ def create_app(settings: Settings, executor_factory, host: str = "0.0.0.0") -> F
         app.state.runtime = None
         grpc_server = None
         if settings.grpc_port:
-            grpc_server = await start_grpc(app.state, host, settings.grpc_port)
+            grpc_server = await start_grpc(
+                app.state, host, settings.grpc_port, settings.max_triton_request_bytes
+            )
         try:
             app.state.runtime = await Runtime.start(settings, executor_factory)
             log.info("ready: http://0.0.0.0:%d/v1/models", settings.server_port)
@@ -54,6 +57,10 @@ def create_app(settings: Settings, executor_factory, host: str = "0.0.0.0") -> F
     app.include_router(triton_router)
     _add_management_routes(app)
     _add_error_handlers(app)
+    limits = Limits(settings.max_request_bytes, settings.max_triton_request_bytes, settings.read_timeout)
+    app.add_middleware(BodyLimitMiddleware, limits=limits)
+    app.state.drain = Drain()
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)  # outermost: counts every request
     return app
 
 
@@ -64,7 +71,7 @@ def _add_management_routes(app: FastAPI) -> None:
 
     @app.get("/v1/health/ready")
     async def ready(request: Request):
-        if getattr(request.app.state, "runtime", None) is None:
+        if getattr(request.app.state, "runtime", None) is None or request.app.state.drain.draining:
             return JSONResponse({"object": "health.response", "message": "not ready"}, status_code=503)
         return {"object": "health.response", "message": "ready"}
 
@@ -85,10 +92,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TrtllmPeftError)
     async def known(request: Request, exc: TrtllmPeftError):
         status = exc.http_status
-        headers = {"Retry-After": RETRY_AFTER_S} if status == 429 else None
         if status >= 500:
             log.error("request failed: %s", exc)
-        return JSONResponse(error_body(str(exc), status), status_code=status, headers=headers)
+        return error_response(request.url.path, str(exc), status, getattr(exc, "param", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -96,11 +102,20 @@ def _add_error_handlers(app: FastAPI) -> None:
         first = errors[0] if errors else {}
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         message = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg')}" for e in errors
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {str(e.get('msg')).removeprefix('Value error, ')}"
+            for e in errors
         )
-        return JSONResponse(error_body(message or "invalid request", 400, param), status_code=400)
+        return error_response(request.url.path, message or "invalid request", 400, param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        # FastAPI's own refusals (404 route, 405 method, body it could not read) in the API's shape
+        response = error_response(request.url.path, str(exc.detail), exc.status_code)
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s", request.url.path)
-        return JSONResponse(error_body("internal server error", 500), status_code=500)
+        return error_response(request.url.path, "internal server error", 500)

@@ -8,10 +8,11 @@ sequence, which cancels its engine request.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from trtllm_peft.errors import TrtllmPeftError
 from trtllm_peft.serving.orchestrator import GenerationParams, Orchestrator
@@ -64,12 +65,10 @@ class Generation:
 
     async def start(self) -> None:
         """Open every sequence and await its first piece; raises TrtllmPeftError before anything is sent."""
+        seeds = choice_seeds(self.params.seed, self.n)
         try:
             for i in range(self.n):
-                params = self.params
-                if params.seed is not None and i:
-                    params = _with_seed(params, params.seed + i)  # n samples, not n copies of one
-                stream = self._pieces(i, params)
+                stream = self._pieces(i, replace(self.params, seed=seeds[i]))
                 self._streams.append(stream)
                 self._firsts.append(await anext(stream))
         except BaseException as e:
@@ -158,7 +157,12 @@ class Generation:
         m.success.labels(*labels, reason or "abort").inc()
 
 
-def _with_seed(params: GenerationParams, seed: int) -> GenerationParams:
-    from dataclasses import replace
+SEED_SPACE = 2**64  # the engine's seed is a uint64 (TensorRT-LLM's RandomSeedType)
 
-    return replace(params, seed=seed)
+
+def choice_seeds(seed: int | None, n: int) -> list[int]:
+    """The sampling seed of each of n choices: `seed + i` when the client gave one (reproducible), else
+    a random base per request (the engine would otherwise seed every request, and every choice, with 0:
+    n identical samples, the same on every call)."""
+    base = secrets.randbits(63) if seed is None else seed
+    return [(base + i) % SEED_SPACE for i in range(n)]

@@ -15,18 +15,18 @@ from fastapi.responses import StreamingResponse
 
 from trtllm_peft.errors import TrtllmPeftError
 from trtllm_peft.server.generation import Generation, Piece, Sequence
+from trtllm_peft.server.http_errors import BadRequestError
+from trtllm_peft.server.json_body import JsonRoute
 from trtllm_peft.server.runtime import Runtime
 from trtllm_peft.server.schemas import ChatCompletionRequest, CompletionRequest, Usage, _Sampling
 from trtllm_peft.serving.orchestrator import GenerationParams
 
-router = APIRouter()
+router = APIRouter(route_class=JsonRoute)  # bodies checked (UTF-8, depth, Unicode) before validation
 
 
 DISCONNECT_POLL_S = 0.5
 
-
-class BadRequestError(TrtllmPeftError):
-    http_status = 400
+__all__ = ["BadRequestError", "router"]
 
 
 class ClientGoneError(TrtllmPeftError):
@@ -142,7 +142,7 @@ def _sse(obj: dict[str, Any]) -> bytes:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     rt = _rt(request)
-    prompt_ids, prompt_text = _completion_prompt(rt, body.prompt)
+    prompt_ids, prompt_text = await _completion_prompt(rt, body.prompt)
     params = _params(rt, body, len(prompt_ids), body.max_tokens or 16, body.logprobs is not None)
     gen = await _start(rt, body, prompt_ids, params)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -172,14 +172,51 @@ async def completions(body: CompletionRequest, request: Request):
     }
 
 
-def _completion_prompt(rt: Runtime, prompt) -> tuple[list[int], str]:
+async def _completion_prompt(rt: Runtime, prompt) -> tuple[list[int], str]:
+    """Token ids and text of the one prompt; tokenizing runs in a thread (it can take a while)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
     if isinstance(prompt, str):
-        return rt.tokenizer.encode(prompt), prompt
-    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-        return list(prompt), rt.tokenizer.decode(list(prompt))
-    if isinstance(prompt, list) and len(prompt) == 1:
-        return _completion_prompt(rt, prompt[0])
-    raise BadRequestError("one prompt per request: send a string or a list of token ids")
+        _check_prompt_chars(rt, len(prompt))
+        ids = await asyncio.to_thread(rt.tokenizer.encode, prompt)
+        if not ids:
+            raise BadRequestError("prompt must not be empty", param="prompt")
+        return ids, prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        _check_token_ids(rt, prompt)
+        return list(prompt), await asyncio.to_thread(rt.tokenizer.decode, list(prompt))
+    raise BadRequestError("one prompt per request: send a string or a list of token ids", param="prompt")
+
+
+def _check_prompt_chars(rt: Runtime, chars: int) -> None:
+    """Refuse, before tokenizing, a prompt too long to fit however it tokenizes.
+
+    No token covers more than `tokenizer.max_token_chars` characters, so a prompt of more than
+    max_model_len × that many characters has more tokens than the context holds.
+    """
+    limit = rt.max_model_len * rt.tokenizer.max_token_chars
+    if chars > limit:
+        raise BadRequestError(
+            f"This model's maximum context length is {rt.max_model_len} tokens. However, your prompt has "
+            f"{chars} characters, more than {rt.max_model_len} tokens can hold. Please reduce the length of "
+            "the prompt.",
+            param="prompt",
+        )
+
+
+def _check_token_ids(rt: Runtime, ids: list[int]) -> None:
+    if len(ids) >= rt.max_model_len:
+        raise BadRequestError(
+            f"This model's maximum context length is {rt.max_model_len} tokens. However, your prompt has "
+            f"{len(ids)} tokens. Please reduce the length of the prompt.",
+            param="prompt",
+        )
+    vocab = rt.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise BadRequestError(
+            f"token id {bad} is out of range: token ids are 0 to {vocab - 1}", param="prompt"
+        )
 
 
 async def _completion_chunks(
@@ -235,9 +272,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     rt = _rt(request)
     try:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt = rt.tokenizer.apply_chat_template(messages)
+        _check_prompt_chars(rt, sum(len(m["content"]) for m in messages))
+        prompt = await asyncio.to_thread(rt.tokenizer.apply_chat_template, messages)
     except ValueError as e:
-        raise BadRequestError(str(e)) from None
+        raise BadRequestError(str(e), param="messages") from None
     want_lp = body.logprobs
     params = _params(rt, body, len(prompt.token_ids), body.max_completion_tokens or body.max_tokens, want_lp)
     gen = await _start(rt, body, prompt.token_ids, params)

@@ -43,6 +43,7 @@ class Runtime:
     orchestrator: Orchestrator
     metrics: Metrics
     max_model_len: int
+    vocab_size: int  # token ids a prompt may hold: 0 .. vocab_size - 1 (the engine's embedding rows)
     started: float = field(default_factory=time.time)
     _refresher: asyncio.Task | None = None
 
@@ -68,6 +69,8 @@ class Runtime:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             on_load=metrics.load_seconds.observe,
+            queue_timeout=settings.lora_queue_timeout,
+            queue_size=settings.lora_queue_size,
         )
         engine_len = int(engine.build_config.get("max_seq_len", 2048))
         rt = cls(
@@ -82,6 +85,7 @@ class Runtime:
             orchestrator=orch,
             metrics=metrics,
             max_model_len=min(settings.max_model_len or engine_len, engine_len),
+            vocab_size=spec.vocab_size or tokenizer.vocab_size,
         )
         metrics.running.labels(rt.base_model_id).set(0)
         metrics.waiting.labels(rt.base_model_id).set(0)

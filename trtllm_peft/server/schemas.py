@@ -6,16 +6,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+INT32_MAX = 2**31 - 1  # the engine's SizeType32 (TensorRT-LLM): larger counts cannot even be passed on
+
 
 class _Request(BaseModel):
-    # OpenAI clients send fields we do not use (user, metadata, …): accept and ignore them
-    model_config = ConfigDict(extra="ignore")
+    # OpenAI clients send fields we do not use (user, metadata, …): accept and ignore them.
+    # No float may be inf or NaN: each one reaches the sampler (`repetition_penalty: inf` would poison it).
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class NvExt(_Request):
     """NVIDIA's extension object (NIM): sampling knobs OpenAI lacks."""
 
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=INT32_MAX)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
 
@@ -26,17 +29,17 @@ class StreamOptions(_Request):
 
 class _Sampling(_Request):
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: list[str] = Field(default_factory=list)  # OpenAI also takes one string: see _stops
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # choice i samples with seed + i (generation.py)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
-    top_k: int | None = Field(None, ge=0)  # vLLM-style top-level extras, same as nvext's
+    top_k: int | None = Field(None, ge=0, le=INT32_MAX)  # vLLM-style top-level extras, same as nvext's
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
     nvext: NvExt | None = None
@@ -60,7 +63,7 @@ class CompletionRequest(_Sampling):
     @field_validator("prompt")
     @classmethod
     def _non_empty(cls, v):
-        if isinstance(v, list) and not v:
+        if not v or (isinstance(v, list) and any(isinstance(p, str | list) and not p for p in v)):
             raise ValueError("prompt must not be empty")
         return v
 
@@ -84,7 +87,7 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -100,6 +103,9 @@ def error_body(message: str, status: int, param: str | None = None) -> dict[str,
     kinds = {
         400: "BadRequestError",
         404: "NotFoundError",
+        405: "MethodNotAllowedError",
+        408: "RequestTimeoutError",
+        413: "RequestTooLargeError",
         422: "UnprocessableEntityError",
         429: "RateLimitError",
         503: "ServiceUnavailableError",

@@ -2,7 +2,8 @@
 
 The engine's PEFT cache is a belief here, never a fact: weights go with a request only when the engine is
 believed not to hold the task, and the engine's "not found in cache" is answered by one resend with
-weights. A cold adapter is loaded once off the event loop, however many requests wait for it.
+weights. A cold adapter is loaded once off the event loop, however many requests wait for it; requests
+that find the host cache full of adapters in use wait their turn in a bounded FIFO (serving/lease_queue.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from trtllm_peft.lora import ModelSpec, PackedLora, pack
 from trtllm_peft.serving.catalog import AdapterEntry, Catalog
 from trtllm_peft.serving.engine_client import EngineClient
 from trtllm_peft.serving.host_cache import HostCache
+from trtllm_peft.serving.lease_queue import Grant, LeaseQueue
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,15 @@ _FINISH = {
 
 
 @dataclass
+class _Load:
+    """One adapter being loaded, and how many requests wait for it (each gets a lease when it lands)."""
+
+    future: asyncio.Future[PackedLora]
+    waiters: int = 0
+    task: asyncio.Future | None = None
+
+
+@dataclass
 class OrchestratorStats:
     running_by_adapter: dict[str, int] = field(default_factory=dict)
     waiting_by_adapter: dict[str, int] = field(default_factory=dict)
@@ -131,12 +142,16 @@ class Orchestrator:
         pad_token_id: int | None = None,
         on_load: Callable[[float], None] | None = None,
         loaders: int = 2,
+        queue_timeout: float = 0.0,
+        queue_size: int = 0,
     ):
         self.spec, self.base_model_id, self.catalog = spec, base_model_id, catalog
         self.host_cache, self.client = host_cache, client
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self._pool = ThreadPoolExecutor(max_workers=loaders, thread_name_prefix="adapter-load")
-        self._loading: dict[int, asyncio.Future[PackedLora]] = {}
+        self._loading: dict[int, _Load] = {}
+        self.lease_queue = LeaseQueue(host_cache, max_waiters=queue_size, timeout=queue_timeout)
+        self._max_units = spec.cache_units(1)  # an adapter not loaded yet may need up to this much
         self._engine_has: OrderedDict[int, None] = OrderedDict()  # belief: task ids the engine holds
         self._units: dict[int, int] = {}  # task id -> rank-units, learnt at its first load
         self._on_load = on_load
@@ -258,32 +273,64 @@ class Orchestrator:
             self._engine_has.popitem(last=False)
 
     async def _lease(self, entry: AdapterEntry) -> PackedLora:
-        """The adapter's packed tensors, leased for this request: a host-cache hit or one shared load."""
-        packed = self.host_cache.acquire(entry.task_id)
-        if packed is not None:
-            return packed
-        known = self._units.get(entry.task_id)
-        if not self.host_cache.can_admit(known or 1):
-            # refused before reading anything: a retry after a 429 must not cost a full load each time
-            raise self.host_cache.full_error()
-        future = self._loading.get(entry.task_id)
-        if future is None:
-            future = asyncio.get_running_loop().run_in_executor(self._pool, self._load, entry)
-            self._loading[entry.task_id] = future
-            future.add_done_callback(lambda _: self._loading.pop(entry.task_id, None))
+        """The adapter's packed tensors, leased for this request: a host-cache hit or one shared load.
+
+        Admission is first come, first served (LeaseQueue): 429 only past the queue's bounds, and before
+        anything is read, so a retry after a 429 does not cost a load.
+        """
+        task_id = entry.task_id
+        units = self._units.get(task_id) or self._max_units
+        while True:
+            admission = await self.lease_queue.admit(task_id, units, self._loading.__contains__)
+            if admission.grant is Grant.HIT:
+                return admission.packed
+            if admission.grant is Grant.LOAD:
+                self._start_load(entry, admission.units)
+            load = self._loading.get(task_id)
+            if load is not None:
+                return await self._await_load(entry, load)
+            # the load this request was to join finished meanwhile: ask again (now a hit, most likely)
+
+    def _start_load(self, entry: AdapterEntry, reserved: int) -> None:
+        load = _Load(asyncio.get_running_loop().create_future())
+        # mark a failure retrieved even when no waiter is left to see it (asyncio would log it as an error)
+        load.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._loading[entry.task_id] = load
+        load.task = asyncio.ensure_future(self._load_and_put(entry, load, reserved))
+
+    async def _load_and_put(self, entry: AdapterEntry, load: _Load, reserved: int) -> None:
+        """Load in a worker thread, then insert with one lease per request still waiting for it."""
         try:
-            packed = await asyncio.shield(future)
+            try:
+                packed = await asyncio.get_running_loop().run_in_executor(self._pool, self._load, entry)
+            except BaseException:
+                self.host_cache.unreserve(reserved)
+                raise
+            self._remember_units(entry.task_id, packed.rank_units)
+            evicted = self.host_cache.put(entry.task_id, packed, reserved=reserved, leases=load.waiters)
+            if evicted:
+                log.debug("host cache evicted tasks %s for %r", evicted, entry.name)
+            load.future.set_result(packed)
+        except BaseException as e:  # every waiter gets the error (AdapterError, AdapterTooLargeError, ...)
+            load.future.set_exception(e if isinstance(e, Exception) else asyncio.CancelledError())
+        finally:
+            self._loading.pop(entry.task_id, None)
+
+    async def _await_load(self, entry: AdapterEntry, load: _Load) -> PackedLora:
+        """Wait for the adapter's load; on success this request holds one lease (counted in `put`)."""
+        load.waiters += 1
+        try:
+            return await asyncio.shield(load.future)
         except AdapterError as e:
             self.catalog.mark_invalid(entry, "; ".join(e.problems))
             raise AdapterUnavailableError(f"adapter '{entry.name}' cannot be served: {e}") from None
-        self._remember_units(entry.task_id, packed.rank_units)
-        # back on the loop: no await between the check and the insert, so concurrent waiters agree
-        if entry.task_id in self.host_cache:
-            return self.host_cache.acquire(entry.task_id)
-        evicted = self.host_cache.put(entry.task_id, packed)  # may raise HostCacheFullError (429)
-        if evicted:
-            log.debug("host cache evicted tasks %s for %r", evicted, entry.name)
-        return packed
+        except asyncio.CancelledError:
+            f = load.future
+            if f.done() and not f.cancelled() and f.exception() is None:
+                self.host_cache.release(entry.task_id)  # inserted with our lease: give it back
+            else:
+                load.waiters -= 1
+            raise
 
     def _remember_units(self, task_id: int, units: int) -> None:
         self._units[task_id] = units

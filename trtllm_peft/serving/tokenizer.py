@@ -36,6 +36,11 @@ class Tokenizer:
         self.eos_token_id: int | None = self._hf.eos_token_id
         self.pad_token_id: int | None = self._hf.pad_token_id
         self.has_chat_template = bool(getattr(self._hf, "chat_template", None))
+        self.vocab_size: int = len(self._hf)
+        # no token stands for more characters than its longest vocabulary string (byte-level and
+        # sentencepiece vocabularies spell each input character with at least one character), doubled
+        # for normalizers that fold two characters into one: a bound, not an estimate
+        self.max_token_chars: int = 2 * max((len(t) for t in self._hf.get_vocab()), default=1)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a completion prompt, special tokens as the model's tokenizer adds them (or none)."""

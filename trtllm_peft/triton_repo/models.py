@@ -108,10 +108,15 @@ class RepoParams:
     decoupled: bool
     lora_cache: dict[str, str]  # lora_cache_* and lora_prefetch_dir
     kv_cache_free_gpu_mem_fraction: float = 0.9
+    enable_kv_cache_reuse: bool = False  # NIM_ENABLE_KV_CACHE_REUSE
     instance_count: int = 1
     # guided decoding (TensorRT-LLM's GuidedDecodingConfig): off unless a tokenizer-info file is given, the
     # JSON TensorRT-LLM's generate_xgrammar_tokenizer_info.py writes (encoded_vocab, tokenizer_str, stop ids)
     xgrammar_tokenizer_info_path: str = ""
+    # the `peft` model (adapters by name): fallbacks for NIM_PEFT_SOURCE / NIM_PEFT_REFRESH_INTERVAL
+    lora_tasks_file: str = ""
+    peft_source: str = ""
+    peft_refresh_interval: str = ""
 
     @property
     def guided_decoding_backend(self) -> str:
@@ -158,7 +163,7 @@ def tensorrt_llm(p: RepoParams) -> Message:
         "batch_scheduler_policy": "guaranteed_no_evict",
         "kv_cache_free_gpu_mem_fraction": str(p.kv_cache_free_gpu_mem_fraction),
         "exclude_input_in_output": "True",
-        "enable_kv_cache_reuse": "False",
+        "enable_kv_cache_reuse": str(p.enable_kv_cache_reuse),
         "normalize_log_probs": "True",
         # read by getGuidedDecodingConfigFromParams with GetParameter outside any try: absent = load failure
         "tokenizer_dir": p.tokenizer_dir,
@@ -261,12 +266,30 @@ def tensorrt_llm_bls(p: RepoParams) -> Message:
     return head + _io(inputs, outputs, p.dtype) + parameters(params) + _instances(p.instance_count)
 
 
+def peft(p: RepoParams) -> Message:
+    """trtllm-peft's adapters-by-name model (peft_model.py): the ensemble's inputs, with `lora_name` instead of
+    lora_task_id / lora_weights / lora_config, and its outputs; it calls the ensemble."""
+    inputs, outputs = ensemble_io()
+    inputs = [r for r in inputs if not r[0].startswith("lora_")] + [("lora_name", "STRING", (1,), "o")]
+    params = {
+        "engine_dir": p.engine_dir,
+        "target_model": "ensemble",
+        "lora_tasks_file": p.lora_tasks_file,
+        "peft_source": p.peft_source,
+        "peft_refresh_interval": p.peft_refresh_interval,
+    }
+    head: Message = [("name", "peft"), ("backend", "python"), ("max_batch_size", p.max_batch_size)]
+    head.append(("model_transaction_policy", [("decoupled", p.decoupled)]))
+    return head + _io(inputs, outputs, p.dtype) + parameters(params) + _instances(p.instance_count)
+
+
 MODELS = {
     "preprocessing": preprocessing,
     "tensorrt_llm": tensorrt_llm,
     "postprocessing": postprocessing,
     "ensemble": ensemble,
     "tensorrt_llm_bls": tensorrt_llm_bls,
+    "peft": peft,
 }
 PYTHON_MODELS = (
     "preprocessing",

@@ -4,6 +4,12 @@ TensorRT-LLM loads `<dir>/<task id>/model.lora_{weights,config}.npy` at start an
 a number (PeftCacheManager::prefetchLoraWeights), so Triton clients must send ids, not names. The map
 name → task id is written beside the repository (`lora_tasks.json`); ids already in that file are kept, so
 regenerating the repository never gives an adapter's id to another one.
+
+A bf16 engine gets no prefetch files: TensorRT-LLM reads them with `loadNpy`, whose `typeFromNumpyDesc`
+(cpp/tensorrt_llm/runtime/utils/numpyUtils.cpp @1069bc9d, the only version in the source index) knows
+`? u1 i1 i4 i8 f2 f4`; numpy writes bfloat16 as `|V2`, so a bf16 prefetch file would fail the model's start
+("numpy data type 'V2' not supported"). Its adapters still get their ids here, and are served by name through
+the `peft` model (peft_model.py), which sends the weights as bf16 tensors in the request.
 """
 
 from __future__ import annotations
@@ -22,15 +28,24 @@ from trtllm_peft.serving.catalog import Catalog
 log = logging.getLogger(__name__)
 
 TASKS_FILE = "lora_tasks.json"
+NPY_DTYPES = ("float16", "float32")  # what loadNpy reads (f2, f4); bfloat16 (|V2) it refuses
 
 
 @dataclass
 class PrefetchResult:
     tasks: dict[str, int] = field(default_factory=dict)  # adapter name -> task id
     skipped: dict[str, str] = field(default_factory=dict)  # adapter name -> why
+    fingerprints: dict[str, list] = field(default_factory=dict)  # adapter name -> files seen (catalog's)
+    prefetched: bool = True  # False: ids only, no files (the engine dtype has no .npy TensorRT-LLM reads)
 
     def to_json(self) -> str:
-        return json.dumps({"tasks": self.tasks, "skipped": self.skipped}, indent=2, sort_keys=True) + "\n"
+        doc = {
+            "tasks": self.tasks,
+            "skipped": self.skipped,
+            "fingerprints": self.fingerprints,
+            "prefetched": self.prefetched,
+        }
+        return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
 
 def previous_ids(tasks_file: Path) -> dict[str, int]:
@@ -45,8 +60,11 @@ def previous_ids(tasks_file: Path) -> dict[str, int]:
 def write_prefetch_dir(
     peft_source: Path | None, out: Path, spec: ModelSpec, keep: dict[str, int]
 ) -> PrefetchResult:
-    """Convert every adapter of `peft_source` into `out/<id>/`; adapters that do not fit are skipped, with why."""
-    result = PrefetchResult()
+    """Convert every adapter of `peft_source` into `out/<id>/`; adapters that do not fit are skipped, with why.
+
+    For an engine dtype TensorRT-LLM cannot read from .npy (bf16) the adapters are checked and numbered but
+    no file is written (`prefetched` False)."""
+    result = PrefetchResult(prefetched=spec.dtype in NPY_DTYPES)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -60,11 +78,13 @@ def write_prefetch_dir(
             task_id, next_id = next_id, next_id + 1
         try:
             adapter = formats.load_for_engine(entry.path, spec)
-            formats.save(adapter, out / str(task_id), "trtllm", spec)
+            if result.prefetched:
+                formats.save(adapter, out / str(task_id), "trtllm", spec)
         except AdapterError as e:
             shutil.rmtree(out / str(task_id), ignore_errors=True)
             result.skipped[entry.name] = str(e)
             log.warning("adapter %r skipped: %s", entry.name, e)
             continue
         result.tasks[entry.name] = task_id
+        result.fingerprints[entry.name] = [list(f) for f in entry.fingerprint]
     return result

@@ -6,6 +6,7 @@
       postprocessing/config.pbtxt  1/
       ensemble/config.pbtxt        1/
       tensorrt_llm_bls/config.pbtxt 1/
+      peft/config.pbtxt            1/model.py   adapters by name (NIM_PEFT_SOURCE), peft_model.py
       lora_tasks.json              adapter name -> task id (Triton clients send ids)
 
 Every config is filled: engine and tokenizer paths, batch size and dtype from the engine, the PEFT cache from
@@ -23,11 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trtllm_peft.engine.engine_dir import EngineDir
+from trtllm_peft.engine.peft_cache_sizing import EngineMemoryEstimate, engine_memory_estimate
 from trtllm_peft.errors import SettingsError
 from trtllm_peft.settings import Settings
 from trtllm_peft.triton_repo.lora_cache import GIB, LoraCacheParams, lora_cache_params
 from trtllm_peft.triton_repo.models import MODELS, PYTHON_MODELS, RepoParams
 from trtllm_peft.triton_repo.pbtxt import render
+from trtllm_peft.triton_repo.peft_model import MODEL_PY as PEFT_MODEL_PY
 from trtllm_peft.triton_repo.prefetch import TASKS_FILE, PrefetchResult, previous_ids, write_prefetch_dir
 
 log = logging.getLogger(__name__)
@@ -49,12 +52,19 @@ class RepoReport:
     def lines(self) -> list[str]:
         d, h = self.lora.sizing.device, self.lora.sizing.host
         src = self.python_models_from
+        n, skipped = len(self.prefetch.tasks), len(self.prefetch.skipped)
+        prefetch = (
+            f"  lora_prefetch_dir: {n} adapters, {skipped} skipped; ids in {self.out / TASKS_FILE}"
+            if self.prefetch.prefetched
+            else f"  no lora_prefetch_dir (TensorRT-LLM reads no bf16 .npy): {n} adapters served by name "
+            f"through the peft model, {skipped} skipped; ids in {self.out / TASKS_FILE}"
+        )
         return [
             f"Triton model repository: {self.out}",
-            f"  LoRA cache: GPU fraction {self.lora.gpu_memory_fraction} ({d.pages} pages, {d.bytes / GIB:.2f} GiB), "
-            f"host {self.lora.host_memory_bytes:,} bytes ({h.pages} pages)",
-            f"  lora_prefetch_dir: {len(self.prefetch.tasks)} adapters, {len(self.prefetch.skipped)} skipped; "
-            f"ids in {self.out / TASKS_FILE}",
+            f"  LoRA cache: GPU fraction {self.lora.gpu_memory_fraction} of the "
+            f"{self.lora.gpu_free_after_engine / GIB:.2f} GiB free after the engine ({d.pages} pages, "
+            f"{d.bytes / GIB:.2f} GiB), host {self.lora.host_memory_bytes:,} bytes ({h.pages} pages)",
+            prefetch,
             f"  Python models: copied from {src}"
             if src
             else "  Python models: model.py NOT copied (no tensorrtllm_backend found): run this inside NVIDIA's "
@@ -71,8 +81,9 @@ def generate_repository(
     served_engine_dir: str | None = None,
     served_repo_dir: str | None = None,
     decoupled: bool = False,
-    kv_cache_free_gpu_mem_fraction: float = 0.9,
+    kv_cache_free_gpu_mem_fraction: float | None = None,
     python_models: Path | None = None,
+    xgrammar_tokenizer_info: str | None = None,
 ) -> RepoReport:
     """Write the repository for `engine_dir` into `out` (configs replaced; other files kept)."""
     engine = EngineDir.open(engine_dir)
@@ -88,23 +99,31 @@ def generate_repository(
         settings.peft_source, out / PREFETCH_DIR, spec, previous_ids(out / TASKS_FILE)
     )
     (out / TASKS_FILE).write_text(prefetch.to_json())
-    repo_dir = served_repo_dir or str(out.resolve())
+    repo_dir = (served_repo_dir or str(out.resolve())).rstrip("/")
     served_engine = served_engine_dir or str(engine.path.resolve())
+    # absent (not empty) when nothing is prefetched: an empty path would still be scanned
+    prefetch_dir = (
+        {"lora_prefetch_dir": f"{repo_dir}/{PREFETCH_DIR.as_posix()}"} if prefetch.prefetched else {}
+    )
     params = RepoParams(
         engine_dir=served_engine,
         tokenizer_dir=served_engine,  # the engine directory carries the tokenizer
         dtype=TRITON_DTYPES[spec.dtype],
         max_batch_size=int(engine.build_config.get("max_batch_size", 8)),
         decoupled=decoupled,
-        lora_cache={
-            **lora.as_parameters(),
-            "lora_prefetch_dir": f"{repo_dir.rstrip('/')}/{PREFETCH_DIR.as_posix()}",
-        },
-        kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction,
+        lora_cache={**lora.as_parameters(), **prefetch_dir},
+        # the flag, else NIM_KVCACHE_PERCENT, else the backend's usual 0.9
+        kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction or settings.kv_cache_percent or 0.9,
+        enable_kv_cache_reuse=settings.enable_kv_cache_reuse,
+        xgrammar_tokenizer_info_path=xgrammar_tokenizer_info or "",
+        lora_tasks_file=f"{repo_dir}/{TASKS_FILE}",
+        peft_source=str(settings.peft_source.resolve()) if settings.peft_source else "",
+        peft_refresh_interval=str(settings.peft_refresh_interval or ""),
     )
     for name, build in MODELS.items():
         (out / name / "1").mkdir(parents=True, exist_ok=True)
         (out / name / "config.pbtxt").write_text(render(build(params)))
+    (out / "peft" / "1" / "model.py").write_text(PEFT_MODEL_PY)
     source = python_models or (CONTAINER_MODELS if CONTAINER_MODELS.is_dir() else None)
     copied = _copy_python_models(source, out) if source else None
     return RepoReport(out=out, lora=lora, prefetch=prefetch, python_models_from=copied)
@@ -122,8 +141,8 @@ def _copy_python_models(source: Path, out: Path) -> Path:
     return source
 
 
-def _default_gpu_free_bytes() -> int | None:
-    """Free memory of GPU 0 when one is visible (the engine is not loaded yet: an upper bound)."""
+def _gpu0_free_bytes() -> int | None:
+    """Free memory of GPU 0 now, when one is visible (None without CUDA)."""
     try:
         import torch
 
@@ -132,6 +151,34 @@ def _default_gpu_free_bytes() -> int | None:
     except Exception:  # no usable CUDA: the flag is needed
         return None
     return None
+
+
+def engine_estimate(engine_dir: Path) -> EngineMemoryEstimate:
+    """What the engine, its buffers and decoder will take on the GPU before the PEFT cache is made."""
+    engine = EngineDir.open(engine_dir)
+    build = engine.build_config
+    seq = int(build.get("max_seq_len", 2048))
+    return engine_memory_estimate(
+        engine.spec,
+        engine_bytes=sum(f.stat().st_size for f in engine.path.glob("*.engine")),
+        max_batch_size=int(build.get("max_batch_size", 8)),
+        max_seq_len=seq,
+        max_num_tokens=int(build.get("max_num_tokens") or seq),
+    )
+
+
+def free_after_engine(engine_dir: Path, gpu_free_gib: float | None) -> int:
+    """`--gpu-free-gib` when given; else GPU 0's free memory now less the engine's estimate (logged)."""
+    if gpu_free_gib:
+        return int(gpu_free_gib * GIB)
+    free = _gpu0_free_bytes()
+    if not free:
+        raise SettingsError(
+            "no GPU visible: pass --gpu-free-gib (GPU memory free after the engine, runtime buffers and decoder)"
+        )
+    estimate = engine_estimate(engine_dir)
+    log.info("GPU memory before the PEFT cache, estimated:\n%s", "\n".join(estimate.lines()))
+    return free - estimate.total
 
 
 def add_triton_repo_arguments(p: argparse.ArgumentParser) -> None:
@@ -147,8 +194,9 @@ def add_triton_repo_arguments(p: argparse.ArgumentParser) -> None:
         "--gpu-free-gib",
         type=float,
         default=None,
-        help="GPU memory free after the engine is loaded, GiB: sizes lora_cache_gpu_memory_fraction "
-        "(default: free memory of GPU 0 when one is visible)",
+        help="GPU memory free after the engine, runtime buffers and decoder are allocated, GiB (TensorRT-LLM "
+        "applies lora_cache_gpu_memory_fraction to it; its [MemUsageChange] log lines give it). Default: the free "
+        "memory of GPU 0 less an estimate of engine + activations + buffers + decoder",
     )
     p.add_argument(
         "--served-engine-dir", default=None, help="the engine's path as Triton sees it (in a container)"
@@ -158,7 +206,16 @@ def add_triton_repo_arguments(p: argparse.ArgumentParser) -> None:
         "--decoupled", action="store_true", help="decoupled mode (streaming; needs gRPC or generate_stream)"
     )
     p.add_argument(
-        "--kv-cache-free-gpu-mem-fraction", type=float, default=0.9, help="KV cache share (default 0.9)"
+        "--kv-cache-free-gpu-mem-fraction",
+        type=float,
+        default=None,
+        help="KV cache share of the memory left (default NIM_KVCACHE_PERCENT, else 0.9)",
+    )
+    p.add_argument(
+        "--xgrammar-tokenizer-info",
+        default=None,
+        help="guided decoding: the tokenizer-info JSON of TensorRT-LLM's generate_xgrammar_tokenizer_info.py "
+        "(as Triton sees it); sets guided_decoding_backend=xgrammar (default: off)",
     )
     p.add_argument(
         "--python-models",
@@ -171,9 +228,7 @@ def add_triton_repo_arguments(p: argparse.ArgumentParser) -> None:
 def run_triton_repo(args: argparse.Namespace, settings: Settings) -> int:
     """`trtllm-peft triton-repo`: write the repository and print what it holds."""
     settings = settings.replace(engine_dir=args.engine, peft_source=args.peft_source)
-    free = int(args.gpu_free_gib * GIB) if args.gpu_free_gib else _default_gpu_free_bytes()
-    if not free:
-        raise SettingsError("no GPU visible: pass --gpu-free-gib (GPU memory free after loading the engine)")
+    free = free_after_engine(settings.engine_dir, args.gpu_free_gib)
     report = generate_repository(
         settings.engine_dir,
         args.out,
@@ -184,6 +239,7 @@ def run_triton_repo(args: argparse.Namespace, settings: Settings) -> int:
         decoupled=args.decoupled,
         kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
         python_models=args.python_models,
+        xgrammar_tokenizer_info=args.xgrammar_tokenizer_info,
     )
     print("\n".join(report.lines()))
     for name, why in sorted(report.prefetch.skipped.items()):

@@ -33,7 +33,6 @@ from trtllm_peft.server.triton.schemas import VERSION
 log = logging.getLogger(__name__)
 
 EXTENSIONS = ["model_repository", "model_configuration"]
-MAX_MESSAGE_BYTES = 256 << 20  # one request / response (LoRA weights travel in-band)
 MAX_STREAM_REQUESTS = 64  # in flight on one ModelStreamInfer stream
 _CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -83,7 +82,9 @@ class TritonService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=getattr(self.state, "runtime", None) is not None)
+        drain = getattr(self.state, "drain", None)
+        draining = drain is not None and drain.draining  # SIGTERM: not ready, as /v1/health/ready
+        return pb.ServerReadyResponse(ready=getattr(self.state, "runtime", None) is not None and not draining)
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name="trtllm-peft", version=__version__, extensions=EXTENSIONS)
@@ -189,14 +190,16 @@ def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStream
     return pb.ModelStreamInferResponse(error_message=message, infer_response=response)
 
 
-async def start_grpc(state: Any, host: str, port: int) -> grpc.aio.Server:
+async def start_grpc(state: Any, host: str, port: int, max_message_bytes: int) -> grpc.aio.Server:
     """Serve on host:port in the running loop; raises (startup fails) when the port cannot be bound.
 
-    SO_REUSEPORT is off so that a second server on the same port fails instead of sharing it."""
+    SO_REUSEPORT is off so that a second server on the same port fails instead of sharing it; a request
+    message is bounded as an HTTP infer body is (TRTLLM_PEFT_MAX_TRITON_REQUEST_BYTES: LoRA weights
+    travel in-band)."""
     options = [
         ("grpc.so_reuseport", 0),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
     ]
     server = grpc.aio.server(options=options)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(TritonService(state), server)

@@ -20,6 +20,7 @@ from fastapi.routing import APIRoute
 
 from trtllm_peft import __version__
 from trtllm_peft.errors import TrtllmPeftError
+from trtllm_peft.server.json_body import parse_json
 from trtllm_peft.server.runtime import Runtime
 from trtllm_peft.server.triton.config import model_config_json
 from trtllm_peft.server.triton.models import Inference, Reply, V2Model, lora_tasks, model_names, resolve
@@ -113,7 +114,9 @@ async def model_ready(request: Request, model: str, version: str | None = None):
 async def infer(request: Request, model: str, version: str | None = None):
     rt = _rt(request)
     v2 = resolve(rt, model, version)
-    header, inputs = decode_request(await request.body(), request.headers)
+    header, inputs = decode_request(
+        await request.body(), request.headers, rt.settings.max_triton_request_bytes
+    )
     inference = await _start(request, rt, v2, inputs)
     reply = await inference.collect()
     outputs = _select(v2, inference, reply, _requested(header))
@@ -170,10 +173,7 @@ async def _start(request: Request, rt: Runtime, v2: V2Model, inputs: dict[str, T
 
 
 def _json_body_inputs(v2: V2Model, raw: bytes) -> dict[str, Tensor]:
-    try:
-        body = json.loads(raw or b"{}")
-    except ValueError as e:
-        raise TritonProtocolError(f"failed to parse the request JSON: {e}") from None
+    body = parse_json(raw or b"{}")
     if not isinstance(body, dict):
         raise TritonProtocolError("the generate request must be a JSON object")
     body.pop("id", None)

@@ -9,6 +9,7 @@ name rather than ignored. Outputs follow the ensemble's: text_output, log-probs,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,6 +162,7 @@ def parse_request(inputs: dict[str, Tensor]) -> TritonRequest:
     if max_tokens < 1:
         raise TritonProtocolError(f"max_tokens must be >= 1, got {max_tokens}")
     seed = get("seed", get("random_seed"))
+    _check_values(get)
     return TritonRequest(
         text=get("text_input"),
         max_tokens=max_tokens,
@@ -195,6 +197,43 @@ def _words(inputs: dict[str, Tensor], name: str, keep_empty: bool = False) -> li
     if len(words) > MAX_WORDS:
         raise TritonProtocolError(f"at most {MAX_WORDS} {name}, got {len(words)}")
     return words
+
+
+# TensorRT-LLM's ranges (cpp/tensorrt_llm/executor/samplingConfig.cpp, checkTemperature / checkTopK /
+# checkTopP / checkRepetitionPenalty / checkLengthPenalty), finite; top_p 0 means unset, as in
+# tensorrtllm_backend. (name, lowest, lowest allowed, highest)
+_RANGES = (
+    ("temperature", 0.0, True, None),
+    ("top_k", 0, True, None),
+    ("top_p", 0.0, True, 1.0),
+    ("repetition_penalty", 0.0, False, None),
+    ("length_penalty", 0.0, True, None),
+    ("presence_penalty", None, True, None),
+    ("frequency_penalty", None, True, None),
+)
+
+
+def _check_values(get) -> None:
+    """Every sampling value finite and in TensorRT-LLM's range; a non-empty prompt."""
+    if not get("text_input"):
+        raise TritonProtocolError("text_input must not be empty")
+    check_ranges(get)
+
+
+def check_ranges(get, names: dict[str, str] | None = None) -> None:
+    """The _RANGES checks; `names` maps a range's name to the input carrying it (tensorrt_llm's
+    runtime_top_k, len_penalty, …)."""
+    for key, low, inclusive, high in _RANGES:
+        name = (names or {}).get(key, key)
+        value = get(name)
+        if value is None:
+            continue
+        v = float(value)
+        ok = math.isfinite(v) and (low is None or v > low or (inclusive and v == low))
+        if not ok or (high is not None and v > high):
+            low_s = "" if low is None else f"{'>=' if inclusive else '>'} {low:g}"
+            high_s = "" if high is None else f" and <= {high:g}"
+            raise TritonProtocolError(f"{name} must be a finite number {low_s}{high_s}, got {value}".strip())
 
 
 def _refuse_unsupported(inputs: dict[str, Tensor]) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trtllm_peft.server.triton.schemas import IO, MAX_WORDS, TYPE_OF, TritonRequest
+from trtllm_peft.server.triton.schemas import IO, MAX_WORDS, TYPE_OF, TritonRequest, check_ranges
 from trtllm_peft.server.triton.tensors import Tensor, TritonProtocolError, bytes_tensor
 from trtllm_peft.serving.tokenizer import Tokenizer
 from trtllm_peft.triton_repo import tensors as stock
@@ -211,6 +211,7 @@ def trtllm_request(inputs: dict[str, Tensor]) -> TritonRequest:
     def get(name: str, default=None):
         return inputs[name].scalar() if name in inputs else default
 
+    check_ranges(get, {"top_k": "runtime_top_k", "top_p": "runtime_top_p", "length_penalty": "len_penalty"})
     ids = inputs["input_ids"].data.reshape(-1).tolist() if "input_ids" in inputs else []
     length = int(get("input_lengths"))
     if not 1 <= length <= len(ids):

@@ -11,7 +11,6 @@ docs/protocol/extension_binary_data.md.
 
 from __future__ import annotations
 
-import gzip
 import json
 import struct
 import zlib
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from trtllm_peft.errors import TrtllmPeftError
+from trtllm_peft.server.json_body import parse_json
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -75,7 +75,7 @@ class Tensor:
             raise TritonProtocolError(f"input '{self.name}' must hold one element, got shape {self.shape}")
         value = self.data.reshape(-1)[0]
         if self.datatype == "BYTES":
-            return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+            return _text(self.name, value)
         if self.datatype == "BF16":
             return float(self.to_torch().reshape(-1)[0])
         return value.item()
@@ -84,24 +84,33 @@ class Tensor:
         """Every element of a BYTES tensor, decoded as UTF-8."""
         if self.datatype != "BYTES":
             raise TritonProtocolError(f"input '{self.name}' must be BYTES, got {self.datatype}")
-        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in self.data.reshape(-1)]
+        return [_text(self.name, v) for v in self.data.reshape(-1)]
 
 
-def decode_request(body: bytes, headers) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """(the JSON header, inputs by name) of an infer request body."""
+def _text(name: str, value: Any) -> str:
+    """A BYTES element as text: valid UTF-8 and no lone surrogate (the tokenizer takes neither)."""
+    try:
+        text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+        text.encode("utf-8")
+    except UnicodeError as e:
+        raise TritonProtocolError(f"input '{name}' is not valid UTF-8 text ({e.reason})") from None
+    return text
+
+
+def decode_request(
+    body: bytes, headers, max_bytes: int = 64 << 20
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(the JSON header, inputs by name) of an infer request body, at most `max_bytes` once inflated."""
     encoding = (headers.get("content-encoding") or "").lower()
-    if encoding == "gzip":
-        body = gzip.decompress(body)
-    elif encoding == "deflate":
-        body = zlib.decompress(body)
-    raw_length = headers.get(HEADER_LENGTH.lower())
+    if encoding in ("gzip", "deflate"):
+        body = _inflate(body, encoding, max_bytes)
+    raw_length = (headers.get(HEADER_LENGTH.lower()) or "").strip()
+    if raw_length and not raw_length.isdigit():
+        raise TritonProtocolError(f"{HEADER_LENGTH} must be a number of bytes, got {raw_length[:40]!r}")
     header_len = int(raw_length) if raw_length else len(body)
     if not 0 <= header_len <= len(body):
         raise TritonProtocolError(f"{HEADER_LENGTH} {header_len} exceeds the body ({len(body)} bytes)")
-    try:
-        header = json.loads(body[:header_len])
-    except ValueError as e:
-        raise TritonProtocolError(f"failed to parse the request JSON: {e}") from None
+    header = parse_json(body[:header_len])
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise TritonProtocolError("the request JSON must be an object with an 'inputs' list")
     binary, offset, inputs = body[header_len:], 0, {}
@@ -115,11 +124,27 @@ def decode_request(body: bytes, headers) -> tuple[dict[str, Any], dict[str, Tens
     return header, inputs
 
 
+def _inflate(body: bytes, encoding: str, max_bytes: int) -> bytes:
+    """Decompress, refusing (400) what inflates past `max_bytes`: a small gzip must not become gigabytes."""
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(body, max_bytes + 1)
+    except zlib.error as e:
+        raise TritonProtocolError(f"the {encoding} request body is corrupt ({e})") from None
+    if len(out) > max_bytes:
+        raise TritonProtocolError(f"the {encoding} request body inflates to more than {max_bytes} bytes")
+    return out
+
+
 def _decode_input(spec: Any, binary: bytes, offset: int) -> tuple[Tensor, int]:
     if not isinstance(spec, dict) or not {"name", "datatype", "shape"} <= spec.keys():
         raise TritonProtocolError("every input needs 'name', 'datatype' and 'shape'")
     name, datatype = str(spec["name"]), str(spec["datatype"])
-    shape = [int(d) for d in spec["shape"]]
+    try:
+        shape = [int(d) for d in spec["shape"]]
+    except (TypeError, ValueError):
+        raise TritonProtocolError(f"input '{name}' has a shape that is not a list of integers") from None
     if datatype != "BYTES" and datatype not in NUMPY_TYPES:
         raise TritonProtocolError(f"input '{name}' has unknown datatype '{datatype}'")
     if any(d < 0 for d in shape):
