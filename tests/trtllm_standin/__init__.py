@@ -24,6 +24,7 @@ EXPORTS = (
     "SamplingConfig",
     "OutputConfig",
     "LoraConfig",
+    "GuidedDecodingParams",
     "Request",
     "Result",
     "Response",
@@ -31,6 +32,7 @@ EXPORTS = (
 CONFIG_EXPORTS = (
     "KvCacheConfig",
     "PeftCacheConfig",
+    "GuidedDecodingConfig",
     "ExecutorConfig",
     "IterationStats",
     "InflightBatchingStats",

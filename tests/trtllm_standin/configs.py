@@ -1,14 +1,15 @@
 """Configuration and statistics types of `tensorrt_llm.bindings.executor` (TensorRT-LLM 1.2).
 
 Signatures copy cpp/tensorrt_llm/nanobind/executor/executorConfig.cpp (KvCacheConfig, PeftCacheConfig,
-ExecutorConfig) and bindings.cpp (IterationStats, InflightBatchingStats).
+GuidedDecodingConfig, ExecutorConfig) and bindings.cpp (IterationStats, InflightBatchingStats).
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
-from tests.trtllm_standin.types import float_arg, int_arg
+from tests.trtllm_standin.types import check, float_arg, int_arg
 
 
 class KvCacheConfig:
@@ -85,6 +86,37 @@ class PeftCacheConfig:
         raise AttributeError(name)
 
 
+class GuidedDecodingConfig:
+    """GuidedDecodingConfig(backend, encoded_vocab=None, tokenizer_str=None, stop_token_ids=None) with the
+    nested enum GuidedDecodingBackend; the executor validates it (executorConfig.cpp
+    GuidedDecodingConfig::validate(): xgrammar needs the encoded vocab)."""
+
+    class GuidedDecodingBackend(enum.Enum):
+        XGRAMMAR = 0
+        LLGUIDANCE = 1
+
+    def __init__(self, backend, encoded_vocab=None, tokenizer_str=None, stop_token_ids=None):
+        if not isinstance(backend, GuidedDecodingConfig.GuidedDecodingBackend):
+            raise TypeError("incompatible function arguments: backend must be a GuidedDecodingBackend")
+        if encoded_vocab is not None and not (
+            isinstance(encoded_vocab, list) and all(isinstance(t, str) for t in encoded_vocab)
+        ):
+            raise TypeError("incompatible function arguments: encoded_vocab must be a list of str")
+        if stop_token_ids is not None:
+            for t in stop_token_ids:
+                int_arg("stop_token_ids", t)
+        self.backend, self.encoded_vocab = backend, encoded_vocab
+        self.tokenizer_str, self.stop_token_ids = tokenizer_str, stop_token_ids
+
+    def validate(self) -> None:
+        if self.backend is GuidedDecodingConfig.GuidedDecodingBackend.XGRAMMAR:
+            check(
+                self.encoded_vocab is not None,
+                "Guided decoding is enabled with xgrammar, but EncodedVocab is not set",
+                "cpp/tensorrt_llm/executor/executorConfig.cpp",
+            )
+
+
 class ExecutorConfig:
     """ExecutorConfig(max_beam_width=1, scheduler_config=…, kv_cache_config=…, …, peft_cache_config=…, …)."""
 
@@ -124,6 +156,7 @@ class ExecutorConfig:
         for name, value, cls in (
             ("kv_cache_config", kv_cache_config, KvCacheConfig),
             ("peft_cache_config", peft_cache_config, PeftCacheConfig),
+            ("guided_decoding_config", guided_decoding_config, GuidedDecodingConfig),
         ):
             if value is not None and not isinstance(value, cls):
                 raise TypeError(f"incompatible function arguments: {name} must be a {cls.__name__}")
@@ -136,6 +169,7 @@ class ExecutorConfig:
                 f"incompatible function arguments: gather_generation_logits={gather_generation_logits!r}"
             )
         self.gather_generation_logits = gather_generation_logits
+        self.guided_decoding_config = guided_decoding_config
 
 
 class InflightBatchingStats:

@@ -14,6 +14,10 @@ cpp/tensorrt_llm/executor/executorImpl.cpp for the behaviour):
   build_config.gather_context_logits, ModelConfig::computeContextLogits), generation logits need
   `ExecutorConfig(gather_generation_logits=True)`; otherwise the request fails with TensorRT-LLM's text.
   An embedding bias is viewed as [1, vocab] (llmRequest.h: `mEmbeddingBias.value()->unsqueeze(0)`).
+* guided decoding exists only with ExecutorConfig(guided_decoding_config=…), validated at construction
+  (executorConfig.cpp GuidedDecodingConfig::validate); a request with GuidedDecodingParams on an executor
+  without it is an error response (executorImpl.cpp fetchNewRequests: "Request is specified with
+  GuidedDecodingParams, but GuidedDecoder is not setup. …").
 Generation is delegated to TorchExecutor with caches too large to refuse anything: every admission decision
 is the stand-in's. Each host-cache entry gets its own delegate task id, so a task id re-put after eviction can
 never reach stale weights in the delegate.
@@ -48,6 +52,9 @@ class Executor:
             )
         from trtllm_peft.executor.torch import TorchExecutor
 
+        guided = executor_config.guided_decoding_config
+        if guided is not None:
+            guided.validate()
         self.spec = load_spec(model_path)
         build = json.loads((Path(model_path) / "config.json").read_text()).get("build_config", {})
         self.gather_context_logits = bool(build.get("gather_context_logits"))
@@ -64,6 +71,7 @@ class Executor:
                 free_gpu_memory_fraction=kv.free_gpu_memory_fraction,
             ),
             enable_chunked_context=executor_config.enable_chunked_context,
+            guided_decoding_config=_guided(guided),
         )
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
@@ -83,6 +91,9 @@ class Executor:
             rid = next(self._ids)
             self.requests_seen.append(request)
             lc = request.lora_config
+            if request.guided_decoding_params is not None and self.delegate.guides is None:
+                self._answer(rid, FETCH_ERROR + api.GUIDED_NOT_SETUP_MESSAGE, request.client_id)
+                return rid
             try:
                 self._check_outputs(request)
                 if lc is not None:
@@ -181,6 +192,7 @@ class Executor:
             embedding_bias=req.embedding_bias,
             lora_config=lora,
             client_id=req.client_id,
+            guided_decoding_params=_guided_params(req.guided_decoding_params),
         )
 
     def _answer(self, rid: int, payload: str | t.Result, client_id: int | None) -> None:
@@ -291,6 +303,17 @@ def _result(r: api.Result) -> t.Result:
         r.decoding_iter,
     )
     return out
+
+
+def _guided(c: c.GuidedDecodingConfig | None) -> api.GuidedDecodingConfig | None:
+    if c is None:
+        return None
+    backend = api.GuidedDecodingBackend[c.backend.name]
+    return api.GuidedDecodingConfig(backend, c.encoded_vocab, c.tokenizer_str, c.stop_token_ids)
+
+
+def _guided_params(p: t.GuidedDecodingParams | None) -> api.GuidedDecodingParams | None:
+    return None if p is None else api.GuidedDecodingParams(api.GuideType[p.guide_type.name], p.guide)
 
 
 def _cancelled() -> t.Result:

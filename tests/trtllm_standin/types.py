@@ -1,7 +1,7 @@
 """The value types of `tensorrt_llm.bindings.executor` (TensorRT-LLM 1.2), with the checks the C++ makes.
 
 Signatures copy the nanobind bindings — cpp/tensorrt_llm/nanobind/executor/request.cpp (SamplingConfig,
-OutputConfig, LoraConfig, Request, Result, Response) and bindings.cpp (ModelType) — including which
+OutputConfig, LoraConfig, GuidedDecodingParams, Request, Result, Response) and bindings.cpp (ModelType) — including which
 arguments are keyword-only (the configuration types are in configs.py). Wrong argument types raise TypeError as nanobind does; a failed TLLM_CHECK
 raises TllmError (a RuntimeError) with TensorRT-LLM's text (cpp/include/tensorrt_llm/common/tllmException.h:
 "[TensorRT-LLM][ERROR] Assertion failed: <info> (<file>:<line>)").
@@ -197,6 +197,36 @@ class LoraConfig:
     config = property(lambda self: self._config)
 
 
+class GuidedDecodingParams:
+    """GuidedDecodingParams(guide_type, guide=None) with the nested enum GuideType (request.cpp); read-only
+    properties guide_type, guide. Every type but JSON needs a guide (executor/guidedDecodingParams.cpp:
+    TLLM_CHECK_WITH_INFO(mGuideType == GuideType::kJSON || mGuide.has_value(), …))."""
+
+    class GuideType(enum.Enum):
+        JSON = 0
+        JSON_SCHEMA = 1
+        REGEX = 2
+        EBNF_GRAMMAR = 3
+        STRUCTURAL_TAG = 4
+
+    def __init__(self, guide_type, guide=None):
+        if not isinstance(guide_type, GuidedDecodingParams.GuideType):
+            raise TypeError(
+                "incompatible function arguments: guide_type must be a GuidedDecodingParams.GuideType"
+            )
+        if guide is not None and not isinstance(guide, str):
+            raise TypeError("incompatible function arguments: guide must be a str")
+        check(
+            guide_type is GuidedDecodingParams.GuideType.JSON or guide is not None,
+            "The guide string must be provided unless using GuideType::kJSON.",
+            "cpp/tensorrt_llm/executor/guidedDecodingParams.cpp",
+        )
+        self._guide_type, self._guide = guide_type, guide
+
+    guide_type = property(lambda self: self._guide_type)
+    guide = property(lambda self: self._guide)
+
+
 class Request:
     """Request(input_token_ids, max_tokens, *, streaming=False, …): keyword-only after max_tokens."""
 
@@ -253,6 +283,7 @@ class Request:
             ("sampling_config", sampling_config, SamplingConfig),
             ("output_config", output_config, OutputConfig),
             ("lora_config", lora_config, LoraConfig),
+            ("guided_decoding_params", guided_decoding_params, GuidedDecodingParams),
         ):
             if value is not None and not isinstance(value, cls):
                 raise TypeError(f"incompatible function arguments: {name} must be a {cls.__name__}")
@@ -267,6 +298,7 @@ class Request:
         self.lora_config, self.client_id = lora_config, client_id
         self.embedding_bias = embedding_bias
         self.return_all_generated_tokens = return_all_generated_tokens
+        self.guided_decoding_params = guided_decoding_params
 
 
 class Result:

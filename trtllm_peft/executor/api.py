@@ -2,7 +2,8 @@
 
 Names, field names and argument order follow the C++ header and its Python bindings:
   cpp/include/tensorrt_llm/executor/executor.h (SamplingConfig, OutputConfig, LoraConfig, Request, Result,
-  Response, PeftCacheConfig, KvCacheConfig, Executor), cpp/include/tensorrt_llm/executor/types.h (FinishReason,
+  Response, PeftCacheConfig, KvCacheConfig, GuidedDecodingParams, GuidedDecodingConfig, Executor),
+  cpp/include/tensorrt_llm/executor/types.h (FinishReason,
   IterationStats), cpp/tensorrt_llm/nanobind/executor/request.cpp and executorConfig.cpp (the Python
   names: snake_case, everything after `max_tokens` keyword-only).
 Both executors (TorchExecutor, TrtllmExecutor) accept and return exactly these types, so the serving
@@ -45,6 +46,13 @@ DEVICE_CACHE_FULL_MESSAGE = (
     "Cache is full. There are no done tasks to evict"
 )
 FETCH_ERROR_PREFIX = "Encountered an error when fetching new request: "
+# executorImpl.cpp (fetchNewRequests): a request with GuidedDecodingParams on an executor without a
+# GuidedDecodingConfig (TLLM_CHECK_WITH_INFO(mModel->hasGuidedDecoder(), …)).
+GUIDED_NOT_SETUP_MESSAGE = (
+    "Request is specified with GuidedDecodingParams, but GuidedDecoder is not setup. Please provide a valid "
+    "GuidedDecodingConfig to setup GuidedDecoder."
+)
+GUIDE_ERROR_PREFIX = "Guided decoding: "  # ours: a guide the grammar compiler refused
 
 
 class FinishReason(enum.IntEnum):
@@ -113,6 +121,47 @@ class OutputConfig:
     return_perf_metrics: bool = False
 
 
+class GuideType(enum.IntEnum):
+    """executor::GuidedDecodingParams::GuideType (executor.h; the binding's GuidedDecodingParams.GuideType)."""
+
+    JSON = 0  # any JSON object (the guide string is unused)
+    JSON_SCHEMA = 1  # JSON valid against the schema in the guide string
+    REGEX = 2
+    EBNF_GRAMMAR = 3
+    STRUCTURAL_TAG = 4  # xgrammar's structural tag (a JSON string)
+
+
+@dataclass(frozen=True)
+class GuidedDecodingParams:
+    """executor::GuidedDecodingParams(guide_type, guide=None): the output is constrained to the guide."""
+
+    GuideType = GuideType
+    guide_type: GuideType
+    guide: str | None = None
+
+
+class GuidedDecodingBackend(enum.IntEnum):
+    """executor::GuidedDecodingConfig::GuidedDecodingBackend."""
+
+    XGRAMMAR = 0
+    LLGUIDANCE = 1
+
+
+@dataclass(frozen=True)
+class GuidedDecodingConfig:
+    """executor::GuidedDecodingConfig(backend, encoded_vocab=None, tokenizer_str=None, stop_token_ids=None).
+
+    Part of the executor's configuration: without it, a request with GuidedDecodingParams is an error.
+    `encoded_vocab` lists the tokens in id order; `tokenizer_str` is the HF tokenizer.json text.
+    """
+
+    GuidedDecodingBackend = GuidedDecodingBackend
+    backend: GuidedDecodingBackend = GuidedDecodingBackend.XGRAMMAR
+    encoded_vocab: list[str] | None = field(default=None, repr=False)
+    tokenizer_str: str | None = field(default=None, repr=False)
+    stop_token_ids: list[int] | None = None
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     """executor::LoraConfig(task_id, weights=None, config=None).
@@ -143,6 +192,7 @@ class Request:
     embedding_bias: torch.Tensor | None = None  # [vocab] float32, added to the logits
     lora_config: LoraConfig | None = None
     client_id: int | None = None
+    guided_decoding_params: GuidedDecodingParams | None = None
 
 
 @dataclass

@@ -45,6 +45,7 @@ _PATTERNS: list[tuple[ErrorKind, tuple[str, ...]]] = [
             "embedding_bias must",
             "bad_words token ids must be",
             "input token ids must be in",
+            "Guided decoding: ",
         ),
     ),
 ]

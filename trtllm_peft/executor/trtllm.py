@@ -4,7 +4,7 @@ The only module that imports TensorRT-LLM's executor bindings (lazily, when an e
 the binding's and back; TensorRT-LLM does the batching, the KV cache and the PEFT cache. Signatures follow
 the nanobind bindings: cpp/tensorrt_llm/nanobind/executor/request.cpp (Request: everything after
 max_tokens keyword-only; SamplingConfig(beam_width, *, …); LoraConfig(task_id, weights=None, config=None)),
-executorConfig.cpp (PeftCacheConfig, KvCacheConfig, ExecutorConfig), executor.cpp (Executor(model_path,
+executorConfig.cpp (PeftCacheConfig, KvCacheConfig, GuidedDecodingConfig, ExecutorConfig), executor.cpp (Executor(model_path,
 model_type, executor_config), await_responses(timeout: timedelta) / (id, timeout)).
 
 LoRA tensors go in as TensorRT-LLM wants them (cpp/tensorrt_llm/executor/loraConfig.cpp,
@@ -41,6 +41,8 @@ from trtllm_peft.engine.peft_cache_sizing import (
 from trtllm_peft.errors import EngineError
 from trtllm_peft.executor.api import (
     FinishReason,
+    GuidedDecodingConfig,
+    GuidedDecodingParams,
     IdType,
     IterationStats,
     KvCacheConfig,
@@ -182,6 +184,26 @@ def _build_request(tle: Any, req: Request, weights: torch.Tensor | None, config:
         embedding_bias=_bias(req.embedding_bias),
         lora_config=lora,
         client_id=req.client_id,
+        guided_decoding_params=to_trtllm_guided(tle, req.guided_decoding_params),
+    )
+
+
+def to_trtllm_guided(tle: Any, p: GuidedDecodingParams | None) -> Any:
+    """tle.GuidedDecodingParams(guide_type, guide) (nanobind/executor/request.cpp), same enum names."""
+    if p is None:
+        return None
+    return tle.GuidedDecodingParams(tle.GuidedDecodingParams.GuideType[p.guide_type.name], p.guide)
+
+
+def to_trtllm_guided_config(tle: Any, c: GuidedDecodingConfig | None) -> Any:
+    """tle.GuidedDecodingConfig(backend, encoded_vocab, tokenizer_str, stop_token_ids) (executorConfig.cpp)."""
+    if c is None:
+        return None
+    return tle.GuidedDecodingConfig(
+        tle.GuidedDecodingConfig.GuidedDecodingBackend[c.backend.name],
+        encoded_vocab=c.encoded_vocab,
+        tokenizer_str=c.tokenizer_str,
+        stop_token_ids=c.stop_token_ids,
     )
 
 
@@ -265,10 +287,11 @@ def executor_config(
     kv_cache_config: KvCacheConfig | None = None,
     enable_chunked_context: bool = False,
     gather_generation_logits: bool = False,
+    guided_decoding_config: GuidedDecodingConfig | None = None,
 ) -> Any:
     """tle.ExecutorConfig: beam width 1, our KvCacheConfig (its fraction, else `kv_cache_fraction`), our PEFT
-    cache sizing, chunked context as asked, generation logits gathered when the engine was built to. Field
-    for field: the names are TensorRT-LLM's (executor.h)."""
+    cache sizing, chunked context as asked, generation logits gathered when the engine was built to, guided
+    decoding (xgrammar) when configured. Field for field: the names are TensorRT-LLM's (executor.h)."""
     p = sizing.config
     peft = tle.PeftCacheConfig(
         num_host_module_layer=p.num_host_module_layer,
@@ -288,6 +311,7 @@ def executor_config(
         peft_cache_config=peft,
         max_queue_size=max_queue_size,
         gather_generation_logits=gather_generation_logits,
+        guided_decoding_config=to_trtllm_guided_config(tle, guided_decoding_config),
     )
 
 
@@ -308,6 +332,7 @@ class TrtllmExecutor:
         max_queue_size: int | None = None,
         kv_cache_config: KvCacheConfig | None = None,
         enable_chunked_context: bool = False,
+        guided_decoding_config: GuidedDecodingConfig | None = None,
     ) -> None:
         tle = import_bindings()
         self.engine_dir = Path(engine_dir)
@@ -333,6 +358,7 @@ class TrtllmExecutor:
             kv_cache_config=kv_cache_config,
             enable_chunked_context=enable_chunked_context,
             gather_generation_logits=bool(self.build_config.get("gather_generation_logits")),
+            guided_decoding_config=guided_decoding_config,
         )
         self._tle = tle
         self._exec = tle.Executor(self.engine_dir, tle.ModelType.DECODER_ONLY, config)
@@ -340,7 +366,9 @@ class TrtllmExecutor:
         self._tasks: dict[IdType, int | None] = {}  # request id → LoRA task id, while in flight
 
     @classmethod
-    def from_settings(cls, engine: Any, settings: Any) -> TrtllmExecutor:
+    def from_settings(
+        cls, engine: Any, settings: Any, guided_decoding_config: GuidedDecodingConfig | None = None
+    ) -> TrtllmExecutor:
         """From an EngineDir (or path) and Settings (NIM_MAX_GPU_LORAS, NIM_MAX_CPU_LORAS, NIM_KV cache ones)."""
         path = getattr(engine, "path", engine)
         kv = KvCacheConfig(
@@ -353,6 +381,7 @@ class TrtllmExecutor:
             max_cpu_loras=settings.max_cpu_loras,
             kv_cache_config=kv,
             enable_chunked_context=settings.enable_chunked_context,
+            guided_decoding_config=guided_decoding_config,
         )
 
     def _log_plan(self, kv_cache_fraction: float) -> None:

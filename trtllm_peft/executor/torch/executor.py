@@ -16,6 +16,7 @@ The caller's threads and the engine thread share only a `Mailbox` (mailbox.py).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -31,11 +32,14 @@ from trtllm_peft.engine.memory import (
     peft_cache_config,
     plan_memory,
 )
-from trtllm_peft.errors import AdapterError
+from trtllm_peft.errors import AdapterError, TrtllmPeftError
 from trtllm_peft.executor.api import (
     DEVICE_CACHE_FULL_MESSAGE,
     FETCH_ERROR_PREFIX,
+    GUIDE_ERROR_PREFIX,
+    GUIDED_NOT_SETUP_MESSAGE,
     FinishReason,
+    GuidedDecodingConfig,
     IdType,
     IterationStats,
     KvCacheConfig,
@@ -44,6 +48,7 @@ from trtllm_peft.executor.api import (
     Request,
     Response,
 )
+from trtllm_peft.executor.guided import GuideCompiler, GuideState, MaskBuffer
 from trtllm_peft.executor.torch.intake import check_request, read_lora
 from trtllm_peft.executor.torch.kv import BlockManager, PagedKVCache
 from trtllm_peft.executor.torch.mailbox import Mailbox
@@ -87,6 +92,7 @@ class TorchExecutor:
         enable_chunked_context: bool = False,
         split_threads: bool = True,
         cpu_kernels: bool = True,
+        guided_decoding_config: GuidedDecodingConfig | None = None,
     ) -> None:
         self.engine = EngineDir.open(engine_dir)
         self.spec, self.arch, self.dtype = self.engine.spec, self.engine.arch, self.engine.dtype
@@ -130,6 +136,10 @@ class TorchExecutor:
             self.tokens_per_block,
             enable_block_reuse=self.kv_cache_config.enable_block_reuse,
         )
+        self.guides = None  # guided decoding: only with a GuidedDecodingConfig, as in TensorRT-LLM
+        if guided_decoding_config is not None:
+            self.guides = GuideCompiler(guided_decoding_config, a.vocab_size)
+            self._masks = MaskBuffer(a.vocab_size, self.max_batch_size)
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()
         self.mailbox = Mailbox()
@@ -176,8 +186,20 @@ class TorchExecutor:
             )
             for rid, req in zip(ids, requests, strict=True)
         ]
-        self.mailbox.post(seqs)
+        self.mailbox.post([s for s in seqs if not self._compile_first(s)])
         return ids
+
+    def _compile_first(self, seq: Sequence) -> bool:
+        """Guided requests reach the engine thread once their grammar is compiled (on the compile worker)."""
+        if seq.request.guided_decoding_params is None or self.guides is None:
+            return False
+        seq.guide_future = self.guides.submit(seq.request.guided_decoding_params)
+        seq.guide_future.add_done_callback(lambda _: self._post_late(seq))
+        return True
+
+    def _post_late(self, seq: Sequence) -> None:
+        with contextlib.suppress(TrtllmPeftError):  # shut down meanwhile: nobody waits for it
+            self.mailbox.post([seq])
 
     def await_responses(self, id: IdType | None = None, timeout: float | None = None) -> list[Response]:
         """Responses ready (for all requests, or request `id`), waiting up to `timeout` s for the first one."""
@@ -198,6 +220,8 @@ class TorchExecutor:
     def shutdown(self) -> None:
         self.mailbox.stop()
         self._thread.join()
+        if self.guides is not None:
+            self.guides.shutdown()
 
     def __enter__(self) -> TorchExecutor:
         return self
@@ -238,6 +262,12 @@ class TorchExecutor:
         err = check_request(req, self.max_seq_len, self.arch.vocab_size)
         if err:
             return FETCH_ERROR_PREFIX + err
+        if req.guided_decoding_params is not None:
+            if self.guides is None:
+                return FETCH_ERROR_PREFIX + GUIDED_NOT_SETUP_MESSAGE
+            if seq.guide_future.exception() is not None:
+                return GUIDE_ERROR_PREFIX + str(seq.guide_future.exception())
+            seq.guide = GuideState(seq.guide_future.result())
         seq.tokens, seq.prompt_len = list(req.input_token_ids), len(req.input_token_ids)
         seq.max_new = min(req.max_tokens, self.max_seq_len - seq.prompt_len)
         if req.lora_config is not None:
@@ -361,6 +391,9 @@ class TorchExecutor:
         return sum(n for _, n in chunks), len(decoding)
 
     def _take(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        guided = [i for i, s in enumerate(seqs) if s.guide is not None]
+        if guided:  # each guided row keeps only the tokens its grammar allows (guidedDecoder.cpp execute)
+            self._masks.apply(logits, guided, [seqs[i].guide for i in guided])
         want = any(s.request.output_config.return_log_probs for s in seqs)
         tokens, lps = sample(
             logits,
@@ -372,6 +405,11 @@ class TorchExecutor:
         for i, s in enumerate(seqs):
             raw = logits[i].clone() if s.request.output_config.return_generation_logits else None  # [V]
             s.add(tokens[i], lps[i] if lps is not None else None, raw)
+        for i in guided:
+            s = seqs[i]
+            s.guide.accept(tokens[i])
+            if s.guide.terminated and s.finish == FinishReason.NOT_FINISHED:
+                s.finish = FinishReason.END_ID  # the guide is complete (its stop token was sampled)
 
     def _cancel_seqs(self, cancel: set[int]) -> list[Sequence]:
         """Mark cancelled requests finished; waiting ones leave now, running ones at the next _emit."""

@@ -194,28 +194,28 @@ class LlamaModel:
 
     def _attend_chunks(self, layer, qkv, positions, chunks: list[Chunk], cache: PagedKVCache) -> torch.Tensor:
         """Causal attention of each chunk over its sequence's cache positions 0..start+length-1 -> [Tc, q]."""
-        q, k, v = self._split_rope(qkv, positions)  # [Tc, heads, hd], [Tc, kv, hd] x2
+        a = self.arch
+        shape = (a.num_heads, a.num_kv_heads, a.head_dim)
         out = torch.empty(qkv.shape[0], self.q_dim, dtype=qkv.dtype, device=qkv.device)
         off = 0
         for c in chunks:
-            span, end = slice(off, off + c.length), c.start + c.length
+            span = slice(off, off + c.length)
             off += c.length
-            cache.write(layer, c.table, c.start, k[span], v[span])
-            qs = q[span].transpose(0, 1)[None]  # [1, heads, n, hd]
-            if c.start == 0:  # the whole prefix is this chunk: no need to read the cache back
-                o = F.scaled_dot_product_attention(
-                    qs,
-                    k[span].transpose(0, 1)[None],
-                    v[span].transpose(0, 1)[None],
-                    is_causal=True,
-                    enable_gqa=True,
+            if (
+                c.start
+            ):  # after reused blocks or earlier chunks: over the cache, query i sees positions <= start+i
+                out[span] = self.ops.attend_chunk(
+                    qkv[span], self.cos, self.sin, positions[span], cache, layer, shape, c.table
                 )
-            else:  # reused blocks or earlier chunks: attend over the cache, query i sees positions <= start + i
-                keys, values = cache.gather(layer, c.table, end)  # [kv, end, hd]
-                pos = torch.arange(end, device=qkv.device)
-                allowed = pos[None, :] <= pos[c.start :, None]  # [n, end]
-                o = F.scaled_dot_product_attention(
-                    qs, keys[None], values[None], attn_mask=allowed[None, None], enable_gqa=True
-                )
+                continue
+            q, k, v = self._split_rope(qkv[span], positions[span])  # [n, heads, hd], [n, kv, hd] x2
+            cache.write(layer, c.table, 0, k, v)
+            o = F.scaled_dot_product_attention(  # the whole prefix is this chunk: no need to read the cache
+                q.transpose(0, 1)[None],
+                k.transpose(0, 1)[None],
+                v.transpose(0, 1)[None],
+                is_causal=True,
+                enable_gqa=True,
+            )  # [1, heads, n, hd]
             out[span] = o[0].transpose(0, 1).reshape(c.length, self.q_dim)
         return out

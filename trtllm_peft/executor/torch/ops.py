@@ -10,6 +10,8 @@ Semantics shared by both (tests/unit/test_cpu_kernels.py and test_lora_ops.py ho
     silu_mul(gu)               silu(gate) · up                gu [T, 2I] = [gate | up] -> [T, I]
     attend_decode(...)         RoPE on q and k, k and v stored at each row's position through its block
                                table, then attention of each row's query over its positions 0..pos -> [B, q_dim]
+    attend_chunk(...)          the same for n consecutive prompt tokens of one sequence (one block table),
+                               causal within the chunk, over the cached positions before it -> [n, q_dim]
     prepare_lora, lora_batch   an adapter's device-tier form; a batch's adapters with
                                `apply_group(layer, group, x, y, mask)`: y += each token's LoRA delta
     use_threads(n)             the engine thread's threading
@@ -95,6 +97,36 @@ class TorchOps:
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=valid[:, None, None, :])
         return out.reshape(b, q_dim)
 
+    def attend_chunk(
+        self,
+        qkv: torch.Tensor,  # [n, q + 2kv]: tokens at positions start..start+n-1 of one sequence
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,  # [n] int64, consecutive
+        cache: PagedKVCache,
+        layer: int,
+        shape: tuple[int, int, int],
+        table: torch.Tensor,  # [W] int32: the sequence's block table
+    ) -> torch.Tensor:
+        heads, kv_heads, hd = shape
+        n, q_dim = qkv.shape[0], heads * hd
+        c, s = cos[positions][:, None, :], sin[positions][:, None, :]
+        qk = rope(qkv[:, : q_dim + kv_heads * hd].view(n, heads + kv_heads, hd), c, s)
+        v = qkv[:, q_dim + kv_heads * hd :].view(n, kv_heads, hd)
+        start, end = int(positions[0]), int(positions[-1]) + 1
+        cache.write(layer, table, start, qk[:, heads:], v)
+        keys, values = cache.gather(layer, table, end)  # [kv, end, hd]
+        pos = torch.arange(end, device=qkv.device)
+        allowed = pos[None, :] <= pos[start:, None]  # [n, end]
+        out = F.scaled_dot_product_attention(
+            qk[:, :heads].transpose(0, 1)[None],
+            keys[None],
+            values[None],
+            attn_mask=allowed[None, None],
+            enable_gqa=True,
+        )  # [1, heads, n, hd]
+        return out[0].transpose(0, 1).reshape(n, q_dim)
+
 
 class KernelOps(TorchOps):
     """The same ops through the CPU kernels of csrc/ (float32 or bfloat16)."""
@@ -126,6 +158,12 @@ class KernelOps(TorchOps):
 
     def attend_decode(self, qkv, cos, sin, positions, cache, layer, shape, tables) -> torch.Tensor:
         return self.k.attend_decode(qkv, cos, sin, positions, cache.k[layer], cache.v[layer], tables, *shape)
+
+    def attend_chunk(self, qkv, cos, sin, positions, cache, layer, shape, table) -> torch.Tensor:
+        # the decode kernel with one row per token, all on the same block table (it stores every row's k/v
+        # before any row attends): no gather of the cached prefix, no mask
+        tables = table[None].expand(qkv.shape[0], -1).contiguous()
+        return self.attend_decode(qkv, cos, sin, positions, cache, layer, shape, tables)
 
 
 def ops_for(device: torch.device, dtype: torch.dtype, use_kernels: bool = True) -> TorchOps:

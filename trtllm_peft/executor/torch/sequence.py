@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -25,6 +27,8 @@ class Sequence:
     cached: int = 0  # tokens whose K/V are in the cache
     streamed: int = 0  # generated tokens already sent
     finish: FinishReason = FinishReason.NOT_FINISHED
+    guide_future: Future | None = None  # the compiled grammar of guided_decoding_params (guided.py)
+    guide: Any = None  # guided.GuideState once admitted
 
     @property
     def generated(self) -> list[int]:

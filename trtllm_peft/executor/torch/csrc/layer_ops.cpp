@@ -148,23 +148,33 @@ void attend_rows(const T* qkv, int64_t ld, const T* cos, const T* sin, const int
     work += (pos[b] + 1) * nh * hd;
   }
   const int64_t units = B * nkv, grain = work < 262144 ? units : 1;  // short contexts: one thread
+  // this token's slot: offset p % tpb of block table[b][p / tpb], kv head h
+  auto slot = [&](int64_t b, int64_t h) {
+    const int64_t p = pos[b];
+    return (static_cast<int64_t>(tables[b * width + p / tpb]) * nkv + h) * tpb * hd + (p % tpb) * hd;
+  };
+  // Two passes: every row's k and v are stored before any row attends, so rows of one sequence at
+  // consecutive positions (a prompt chunk over cached blocks) see each other causally.
+  parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; u++) {
+      const int64_t b = u / nkv, h = u % nkv, p = pos[b];
+      const T* row = qkv + b * ld;
+      rope(row + qd + h * hd, cos + p * hd, sin + p * hd, hd, kc + slot(b, h));
+      std::memcpy(vc + slot(b, h), row + qd + kvd + h * hd, hd * sizeof(T));
+    }
+  });
   parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
     std::vector<float> scores, q(g * hd);
     std::vector<const T*> kb, vb;
     for (int64_t u = u0; u < u1; u++) {
       const int64_t b = u / nkv, h = u % nkv, p = pos[b], nb = p / tpb + 1;
       const T* row = qkv + b * ld;
-      const T *c = cos + p * hd, *s = sin + p * hd;
       kb.resize(nb), vb.resize(nb);
       for (int64_t j = 0; j < nb; j++) {
         const int64_t tile = (static_cast<int64_t>(tables[b * width + j]) * nkv + h) * tpb * hd;
         kb[j] = kc + tile, vb[j] = vc + tile;
       }
-      // this token's slot: offset p % tpb of the last block
-      const int64_t at = (static_cast<int64_t>(tables[b * width + nb - 1]) * nkv + h) * tpb * hd + (p % tpb) * hd;
-      rope(row + qd + h * hd, c, s, hd, kc + at);
-      std::memcpy(vc + at, row + qd + kvd + h * hd, hd * sizeof(T));
-      for (int64_t j = 0; j < g; j++) rope(row + (h * g + j) * hd, c, s, hd, q.data() + j * hd);
+      for (int64_t j = 0; j < g; j++) rope(row + (h * g + j) * hd, cos + p * hd, sin + p * hd, hd, q.data() + j * hd);
       attend_head_any(q.data(), g, kb.data(), vb.data(), p + 1, tpb, hd, scale, out + b * qd + h * g * hd, scores);
     }
   });
@@ -202,7 +212,7 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
 
 // qkv [B, q + 2kv] (this step's projections), cos/sin [L, hd], positions [B], kc/vc this layer's paged cache
 // [num_blocks, kv, tpb, hd], tables [B, W] int32 block tables: rotates q and k, stores k and v at each row's
-// position, returns attention [B, q].
+// position, returns attention [B, q]. Rows may share a table (a prompt chunk: one row per token).
 torch::Tensor attend_decode(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                             const torch::Tensor& positions, torch::Tensor& kc, torch::Tensor& vc,
                             const torch::Tensor& tables, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {

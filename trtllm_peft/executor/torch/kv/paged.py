@@ -49,19 +49,30 @@ class PagedKVCache:
             out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
         return out.to(self.device)
 
+    def _slots(self, blocks: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """Rows [n·kv] of a layer viewed as `[num_blocks·kv·tpb, hd]` for tokens at (block, offset) [n]."""
+        kv = self.k.shape[2]
+        heads = torch.arange(kv, device=self.device)
+        return ((blocks[:, None] * kv + heads[None, :]) * self.tokens_per_block + offs[:, None]).reshape(-1)
+
+    def _put(
+        self, layer: int, blocks: torch.Tensor, offs: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        # one index_copy_ into a 2-D view: advanced indexing of the 5-D pool would permute the whole layer
+        rows, hd = self._slots(blocks, offs), k.shape[-1]
+        self.k[layer].view(-1, hd).index_copy_(0, rows, k.reshape(-1, hd))
+        self.v[layer].view(-1, hd).index_copy_(0, rows, v.reshape(-1, hd))
+
     def write(self, layer: int, table: torch.Tensor, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v `[n, kv, hd]` at positions start..start+n-1 of the sequence whose block table is `table`."""
         pos = torch.arange(start, start + k.shape[0], device=self.device)
-        blocks = table.long()[pos // self.tokens_per_block]
-        offs = pos % self.tokens_per_block
-        self.k[layer, blocks, :, offs] = k
-        self.v[layer, blocks, :, offs] = v
+        self._put(layer, table.long()[pos // self.tokens_per_block], pos % self.tokens_per_block, k, v)
 
     def gather(self, layer: int, table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The sequence's K and V at positions 0..length-1, `[kv, length, hd]` each (a copy)."""
         nb = -(-length // self.tokens_per_block)
         idx = table[:nb].long()
-        k, v = self.k[layer, idx], self.v[layer, idx]  # [nb, kv, tpb, hd]
+        k, v = self.k[layer].index_select(0, idx), self.v[layer].index_select(0, idx)  # [nb, kv, tpb, hd]
         kv, hd = k.shape[1], k.shape[3]
         k = k.transpose(0, 1).reshape(kv, nb * self.tokens_per_block, hd)[:, :length]
         v = v.transpose(0, 1).reshape(kv, nb * self.tokens_per_block, hd)[:, :length]
@@ -73,16 +84,16 @@ class PagedKVCache:
         """One token per row: k, v `[B, kv, hd]` at `positions` [B] through `tables` [B, W]."""
         rows = torch.arange(k.shape[0], device=self.device)
         blocks = tables.long()[rows, positions // self.tokens_per_block]
-        offs = positions % self.tokens_per_block
-        self.k[layer, blocks, :, offs] = k
-        self.v[layer, blocks, :, offs] = v
+        self._put(layer, blocks, positions % self.tokens_per_block, k, v)
 
     def gather_rows(self, layer: int, tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's K and V at positions 0..length-1, `[B, kv, length, hd]` (a copy; rows padded)."""
         nb = -(-length // self.tokens_per_block)
         idx = tables[:, :nb].long()
-        k, v = self.k[layer, idx], self.v[layer, idx]  # [B, nb, kv, tpb, hd]
-        b, _, kv, tpb, hd = k.shape
+        b = idx.shape[0]
+        k = self.k[layer].index_select(0, idx.reshape(-1)).unflatten(0, (b, nb))  # [B, nb, kv, tpb, hd]
+        v = self.v[layer].index_select(0, idx.reshape(-1)).unflatten(0, (b, nb))
+        _, _, kv, tpb, hd = k.shape
         k = k.transpose(1, 2).reshape(b, kv, nb * tpb, hd)[:, :, :length]
         v = v.transpose(1, 2).reshape(b, kv, nb * tpb, hd)[:, :, :length]
         return k, v
