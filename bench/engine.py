@@ -4,7 +4,8 @@
     .venv/bin/python bench/engine.py --quick    # fewer tokens, one repeat
 
 Decode throughput = (B × (N − 1)) / (time to generate N tokens − time to generate 1 token): prefill cancels
-out. Rows: our engine base / 1 adapter / 8 distinct adapters (rank 16, all seven modules), transformers
+out. Rows: our engine base / 1 adapter / 8 distinct adapters (rank 16, all seven modules) / 8 distinct DoRA
+adapters (the same, `use_dora=True`: target ≥ 0.9× the 8 plain ones, same run), transformers
 `generate` base / peft 1 adapter / peft mixed batch (`adapter_names`). It also measures this machine's read
 bandwidth and matmul rate and prints the physical floor of a decode step: weight bytes ÷ bandwidth, or
 FLOPs ÷ matmul rate where larger. Writes bench/results/engine.json and bench/engine.png.
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trtllm_peft import formats  # noqa: E402
+from trtllm_peft.engine.base_weights import BaseWeights  # noqa: E402
 from trtllm_peft.engine.build import build_engine  # noqa: E402
 from trtllm_peft.engine.engine_dir import EngineDir, hf_checkpoint  # noqa: E402
 from trtllm_peft.executor.api import LoraConfig, Request  # noqa: E402
@@ -36,6 +38,7 @@ from trtllm_peft.lora import load_spec, pack  # noqa: E402
 ENGINES = {"float32": ROOT / "engines" / "smollm2-135m", "bfloat16": ROOT / "engines" / "smollm2-135m-bf16"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT_LEN, RANK, N_ADAPTERS = 16, 16, 8
+DORA_CASE = f"{N_ADAPTERS} distinct DoRA adapters"
 
 
 def machine() -> dict[str, float]:
@@ -96,8 +99,9 @@ def interleaved_rates(runs: dict[str, object], batch: int, n: int, repeats: int)
 # ---- our engine ---------------------------------------------------------------------------------------
 
 
-def ours_runner(ex: TorchExecutor, packed: list, batch: int, n_adapters: int):
-    """run(tokens): one batch through the executor, adapters i % n_adapters (weights sent once per task)."""
+def ours_runner(ex: TorchExecutor, packed: list, batch: int, n_adapters: int, first_task: int = 1):
+    """run(tokens): one batch through the executor, adapters i % n_adapters (weights sent once per task;
+    task ids from `first_task`, so that two sets of adapters never share one)."""
     sent: set[int] = set()
 
     def lora(i: int):
@@ -105,9 +109,9 @@ def ours_runner(ex: TorchExecutor, packed: list, batch: int, n_adapters: int):
             return None
         j = i % n_adapters
         if j in sent:
-            return LoraConfig(j + 1)
+            return LoraConfig(first_task + j)
         sent.add(j)
-        return LoraConfig(j + 1, packed[j].weights, packed[j].config)
+        return LoraConfig(first_task + j, packed[j].weights, packed[j].config)
 
     def run(tokens: int) -> None:
         ids = ex.enqueue_requests(
@@ -134,23 +138,24 @@ def hf_model(engine: Path, dtype: torch.dtype):
     return AutoModelForCausalLM.from_pretrained(str(view), dtype=dtype).eval()
 
 
-def make_adapters(engine: Path, out: Path) -> list[Path]:
-    """N_ADAPTERS real peft adapters (rank 16, all modules, random non-zero weights), saved."""
+def make_adapters(engine: Path, out: Path, dora: bool = False) -> list[Path]:
+    """N_ADAPTERS real peft adapters (rank 16, all modules, random non-zero weights; DoRA: magnitudes too), saved."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     dirs = []
     for i in range(N_ADAPTERS):
-        m = get_peft_model(
-            hf_model(engine, torch.float32), PeftLoraConfig(r=RANK, lora_alpha=32, target_modules=TARGETS)
-        )
+        cfg = PeftLoraConfig(r=RANK, lora_alpha=32, target_modules=TARGETS, use_dora=dora)
+        m = get_peft_model(hf_model(engine, torch.float32), cfg)
         g = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for name, p in m.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        m.save_pretrained(str(out / f"a{i}"))
-        dirs.append(out / f"a{i}")
+                if "lora_" in name:  # DoRA magnitudes: around their initial ‖W + s·B·A‖, random
+                    p.copy_(p * (1 + 0.2 * torch.randn(p.shape, generator=g)) if "magnitude" in name else
+                            torch.randn(p.shape, generator=g) * 0.02)  # fmt: skip
+        d = out / f"{'dora' if dora else 'a'}{i}"
+        m.save_pretrained(str(d))
+        dirs.append(d)
     return dirs
 
 
@@ -203,10 +208,13 @@ def bench_dtype(
     rows: list[dict],
     m: dict,
     torch_ops: bool = False,
+    dora_dirs: list[Path] = (),
 ) -> None:
     engine, torch_dt = ENGINES[dt], getattr(torch, dt)
-    spec = load_spec(engine)
+    spec, base_weights = load_spec(engine), BaseWeights.open(engine)
     packed = [pack(formats.load_for_engine(d, spec), torch_dt) for d in dirs]
+    # DoRA: magnitudes normalized once, here, against this engine's weights (what the server does at load)
+    dora = [pack(formats.load_for_engine(d, spec, base_weights), torch_dt) for d in dora_dirs]
     params = sum(v.numel() for v in EngineDir.open(engine).load_weights().values())
     base, pm = hf_model(engine, torch_dt), peft_model(engine, torch_dt, dirs)
     mixed = f"{N_ADAPTERS} distinct adapters"
@@ -225,9 +233,15 @@ def bench_dtype(
                     pm, b, adapter_names=[f"a{i % N_ADAPTERS}" for i in range(b)]
                 ),
             }
+            if dora:  # task ids after the plain adapters': a reused id would serve the plain weights
+                runs[("trtllm-peft (ours)", DORA_CASE)] = ours_runner(ex, dora, b, N_ADAPTERS, N_ADAPTERS + 1)
             if plain is not None:  # the same engine on plain torch ops: what the CPU kernels add
                 runs[("trtllm-peft, torch ops", "base")] = ours_runner(plain, packed, b, 0)
                 runs[("trtllm-peft, torch ops", mixed)] = ours_runner(plain, packed, b, N_ADAPTERS)
+                if dora:
+                    runs[("trtllm-peft, torch ops", DORA_CASE)] = ours_runner(
+                        plain, dora, b, N_ADAPTERS, N_ADAPTERS + 1
+                    )
             rates = {
                 ("floor", "base"): b / floor_ms(params, dt, b, m) * 1e3,
                 **interleaved_rates(runs, b, n, repeats),
@@ -248,6 +262,7 @@ def main() -> None:
         action="store_true",
         help="also run our engine on plain torch ops (TRTLLM_PEFT_CPU_KERNELS=0)",
     )
+    ap.add_argument("--no-dora", action="store_true", help="skip the 8 DoRA adapters case")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n = args.tokens or (8 if args.quick else 24)
@@ -262,8 +277,9 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         dirs = make_adapters(ENGINES[args.dtypes[0]], Path(tmp))
+        dora_dirs = [] if args.no_dora else make_adapters(ENGINES[args.dtypes[0]], Path(tmp), dora=True)
         for dt in args.dtypes:
-            bench_dtype(dt, batches, n, repeats, dirs, rows, m, args.torch_ops)
+            bench_dtype(dt, batches, n, repeats, dirs, rows, m, args.torch_ops, dora_dirs)
     report(rows, m, args, load)
 
 
@@ -321,6 +337,9 @@ def targets(rows: list[dict]) -> str:
             ("8 adapters ≥ 0.75× our base", mixed / ours_b, 0.75),
             ("8 adapters ≥ 3× peft mixed", mixed / hf_mixed, 3.0),
         ]
+        dora = _rate(rows, dt, 8, "trtllm-peft (ours)", DORA_CASE)
+        if dora is not None:
+            checks.append(("8 DoRA ≥ 0.9× 8 plain adapters", dora / mixed, 0.9))
         for name, value, want in checks:
             lines.append(f"  {dt:<9} {name:<30} {value:5.2f}  {'met' if value >= want else 'MISSED'}")
     return "\n".join(lines)

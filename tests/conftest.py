@@ -65,13 +65,29 @@ def make_peft_adapter(out: Path, *, seed: int = 1, safe_serialization: bool = Tr
     lora_kwargs.setdefault("lora_alpha", 8)
     lora_kwargs.setdefault("target_modules", LLAMA_TARGETS)
     model = get_peft_model(tiny_llama_model(), LoraConfig(**lora_kwargs))
+    randomize_lora(model, seed, 0.1)
+    model.save_pretrained(str(out), safe_serialization=safe_serialization)
+    return model
+
+
+def randomize_lora(model, seed: int, std: float) -> None:
+    """Random non-zero A and B (B is zero-initialised: make it count); with DoRA, random magnitudes too:
+    each module's initial m = ‖W + s·B·A‖_row (what PEFT sets, for the new A and B) times 1 ± 30 %, so the
+    DoRA factor m / ‖…‖ differs from 1 and changes outputs."""
+    from peft.tuners.lora import LoraLayer
+
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)  # B is zero-initialised: make it count
-    model.save_pretrained(str(out), safe_serialization=safe_serialization)
-    return model
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                for key, dora in module.lora_magnitude_vector.items():
+                    w = module.get_base_layer().weight
+                    delta = module.lora_B[key].weight @ module.lora_A[key].weight * module.scaling[key]
+                    norm = torch.linalg.norm(w + delta, dim=1)
+                    dora.weight.copy_(norm * (1 + 0.3 * torch.randn(norm.shape, generator=gen)))
 
 
 def build_tiny_engine(directory: Path, *, max_seq_len: int = 64) -> Path:

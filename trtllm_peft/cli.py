@@ -36,10 +36,15 @@ def _spec(base: str, settings: Settings, max_lora_rank: int | None, dtype: str |
 
 def cmd_convert(args: argparse.Namespace, settings: Settings) -> int:
     from trtllm_peft import formats
+    from trtllm_peft.engine.base_weights import BaseWeights
+    from trtllm_peft.lora import fit_to_spec
 
     spec = _spec(args.base, settings, args.max_lora_rank, args.dtype)
-    adapter = formats.load_for_engine(args.src, spec)
-    written = formats.save(adapter, args.out, args.to, spec)
+    adapter = fit_to_spec(formats.load(args.src, spec), spec)
+    # DoRA magnitudes change form between formats (PEFT's trained m, TensorRT-LLM's normalized factor):
+    # that needs the base weights, read from --base only when a DoRA adapter needs them
+    base = BaseWeights.open(args.base) if adapter.is_dora else None
+    written = formats.save(adapter, args.out, args.to, spec, base)
     for path in written:
         log.info("wrote %s", path)
     print(

@@ -27,8 +27,8 @@ class AdapterError(TrtllmPeftError):
     http_status = 422
 
     def __init__(self, source: str, problems: list[str] | str):
-        self.source = str(source)
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.source = _printable(str(source))
+        self.problems = [_printable(p) for p in ([problems] if isinstance(problems, str) else problems)]
         super().__init__(self._render())
 
     def _render(self) -> str:
@@ -36,6 +36,12 @@ class AdapterError(TrtllmPeftError):
             return f"{self.source}: {self.problems[0]}"
         lines = "\n".join(f"  - {p}" for p in self.problems)
         return f"{self.source}: {len(self.problems)} problems:\n{lines}"
+
+
+def _printable(text: str) -> str:
+    """`text` as valid UTF-8: file names with undecodable bytes (lone surrogates) are escaped, so that the
+    message can go into a JSON answer or a log line."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class AdapterFormatError(AdapterError):

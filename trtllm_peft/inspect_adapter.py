@@ -22,6 +22,9 @@ class Report:
     layers: list[int] = field(default_factory=list)
     modules: dict[str, list[int]] = field(default_factory=dict)  # module -> distinct ranks
     max_rank: int = 0
+    dora: str | None = (
+        None  # None: plain LoRA; "trained" (PEFT's magnitudes) or "normalized" (TensorRT-LLM's)
+    )
     num_params: int = 0
     size_bytes: int = 0
     nim_formula_elements: int | None = None
@@ -54,6 +57,9 @@ def inspect(path: str | Path, spec: ModelSpec | None = None) -> Report:
     report.layers = adapter.layers
     report.modules = adapter.ranks
     report.max_rank = adapter.max_rank
+    if adapter.is_dora:
+        forms = {"normalized" if w.normalized else "trained" for _, w in adapter if w.is_dora}
+        report.dora = " + ".join(sorted(forms))
     report.num_params = adapter.num_params
     report.size_bytes = adapter.num_bytes
     if spec is not None:
@@ -77,6 +83,8 @@ def render(report: Report) -> str:
             hf = TRTLLM_TO_HF.get(module, "")
             lines.append(f"module    {module:<12} {hf:<13} rank {', '.join(map(str, ranks))}")
         lines.append(f"max rank  {report.max_rank}")
+        if report.dora:
+            lines.append(f"DoRA      magnitudes {report.dora} (use_dora)")
         lines.append(f"size      {report.size_bytes:,} bytes ({report.num_params:,} parameters)")
         if report.nim_formula_elements is not None:
             lines.append(

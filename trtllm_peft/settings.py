@@ -15,6 +15,7 @@ from trtllm_peft.errors import SettingsError
 
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 BACKENDS = ("auto", "torch", "trtllm")
+SYMLINK_POLICIES = ("inside", "all", "none")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class Settings:
     engine_dir: Path = Path("engines/smollm2-135m")  # TRTLLM_PEFT_ENGINE_DIR: the built engine to serve
     backend: str = "auto"  # TRTLLM_PEFT_BACKEND: auto | torch | trtllm
     cpu_kernels: bool = True  # TRTLLM_PEFT_CPU_KERNELS: 0 runs the reference engine on plain torch ops only
+    follow_symlinks: str = (
+        "inside"  # TRTLLM_PEFT_FOLLOW_SYMLINKS: inside (links resolving under NIM_PEFT_SOURCE) | all | none
+    )
     # HTTP limits: what one client may cost before it gets a precise error (server/limits.py)
     max_request_bytes: int = 4 << 20  # TRTLLM_PEFT_MAX_REQUEST_BYTES: largest OpenAI request body (413)
     max_triton_request_bytes: int = 64 << 20  # TRTLLM_PEFT_MAX_TRITON_REQUEST_BYTES: /v2 bodies (413)
@@ -55,6 +59,7 @@ class Settings:
     )
     enable_chunked_context: bool = True  # TRTLLM_PEFT_ENABLE_CHUNKED_CONTEXT: prefill long prompts in chunks
     max_num_tokens: int | None = None  # TRTLLM_PEFT_MAX_NUM_TOKENS: tokens per engine iteration (engine's)
+    tool_call_parser: str = "auto"  # TRTLLM_PEFT_TOOL_CALL_PARSER: hermes | llama3_json | mistral | auto
     # `trtllm-peft pull`. Secrets are kept out of repr() so that logging a Settings never leaks them.
     hf_token: str | None = field(default=None, repr=False)  # HF_TOKEN (or HUGGING_FACE_HUB_TOKEN)
     hf_endpoint: str = "https://huggingface.co"  # HF_ENDPOINT: the Hugging Face Hub (or a mirror)
@@ -80,7 +85,16 @@ class Settings:
             cache_path=reader.path("NIM_CACHE_PATH"),
             engine_dir=reader.path("TRTLLM_PEFT_ENGINE_DIR") or cls.engine_dir,
             backend=reader.choice("TRTLLM_PEFT_BACKEND", "auto", BACKENDS, upper=False),
+            tool_call_parser=reader.choice(
+                "TRTLLM_PEFT_TOOL_CALL_PARSER",
+                "auto",
+                ("auto", "hermes", "llama3_json", "mistral"),
+                upper=False,
+            ),
             cpu_kernels=reader.boolean("TRTLLM_PEFT_CPU_KERNELS", default=True),
+            follow_symlinks=reader.choice(
+                "TRTLLM_PEFT_FOLLOW_SYMLINKS", "inside", SYMLINK_POLICIES, upper=False
+            ),
             max_request_bytes=reader.integer("TRTLLM_PEFT_MAX_REQUEST_BYTES", 4 << 20, minimum=1024),
             max_triton_request_bytes=reader.integer(
                 "TRTLLM_PEFT_MAX_TRITON_REQUEST_BYTES", 64 << 20, minimum=1024

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -85,11 +88,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServerNotReady(RuntimeError):
+    """The server exited or did not become ready in time; `pid` is the (killed) process it was."""
+
+    def __init__(self, message: str, pid: int):
+        super().__init__(message)
+        self.pid = pid
+
+
 class Server:
-    """`trtllm-peft serve` in a subprocess on a free loopback port."""
+    """`trtllm-peft serve` in a subprocess on a free loopback port, in its own process group.
+
+    Never outlives its starter: when it does not become ready (or anything interrupts the wait) the whole
+    group is killed before the error propagates, and an atexit hook kills any server a fixture forgot.
+    Usable as a context manager."""
+
+    running: set[Server] = set()
 
     def __init__(
-        self, engine: Path, peft_source: Path, log: Path, *, module: str = "trtllm_peft.cli", **env: str
+        self,
+        engine: Path,
+        peft_source: Path,
+        log: Path,
+        *,
+        module: str = "trtllm_peft.cli",
+        ready_timeout: float = 600,  # a cold CPU-kernel compile on a loaded 2-core box takes minutes
+        **env: str,
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -104,34 +128,57 @@ class Server:
             "TRTLLM_PEFT_GRPC_PORT": str(self.grpc_port),
             **env,
         }
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, "serve", "--host", "127.0.0.1"],
-            env=full_env,
-            stdout=open(log, "w"),  # noqa: SIM115 (open as long as the server runs)
-            stderr=subprocess.STDOUT,
-        )
+        with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", module, "serve", "--host", "127.0.0.1"],
+                env=full_env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stop() reaches its children too
+            )
+        Server.running.add(self)
         try:
-            self._wait_ready()
+            self._wait_ready(ready_timeout)
         except BaseException:
-            self.stop()  # a server that never became ready must not outlive the fixture
+            self.stop()
             raise
 
-    def _wait_ready(self, timeout: float = 180) -> None:
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _wait_ready(self, timeout: float) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}")
+                raise ServerNotReady(f"server exited:\n{self.log.read_text()[-3000:]}", self.proc.pid)
             try:
                 if httpx.get(f"{self.url}/v1/health/ready", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
+        raise ServerNotReady(
+            f"server not ready after {timeout}s:\n{self.log.read_text()[-3000:]}", self.proc.pid
+        )
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        """SIGTERM, then SIGKILL after 20 s; then SIGKILL whatever is left of its process group."""
+        Server.running.discard(self)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=20)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # children (compilers, workers) of a dead server
+
+
+@atexit.register
+def _stop_forgotten_servers() -> None:
+    for server in list(Server.running):
+        server.stop()

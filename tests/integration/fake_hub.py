@@ -18,6 +18,7 @@ transfer can be cut after N bytes, then fail with 503 (`die`) or hang until `rel
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -39,7 +40,8 @@ class Repo:
 @dataclass
 class Fault:
     after: int  # bytes sent before the connection breaks
-    mode: str  # "die": later requests get 503 until heal(); "hang": block until release(), then break
+    mode: str  # "die": later requests get 503 until heal(); "hang": block until release(), then break;
+    # "inflate": the body is `after` bytes longer than the HEAD announced (and its Content-Length says so)
     tripped: bool = False
 
 
@@ -93,6 +95,10 @@ class FakeHub:
 
     def cut(self, data: bytes, *, after: int, mode: str = "die") -> None:
         self.faults[sha256(data)] = Fault(after, mode)
+
+    def inflate(self, data: bytes, *, extra: int) -> None:
+        """The CDN serves `data` with `extra` more bytes than its HEAD announced (a lying mirror)."""
+        self.faults[sha256(data)] = Fault(extra, "inflate")
 
     def heal(self) -> None:
         self.faults.clear()
@@ -240,6 +246,12 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is None or not body:
             return self._send(status, chunk, headers, body=body)
         fault.tripped = True
+        if fault.mode == "inflate":
+            self._send_headers(status, len(chunk) + fault.after, headers)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client stops reading
+                self.wfile.write(chunk + bytes(fault.after))
+            self.close_connection = True
+            return
         self._send_headers(status, len(chunk), headers)
         self.wfile.write(chunk[: max(0, fault.after - start)])
         self.wfile.flush()

@@ -54,6 +54,7 @@ def test_sigterm_drains_running_streams(smollm2_engine, tmp_path):
             assert time.time() < deadline, "readiness still 200 after SIGTERM"
             time.sleep(0.05)
         assert httpx.get(f"{srv.url}/v1/health/live").status_code == 200
+        assert httpx.get(f"{srv.url}/v2/health/ready").status_code == 400  # Triton's "not ready"
         refused = httpx.post(f"{srv.url}/v1/completions", json={"model": "smollm2", "prompt": "x"})
         assert refused.status_code == 503 and refused.headers["Retry-After"]
         assert refused.json()["error"]["type"] == "ServiceUnavailableError"

@@ -216,6 +216,18 @@ def test_hf_broken_download_leaves_nothing_visible_and_resumes(hub, tmp_path, bi
     assert len([r for r in hub.requests_for("adapter_config.json") if r.method == "GET"]) == 1
 
 
+def test_hf_file_larger_than_announced_is_refused_and_not_kept(hub, tmp_path, big_hf_files, check):
+    """The CDN sends 50 MB more than the HEAD announced: refused at the announced size, and the oversized
+    stream is not kept in staging (huggingface_hub alone writes all of it, then complains; issue #16)."""
+    hub.add_repo("me/lora", big_hf_files)
+    hub.inflate(big_hf_files["adapter_model.safetensors"], extra=50_000_000)
+    announced = len(big_hf_files["adapter_model.safetensors"])
+    with pytest.raises(PullError, match=f"more than the {announced} bytes it announced") as err:
+        pull_one(PullRequest.of("hf:me/lora"), tmp_path, hf_creds(hub), check)
+    assert err.value.kind == "registry" and visible(tmp_path) == []
+    assert list(tmp_path.glob(".pull-*")) == []  # staging gone: nothing oversized left on disk
+
+
 def test_hf_killed_pull_leaves_nothing_visible_and_resumes(hub, tmp_path, big_hf_files, smollm2_engine):
     """A pull killed (SIGKILL) mid-file: nothing under the adapter root; the same command resumes."""
     hub.add_repo("me/lora", big_hf_files)

@@ -58,8 +58,9 @@ def prompt_ids(text: bytes, vocab: int) -> list[int]:
 class Ensemble:
     """The `ensemble` BLS reaches: its config from the repository, its engine TrtllmExecutor on the stand-in."""
 
-    def __init__(self, executor: TrtllmExecutor, vocab: int):
+    def __init__(self, executor: TrtllmExecutor, vocab: int, streaming: bool = False):
         self.executor, self.vocab, self.sent = executor, vocab, []  # sent: (task id, weights dtype | None)
+        self.streaming = streaming  # decoupled: one response per engine step, as tensorrt_llm sends them
 
     def __call__(self, request):
         get = lambda name: standin.pb_utils.get_input_tensor_by_name(request, name)  # noqa: E731
@@ -73,19 +74,32 @@ class Ensemble:
             self.sent.append((task, None if w is None else w.dtype))
         ids = prompt_ids(get("text_input").as_numpy()[0][0], self.vocab)
         max_tokens = int(get("max_tokens").as_numpy()[0][0])
-        tokens, error = run(self.executor, ids, max_tokens, lora)
+        for tokens, error in run(self.executor, ids, max_tokens, lora, streaming=self.streaming):
+            if error:
+                yield standin.pb_utils.InferenceResponse(error=standin.pb_utils.TritonError(error))
+                return
+            text = np.array([[" ".join(map(str, tokens)).encode()]], dtype=np.object_)
+            yield standin.pb_utils.InferenceResponse(
+                output_tensors=[standin.pb_utils.Tensor("text_output", text)]
+            )
+        if self.streaming:
+            yield standin.pb_utils.InferenceResponse()  # the final flag alone, as a decoupled model may end
+
+
+def collect(executor, ids, max_tokens, lora) -> tuple[list[int], str | None]:
+    tokens = []
+    for step, error in run(executor, ids, max_tokens, lora):
         if error:
-            yield standin.pb_utils.InferenceResponse(error=standin.pb_utils.TritonError(error))
-            return
-        text = np.array([[" ".join(map(str, tokens)).encode()]], dtype=np.object_)
-        yield standin.pb_utils.InferenceResponse(
-            output_tensors=[standin.pb_utils.Tensor("text_output", text)]
-        )
+            return [], error
+        tokens += step
+    return tokens, None
 
 
-def run(executor, ids: list[int], max_tokens: int, lora: LoraConfig | None) -> tuple[list[int], str | None]:
+def run(executor, ids: list[int], max_tokens: int, lora: LoraConfig | None, *, streaming: bool = False):
+    """(new tokens, error) per engine response; one item unless streaming."""
+    out = OutputConfig(exclude_input_from_output=True)
     rid = executor.enqueue_request(
-        Request(ids, max_tokens, output_config=OutputConfig(exclude_input_from_output=True), lora_config=lora)
+        Request(ids, max_tokens, streaming=streaming, output_config=out, lora_config=lora)
     )
     deadline, tokens = time.monotonic() + 60, []
     while time.monotonic() < deadline:
@@ -93,10 +107,15 @@ def run(executor, ids: list[int], max_tokens: int, lora: LoraConfig | None) -> t
             if r.request_id != rid:
                 continue
             if r.has_error():
-                return [], r.error_msg
+                yield [], r.error_msg
+                return
             tokens += list(r.result.output_token_ids[0])
+            if streaming:
+                yield list(r.result.output_token_ids[0]), None
             if r.result.is_final:
-                return tokens, None
+                if not streaming:
+                    yield tokens, None
+                return
     raise AssertionError("no final response")
 
 
@@ -110,16 +129,15 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def world(engine, loras, tmp_path, monkeypatch):
-    """(peft model as Triton loads it, ensemble, repository, clock)."""
+def make_world(engine, loras, tmp_path, monkeypatch, *, decoupled: bool):
+    """(peft model as Triton loads it, its config, the ensemble, repository, clock, executor)."""
     trtllm_standin.install(monkeypatch)
     standin.install(monkeypatch)
     settings = Settings(peft_source=loras, max_gpu_loras=1, max_cpu_loras=1, peft_refresh_interval=30)
     repo = tmp_path / "repo"
-    generate_repository(engine, repo, settings, gpu_free_bytes=40 * GIB)
+    generate_repository(engine, repo, settings, gpu_free_bytes=40 * GIB, decoupled=decoupled)
     executor = TrtllmExecutor(engine, max_gpu_loras=1, max_cpu_loras=1)
-    ensemble = Ensemble(executor, load_spec(engine).vocab_size)
+    ensemble = Ensemble(executor, load_spec(engine).vocab_size, streaming=decoupled)
     srv.SERVER.add(srv.read_config(repo / "ensemble" / "config.pbtxt"), ensemble)
     for name, value in {"NIM_PEFT_SOURCE": str(loras), "NIM_PEFT_REFRESH_INTERVAL": "30"}.items():
         monkeypatch.setenv(name, value)
@@ -131,7 +149,20 @@ def world(engine, loras, tmp_path, monkeypatch):
     model.initialize(srv.model_args(config, repo))
     clock = Clock()
     model.router.clock = clock
-    yield model, config, ensemble, repo, clock
+    return model, config, ensemble, repo, clock, executor
+
+
+@pytest.fixture
+def world(engine, loras, tmp_path, monkeypatch):
+    *w, executor = make_world(engine, loras, tmp_path, monkeypatch, decoupled=False)
+    yield tuple(w)
+    executor.shutdown()
+
+
+@pytest.fixture
+def stream_world(engine, loras, tmp_path, monkeypatch):
+    *w, executor = make_world(engine, loras, tmp_path, monkeypatch, decoupled=True)
+    yield tuple(w)
     executor.shutdown()
 
 
@@ -162,7 +193,7 @@ def reference(engine, adapter_dir: Path | None, text: str) -> list[int]:
         if adapter_dir is not None:
             packed = pack(formats.load_for_engine(adapter_dir, spec), spec.torch_dtype)
             lora = LoraConfig(7, packed.weights, packed.config)
-        tokens, error = run(ex, prompt_ids(text.encode(), spec.vocab_size), MAX_TOKENS, lora)
+        tokens, error = collect(ex, prompt_ids(text.encode(), spec.vocab_size), MAX_TOKENS, lora)
         assert error is None, error
         return tokens
     finally:
@@ -226,3 +257,26 @@ def test_peft_config_offers_lora_name_instead_of_lora_tensors(world):
                 standin.pb_utils.Tensor("lora_task_id", np.array([[1]], dtype=np.uint64)),
             ],
         )
+
+
+def test_decoupled_repository_streams_every_step_and_resends_on_not_found(stream_world, engine, loras):
+    model, config, ensemble, _, _ = stream_world
+    pb = standin.pb_utils
+
+    def stream(lora_name: str) -> list[list[int]]:
+        inputs = [
+            pb.Tensor("text_input", np.array([[b"hello there"]], dtype=np.object_)),
+            pb.Tensor("max_tokens", np.array([[MAX_TOKENS]], dtype=np.int32)),
+            pb.Tensor("lora_name", np.array([[lora_name.encode()]], dtype=np.object_)),
+        ]
+        request = srv.client_request(config, inputs)
+        assert model.execute([request]) is None  # decoupled: responses go through the sender
+        sent = request.get_response_sender().sent
+        assert sent[-1] == (None, pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)  # closed once, by the flag alone
+        return [tokens_of(r) for r, _ in sent[:-1]]
+
+    steps = stream("alpha")
+    assert len(steps) == MAX_TOKENS and sum(steps, []) == reference(engine, loras / "alpha", "hello there")
+    stream("beta")  # evicts alpha from the 1-adapter host cache
+    assert sum(stream("alpha"), []) == sum(steps, [])
+    assert ensemble.sent == [(1, torch.bfloat16), (2, torch.bfloat16), (1, None), (1, torch.bfloat16)]

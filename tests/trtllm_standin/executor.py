@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tests.trtllm_standin import configs as c
 from tests.trtllm_standin import types as t
 from tests.trtllm_standin.peft import LoraExpectedError, PeftCacheManager
@@ -155,7 +157,7 @@ class Executor:
         lora = None
         if task is not None:
             weights, config = self.peft.host.values[task]
-            lora = api.LoraConfig(self.peft.host.entry_ids[task], weights, config)
+            lora = api.LoraConfig(self.peft.host.entry_ids[task], weights, self._dora_as_built(config))
         sc, oc = req.sampling_config, req.output_config
         sampling = api.SamplingConfig(
             **{
@@ -194,6 +196,19 @@ class Executor:
             client_id=req.client_id,
             guided_decoding_params=_guided_params(req.guided_decoding_params),
         )
+
+    def _dora_as_built(self, config: torch.Tensor) -> torch.Tensor:
+        """DoRA rows on an engine built without the DoRA plugin run as plain LoRA, as in 1.2: nothing refuses
+        them (cpp/tensorrt_llm/runtime/loraUtils.cpp loraValidateRequestTensors checks only that the row holds
+        flattenedInOutSize(adapterSize, isDora) values), and the network has no Dora layer to apply them
+        (tensorrt_llm/layers/attention.py creates qkv_dora only under plugin_config.dora_plugin; lora.py
+        Dora.forward: "Not support dora without plugin"). examples/dora/README.md: "if you omit
+        --dora_plugin=enable, you will not receive any warning … the DoRA magnitudes will simply be ignored"."""
+        if self.spec.dora_plugin or config.shape[-1] < 4:
+            return config
+        plain = config.clone()
+        plain[..., 3] = 0
+        return plain
 
     def _answer(self, rid: int, payload: str | t.Result, client_id: int | None) -> None:
         self._ready.setdefault(rid, []).append(t.Response(rid, payload, client_id))

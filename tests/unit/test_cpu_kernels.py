@@ -157,3 +157,25 @@ def test_attend_chunk_equals_torch_causal_over_the_cached_prefix(dtype, start, n
     close(got, want, dtype)
     close(caches[1].k, caches[0].k, dtype)
     assert torch.equal(caches[1].v, caches[0].v)
+
+
+def test_module_name_differs_per_checkout(tmp_path):
+    """Two checkouts of the same sources get two modules (two build dirs): neither rebuilds the other's."""
+    copy = tmp_path / "csrc"
+    copy.mkdir()
+    for f in cpu_kernels.CSRC.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    assert cpu_kernels.module_name(copy) != cpu_kernels.module_name()
+    assert cpu_kernels.module_name() == cpu_kernels.module_name(cpu_kernels.CSRC)
+
+
+def test_waiting_for_a_live_builder_is_bounded_and_logged(tmp_path, caplog, monkeypatch):
+    """Another live process holding the build lock: we give up after wait_s and say so (torch ops run)."""
+    monkeypatch.setattr(cpu_kernels, "LOG_EVERY_S", 0.1)
+    with cpu_kernels.build_lock(tmp_path / cpu_kernels.OUR_LOCK, 1.0) as held:
+        assert held
+        with caplog.at_level("INFO", logger=cpu_kernels.__name__):
+            assert cpu_kernels.build(tmp_path, "never_built", wait_s=0.5) is None
+    assert f"pid {__import__('os').getpid()}" in caplog.text
+    assert "another process kept building them for over 0 s" in caplog.text
+    assert not list(tmp_path.glob("*.so"))

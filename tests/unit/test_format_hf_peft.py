@@ -387,8 +387,8 @@ REFUSALS = [
     # (id, how to turn a good adapter (q_proj, v_proj; r=4) into a refused one, phrase of the message)
     ("not-lora", lambda d: _edit_config(d, peft_type="IA3"), "peft_type 'IA3' is not supported"),
     ("no-peft-type", lambda d: _edit_config(d, peft_type=None), "missing peft_type"),
-    ("dora", _peft(use_dora=True), "DoRA (use_dora) is not supported"),
-    ("dora-tensors-only", _add_tensor(f"{Q}.lora_magnitude_vector", (32,)), "DoRA magnitude tensors"),
+    ("dora-without-magnitudes", lambda d: _edit_config(d, use_dora=True), "without lora_magnitude_vector"),
+    ("dora-tensors-only", _add_tensor(f"{Q}.lora_magnitude_vector", (32,)), "although use_dora is not set"),
     ("modules-to-save", _peft(modules_to_save=["lm_head"]), "modules_to_save is not supported"),
     ("bias-all", _peft(bias="all"), "bias='all' is not supported"),
     ("lora-bias", _peft(lora_bias=True), "lora_bias is not supported"),
@@ -518,7 +518,7 @@ def test_refused_with_a_precise_error(tmp_path, pristine, case, breaker, phrase)
 def test_every_problem_is_reported_at_once(tmp_path, pristine):
     d = tmp_path / "adapter"
     shutil.copytree(pristine, d)
-    _edit_config(d, use_dora=True, modules_to_save=["lm_head"], bias="all", r=None)
+    _edit_config(d, lora_bias=True, modules_to_save=["lm_head"], bias="all", r=None)
     _add_tensor("base_model.model.lm_head.weight")(d)
     _drop("q_proj.lora_B.weight")(d)
     with pytest.raises(AdapterFormatError) as err:

@@ -338,7 +338,12 @@ REFUSALS = [
         "out of range",
     ),
     ("rank-zero", lambda d: _with_config(d, _set(0, 2, 0)), AdapterFormatError, "must be > 0"),
-    ("dora-row", lambda d: _with_config(d, _set(2, 3, 1)), AdapterFormatError, "DoRA"),
+    (
+        "is-dora-not-0-or-1",
+        lambda d: _with_config(d, _set(2, 3, 2)),
+        AdapterFormatError,
+        "is_dora must be 0 or 1",
+    ),
     (
         "mismatched-rows",
         lambda d: _replace(d, "model.lora_config.npy", trtllm_arrays(torch.float16)[1][None, :3]),

@@ -99,7 +99,7 @@ def test_unpack_accepts_batch_dim_and_three_columns():
         (lambda w, c: (w[:-1], c), "rows but lora_config has"),
         (lambda w, c: (w[:, :5], c), "needs"),
         (lambda w, c: (w, _set(c, 0, 0, 17)), "is not a module"),
-        (lambda w, c: (w, _set(c, 0, 3, 1)), "DoRA"),
+        (lambda w, c: (w, _set(c, 0, 3, 2)), "is_dora must be 0 or 1"),
         (lambda w, c: (w, _set(c, 0, 2, 0)), "must be > 0"),
         (lambda w, c: (w.unsqueeze(0).expand(2, -1, -1), c), "batch dimension"),
         (lambda w, c: (w.to(torch.int16), c), "floating-point"),

@@ -137,3 +137,61 @@ def test_bfloat16_ops_stay_close_to_float64(ops):
     batch.apply_group(1, "gate_up", x.bfloat16(), y, batch.mask(torch.tensor(tok)))
     want = naive(x, tok, 1, "gate_up")
     assert (y.double() - want).abs().max() < 0.05 * want.abs().max()
+
+
+def dora(a: LoraAdapter, seed: int, skip: tuple[str, ...] = ()) -> LoraAdapter:
+    """`a` with a normalized DoRA factor around 1 on every module but `skip` (rows stay plain LoRA there)."""
+    g = torch.Generator().manual_seed(seed)
+    w = {
+        k: v
+        if k[1] in skip
+        else v.with_tensors(magnitude=1 + 0.5 * torch.randn(v.out_features, generator=g), normalized=True)
+        for k, v in a
+    }
+    return a.with_weights(w)
+
+
+DORA_MIX = [dora(ADAPTERS[0], 7), ADAPTERS[1], dora(ADAPTERS[2], 8, skip=("mlp_gate",))]
+
+
+def naive_dora(x, base, bias, token_adapter, layer, group, adapters=DORA_MIX) -> torch.Tensor:
+    """PEFT's DoRA per token: g ⊙ (W x + Σ s·B·A x) + bias, g = 1 outside DoRA modules (x·Wᵀ given as `base`)."""
+    y = base.double() + naive(x, token_adapter, layer, group, adapters)
+    for t, j in enumerate(token_adapter):
+        for m, sl in part_slices(SPEC)[group]:
+            w = adapters[j].weights.get((layer, m)) if j >= 0 else None
+            if w is not None and w.is_dora:
+                y[t, sl] *= w.magnitude.double()
+    return y + (0 if bias is None else bias.double())
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("token_adapter", [[0, 1, 2, -1, 1, 0], [2, 2], [0] * 5, [1, -1], [0, 2, 1]])
+def test_dora_rows_beside_lora_rows_equal_peft_math(ops, group, token_adapter):
+    """y must hold W x + bias alone when scales(): apply_group adds the deltas, then rescales DoRA tokens."""
+    batch = batch_of(ops, DORA_MIX)
+    mask = batch.mask(torch.tensor(token_adapter))
+    d_in, width = (24 if group == "down" else 16), {"qkv": 32, "o": 16, "gate_up": 48, "down": 16}[group]
+    x = torch.randn(len(token_adapter), d_in)
+    bias = torch.randn(width) if group == "qkv" else None  # Qwen2's q/k/v bias stays unscaled, as in PEFT
+    for layer in range(SPEC.num_layers):
+        base = torch.randn(len(token_adapter), width)
+        y = base + (0 if bias is None else bias)
+        assert batch.scales(layer, group) == any(
+            DORA_MIX[j].weights.get((layer, m)) is not None and DORA_MIX[j].weights[(layer, m)].is_dora
+            for j in range(3)
+            for m, _ in part_slices(SPEC)[group]
+        )
+        batch.apply_group(layer, group, x, y, mask, bias)
+        want = naive_dora(x, base, bias, token_adapter, layer, group)
+        torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_plain_rows_stay_bit_for_bit_when_a_dora_adapter_shares_the_batch(ops):
+    """The same batch with the second adapter's magnitudes dropped: the first adapter's rows are identical."""
+    x, y0, bias, tokens = torch.randn(3, 16), torch.randn(3, 32), torch.randn(32), torch.tensor([0, 0, 1])
+    with_dora, without = batch_of(ops, [ADAPTERS[1], DORA_MIX[0]]), batch_of(ops, [ADAPTERS[1], ADAPTERS[0]])
+    want, got = y0.clone(), y0.clone()
+    without.apply_group(0, "qkv", x, want, without.mask(tokens), bias)
+    with_dora.apply_group(0, "qkv", x, got, with_dora.mask(tokens), bias)
+    assert torch.equal(got[:2], want[:2]) and not torch.equal(got[2], want[2])

@@ -63,6 +63,8 @@ def fake_engine(tmp_path, tiny_llama_dir):
     cfg = ed.engine_config(
         TINY_LLAMA, dtype="bfloat16", max_batch_size=4, max_seq_len=64, max_num_tokens=64, max_lora_rank=8
     )
+    cfg["version"] = "1.2.0"  # as trtllm-build writes it (not a reference engine)
+    cfg["build_config"]["plugin_config"]["dora_plugin"] = False  # trtllm-build's default
     (out / "config.json").write_text(json.dumps(cfg))
     return TrtllmBuild(
         model_dir=tiny_llama_dir,
@@ -90,6 +92,21 @@ def test_metadata_beside_tensorrt_llms_config(fake_engine):
         and "--lora_plugin auto" in meta["commands"][1]
     )
     assert engine.hf_config["hidden_size"] == TINY_LLAMA["hidden_size"]
+
+
+def test_dora_builds_with_the_dora_plugin_and_the_engine_must_have_it(fake_engine):
+    """--dora adds trtllm-build's --dora_plugin enable (tensorrt_llm/plugin/plugin.py cli_plugin_args has
+    dora_plugin; examples/dora/README.md builds with --dora_plugin=enable), and the built config must say so."""
+    job = TrtllmBuild(**{**fake_engine.__dict__, "dora": True})
+    assert job.build_command()[-2:] == ["--dora_plugin", "enable"]
+    assert "--dora_plugin" not in fake_engine.build_command()
+    with pytest.raises(EngineError, match="dora_plugin False"):
+        write_metadata(job, source=job.model_dir, commands=[], max_gpu_loras=1, max_cpu_loras=1)
+    cfg = json.loads((job.out / "config.json").read_text())
+    cfg["build_config"]["plugin_config"]["dora_plugin"] = True
+    (job.out / "config.json").write_text(json.dumps(cfg))
+    write_metadata(job, source=job.model_dir, commands=[], max_gpu_loras=1, max_cpu_loras=1)
+    assert ed.EngineDir.open(job.out).spec.dora_plugin
 
 
 def test_an_engine_without_our_lora_setup_is_refused(fake_engine):
@@ -146,6 +163,15 @@ def test_recipes_load_and_fill_only_unset_flags():
         "engines/llama-3-8b-instruct",
     )
     assert args.lora_target_modules == SEVEN
+    assert args.dora is False  # recipes default to no DoRA plugin; `dora: true` or --dora asks for it
+
+
+def test_a_recipe_asks_for_the_dora_plugin(tmp_path):
+    (tmp_path / "d.yaml").write_text("dora: true\n")
+    args = Namespace(model=None, out=None, dtype=None, max_batch_size=None, max_seq_len=None)
+    args.max_num_tokens = args.lora_target_modules = args.dora = None
+    apply_recipe(args, load_recipe(tmp_path / "d.yaml"), "trtllm")
+    assert args.dora is True
 
 
 @pytest.mark.parametrize(
@@ -155,6 +181,7 @@ def test_recipes_load_and_fill_only_unset_flags():
         ("lora_target_modules: [q_proj]\n", "unknown lora_target_modules"),
         ("dtype: int8\n", "unsupported dtype"),
         ("max_seq_len: 64\nmax_len: 3\n", "unknown key 'max_len'"),
+        ("dora: yes please\n", "dora must be true or false"),
         ("[1, 2]\n", "a recipe is a mapping"),
     ],
 )

@@ -57,6 +57,14 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         help="TensorRT-LLM module names (default: the seven Llama projections)",
     )
     parser.add_argument(
+        "--dora",
+        action="store_const",
+        const=True,
+        default=None,
+        help="TensorRT-LLM: build with the DoRA plugin (--dora_plugin enable) so DoRA adapters can be served "
+        "(default: the recipe's `dora`; the reference engine always runs DoRA)",
+    )
+    parser.add_argument(
         "--memory-budget-gib",
         type=float,
         default=None,

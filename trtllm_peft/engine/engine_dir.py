@@ -138,10 +138,11 @@ def engine_config(
             "lora_target_modules": list(lora_target_modules),
             "trtllm_modules_to_hf_modules": {m: TRTLLM_TO_HF[m] for m in lora_target_modules},
         },
-        # tokens_per_block: the paged KV cache's block size, fixed at build as in TensorRT-LLM's PluginConfig
+        # tokens_per_block: the paged KV cache's block size, fixed at build as in TensorRT-LLM's PluginConfig.
+        # The reference engine applies DoRA magnitudes in every build (executor/torch/lora_ops.py).
         "plugin_config": {
             "lora_plugin": dtype_name(dtype),
-            "dora_plugin": False,
+            "dora_plugin": True,
             "gemm_plugin": None,
             "tokens_per_block": DEFAULT_TOKENS_PER_BLOCK,
         },

@@ -28,6 +28,7 @@ _KEYS = {
     "max_seq_len",
     "max_num_tokens",
     "lora_target_modules",
+    "dora",
 }
 
 
@@ -42,6 +43,7 @@ class Recipe:
     max_seq_len: int = 2048
     max_num_tokens: int | None = None
     lora_target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    dora: bool = False  # TensorRT-LLM engines: build with the DoRA plugin (trtllm-build --dora_plugin enable)
 
     def dtype_for(self, backend: str) -> str:
         return self.dtype.get(backend) or self.dtype.get("torch", "float32")
@@ -82,6 +84,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         max_seq_len=int(raw.get("max_seq_len", 2048)),
         max_num_tokens=int(raw["max_num_tokens"]) if raw.get("max_num_tokens") else None,
         lora_target_modules=tuple(raw.get("lora_target_modules") or DEFAULT_TARGET_MODULES),
+        dora=bool(raw.get("dora", False)),
     )
 
 
@@ -96,6 +99,8 @@ def _problems(raw: dict[str, Any]) -> list[str]:
         out.append(
             f"unknown lora_target_modules {bad}; use TensorRT-LLM names ({', '.join(DEFAULT_TARGET_MODULES)})"
         )
+    if not isinstance(raw.get("dora", False), bool):
+        out.append(f"dora must be true or false, got {raw['dora']!r}")
     dtype = raw.get("dtype")
     if dtype is not None and not isinstance(dtype, (str, dict)):
         out.append("dtype must be a name or a mapping {torch: …, trtllm: …}")
@@ -117,6 +122,7 @@ def apply_recipe(args: Any, recipe: Recipe, backend: str) -> None:
         "max_seq_len": recipe.max_seq_len,
         "max_num_tokens": recipe.max_num_tokens,
         "lora_target_modules": list(recipe.lora_target_modules),
+        "dora": recipe.dora,
     }
     for key, value in defaults.items():
         if getattr(args, key, None) is None:

@@ -9,8 +9,11 @@ Every step that does real work is a command, logged before it runs so that anyon
      save_config=True)`) — the examples are not in the wheel, the API is;
   3. `trtllm-build --checkpoint_dir CKPT --output_dir OUT --gemm_plugin auto --lora_plugin auto
      --lora_target_modules … --max_lora_rank R --max_batch_size … --max_input_len … --max_seq_len …
-     --max_num_tokens … --kv_cache_type paged` (flags of tensorrt_llm/commands/build.py; `--lora_plugin auto` follows the
-     checkpoint dtype, so adapters must come in that dtype);
+     --max_num_tokens … --kv_cache_type paged` (flags of tensorrt_llm/commands/build.py; `--lora_plugin auto`
+     follows the checkpoint dtype, so adapters must come in that dtype); with `--dora`, also `--dora_plugin
+     enable` (plugin.py cli_plugin_args; examples/dora/README.md), without which TensorRT-LLM silently ignores
+     DoRA magnitudes. A DoRA engine keeps the base weights it was built from reachable (source_model, or the
+     dequantized model.safetensors of a GGUF) for normalizing PEFT magnitudes (lora/dora.py);
   4. the tokenizer and trtllm_peft.json (backend, source, NIM_* sizing, PEFT cache plan, the commands) are
      written beside TensorRT-LLM's config.json and rank0.engine (DESIGN §4.2).
 """
@@ -56,6 +59,7 @@ class TrtllmBuild:
     # [tokens, vocab] logits, so they are opt-in (without them `echo` + `logprobs` is a 400 naming the flag).
     gather_generation_logits: bool = True
     gather_context_logits: bool = False
+    dora: bool = False
 
     def convert_command(self, python: str = sys.executable) -> list[str]:
         return [
@@ -88,6 +92,7 @@ class TrtllmBuild:
             "--kv_cache_type", "paged",
             *(["--gather_generation_logits"] if self.gather_generation_logits else []),
             *(["--gather_context_logits"] if self.gather_context_logits else []),
+            *(["--dora_plugin", "enable"] if self.dora else []),
         ]  # fmt: skip
 
 
@@ -167,11 +172,11 @@ def write_metadata(
     """trtllm_peft.json beside TensorRT-LLM's config.json, after checking the engine has our LoRA setup."""
     spec = load_spec(job.out)
     missing = [m for m in job.lora_target_modules if m not in spec.lora_target_modules]
-    if missing or spec.max_lora_rank != job.max_lora_rank:
+    if missing or spec.max_lora_rank != job.max_lora_rank or spec.dora_plugin != job.dora:
         raise EngineError(
             f"{job.out}: the engine's LoRA setup ({list(spec.lora_target_modules)}, rank "
-            f"{spec.max_lora_rank}) is not the one asked for ({list(job.lora_target_modules)}, rank "
-            f"{job.max_lora_rank})"
+            f"{spec.max_lora_rank}, dora_plugin {spec.dora_plugin}) is not the one asked for "
+            f"({list(job.lora_target_modules)}, rank {job.max_lora_rank}, dora_plugin {job.dora})"
         )
     sizing = size_peft_cache(spec, max_gpu_loras=max_gpu_loras, max_cpu_loras=max_cpu_loras)
     hf_config = job.model_dir / "config.json"
@@ -212,6 +217,7 @@ def build_trtllm_engine(
     max_lora_rank: int = 32,
     max_gpu_loras: int = 8,
     max_cpu_loras: int = 16,
+    dora: bool = False,
     keep_checkpoint: bool = False,
     quiet: bool = False,
 ) -> Path:
@@ -235,11 +241,16 @@ def build_trtllm_engine(
         max_num_tokens=max_num_tokens,
         lora_target_modules=tuple(lora_target_modules),
         max_lora_rank=max_lora_rank,
+        dora=dora,
     )
     commands = [job.convert_command(), job.build_command(_trtllm_build_executable())]
     for cmd in commands:
         run_command(cmd, say)
     _copy_tokenizer(job.model_dir, out)
+    if (
+        dora and job.model_dir != src
+    ):  # a dequantized GGUF: keep its weights for DoRA's norms (base_weights.py)
+        shutil.copy2(job.model_dir / "model.safetensors", out / "model.safetensors")
     meta = write_metadata(
         job, source=src, commands=commands, max_gpu_loras=max_gpu_loras, max_cpu_loras=max_cpu_loras
     )
@@ -266,6 +277,7 @@ def run_trtllm_build(args: argparse.Namespace, settings) -> int:
             max_lora_rank=settings.max_lora_rank,
             max_gpu_loras=settings.max_gpu_loras,
             max_cpu_loras=settings.max_cpu_loras,
+            dora=bool(getattr(args, "dora", False)),
         )
     except TrtllmPeftError as e:
         print(f"error: {e}", file=sys.stderr)

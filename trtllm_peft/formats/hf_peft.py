@@ -3,7 +3,9 @@
 Keys look like `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (A `[r, in]`) and
 `….lora_B.weight` (B `[out, r]`), unscaled; the scale comes from the config (hf_peft_config.py). Files
 saved through the transformers integration lack the `base_model.model.` prefix; files saved from a raw
-`state_dict()` carry the adapter name (`.lora_A.default.weight`). Both are read.
+`state_dict()` carry the adapter name (`.lora_A.default.weight`). Both are read. A DoRA adapter
+(`use_dora: true`) adds `….lora_magnitude_vector` `[out]` per module (PEFT's saved name; the raw state dict's
+`.lora_magnitude_vector.default.weight`), the magnitude as trained (lora/dora.py normalizes it).
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import torch
 from trtllm_peft.errors import AdapterFormatError
 from trtllm_peft.formats import safe_io
 from trtllm_peft.formats.hf_peft_config import CONFIG_NAME, HfLoraConfig, alpha_for, read_config, write_config
+from trtllm_peft.formats.limits import ReadLimits
 from trtllm_peft.lora.adapter import Key, LoraAdapter, LoraWeights
 from trtllm_peft.lora.modules import HF_PARENT, HF_TO_TRTLLM, TRTLLM_TO_HF
 from trtllm_peft.lora.spec import ModelSpec
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's order: safetensors wins
 PREFIX = "base_model.model."
-_LORA_SUFFIX = re.compile(r"\.lora_(A|B)\.weight$")
+_LORA_SUFFIX = re.compile(r"\.(?:lora_(A|B)\.weight|lora_(magnitude)_vector(?:\.weight)?)$")
 _ADAPTER_INFIX = re.compile(
     r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.default(?=\.|$)"
 )
@@ -33,7 +36,7 @@ _MODULE = re.compile(r"^(?:model\.)?layers\.(\d+)\.(\w+)\.(\w+)$")
 _OTHER_KINDS: tuple[tuple[str, str], ...] = (
     (r"\.lora_[AB]\.bias$", "LoRA bias tensors (lora_bias) are not supported"),
     (r"\.lora_embedding_[AB]$", "embedding LoRA (lora_embedding_A/B) is not supported"),
-    (r"lora_magnitude_vector|weight_m_wdecomp", "DoRA magnitude tensors are not supported"),
+    (r"weight_m_wdecomp", "NVLabs DoRA magnitude tensors (weight_m_wdecomp) are not PEFT's"),
     (r"trainable_tokens_delta|token_adapter", "trainable-token tensors are not supported"),
     (r"(^|\.)lora_", "unknown LoRA tensors"),
     (
@@ -74,7 +77,8 @@ def detect(path: Path) -> bool:
 def load(path: Path, spec: ModelSpec | None = None) -> LoraAdapter:
     """Read a PEFT LoRA adapter; every problem is reported at once in an AdapterFormatError.
 
-    `spec` is not needed (the file is self-describing); fitting to an engine is lora.fit_to_spec's job.
+    `spec` is not needed (the file is self-describing; fitting to an engine is lora.fit_to_spec's job), but
+    bounds what is read: no tensor larger than the engine's largest LoRA tensor is read (limits.py).
     """
     path = Path(path)
     if not path.is_dir():
@@ -87,8 +91,9 @@ def load(path: Path, spec: ModelSpec | None = None) -> LoraAdapter:
     if weights_path is None:
         problems.add(f"missing adapter weights: expected {' or '.join(WEIGHT_FILES)}")
         raise AdapterFormatError(path, problems.render())
-    tensors = _read_weights(weights_path)
-    stale = _disagreement(path, tensors) if weights_path.suffix == ".safetensors" else None
+    limits = ReadLimits.for_spec(spec)  # sizes checked from the headers before any tensor is read
+    tensors = _read_weights(weights_path, limits)
+    stale = _disagreement(path, tensors, limits) if weights_path.suffix == ".safetensors" else None
     if stale:
         problems.add(stale)
     pairs = _lora_pairs(tensors, problems)
@@ -103,19 +108,19 @@ def load(path: Path, spec: ModelSpec | None = None) -> LoraAdapter:
     )
 
 
-def _read_weights(weights_path: Path) -> dict:
+def _read_weights(weights_path: Path, limits: ReadLimits) -> dict:
     if weights_path.suffix == ".safetensors":
-        return safe_io.read_safetensors(weights_path)
-    return safe_io.torch_load(weights_path)
+        return safe_io.read_safetensors(weights_path, limits)
+    return safe_io.torch_load(weights_path, limits)
 
 
-def _disagreement(path: Path, tensors: dict) -> str | None:
+def _disagreement(path: Path, tensors: dict, limits: ReadLimits) -> str | None:
     """PEFT reads safetensors and ignores a .bin beside it; if the two differ, nobody knows which adapter
     the user meant (a half-finished re-export?), so a .bin that disagrees is a problem, not a detail."""
     bin_path = path / WEIGHT_FILES[1]
     if not bin_path.is_file():
         return None
-    other = safe_io.torch_load(bin_path)
+    other = safe_io.torch_load(bin_path, limits)
     differ = sorted(
         k
         for k in set(tensors) | set(other)
@@ -145,7 +150,7 @@ def _lora_pairs(tensors: dict, problems: _Problems) -> dict[str, dict[str, torch
         if match is None:
             problems.add(_other_kind(name), key)
         else:
-            module, which = name[: match.start()], match.group(1)
+            module, which = name[: match.start()], match.group(1) or "M"
             if which in pairs.setdefault(module, {}):
                 problems.add("tensors that appear twice (with and without prefix or adapter name)", key)
             pairs[module][which] = tensor
@@ -171,16 +176,35 @@ def _modules(
                 name,
             )
             continue
-        if set(ab) != {"A", "B"}:
+        if not {"A", "B"} <= set(ab):
             problems.add(f"modules missing lora_{'B' if 'A' in ab else 'A'}.weight", name)
             continue
         a, b = (_empty_as_2d(ab[x]) for x in ("A", "B"))
-        problem = _tensor_problem(a, b) or (_config_problem(name, a, b, config) if config else None)
+        mag = ab.get("M")
+        problem = (
+            _tensor_problem(a, b)
+            or (_config_problem(name, a, b, config) if config else None)
+            or _magnitude_problem(mag, b, config)
+        )
         if problem:
             problems.add(problem, name)
         elif config is not None:
-            out[key] = LoraWeights(a=a, b=b, scale=config.scale(name))
+            out[key] = LoraWeights(a=a, b=b, scale=config.scale(name), magnitude=mag)
     return out
+
+
+def _magnitude_problem(mag: torch.Tensor | None, b: torch.Tensor, config: HfLoraConfig | None) -> str | None:
+    """Why this module's DoRA magnitude (or its absence) disagrees with use_dora and B, or None."""
+    use_dora = bool(config and config.use_dora)
+    if mag is None:
+        return "modules without lora_magnitude_vector (DoRA) although use_dora is true" if use_dora else None
+    if config is not None and not use_dora:
+        return (
+            "modules with lora_magnitude_vector (DoRA) although use_dora is not set (PEFT would ignore them)"
+        )
+    if mag.ndim != 1 or not mag.is_floating_point() or (b.numel() and mag.shape[0] != b.shape[0]):
+        return f"modules whose lora_magnitude_vector {list(mag.shape)} is not one value per output row of B"
+    return None
 
 
 def _map_module(name: str) -> Key | None:
@@ -241,9 +265,17 @@ def save(adapter: LoraAdapter, out: Path, spec: ModelSpec | None) -> list[Path]:
                 f"layer {layer} {module}: " + ("no Hugging Face name" if hf is None else "rank 0")
             )
             continue
+        if w.is_dora and w.normalized:
+            problems.append(
+                f"layer {layer} {module}: DoRA magnitude is normalized (TensorRT-LLM's form), PEFT stores it "
+                "as trained: convert with the base model's weights"
+            )
+            continue
         name = _full_name(layer, hf)
         tensors[f"{PREFIX}{name}.lora_A.weight"] = w.a.detach().contiguous().clone()  # [r, in]
         tensors[f"{PREFIX}{name}.lora_B.weight"] = w.b.detach().contiguous().clone()  # [out, r]
+        if w.is_dora:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = w.magnitude.detach().contiguous().clone()
         ranks[name], alphas[name] = w.rank, alpha_for(w.scale, w.rank)
     if problems or not tensors:
         raise AdapterFormatError(out, problems or ["adapter has no LoRA weights to write"])
@@ -260,6 +292,7 @@ def save(adapter: LoraAdapter, out: Path, spec: ModelSpec | None) -> list[Path]:
         target_modules=targets,
         layers_to_transform=layers,
         base_model=adapter.base_model,
+        use_dora=adapter.is_dora,
     )
     return [config_path, weights_path]
 

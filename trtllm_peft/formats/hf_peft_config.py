@@ -4,14 +4,15 @@ Matching rules are PEFT's own (peft 0.21), re-implemented so that PEFT is not a 
 `targets()` is `peft.tuners.tuners_utils.check_target_module_exists`, `rank_alpha()` is the lookup in
 `LoraModel._create_and_replace` through `peft.utils.other.get_pattern_key`, and `scale()` is
 `LoraLayer.update_layer` (alpha/r, or alpha/sqrt(r) with rsLoRA). Module names are the full names PEFT
-matches against: `model.layers.0.self_attn.q_proj` (no `base_model.model.` prefix).
+matches against: `model.layers.0.self_attn.q_proj` (no `base_model.model.` prefix). Every regex from the
+file runs on a linear-time engine (bounded_regex.py: RE2, PEFT's match/fullmatch semantics kept), and the
+file itself is bounded in size and nesting: nothing in it can freeze or bloat the server.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,14 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from trtllm_peft.errors import AdapterFormatError
+from trtllm_peft.formats import bounded_regex
+from trtllm_peft.formats.bounded_regex import RegexError
 
 CONFIG_NAME = "adapter_config.json"
 ALL_LINEAR = "all-linear"  # peft.utils.constants.INCLUDE_LINEAR_LAYERS_SHORTHAND
 DEFAULT_ALPHA = 8  # LoraConfig.lora_alpha's default, used by PEFT when the key is absent
+MAX_CONFIG_BYTES = 1 << 20  # a full rank_pattern of an 80-layer model is ~30 KB
+MAX_PATTERN_KEYS = 2048  # rank_pattern / alpha_pattern keys (one per module of an 80-layer model: 560)
 
 # Set keys whose value changes the forward pass or needs tensors that plain LoRA rows cannot hold.
 _REFUSED_IF_SET: dict[str, str] = {
-    "use_dora": "DoRA (use_dora) is not supported: its forward pass normalises the merged weight",
     "modules_to_save": "modules_to_save is not supported: the adapter carries full copies of {value} that "
     "would replace the base model's",
     "lora_bias": "lora_bias is not supported: lora_B has a bias vector",
@@ -54,6 +58,7 @@ class HfLoraConfig:
     r: int
     lora_alpha: float
     use_rslora: bool = False
+    use_dora: bool = False  # DoRA: every targeted module carries lora_magnitude_vector (hf_peft.py)
     target_modules: str | tuple[str, ...] = ()
     exclude_modules: str | tuple[str, ...] | None = None
     layers_to_transform: int | tuple[int, ...] | None = None
@@ -69,9 +74,8 @@ class HfLoraConfig:
             return False
         if isinstance(self.target_modules, str):
             # "all-linear" selects every nn.Linear but the output head; every module we map is one.
-            return (
-                self.target_modules.lower() == ALL_LINEAR
-                or re.fullmatch(self.target_modules, name) is not None
+            return self.target_modules.lower() == ALL_LINEAR or bounded_regex.fullmatch(
+                self.target_modules, name
             )
         if name in self.target_modules:
             return True  # an exact full name is taken as is: PEFT skips layers_to_transform for it
@@ -84,11 +88,11 @@ class HfLoraConfig:
         if wanted is None or wanted == ():
             return True
         if not self.layers_pattern:
-            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+            match = bounded_regex.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
         else:
             match = None
             for pattern in self.layers_pattern:
-                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+                match = bounded_regex.match(_layers_regex(pattern), name)
                 if match is not None:
                     break
         if match is None:
@@ -113,6 +117,7 @@ class HfLoraConfig:
             "r",
             "lora_alpha",
             "use_rslora",
+            "use_dora",
             "rank_pattern",
             "alpha_pattern",
             "target_modules",
@@ -133,9 +138,17 @@ def peft_scale(alpha: float, r: int, use_rslora: bool) -> float:
 def _pattern_key(patterns: Mapping[str, Any], name: str) -> str:
     """peft.utils.other.get_pattern_key: the first key `k` with re.match(rf"(.*\\.)?({k})$", name)."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
+        if bounded_regex.match(_key_regex(key), name):
             return key
     return name
+
+
+def _key_regex(key: str) -> str:
+    return rf"(.*\.)?({key})$"
+
+
+def _layers_regex(pattern: str) -> str:
+    return rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
 
 
 def _matches_list_or_regex(spec: str | tuple[str, ...] | None, name: str) -> bool:
@@ -143,7 +156,7 @@ def _matches_list_or_regex(spec: str | tuple[str, ...] | None, name: str) -> boo
     if not spec:
         return False
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return bounded_regex.fullmatch(spec, name)
     return name in spec or any(name.endswith(f".{entry}") for entry in spec)
 
 
@@ -160,10 +173,7 @@ def read_config(directory: Path) -> tuple[HfLoraConfig, list[str]]:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise AdapterFormatError(directory, f"missing {CONFIG_NAME} (a Hugging Face PEFT adapter needs it)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise AdapterFormatError(path, f"{CONFIG_NAME} is not valid JSON ({e})") from None
+    raw = _read_json(path)
     if not isinstance(raw, dict):
         raise AdapterFormatError(path, f"{CONFIG_NAME} must hold a JSON object, found {type(raw).__name__}")
     problems = _refusals(raw)
@@ -171,6 +181,7 @@ def read_config(directory: Path) -> tuple[HfLoraConfig, list[str]]:
         "r": _positive_int(raw, "r", problems, required=True),
         "lora_alpha": _number(raw.get("lora_alpha", DEFAULT_ALPHA), "lora_alpha", problems),
         "use_rslora": bool(raw.get("use_rslora") or False),
+        "use_dora": bool(raw.get("use_dora") or False),
         "target_modules": _targets(raw, "target_modules", problems, required=True),
         "exclude_modules": _targets(raw, "exclude_modules", problems, required=False),
         "layers_to_transform": _layers_to_transform(raw, problems),
@@ -181,6 +192,29 @@ def read_config(directory: Path) -> tuple[HfLoraConfig, list[str]]:
     base = raw.get("base_model_name_or_path")
     config = HfLoraConfig(**parsed, base_model=base if isinstance(base, str) and base else None, raw=raw)
     return config, problems
+
+
+def _read_json(path: Path) -> Any:
+    """The parsed file; refused when larger than MAX_CONFIG_BYTES or nested deeper than Python recurses."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise AdapterFormatError(path, f"{CONFIG_NAME} cannot be read ({e.strerror})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AdapterFormatError(
+            path, f"{CONFIG_NAME} is larger than {MAX_CONFIG_BYTES} bytes: not an adapter config"
+        )
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise AdapterFormatError(
+            path, f"{CONFIG_NAME} is nested too deeply to be an adapter config"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise AdapterFormatError(path, f"{CONFIG_NAME} is not UTF-8 text (byte {e.start})") from None
+    except ValueError as e:  # json.JSONDecodeError: says where, never echoes the content
+        raise AdapterFormatError(path, f"{CONFIG_NAME} is not valid JSON ({e})") from None
 
 
 def _refusals(raw: dict[str, Any]) -> list[str]:
@@ -232,13 +266,19 @@ def _number(value: Any, what: str, problems: list[str]) -> float:
     return value
 
 
-def _regex_ok(pattern: str, what: str, problems: list[str]) -> bool:
+def _regex_ok(pattern: str, what: str, problems: list[str], used_as: str | None = None) -> bool:
+    """Whether `used_as` (the regex PEFT builds around `pattern`; default the pattern itself) compiles."""
     try:
-        re.compile(pattern)
-    except re.error as e:
-        problems.append(f"{what} is not a valid regular expression: {pattern!r} ({e})")
+        bounded_regex.compile_pattern(pattern if used_as is None else used_as)
+    except RegexError as e:
+        problems.append(f"{what} {_shown(pattern)} is refused: {e}")
         return False
     return True
+
+
+def _shown(pattern: str, limit: int = 80) -> str:
+    text = ascii(pattern)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(pattern)} characters)"
 
 
 def _targets(raw: dict, key: str, problems: list[str], *, required: bool) -> str | tuple[str, ...] | None:
@@ -273,7 +313,7 @@ def _layers_pattern(raw: dict, problems: list[str]) -> tuple[str, ...]:
     if not (isinstance(values, list) and all(isinstance(v, str) for v in values)):
         problems.append(f"layers_pattern must be a string or a list of strings, got {value!r}")
         return ()
-    return tuple(v for v in values if _regex_ok(v, "layers_pattern", problems))
+    return tuple(v for v in values if _regex_ok(v, "layers_pattern", problems, _layers_regex(v)))
 
 
 def _pattern(raw: dict, key: str, problems: list[str], *, ints: bool) -> dict[str, Any]:
@@ -281,9 +321,12 @@ def _pattern(raw: dict, key: str, problems: list[str], *, ints: bool) -> dict[st
     if not isinstance(value, dict):
         problems.append(f"{key} must be an object mapping module patterns to values, got {value!r}")
         return {}
+    if len(value) > MAX_PATTERN_KEYS:
+        problems.append(f"{key} has {len(value)} keys, more than {MAX_PATTERN_KEYS}: not a real adapter's")
+        return {}
     out = {}
     for pattern, v in value.items():
-        if not _regex_ok(pattern, f"{key} key", problems):
+        if not _regex_ok(pattern, f"{key} key", problems, _key_regex(pattern)):
             continue
         if ints:
             what = f"{key}[{pattern!r}]"
@@ -328,6 +371,7 @@ def write_config(
     target_modules: list[str] | str,
     layers_to_transform: list[int] | None,
     base_model: str | None,
+    use_dora: bool = False,
 ) -> None:
     """adapter_config.json that PeftModel.from_pretrained reads; per-module values go to the patterns.
 
@@ -343,6 +387,7 @@ def write_config(
         "r": r,
         "lora_alpha": alpha,
         "use_rslora": False,
+        "use_dora": use_dora,
         "target_modules": target_modules,
         "rank_pattern": {name: v for name, v in ranks.items() if v != r},
         "alpha_pattern": {name: v for name, v in alphas.items() if v != alpha},

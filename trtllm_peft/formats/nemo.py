@@ -21,8 +21,10 @@ import yaml
 
 from trtllm_peft.errors import AdapterFormatError, AdapterIncompatibleError
 from trtllm_peft.formats import safe_io
+from trtllm_peft.formats.limits import ReadLimits
 from trtllm_peft.formats.nemo_config import (
     CONFIG_MEMBER,
+    MAX_PARALLEL,
     LoraSettings,
     geometry,
     lora_settings,
@@ -45,7 +47,15 @@ from trtllm_peft.lora import LoraAdapter, LoraWeights, ModelSpec
 
 NEMO2_MARKER = Path("weights") / "adapter_metadata.json"
 WEIGHTS_MEMBER = "model_weights.ckpt"
+# NeMo 1.x's LoRA checkpoints (peft_scheme lora/qlora: linear_in / linear_out per adapter) have no place for
+# a magnitude vector; NeMo's DoRA is NeMo 2's nemo.collections.llm.peft.DoRA, whose checkpoints are exported to
+# Hugging Face PEFT adapters (export_lora), the format that carries it here.
+DORA_REFUSAL = (
+    "DoRA adapters cannot be written as NeMo 1.x .nemo LoRA: that format has no DoRA magnitude "
+    "(NeMo's DoRA is NeMo 2's, exported as Hugging Face PEFT); write --to hf or --to trtllm"
+)
 MAX_LISTED = 8  # distinct key problems listed before "… and N more" (a full-model .nemo has thousands)
+MAX_CONFIG_BYTES = 4 << 20  # model_config.yaml of a real NeMo model is ~10 KB
 
 
 def detect(path: Path) -> bool:
@@ -60,7 +70,7 @@ def load(path: Path, spec: ModelSpec | None = None) -> LoraAdapter:
     disagreement is raised as AdapterIncompatibleError. Format problems are AdapterFormatError, all at once.
     """
     nemo_file = find_nemo_file(Path(path))
-    config, shards, sizes = _read_archive(nemo_file)
+    config, shards, sizes = _read_archive(nemo_file, ReadLimits.for_spec(spec))
     problems: list[str] = []
     lora = lora_settings(config, problems)
     geom = geometry(config, spec, problems)
@@ -84,9 +94,11 @@ def load(path: Path, spec: ModelSpec | None = None) -> LoraAdapter:
 
 
 def save(adapter: LoraAdapter, out: Path, spec: ModelSpec) -> list[Path]:
-    """Write `out/<out.name>.nemo` (see nemo_writer.write)."""
+    """Write `out/<out.name>.nemo` (see nemo_writer.write). DoRA adapters are refused: see DORA_REFUSAL."""
     from trtllm_peft.formats.nemo_writer import write
 
+    if adapter.is_dora:
+        raise AdapterFormatError(out, DORA_REFUSAL)
     return write(adapter, Path(out), spec)
 
 
@@ -132,44 +144,77 @@ def _shard_members(tp_size: int, pp_size: int) -> list[tuple[int, int, str]]:
     ]
 
 
-def _read_archive(nemo_file: Path) -> tuple[dict, dict[tuple[int, int], dict], tuple[int, int]]:
-    """(config, {(tp, pp): state dict}, (tp_size, pp_size)); every missing or unreadable member at once."""
+def _read_archive(
+    nemo_file: Path, limits: ReadLimits
+) -> tuple[dict, dict[tuple[int, int], dict], tuple[int, int]]:
+    """(config, {(tp, pp): state dict}, (tp_size, pp_size)); every missing or unreadable member at once.
+
+    The archive is indexed from its headers first (bounded: safe_io.tar_index); the shard grid the config
+    names must be the checkpoints the archive holds, so its size is bounded by the file's own members."""
     problems: list[str] = []
+    limits.check_file(nemo_file)
     with safe_io.open_tar(nemo_file) as tar:
         try:
-            config = _read_config(tar, nemo_file, problems)
+            index = safe_io.tar_index(tar, nemo_file, limits)
+            config = _read_config(tar, index, problems)
             sizes = (
                 parallel_size(config, "tensor_model_parallel_size", problems),
                 parallel_size(config, "pipeline_model_parallel_size", problems),
             )
-            shards = {}
+            if grid := _grid_problem(index, sizes):
+                raise AdapterFormatError(nemo_file, problems + [grid])
+            shards, missing = {}, 0
             for tp, pp, name in _shard_members(*sizes):
-                info = safe_io.tar_member(tar, name)
+                info = index.get(name)
                 if info is None:
-                    problems.append(f"{name} is not in the archive{_layout_hint(tar, sizes)}")
+                    missing += 1
+                    if missing <= MAX_LISTED:
+                        problems.append(f"{name} is not in the archive{_layout_hint(index, sizes)}")
                     continue
-                data = tar.extractfile(info).read()
+                data = safe_io.read_member(tar, info, limits.file_bytes)
                 shards[(tp, pp)] = safe_io.torch_load_bytes(data, f"{nemo_file}:{name}")
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            raise AdapterFormatError(nemo_file, f"corrupt or truncated .nemo archive ({e})") from None
+            raise AdapterFormatError(
+                nemo_file, f"corrupt or truncated .nemo archive ({type(e).__name__})"
+            ) from None
+    if missing > MAX_LISTED:
+        problems.append(f"… and {missing - MAX_LISTED} more checkpoints the grid names are missing")
     if problems:
         raise AdapterFormatError(nemo_file, problems)
     return config, shards, sizes
 
 
-def _layout_hint(tar: tarfile.TarFile, sizes: tuple[int, int]) -> str:
-    ckpts = sorted(m.name.removeprefix("./") for m in tar.getmembers() if m.name.endswith(WEIGHTS_MEMBER))
+def _checkpoints(index: dict[str, tarfile.TarInfo]) -> list[str]:
+    return sorted(name for name in index if name.endswith(WEIGHTS_MEMBER))
+
+
+def _grid_problem(index: dict[str, tarfile.TarInfo], sizes: tuple[int, int]) -> str | None:
+    """A TP x PP grid larger than any real model's, checked before its member names are listed."""
+    if sizes[0] * sizes[1] <= MAX_PARALLEL:
+        return None
+    return (
+        f"model_config.yaml says tensor_model_parallel_size {sizes[0]} x pipeline_model_parallel_size "
+        f"{sizes[1]} = {sizes[0] * sizes[1]} shards (more than {MAX_PARALLEL}), but the archive holds "
+        f"{len(_checkpoints(index))} {WEIGHTS_MEMBER} files"
+    )
+
+
+def _layout_hint(index: dict[str, tarfile.TarInfo], sizes: tuple[int, int]) -> str:
+    ckpts = _checkpoints(index)[:MAX_LISTED]
     said = f"model_config.yaml says tensor_model_parallel_size {sizes[0]}, pipeline_model_parallel_size {sizes[1]}"
     return f" ({said}; the archive holds {ckpts or 'no checkpoint'})"
 
 
-def _read_config(tar: tarfile.TarFile, nemo_file: Path, problems: list[str]) -> dict:
-    info = safe_io.tar_member(tar, CONFIG_MEMBER)
+def _read_config(tar: tarfile.TarFile, index: dict[str, tarfile.TarInfo], problems: list[str]) -> dict:
+    info = index.get(CONFIG_MEMBER)
     if info is None:
         problems.append(f"{CONFIG_MEMBER} is not in the archive (not a NeMo .nemo file?)")
         return {}
     try:
-        config = yaml.safe_load(tar.extractfile(info).read())
+        config = yaml.safe_load(safe_io.read_member(tar, info, MAX_CONFIG_BYTES))
+    except RecursionError:
+        problems.append(f"{CONFIG_MEMBER} is nested too deeply to be a model config")
+        return {}
     except yaml.YAMLError as e:
         problems.append(f"{CONFIG_MEMBER} is not valid YAML ({str(e).splitlines()[0]})")
         return {}

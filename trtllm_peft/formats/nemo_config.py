@@ -29,11 +29,17 @@ class LoraSettings:
     layer_selection: list[int] | None  # 1-based, None = every layer
 
 
+MAX_PARALLEL = 1024  # Megatron's largest grids (TP 8 x PP 128) stay far below
+
+
 def parallel_size(config: dict, key: str, problems: list[str]) -> int:
-    """tensor_model_parallel_size / pipeline_model_parallel_size (absent or null = 1)."""
+    """tensor_model_parallel_size / pipeline_model_parallel_size (absent or null = 1, at most MAX_PARALLEL)."""
     value = config.get(key) or 1
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        problems.append(f"{CONFIG_MEMBER}: {key} must be a positive integer, got {value!r}")
+        problems.append(f"{CONFIG_MEMBER}: {key} must be a positive integer, got {str(value)[:40]!r}")
+        return 1
+    if value > MAX_PARALLEL:
+        problems.append(f"{CONFIG_MEMBER}: {key} is {value}, more than {MAX_PARALLEL}: not a real model's")
         return 1
     return value
 

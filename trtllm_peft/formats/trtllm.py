@@ -19,7 +19,7 @@ from trtllm_peft.errors import AdapterFormatError
 from trtllm_peft.formats.safe_io import check_not_lfs_pointer
 from trtllm_peft.lora import LoraAdapter, LoraWeights, ModelSpec, fit_to_spec, unpack
 from trtllm_peft.lora.modules import MODULE_IDS, MODULE_NAMES
-from trtllm_peft.lora.pack import config_rows, row_order, row_size, write_scaled_b
+from trtllm_peft.lora.pack import check_normalized, config_rows, row_order, row_size, write_scaled_b
 from trtllm_peft.lora.spec import DTYPES, dtype_name
 
 WEIGHTS_FILE = "model.lora_weights.npy"
@@ -28,6 +28,7 @@ CONFIG_FILE = "model.lora_config.npy"
 CONFIG_NAMES = ("model.lora_config.npy", "model.lora_keys.npy", "model.lora_config.bin")
 WEIGHTS_NAMES = ("model.lora_weights.npy", "model.lora_weights.bin")
 
+NPY_HEADER_MAX = 1 << 16  # a .npy header is at most a few hundred bytes (format 2.0 allows up to 4 GB)
 NP_BFLOAT16 = np.dtype("V2")  # TensorRT-LLM's np_bfloat16 (its metadata is not saved in .npy files anyway)
 _TORCH_TO_NP = {
     torch.float16: np.dtype(np.float16),
@@ -60,8 +61,13 @@ def load(path: Path, spec: ModelSpec | None) -> LoraAdapter:
         )
         raise AdapterFormatError(path, f"missing {want}")
     notes: list[str] = []
-    config = _config_array(_read_npy(cfg_file), cfg_file) if cfg_file.suffix == ".npy" else None
-    weights = _weights_tensor(_read_npy(w_file), w_file) if w_file.suffix == ".npy" else None
+    rows, width = max_rows(spec), max_row_width(spec)
+    if cfg_file.suffix == ".bin":  # a .npy's header is checked instead, more precisely (_read_npy)
+        _check_raw_size(cfg_file, rows * 4 * 4, f"{rows} rows of 4 int32")
+    if w_file.suffix == ".bin":
+        _check_raw_size(w_file, rows * width * 4, f"{rows} rows of {width} float32")
+    config = _config_array(_read_npy(cfg_file, rows, 16), cfg_file) if cfg_file.suffix == ".npy" else None
+    weights = _weights_tensor(_read_npy(w_file, rows, width), w_file) if w_file.suffix == ".npy" else None
     if any(x is not None and x.ndim == 2 for x in (config, weights)):
         notes.append(
             "2-D arrays without the leading batch dimension of 1 (TensorRT-LLM's tools write [1, N, …])"
@@ -112,6 +118,7 @@ def write_npy(adapter: LoraAdapter, out: Path, dtype: str | torch.dtype) -> list
     dt = DTYPES[dtype_name(dtype)]
     _check_shapes(adapter)
     items = row_order(adapter)
+    check_normalized(items, adapter.source)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weights_path, config_path = out / WEIGHTS_FILE, out / CONFIG_FILE
@@ -207,7 +214,7 @@ class _replacing:
 
 
 def _stream_rows(f, items: list[tuple[tuple[int, str], LoraWeights]], dt: torch.dtype) -> None:
-    """The .npy header of `[1, N, W]` then each row: A, B·scale, and a seek over the padding."""
+    """The .npy header of `[1, N, W]` then each row: A, B·scale, a DoRA row's magnitude, a seek over the padding."""
     width = max((row_size(w) for _, w in items), default=0)
     itemsize = torch.empty((), dtype=dt).element_size()
     header = {
@@ -228,6 +235,8 @@ def _stream_rows(f, items: list[tuple[tuple[int, str], LoraWeights]], dt: torch.
             b = scratch[: b.numel()].view(b.shape)
             write_scaled_b(w, b)
         f.write(_raw(b))
+        if w.is_dora:
+            f.write(_raw(scratch[: w.out_features].copy_(w.magnitude.reshape(-1))))
         f.seek(start + (i + 1) * width * itemsize)  # padding: a hole, reads back as zeros
     f.truncate(start + len(items) * width * itemsize)
 
@@ -237,8 +246,36 @@ def _raw(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
-def _read_npy(path: Path) -> np.ndarray:
-    """np.load(allow_pickle=False), after checking the header so that every failure says what is wrong."""
+def max_rows(spec: ModelSpec) -> int:
+    """Most rows an adapter of `spec` has: one per (layer, module)."""
+    return spec.num_layers * len(MODULE_IDS)
+
+
+def max_row_width(spec: ModelSpec) -> int:
+    """Widest row an adapter of `spec` needs: max_lora_rank x (in + out) of its widest module, + out for a
+    DoRA magnitude (LoraModule::flattenedInOutSize(adapterSize, isDora))."""
+    widths = []
+    for module in MODULE_IDS:
+        try:
+            d_in, d_out = spec.module_dims(module)
+        except KeyError:  # a module id this architecture does not have
+            continue
+        widths.append(max(spec.max_lora_rank, 1) * (d_in + d_out) + d_out)
+    return max(widths)
+
+
+def _check_raw_size(path: Path, most: int, what: str) -> None:
+    """Refuse a file larger than the engine's largest adapter (checked before a byte of it is read)."""
+    size = path.stat().st_size
+    if size > most + NPY_HEADER_MAX:
+        raise AdapterFormatError(
+            path, f"{size} bytes is more than any adapter of this engine holds ({what}: {most} bytes)"
+        )
+
+
+def _read_npy(path: Path, rows: int, width: int) -> np.ndarray:
+    """np.load(allow_pickle=False), after checking the header so that every failure says what is wrong and
+    that the array is no larger than `rows` x `width` (the engine's largest adapter)."""
     check_not_lfs_pointer(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -254,6 +291,8 @@ def _read_npy(path: Path) -> np.ndarray:
                 raise AdapterFormatError(path, f"corrupt .npy header ({e})") from None
             if dtype.hasobject:
                 raise AdapterFormatError(path, "refused: holds Python objects (a pickle), not numbers")
+            if problem := _shape_problem(shape, rows, width):
+                raise AdapterFormatError(path, problem)
             need = math.prod(shape) * dtype.itemsize
             if size - f.tell() < need:
                 raise AdapterFormatError(
@@ -261,9 +300,26 @@ def _read_npy(path: Path) -> np.ndarray:
                     f"truncated .npy file: {list(shape)} {dtype} needs {need} bytes of data, has {size - f.tell()}",
                 )
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False)  # reads only the checked [N, W] (not mapped: safe_io.py)
     except (ValueError, OSError, EOFError) as e:
-        raise AdapterFormatError(path, f"unreadable .npy file ({e})") from None
+        raise AdapterFormatError(path, f"unreadable .npy file ({type(e).__name__})") from None
+
+
+def _shape_problem(shape: tuple[int, ...], rows: int, width: int) -> str | None:
+    """Why an array of `shape` ([1, N, W] or [N, W]) cannot be this engine's adapter rows, or None."""
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[0] > 8):  # batch != 1: refused later, precisely
+        values = math.prod(shape)
+        if values <= rows * width:
+            return None
+        return f"shape {list(shape)} holds {values} values, more than this engine's largest adapter"
+    if shape[-1] > width:
+        return (
+            f"rows of {shape[-1]} values are wider than any this engine takes ({width}: max_lora_rank x "
+            "(in + out) (+ out for DoRA) of its widest module)"
+        )
+    if shape[-2] > rows:
+        return f"{shape[-2]} rows, more than this engine's adapters have ({rows}: one per layer and module)"
+    return None
 
 
 def _config_array(arr: np.ndarray, path: Path) -> np.ndarray:

@@ -4,6 +4,12 @@ Module names are TensorRT-LLM's (`attn_q`, `mlp_h_to_4h`, …; see modules.py). 
 `y = W x` with `W` `[out, in]`, LoRA adds `scale · B (A x)`. A and B are kept unscaled, as trained, in
 the dtype they were stored in; `scale` is the PEFT/NeMo factor (alpha/r, alpha/√r, …). The TensorRT-LLM
 format stores B·scale and has scale 1.
+
+DoRA (PEFT `use_dora`) adds a magnitude vector per module: PEFT computes
+`y = (m / ‖W + s·B·A‖_row) ⊙ (W x + s·B·A x) + bias`, the norm taken over the input dimension of each
+output row (peft/tuners/lora/dora.py, DoraLinearLayer.get_weight_norm: `norm(weight, dim=1)`). `magnitude`
+holds PEFT's `m` as trained (`normalized=False`), or the factor `m / ‖W + s·B·A‖_row` that TensorRT-LLM's rows
+carry (`normalized=True`: its examples/dora/normalize_weights.py precomputes it; lora/dora.py converts).
 """
 
 from __future__ import annotations
@@ -23,6 +29,12 @@ class LoraWeights:
     a: torch.Tensor  # [r, in]
     b: torch.Tensor  # [out, r]
     scale: float = 1.0
+    magnitude: torch.Tensor | None = None  # [out] DoRA magnitude; None: plain LoRA
+    normalized: bool = False  # magnitude already divided by the row norms of W + s·B·A (TensorRT-LLM's form)
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
 
     @property
     def rank(self) -> int:
@@ -49,7 +61,21 @@ class LoraWeights:
 
     @property
     def num_bytes(self) -> int:
-        return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
+        m = self.magnitude
+        extra = 0 if m is None else m.numel() * m.element_size()
+        return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size() + extra
+
+    def with_tensors(self, **changes: Any) -> LoraWeights:
+        """A copy with some fields changed (a, b, scale, magnitude, normalized)."""
+        fields = {
+            "a": self.a,
+            "b": self.b,
+            "scale": self.scale,
+            "magnitude": self.magnitude,
+            "normalized": self.normalized,
+        }
+        fields.update(changes)
+        return LoraWeights(**fields)
 
 
 Key = tuple[int, str]  # (layer index, TensorRT-LLM module name)
@@ -101,7 +127,15 @@ class LoraAdapter:
 
     @property
     def num_params(self) -> int:
-        return sum(w.a.numel() + w.b.numel() for w in self.weights.values())
+        return sum(
+            w.a.numel() + w.b.numel() + (0 if w.magnitude is None else w.magnitude.numel())
+            for w in self.weights.values()
+        )
+
+    @property
+    def is_dora(self) -> bool:
+        """Whether any module carries a DoRA magnitude."""
+        return any(w.is_dora for w in self.weights.values())
 
     def with_weights(self, weights: Mapping[Key, LoraWeights], **changes: Any) -> LoraAdapter:
         """A copy with other weights (and optionally other metadata fields)."""
@@ -119,5 +153,6 @@ class LoraAdapter:
         out = {}
         for key, w in self.weights.items():
             dt = dtype or w.b.dtype
-            out[key] = LoraWeights(a=w.a.to(dt), b=w.scaled_b(dt), scale=1.0)
+            mag = None if w.magnitude is None else w.magnitude.to(dt)
+            out[key] = w.with_tensors(a=w.a.to(dt), b=w.scaled_b(dt), scale=1.0, magnitude=mag)
         return self.with_weights(out)

@@ -1,8 +1,12 @@
 """Pack a `LoraAdapter` into TensorRT-LLM's runtime tensors, and unpack them back.
 
 Row layout (LoraCache::copyToPages, cpp/tensorrt_llm/runtime/loraCache.cpp): row i holds A `[r, in]`
-row-major, then B·scale `[out, r]` row-major, zero-padded to W = the longest row of the adapter.
-Config row i is int32 `[module_id, layer, rank, is_dora]` (loraUtils.h). Rows are ordered by layer, then
+row-major, then B·scale `[out, r]` row-major, then for a DoRA row its magnitude `[out]` — already normalized,
+m / ‖W + s·B·A‖_row (examples/dora/normalize_weights.py; the DoRA plugin only multiplies by it) — zero-padded
+to W = the longest row of the adapter. `LoraModule::flattenedInOutSize(adapterSize, isDora)` counts the
+magnitude (loraUtils.cpp `loraValidateRequestTensors`: "lora_weights has to few values"). Config row i is int32
+`[module_id, layer, rank, is_dora]` (loraUtils.h kLORA_CONFIG_IS_DORA_OFF = 3; LoraModuleConfig reads is_dora
+only from 4-column configs, loraUtils.cpp). Rows are ordered by layer, then
 module id. The executor takes these 2-D; the `.npy` files add a leading batch dimension of 1.
 """
 
@@ -47,13 +51,13 @@ def row_order(adapter: LoraAdapter) -> list[tuple[Key, LoraWeights]]:
 
 
 def row_size(w: LoraWeights) -> int:
-    """Values in the row of `w` before padding: A `[r, in]` then B `[out, r]`."""
-    return w.rank * (w.in_features + w.out_features)
+    """Values in the row of `w` before padding: A `[r, in]`, B `[out, r]`, DoRA magnitude `[out]`."""
+    return w.rank * (w.in_features + w.out_features) + (w.out_features if w.is_dora else 0)
 
 
 def config_rows(items: list[tuple[Key, LoraWeights]]) -> torch.Tensor:
-    """int32 `[N, 4]` rows `[module_id, layer, rank, is_dora=0]` for entries in row order."""
-    rows = [[MODULE_IDS[module], layer, w.rank, 0] for (layer, module), w in items]
+    """int32 `[N, 4]` rows `[module_id, layer, rank, is_dora]` for entries in row order."""
+    rows = [[MODULE_IDS[module], layer, w.rank, int(w.is_dora)] for (layer, module), w in items]
     return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), CONFIG_COLUMNS)
 
 
@@ -82,25 +86,44 @@ def write_scaled_b(w: LoraWeights, out: torch.Tensor) -> None:
 def pack(adapter: LoraAdapter, dtype: torch.dtype | str) -> PackedLora:
     """Rows for every (layer, module) of `adapter`, B scaled in float32 then cast to `dtype`.
 
-    The adapter should already be fitted to the engine (lora.fit_to_spec); pack only lays out bytes.
+    The adapter should already be fitted to the engine (lora.fit_to_spec) and its DoRA magnitudes normalized
+    (lora.dora.normalized); pack only lays out bytes.
     """
     dt = DTYPES[dtype_name(dtype)]
     items = row_order(adapter)
+    check_normalized(items, adapter.source)
     width = max((row_size(w) for _, w in items), default=0)
     weights = torch.empty((len(items), width), dtype=dt)  # [N, W]
     for i, (_, w) in enumerate(items):
         n_a, n_b = w.a.numel(), w.b.numel()
         weights[i, :n_a].copy_(w.a.reshape(-1))
         write_scaled_b(w, weights[i, n_a : n_a + n_b].view(w.out_features, w.rank))
-        weights[i, n_a + n_b :].zero_()
+        end = n_a + n_b
+        if w.is_dora:
+            end += w.out_features
+            weights[i, n_a + n_b : end].copy_(w.magnitude.reshape(-1))
+        weights[i, end:].zero_()
     return PackedLora(weights=weights, config=config_rows(items))
+
+
+def check_normalized(items: list[tuple[Key, LoraWeights]], source: str) -> None:
+    """TensorRT-LLM's rows carry normalized magnitudes only: a trained one here is a caller's mistake."""
+    raw = [f"layer {layer} {module}" for (layer, module), w in items if w.is_dora and not w.normalized]
+    if raw:
+        raise AdapterFormatError(
+            source or "adapter",
+            f"DoRA magnitudes not normalized against the base weights ({', '.join(raw[:3])}"
+            f"{', …' if len(raw) > 3 else ''}): normalize them against the base model first "
+            "(`trtllm-peft convert --to trtllm --base MODEL` does)",
+        )
 
 
 def unpack(weights: torch.Tensor, config: torch.Tensor, spec: ModelSpec, *, source: str = "") -> LoraAdapter:
     """Read TensorRT-LLM tensors (2-D, or 3-D with batch 1) back into a `LoraAdapter` with scale 1.
 
-    Module dimensions come from `spec`; a row too short for its rank, an unknown module id, a DoRA row or a
-    config that disagrees with the weights raises AdapterFormatError naming every bad row.
+    Module dimensions come from `spec`; a row too short for its rank (and magnitude), an unknown module id or
+    a config that disagrees with the weights raises AdapterFormatError naming every bad row. A DoRA row's
+    magnitude is read as TensorRT-LLM takes it: normalized.
     """
     weights, config = (
         _squeeze_batch(weights, "lora_weights", source),
@@ -120,21 +143,23 @@ def unpack(weights: torch.Tensor, config: torch.Tensor, spec: ModelSpec, *, sour
             d_in = d_out = 0
         if not d_in:
             problems.append(f"row {i}: module id {module_id} is not a module of a {spec.architecture}")
-        elif is_dora:
-            problems.append(f"row {i}: DoRA rows (is_dora=1) are not supported")
+        elif len(row) > 3 and row[3] not in (0, 1):
+            problems.append(f"row {i}: is_dora must be 0 or 1, got {row[3]}")
         elif rank <= 0:
             problems.append(f"row {i}: adapter size must be > 0, got {rank}")
-        elif rank * (d_in + d_out) > weights.shape[1]:
-            problems.append(
-                f"row {i}: {module} rank {rank} needs {rank * (d_in + d_out)} values, row has {weights.shape[1]}"
-            )
+        elif rank * (d_in + d_out) + (d_out if is_dora else 0) > weights.shape[1]:
+            need = rank * (d_in + d_out) + (d_out if is_dora else 0)
+            what = f"{module} rank {rank}" + (" + DoRA magnitude" if is_dora else "")
+            problems.append(f"row {i}: {what} needs {need} values, row has {weights.shape[1]}")
         elif (layer, module) in out:
             problems.append(f"row {i}: duplicate row for layer {layer} module {module}")
         else:
             flat = weights[i]
             a = flat[: rank * d_in].reshape(rank, d_in)
-            b = flat[rank * d_in : rank * (d_in + d_out)].reshape(d_out, rank)
-            out[(layer, module)] = LoraWeights(a=a, b=b, scale=1.0)
+            end = rank * (d_in + d_out)
+            b = flat[rank * d_in : end].reshape(d_out, rank)
+            mag = flat[end : end + d_out] if is_dora else None  # [out], normalized
+            out[(layer, module)] = LoraWeights(a=a, b=b, scale=1.0, magnitude=mag, normalized=is_dora)
     if problems:
         raise AdapterFormatError(source or "lora tensors", problems)
     return LoraAdapter(weights=out, format="trtllm", source=source)

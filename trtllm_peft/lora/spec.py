@@ -31,6 +31,7 @@ _DTYPE_ALIASES = {
 }
 
 DEFAULT_MAX_LORA_RANK = 64
+REFERENCE_VERSION = "trtllm-peft-reference"  # config.json "version" of a reference (PyTorch) engine
 
 
 def dtype_name(value: str | torch.dtype) -> str:
@@ -62,6 +63,7 @@ class ModelSpec:
     lora_target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     architecture: str = "LlamaForCausalLM"
     source: str = ""
+    dora_plugin: bool = False  # build_config.plugin_config.dora_plugin: the engine applies DoRA magnitudes
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -128,6 +130,7 @@ class ModelSpec:
                 dtype=dtype_name(cfg.get("torch_dtype") or cfg.get("dtype") or "float16"),
                 architecture=(cfg.get("architectures") or ["LlamaForCausalLM"])[0],
                 source=source,
+                dora_plugin=True,  # a model, not an engine: nothing is built yet that could lack the plugin
             )
         except KeyError as e:
             raise EngineError(
@@ -139,6 +142,7 @@ class ModelSpec:
         """From an engine `config.json` in TensorRT-LLM's schema (DESIGN §4.2)."""
         pre, build = cfg.get("pretrained_config", {}), cfg.get("build_config", {})
         lora = build.get("lora_config", {}) or {}
+        plugins = build.get("plugin_config", {}) or {}
         try:
             heads = int(pre["num_attention_heads"])
             hidden = int(pre["hidden_size"])
@@ -159,6 +163,8 @@ class ModelSpec:
                 lora_target_modules=modules,
                 architecture=pre.get("architecture", "LlamaForCausalLM"),
                 source=source,
+                # reference engines built before DoRA wrote dora_plugin false, yet run DoRA like every other
+                dora_plugin=bool(plugins.get("dora_plugin")) or cfg.get("version") == REFERENCE_VERSION,
             )
         except KeyError as e:
             raise EngineError(f"{source}: engine config lacks pretrained_config.{e.args[0]}") from None

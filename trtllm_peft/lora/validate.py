@@ -57,7 +57,26 @@ def _problems_of(layer: int, module: str, w: LoraWeights, spec: ModelSpec) -> li
         out.append(f"{_label(module)}: contains NaN or inf")
     if w.scale != w.scale or w.scale in (float("inf"), float("-inf")):
         out.append(f"{_label(module)}: scale is {w.scale}")
+    if w.is_dora:
+        out += _dora_problems(module, w, spec)
     return out
+
+
+def _dora_problems(module: str, w: LoraWeights, spec: ModelSpec) -> list[str]:
+    m = w.magnitude
+    if not spec.dora_plugin:
+        # TensorRT-LLM 1.2 accepts DoRA rows on such an engine and silently ignores the magnitudes
+        # (examples/dora/README.md: "if you omit --dora_plugin=enable, you will not receive any warning …
+        # the DoRA magnitudes will simply be ignored"): refuse here instead of serving wrong outputs.
+        return [
+            "DoRA adapter, but this engine was built without the DoRA plugin "
+            "(build_config.plugin_config.dora_plugin; rebuild with `trtllm-peft build --dora`)"
+        ]
+    if m.ndim != 1 or m.shape[0] != w.out_features:
+        return [f"{_label(module)}: DoRA magnitude has shape {list(m.shape)}, expected [{w.out_features}]"]
+    if not m.is_floating_point() or not torch.isfinite(m).all():
+        return [f"{_label(module)}: DoRA magnitude is not finite floating-point values"]
+    return []
 
 
 def validate(adapter: LoraAdapter, spec: ModelSpec) -> list[str]:
@@ -72,8 +91,11 @@ def validate(adapter: LoraAdapter, spec: ModelSpec) -> list[str]:
 
 
 def _split(w: LoraWeights, sizes: list[int]) -> list[LoraWeights]:
-    """Split a fused module's B by rows; A (shared input projection) is the same for every part."""
-    return [LoraWeights(a=w.a, b=b.contiguous(), scale=w.scale) for b in torch.split(w.b, sizes, dim=0)]
+    """Split a fused module's B (and DoRA magnitude: one value per output row) by rows; A (shared input
+    projection) is the same for every part. Row norms are per output row, so the split is exact."""
+    bs = torch.split(w.b, sizes, dim=0)
+    mags = torch.split(w.magnitude, sizes) if w.is_dora else [None] * len(sizes)
+    return [w.with_tensors(b=b.contiguous(), magnitude=m) for b, m in zip(bs, mags, strict=True)]
 
 
 def fit_to_spec(adapter: LoraAdapter, spec: ModelSpec) -> LoraAdapter:
@@ -91,7 +113,7 @@ def fit_to_spec(adapter: LoraAdapter, spec: ModelSpec) -> LoraAdapter:
             and all(p in spec.lora_target_modules for p in parts)
         ):
             sizes = [spec.module_dims(p)[1] for p in parts]
-            if w.out_features != sum(sizes):
+            if w.out_features != sum(sizes) or (w.is_dora and w.magnitude.shape != (w.out_features,)):
                 out[(layer, module)] = w  # let validate() report the shape problem
                 continue
             out.update({(layer, p): pw for p, pw in zip(parts, _split(w, sizes), strict=True)})

@@ -47,6 +47,10 @@ def download_ngc(source: Source, dest: Path, *, api_key: str | None, progress: P
             _check_result(source, result, len(todo))
     bad = [p for p, f in listed.items() if _complete(version_dir / p, f) is False]
     if bad:
+        for p in bad:  # a wrong (say, oversized) file is no prefix to resume from: never keep it in staging
+            path = (version_dir / p).resolve()
+            if path.is_relative_to(dest.resolve()):  # a listed path never reaches outside staging
+                path.unlink(missing_ok=True)
         raise PullError("corrupt", f"{source.text}: {', '.join(bad)} do not match NGC's checksums; run again")
     adapter = find_adapter(source, version_dir)
     files = sorted(str(p.relative_to(adapter)) for p in adapter.rglob("*") if p.is_file())

@@ -8,12 +8,15 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from trtllm_peft.errors import TrtllmPeftError
+from trtllm_peft.executor.api import GuidedDecodingParams
+from trtllm_peft.server import structured, tools
 from trtllm_peft.server.generation import Generation, Piece, Sequence
 from trtllm_peft.server.http_errors import BadRequestError
 from trtllm_peft.server.json_body import JsonRoute
@@ -142,9 +145,11 @@ def _sse(obj: dict[str, Any]) -> bytes:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     rt = _rt(request)
+    guide = structured.guide_for(body)
+    await structured.checked(guide)
     prompt_ids, prompt_text = await _completion_prompt(rt, body.prompt)
     params = _params(rt, body, len(prompt_ids), body.max_tokens or 16, body.logprobs is not None)
-    gen = await _start(rt, body, prompt_ids, params)
+    gen = await _start(rt, body, prompt_ids, replace(params, guided=guide))
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echo = prompt_text if body.echo else ""
     if body.stream:
@@ -270,29 +275,36 @@ def _completion_logprobs(rt: Runtime, token_ids: list[int], logprobs: list[float
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     rt = _rt(request)
+    plan = _tool_plan(rt, body)
+    guide = await _chat_guide(body, plan)
     try:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [_chat_message(m) for m in body.messages]
         _check_prompt_chars(rt, sum(len(m["content"]) for m in messages))
-        prompt = await asyncio.to_thread(rt.tokenizer.apply_chat_template, messages)
+        native = rt.tokenizer.template_knows_tools
+        messages = tools.render_messages(messages, plan, native)
+        listed = plan.tools if plan and native and plan.choice != "none" else None
+        prompt = await asyncio.to_thread(rt.tokenizer.apply_chat_template, messages, listed)
     except ValueError as e:
         raise BadRequestError(str(e), param="messages") from None
     want_lp = body.logprobs
     params = _params(rt, body, len(prompt.token_ids), body.max_completion_tokens or body.max_tokens, want_lp)
-    gen = await _start(rt, body, prompt.token_ids, params)
+    gen = await _start(rt, body, prompt.token_ids, replace(params, guided=guide))
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        return _stream(_chat_chunks(rt, body, gen, rid, created, len(prompt.token_ids)))
+        return _stream(_chat_chunks(rt, body, gen, rid, created, len(prompt.token_ids), plan))
     seqs: list[Sequence] = await _collect(request, gen)
-    choices = [
-        {
-            "index": s.index,
-            "message": {"role": "assistant", "content": s.text},
-            "logprobs": _chat_logprobs(rt, s.token_ids, s.logprobs) if want_lp else None,
-            "finish_reason": s.finish_reason,
-            "stop_reason": None,
-        }
-        for s in seqs
-    ]
+    choices = []
+    for s in seqs:
+        message, reason = tools.message(plan, s.text, s.finish_reason)
+        choices.append(
+            {
+                "index": s.index,
+                "message": message,
+                "logprobs": _chat_logprobs(rt, s.token_ids, s.logprobs) if want_lp else None,
+                "finish_reason": reason,
+                "stop_reason": None,
+            }
+        )
     return {
         "id": rid,
         "object": "chat.completion",
@@ -303,7 +315,42 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     }
 
 
-async def _chat_chunks(rt, body, gen: Generation, rid, created, prompt_len) -> AsyncIterator[bytes]:
+def _chat_message(m) -> dict[str, Any]:
+    out = {"role": m.role, "content": m.text()}
+    if m.tool_calls:
+        out["tool_calls"] = m.tool_calls
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _tool_plan(rt: Runtime, body: ChatCompletionRequest) -> tools.ToolPlan | None:
+    """tools + tool_choice checked together, before anything else (a bad pair is a 400 at once)."""
+    parser = rt.settings.tool_call_parser
+    if parser == "auto":
+        parser = tools.default_parser(rt.tokenizer.chat_template)
+    return tools.plan(body.tools, body.tool_choice, parser)
+
+
+async def _chat_guide(
+    body: ChatCompletionRequest, plan: tools.ToolPlan | None
+) -> GuidedDecodingParams | None:
+    guide = structured.guide_for(body)
+    if plan is not None and plan.forced:
+        if guide is not None:
+            raise BadRequestError(
+                f"tool_choice {plan.choice} cannot be combined with response_format or guided_*"
+            )
+        guide, field = plan.guide(), "tools"
+    else:
+        field = "response_format"
+    await structured.checked(guide, field)
+    return guide
+
+
+async def _chat_chunks(
+    rt, body, gen: Generation, rid, created, prompt_len, plan: tools.ToolPlan | None = None
+) -> AsyncIterator[bytes]:
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
     for i in range(body.n):  # OpenAI opens each choice with the role
         yield _sse(
@@ -319,11 +366,29 @@ async def _chat_chunks(rt, body, gen: Generation, rid, created, prompt_len) -> A
                 ],
             }
         )
+    gates = {i: tools.StreamGate(plan) for i in range(body.n)} if plan and plan.choice != "none" else {}
     async for p in gen.stream():
-        yield _sse({**base, "choices": [_chat_delta(rt, body, p)]})
+        for delta in _tool_deltas(rt, body, p, gates.get(p.index)):
+            yield _sse({**base, "choices": [delta]})
     if body.stream_options and body.stream_options.include_usage:
         yield _sse({**base, "choices": [], "usage": _usage(prompt_len, gen, body.n)})
     yield b"data: [DONE]\n\n"
+
+
+def _tool_deltas(rt: Runtime, body, p: Piece, gate: tools.StreamGate | None) -> list[dict[str, Any]]:
+    """Chunks of one piece: content as it comes; with tools, calls held back and sent whole at the end
+    (`delta.tool_calls` with id, name and all the arguments), finish_reason `tool_calls`."""
+    if gate is None:
+        return [_chat_delta(rt, body, p)]
+    text = gate.feed(p.text)
+    if not p.finish_reason:
+        return [_chat_delta(rt, body, replace(p, text=text))]
+    rest, calls = gate.finish()
+    last = _chat_delta(rt, body, replace(p, text=text + rest))
+    if calls:
+        last["delta"]["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
+        last["finish_reason"] = p.finish_reason if p.finish_reason == "length" else "tool_calls"
+    return [last]
 
 
 def _chat_delta(rt: Runtime, body: ChatCompletionRequest, p: Piece) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trtllm_peft.engine.base_weights import BaseWeights
 from trtllm_peft.engine.engine_dir import EngineDir
 from trtllm_peft.executor.api import Executor
 from trtllm_peft.lora import ModelSpec
@@ -55,7 +56,10 @@ class Runtime:
         loop = asyncio.get_running_loop()
         tokenizer = await asyncio.to_thread(Tokenizer, engine.path)
         executor: Executor = await asyncio.to_thread(executor_factory, settings, engine)
-        catalog = Catalog(Path(settings.peft_source) if settings.peft_source else None)
+        catalog = Catalog(
+            Path(settings.peft_source) if settings.peft_source else None,
+            follow_symlinks=settings.follow_symlinks,
+        )
         await asyncio.to_thread(catalog.scan)
         host_cache = HostCache(spec.cache_units(settings.max_cpu_loras))  # the engine's max rank
         metrics = Metrics(max_lora=settings.max_gpu_loras)
@@ -69,6 +73,7 @@ class Runtime:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             on_load=metrics.load_seconds.observe,
+            base_weights=await asyncio.to_thread(BaseWeights.open, engine.path),
             queue_timeout=settings.lora_queue_timeout,
             queue_size=settings.lora_queue_size,
         )

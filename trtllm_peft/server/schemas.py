@@ -15,7 +15,16 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
-class NvExt(_Request):
+class _Guided(_Request):
+    """Structured output as NIM (`nvext`) and vLLM (top level) name it (server/structured.py maps them)."""
+
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+
+class NvExt(_Guided):
     """NVIDIA's extension object (NIM): sampling knobs OpenAI lacks."""
 
     top_k: int | None = Field(None, ge=0, le=INT32_MAX)
@@ -23,11 +32,26 @@ class NvExt(_Request):
     ignore_eos: bool = False
 
 
+class JsonSchemaFormat(_Request):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's `response_format`: text, any JSON object, or JSON valid against `json_schema.schema`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class _Sampling(_Request):
+class _Sampling(_Guided):
     model: str
     max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -43,6 +67,7 @@ class _Sampling(_Request):
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
     nvext: NvExt | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -71,6 +96,9 @@ class CompletionRequest(_Sampling):
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, max_length=128)  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result answers this call
+    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -90,6 +118,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None  # server/tools.py checks them (and tool_choice) together
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class Usage(BaseModel):

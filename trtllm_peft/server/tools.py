@@ -16,8 +16,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from trtllm_peft.errors import TrtllmPeftError
 from trtllm_peft.executor.api import GuidedDecodingParams, GuideType
+from trtllm_peft.server.http_errors import BadRequestError
 
 PARSERS = ("hermes", "llama3_json", "mistral")
 MARKERS = {"hermes": "<tool_call>", "llama3_json": "<|python_tag|>", "mistral": "[TOOL_CALLS]"}
@@ -32,8 +32,8 @@ HERMES_PROMPT = (
 )
 
 
-class ToolRequestError(TrtllmPeftError):
-    http_status = 400
+class ToolRequestError(BadRequestError):
+    """tools / tool_choice that cannot be honoured together (400)."""
 
 
 @dataclass
@@ -135,8 +135,8 @@ def render_messages(
 ) -> list[dict[str, Any]]:
     """Messages for a template that knows no tools: the Hermes system prompt, and tool calls / results as
     the Hermes text they stand for. A template that knows tools (`native`) gets them unchanged."""
-    if native:
-        return messages
+    if native:  # HF templates read arguments as objects (vLLM converts them the same way)
+        return [_with_object_arguments(m) for m in messages]
     out = []
     for m in messages:
         m = dict(m)
@@ -159,6 +159,30 @@ def render_messages(
         else:
             out.insert(0, {"role": "system", "content": prompt})
     return out
+
+
+def _with_object_arguments(m: dict[str, Any]) -> dict[str, Any]:
+    if not m.get("tool_calls"):
+        return m
+    calls = []
+    for c in m["tool_calls"]:
+        fn = dict(c.get("function") or {})
+        if isinstance(fn.get("arguments"), str):
+            fn["arguments"] = _loads(fn["arguments"]) or {}
+        calls.append({**c, "function": fn})
+    return {**m, "tool_calls": calls}
+
+
+def message(plan: ToolPlan | None, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+    """The assistant message of a finished choice (with `tool_calls` when the output holds calls) and its
+    finish_reason (`tool_calls` then, unless the output was cut at max_tokens)."""
+    if plan is None or plan.choice == "none":
+        return {"role": "assistant", "content": text}, finish_reason
+    content, calls = parse(plan, text)
+    if not calls:
+        return {"role": "assistant", "content": content}, finish_reason
+    reason = finish_reason if finish_reason == "length" else "tool_calls"
+    return {"role": "assistant", "content": content, "tool_calls": calls}, reason
 
 
 # ---- parsing -------------------------------------------------------------------------------------------------

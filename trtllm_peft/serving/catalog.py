@@ -8,6 +8,12 @@ reused id; ids are never reused.
 A scan only lists directories and stats files (no weights are read), so it is cheap for thousands of
 adapters. Detection here is by file names; whether the weights really load is learnt when an adapter is
 first used, and an adapter that failed is remembered as invalid until its files change.
+
+Symbolic links (TRTLLM_PEFT_FOLLOW_SYMLINKS): `inside` (default) follows a link only when it resolves under
+NIM_PEFT_SOURCE (Kubernetes volumes and `..data` links stay usable; a link to /etc/shadow does not), `all`
+follows every link, `none` follows none. An adapter directory with a link the policy refuses is skipped
+with the link's name (never its target's content). Checked at every scan; a file swapped for a link
+changes the adapter's fingerprint, so the next scan sees it.
 """
 
 from __future__ import annotations
@@ -64,6 +70,46 @@ def detect_by_names(files: set[str]) -> str | None:
     return None
 
 
+def _printable(name: str) -> str:
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _name_problem(name: str) -> str | None:
+    """Adapter names go into JSON and the `model` field: a directory name that is not UTF-8 cannot."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the directory's name is not valid UTF-8 (rename it: adapter names are UTF-8 text)"
+    return None
+
+
+def link_problem(path: Path, root: Path, policy: str) -> str | None:
+    """Why the policy refuses a symbolic link at `path` (the adapter directory) or directly inside it."""
+    if policy == "all":
+        return None
+    entries = [path]
+    try:
+        with os.scandir(path) as it:
+            entries += [Path(e.path) for e in it if e.is_symlink()]
+    except OSError:
+        return None  # the fingerprint already failed or will: nothing is read from here
+    real_root = os.path.realpath(root)
+    for link in entries:
+        if not link.is_symlink():
+            continue
+        if policy == "none":
+            return (
+                f"{_printable(link.name)} is a symbolic link (TRTLLM_PEFT_FOLLOW_SYMLINKS=none follows none)"
+            )
+        target = os.path.realpath(link)
+        if os.path.commonpath([real_root, target]) != real_root:
+            return (
+                f"{_printable(link.name)} is a symbolic link leading outside NIM_PEFT_SOURCE "
+                "(TRTLLM_PEFT_FOLLOW_SYMLINKS=inside; set it to all to follow such links)"
+            )
+    return None
+
+
 def _fingerprint(path: Path) -> Fingerprint | None:
     try:
         with os.scandir(path) as it:
@@ -76,8 +122,9 @@ def _fingerprint(path: Path) -> Fingerprint | None:
 class Catalog:
     """name → AdapterEntry for the sub-directories of `root`. Safe to read from any thread."""
 
-    def __init__(self, root: Path | None, *, first_task_id: int = 1):
+    def __init__(self, root: Path | None, *, first_task_id: int = 1, follow_symlinks: str = "inside"):
         self.root = root
+        self.follow_symlinks = follow_symlinks  # inside | all | none (settings.SYMLINK_POLICIES)
         self._entries: dict[str, AdapterEntry] = {}
         self._invalid: dict[str, tuple[Fingerprint, str]] = {}  # name -> (content, reason) of failed loads
         self._skipped: dict[str, str] = {}
@@ -112,9 +159,9 @@ class Catalog:
         with self._lock:
             old = self._entries
             new, added, changed, skipped = {}, [], [], {}
-            for name, (path, fp, fmt) in found.items():
-                if fmt is None:
-                    skipped[name] = (
+            for name, (path, fp, fmt, why) in found.items():
+                if why is not None or fmt is None:
+                    skipped[name] = why or (
                         "no adapter files (adapter_config.json + adapter_model.*, one .nemo, or model.lora_*.npy)"
                     )
                     continue
@@ -139,7 +186,8 @@ class Catalog:
         self._log(result)
         return result
 
-    def _list(self) -> dict[str, tuple[Path, Fingerprint, str | None]]:
+    def _list(self) -> dict[str, tuple[Path, Fingerprint, str | None, str | None]]:
+        """name -> (path, fingerprint, format by names, why it is skipped or None)."""
         if self.root is None:
             return {}
         try:
@@ -151,8 +199,10 @@ class Catalog:
         out = {}
         for name, path in dirs:
             fp = _fingerprint(path)
-            if fp is not None:
-                out[name] = (path, fp, detect_by_names({f for f, _, _ in fp}))
+            if fp is None:
+                continue
+            why = _name_problem(name) or link_problem(path, self.root, self.follow_symlinks)
+            out[_printable(name)] = (path, fp, detect_by_names({f for f, _, _ in fp}), why)
         return out
 
     def _log(self, result: ScanResult, detail_limit: int = 20) -> None:

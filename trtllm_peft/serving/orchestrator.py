@@ -21,7 +21,14 @@ import torch
 
 from trtllm_peft import formats
 from trtllm_peft.errors import AdapterError, TrtllmPeftError
-from trtllm_peft.executor.api import FinishReason, LoraConfig, OutputConfig, Request, SamplingConfig
+from trtllm_peft.executor.api import (
+    FinishReason,
+    GuidedDecodingParams,
+    LoraConfig,
+    OutputConfig,
+    Request,
+    SamplingConfig,
+)
 from trtllm_peft.executor.errors import ErrorKind, classify
 from trtllm_peft.lora import ModelSpec, PackedLora, pack
 from trtllm_peft.serving.catalog import AdapterEntry, Catalog
@@ -74,6 +81,7 @@ class GenerationParams:
     bad_words: list[list[int]] | None = None
     min_tokens: int | None = None
     embedding_bias: torch.Tensor | None = None  # [vocab] float32, added to the logits
+    guided: GuidedDecodingParams | None = None  # structured output / forced tool calls (executor/guided.py)
 
     def sampling_config(self) -> SamplingConfig:
         # TensorRT-LLM samples only when top_k or top_p is set: OpenAI's default is sampling with
@@ -142,10 +150,12 @@ class Orchestrator:
         pad_token_id: int | None = None,
         on_load: Callable[[float], None] | None = None,
         loaders: int = 2,
+        base_weights: Callable[[int, str], torch.Tensor] | None = None,
         queue_timeout: float = 0.0,
         queue_size: int = 0,
     ):
         self.spec, self.base_model_id, self.catalog = spec, base_model_id, catalog
+        self.base_weights = base_weights  # W per (layer, module): DoRA's norms, once per adapter load
         self.host_cache, self.client = host_cache, client
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self._pool = ThreadPoolExecutor(max_workers=loaders, thread_name_prefix="adapter-load")
@@ -222,6 +232,7 @@ class Orchestrator:
             bad_words=params.bad_words or None,
             embedding_bias=params.embedding_bias,
             lora_config=self._lora_config(entry, packed, with_weights=False) if entry else None,
+            guided_decoding_params=params.guided,
         )
         resent, first = False, True
         while True:
@@ -340,7 +351,7 @@ class Orchestrator:
     def _load(self, entry: AdapterEntry) -> PackedLora:
         """Read, validate and pack one adapter (in a worker thread)."""
         start = time.perf_counter()
-        adapter = formats.load_for_engine(entry.path, self.spec)
+        adapter = formats.load_for_engine(entry.path, self.spec, self.base_weights)
         packed = pack(adapter, self.spec.dtype)
         elapsed = time.perf_counter() - start
         log.info(

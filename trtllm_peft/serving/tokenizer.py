@@ -46,11 +46,24 @@ class Tokenizer:
         """Token ids of a completion prompt, special tokens as the model's tokenizer adds them (or none)."""
         return list(self._hf(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> ChatPrompt:
-        """The chat prompt with the generation prompt appended; ValueError for a template error."""
+    @property
+    def chat_template(self) -> str | None:
+        """The template's source (tool calling reads which format it uses)."""
+        t = getattr(self._hf, "chat_template", None)
+        return t if isinstance(t, str) else None
+
+    @property
+    def template_knows_tools(self) -> bool:
+        return "tools" in (self.chat_template or "")
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> ChatPrompt:
+        """The chat prompt with the generation prompt appended (and `tools`, as transformers renders them);
+        ValueError for a template error."""
         if not self.has_chat_template:
             raise ValueError("this model has no chat template: use /v1/completions")
-        text = self._hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self._hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         # the template already holds any BOS: do not add special tokens twice
         ids = list(self._hf(text, add_special_tokens=False)["input_ids"])
         return ChatPrompt(token_ids=ids, text=text)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from trtllm_peft import formats
 from trtllm_peft.errors import AdapterError
+from trtllm_peft.lora.dora import WeightOf
 from trtllm_peft.lora.spec import ModelSpec
 from trtllm_peft.serving.catalog import Catalog
 
@@ -58,12 +59,13 @@ def previous_ids(tasks_file: Path) -> dict[str, int]:
 
 
 def write_prefetch_dir(
-    peft_source: Path | None, out: Path, spec: ModelSpec, keep: dict[str, int]
+    peft_source: Path | None, out: Path, spec: ModelSpec, keep: dict[str, int], base: WeightOf | None = None
 ) -> PrefetchResult:
     """Convert every adapter of `peft_source` into `out/<id>/`; adapters that do not fit are skipped, with why.
 
     For an engine dtype TensorRT-LLM cannot read from .npy (bf16) the adapters are checked and numbered but
-    no file is written (`prefetched` False)."""
+    no file is written (`prefetched` False). `base` (the engine's weights) normalizes DoRA magnitudes, as
+    TensorRT-LLM's rows carry them."""
     result = PrefetchResult(prefetched=spec.dtype in NPY_DTYPES)
     if out.exists():
         shutil.rmtree(out)
@@ -77,7 +79,7 @@ def write_prefetch_dir(
         if task_id is None:
             task_id, next_id = next_id, next_id + 1
         try:
-            adapter = formats.load_for_engine(entry.path, spec)
+            adapter = formats.load_for_engine(entry.path, spec, base)
             if result.prefetched:
                 formats.save(adapter, out / str(task_id), "trtllm", spec)
         except AdapterError as e:

@@ -23,6 +23,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from trtllm_peft.engine.base_weights import BaseWeights
 from trtllm_peft.engine.engine_dir import EngineDir
 from trtllm_peft.engine.peft_cache_sizing import EngineMemoryEstimate, engine_memory_estimate
 from trtllm_peft.errors import SettingsError
@@ -96,7 +97,11 @@ def generate_repository(
     )
     out.mkdir(parents=True, exist_ok=True)
     prefetch = write_prefetch_dir(
-        settings.peft_source, out / PREFETCH_DIR, spec, previous_ids(out / TASKS_FILE)
+        settings.peft_source,
+        out / PREFETCH_DIR,
+        spec,
+        previous_ids(out / TASKS_FILE),
+        BaseWeights.open(engine.path) if spec.dora_plugin else None,
     )
     (out / TASKS_FILE).write_text(prefetch.to_json())
     repo_dir = (served_repo_dir or str(out.resolve())).rstrip("/")

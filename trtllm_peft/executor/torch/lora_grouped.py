@@ -4,7 +4,7 @@ Same semantics as lora_ops.LoraBatch (y[t, slice_p] += B_{s[t],p} · (A_{s[t],p}
 Punica's SGMV does on GPUs (csrc/lora.cpp): for each adapter of the batch, its own tokens against its own
 weights — each adapter's bytes read once per step, no masked [T, ΣR] product, and nothing restacked when
 the set of adapters in the batch changes: a batch only references what `prepare_packed` put in the
-device tier.
+device tier. A DoRA adapter's rows are rescaled in the same call, after its deltas (csrc/lora.cpp).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ class PackedGroup:
 
     a: torch.Tensor  # packed A [P·R, in]
     b: list[torch.Tensor]  # P × packed B_p [out_p, R], scale folded in
+    mag: torch.Tensor | None = None  # float32 [out] DoRA factor over the group's output (GroupWeights.mag)
 
 
 def prepare_packed(
@@ -35,6 +36,7 @@ def prepare_packed(
         key: PackedGroup(
             a=kernels.pack(g.a.reshape(-1, g.a.shape[2])),  # [P, R, in] -> [P·R, in]
             b=[kernels.pack(bt.t().contiguous()) for bt in g.bt],  # [R, out_p] -> B_p [out_p, R]
+            mag=None if g.mag is None else g.mag.float().contiguous(),  # the kernels read float32
         )
         for key, g in dense.groups.items()
     }
@@ -45,20 +47,25 @@ class GroupedLoraBatch:
     """The adapters of one batch (`prepare_packed` output), referenced in place; same interface as LoraBatch."""
 
     def __init__(self, kernels, adapters: list[AdapterTensors], spec: ModelSpec) -> None:
-        self.single = len(adapters) == 1
+        self.single, self.n = len(adapters) == 1, len(adapters)
         ranks = [a.width for a in adapters]
         self.groups = {}
+        self.scaled: set[tuple[int, str]] = set()  # (layer, group)s a DoRA adapter of the batch rescales
         for layer in range(spec.num_layers):
             for g, parts in part_slices(spec).items():
                 found = [a.groups.get((layer, g)) for a in adapters]
                 if parts and any(f is not None for f in found):
+                    mags = [f.mag if f is not None else None for f in found]
                     self.groups[(layer, g)] = kernels.LoraGroup(
                         a=[f.a if f is not None else None for f in found],
                         b=[f.b if f is not None else [] for f in found],
                         ranks=ranks,
                         starts=[sl.start for _, sl in parts],
                         widths=[sl.stop - sl.start for _, sl in parts],
+                        mag=mags,
                     )
+                    if any(m is not None for m in mags):
+                        self.scaled.add((layer, g))
 
     def mask(self, token_adapter: torch.Tensor) -> torch.Tensor | None:
         """Each token's adapter index (-1: none) as the kernels take it; None when all use the only one."""
@@ -66,10 +73,21 @@ class GroupedLoraBatch:
             return None
         return token_adapter.to(torch.long).contiguous()
 
+    def scales(self, layer: int, group: str) -> bool:
+        """Whether a DoRA adapter of this batch rescales this (layer, group)'s output."""
+        return (layer, group) in self.scaled
+
     def apply_group(
-        self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None
+        self,
+        layer: int,
+        group: str,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor | None,
+        bias: torch.Tensor | None = None,
     ) -> None:
-        """y[T, out] += the LoRA delta of each token's adapter for this (layer, group); x [T, in]."""
+        """y[T, out] += the LoRA delta of each token's adapter for this (layer, group); x [T, in]. When
+        `scales()`, y must hold the projection W x + bias alone (`bias`: the projection's, left unscaled)."""
         st = self.groups.get((layer, group))
         if st is not None:
-            st.apply(x, y, mask)
+            st.apply(x, y, mask, bias if (layer, group) in self.scaled else None)

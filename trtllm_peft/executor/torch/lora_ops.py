@@ -17,11 +17,20 @@ and `apply_group` computes exactly that without a loop over tokens or adapters:
 
 An adapter lacking a module (or a layer), or with a smaller rank in one module, contributes zero rows, so
 the result is exact. The stacked tensors are rebuilt only when the set of adapters in the batch changes.
+
+DoRA (PEFT's `y = (m / ‖W + s·B·A‖_row) ⊙ (W x + s·B·A x) + bias`): the factor g = m / ‖…‖ comes normalized
+with the adapter (computed once at load, lora/dora.py, as TensorRT-LLM's rows carry it), so per step it is one
+multiply of each DoRA token's projection output, after the LoRA delta and before any residual add:
+
+    y[t] = g_{s[t]} ⊙ y[t] + bias ⊙ (1 - g_{s[t]})     (g = 1 for plain-LoRA and base tokens: y unchanged)
+
+`scales(layer, group)` tells the model when a projection needs it (model.py then does not fuse the residual add).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -62,6 +71,9 @@ class GroupWeights:
 
     a: torch.Tensor  # [P, R, in]
     bt: list[torch.Tensor]  # P × [R, out_p]
+    mag: torch.Tensor | None = (
+        None  # [out] DoRA factor over the group's output (1 on plain parts); None: no DoRA
+    )
 
 
 @dataclass
@@ -92,9 +104,55 @@ def prepare(
                 if w is not None:
                     a[p, : w.rank] = w.a.to(device=device, dtype=dtype)
                     bt[p][: w.rank] = w.scaled_b(torch.float32).t().to(device=device, dtype=dtype)
-            groups[(layer, g)] = GroupWeights(a=a, bt=bt)
+            mag = _group_magnitude(adapter, layer, parts, group_width(spec, g), dtype, device)
+            groups[(layer, g)] = GroupWeights(a=a, bt=bt, mag=mag)
     units = sum(w.rank for _, w in adapter)
     return AdapterTensors(width=width, groups=groups, rank_units=units)
+
+
+def group_width(spec: ModelSpec, group: str) -> int:
+    """Output columns of a projection group (the fused qkv and gate_up included)."""
+    q, kv, i = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.intermediate_size
+    return {"qkv": q + 2 * kv, "o": spec.hidden_size, "gate_up": 2 * i, "down": spec.hidden_size}[group]
+
+
+def _group_magnitude(
+    adapter: LoraAdapter, layer: int, parts, width: int, dtype, device
+) -> torch.Tensor | None:
+    """The DoRA factor over a group's output columns `[out]` (1 where a part is plain or absent), or None."""
+    found = [(adapter.weights.get((layer, m)), sl) for m, sl in parts]
+    if not any(w is not None and w.is_dora for w, _ in found):
+        return None
+    mag = torch.ones(width, dtype=torch.float32)
+    for w, sl in found:
+        if w is not None and w.is_dora:
+            mag[sl] = w.magnitude.to(torch.float32)  # normalized: m / ‖W + s·B·A‖_row
+    return mag.to(device=device, dtype=dtype)
+
+
+def dora_table(found: list[GroupWeights | None], like: torch.Tensor) -> torch.Tensor | None:
+    """[n + 1, out] each adapter's DoRA factor (1s when it has none), then 1s for base tokens; None: no DoRA."""
+    mags = [f.mag if f is not None else None for f in found]
+    if all(m is None for m in mags):
+        return None
+    width = next(m for m in mags if m is not None).shape[0]
+    ones = like.new_ones(width)
+    return torch.stack([m if m is not None else ones for m in mags] + [ones])
+
+
+def apply_dora(y: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """y = g ⊙ y + bias ⊙ (1 - g): PEFT's factor on W x + s·B·A x, the bias left unscaled (rows where g = 1
+    come out bit for bit unchanged). g `[T, out]` or `[out]`."""
+    y.mul_(g)
+    if bias is not None:
+        y.add_(bias * (1 - g))
+
+
+class TokenMask(NamedTuple):
+    """What LoraBatch.mask() hands back to apply_group: column mask and each token's row of the DoRA table."""
+
+    cols: torch.Tensor  # [T, R] in the compute dtype
+    index: torch.Tensor  # [T] adapter index, base tokens -> n (the table's row of 1s)
 
 
 @dataclass
@@ -104,6 +162,7 @@ class StackedGroup:
     a: Linear  # A_cat [P·R, in]
     b: list[Linear]  # P × B_p [out_p, R]
     slices: list[slice]
+    dora: torch.Tensor | None = None  # [n + 1, out] DoRA factors (dora_table); None: no DoRA adapter here
 
 
 class LoraBatch:
@@ -152,27 +211,42 @@ class LoraBatch:
             a=self.linear(a.reshape(-1, a.shape[2]), pack=self.pack),
             b=[self.linear((b[0] if len(b) == 1 else torch.cat(b)).t(), pack=self.pack) for b in bt],
             slices=[sl for _, sl in parts],
+            dora=dora_table(found, ref.a),
         )
 
-    def mask(self, token_adapter: torch.Tensor) -> torch.Tensor | None:
-        """[T, R] in the compute dtype: 1 where column c belongs to token t's adapter (index into the list).
-
-        None when the batch holds one adapter that every token uses: nothing to mask.
-        """
+    def mask(self, token_adapter: torch.Tensor) -> TokenMask | None:
+        """Per token: its adapter's columns (1 where column c belongs to token t's adapter, an index into the
+        list; -1 = base) and its row of the DoRA tables. None when one adapter serves every token."""
         if int(self.owner[-1]) == 0 and bool((token_adapter == 0).all()):
             return None
-        return (self.owner[None, :] == token_adapter[:, None]).to(self.dtype)
+        n = int(self.owner[-1]) + 1
+        index = torch.where(token_adapter < 0, n, token_adapter).to(torch.long)
+        return TokenMask((self.owner[None, :] == token_adapter[:, None]).to(self.dtype), index)
+
+    def scales(self, layer: int, group: str) -> bool:
+        """Whether a DoRA adapter of this batch rescales this (layer, group)'s output."""
+        st = self.groups.get((layer, group))
+        return st is not None and st.dora is not None
 
     def apply_group(
-        self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None
+        self,
+        layer: int,
+        group: str,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mask: TokenMask | None,
+        bias: torch.Tensor | None = None,
     ) -> None:
-        """y[T, out] += the LoRA delta of each token's adapter for this (layer, group); x [T, in]."""
+        """y[T, out] += the LoRA delta of each token's adapter for this (layer, group); x [T, in]. When
+        `scales()`, y must hold the projection W x + bias alone (`bias`: the projection's, left unscaled)."""
         st = self.groups.get((layer, group))
         if st is None:
             return
         xa = st.a(x)  # [T, P·R]
         r = self.width
         if mask is not None:
-            xa.view(x.shape[0], len(st.b), r).mul_(mask[:, None, :])
+            xa.view(x.shape[0], len(st.b), r).mul_(mask.cols[:, None, :])
         for p, (b, sl) in enumerate(zip(st.b, st.slices, strict=True)):
             b.add_to(y if sl.start == 0 and sl.stop == y.shape[1] else y[:, sl], xa[:, p * r : (p + 1) * r])
+        if st.dora is not None:
+            apply_dora(y, st.dora[0] if mask is None else st.dora[mask.index], bias)

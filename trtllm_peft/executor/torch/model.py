@@ -133,20 +133,29 @@ class LlamaModel:
             h = self._norm(x, ly.ln1)
             qkv = ly.qkv(h)  # [T, q + 2kv]
             if lora is not None:
-                lora.apply_group(i, "qkv", h, qkv, mask)
+                lora.apply_group(i, "qkv", h, qkv, mask, ly.qkv.bias)
             attn = attend(i, qkv)  # [T, q]
-            ly.o.add_to(x, attn)  # the residual add fused into the projection: x += attn · Woᵀ
-            if lora is not None:
-                lora.apply_group(i, "o", attn, x, mask)
+            self._residual(ly.o, i, "o", attn, x, lora, mask)  # x += attn · Woᵀ (+ LoRA)
             h = self._norm(x, ly.ln2)
             gu = ly.gate_up(h)  # [T, 2I]
             if lora is not None:
                 lora.apply_group(i, "gate_up", h, gu, mask)
             act = self.ops.silu_mul(gu)  # [T, I]
-            ly.down.add_to(x, act)
-            if lora is not None:
-                lora.apply_group(i, "down", act, x, mask)
+            self._residual(ly.down, i, "down", act, x, lora, mask)
         return x
+
+    @staticmethod
+    def _residual(linear, layer: int, group: str, inp: torch.Tensor, x: torch.Tensor, lora, mask) -> None:
+        """x += inp · Wᵀ + the LoRA delta, the residual add fused into the projection; unless a DoRA adapter
+        rescales this projection: its factor applies to W·inp + LoRA before the residual add (PEFT's order)."""
+        if lora is not None and lora.scales(layer, group):
+            y = linear(inp)  # [T, out]
+            lora.apply_group(layer, group, inp, y, mask, linear.bias)
+            x.add_(y)
+            return
+        linear.add_to(x, inp)
+        if lora is not None:
+            lora.apply_group(layer, group, inp, x, mask)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [T, V] of the given (already selected) positions."""

@@ -91,7 +91,8 @@ async def live():
 
 @router.get("/v2/health/ready")
 async def ready(request: Request):
-    ok = getattr(request.app.state, "runtime", None) is not None
+    draining = getattr(request.app.state, "drain", None) is not None and request.app.state.drain.draining
+    ok = getattr(request.app.state, "runtime", None) is not None and not draining  # not ready from SIGTERM on
     return Response(status_code=200 if ok else 400)
 
 

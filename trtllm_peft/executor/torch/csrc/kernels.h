@@ -101,7 +101,9 @@ struct LoraGroup {
   std::vector<std::vector<torch::Tensor>> b;    // per adapter: P packed B [out_p, R_j] (scale folded in)
   std::vector<int64_t> ranks;                   // R_j
   std::vector<int64_t> starts, widths;          // per part p: its columns of the group's output
-  void apply(const torch::Tensor& x, torch::Tensor& y, const c10::optional<torch::Tensor>& token_adapter) const;
+  std::vector<c10::optional<torch::Tensor>> mag;  // per adapter: DoRA factor, float32 [out] (1 on plain parts), or none
+  void apply(const torch::Tensor& x, torch::Tensor& y, const c10::optional<torch::Tensor>& token_adapter,
+             const c10::optional<torch::Tensor>& bias) const;
 };
 
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps);

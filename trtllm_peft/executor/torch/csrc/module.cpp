@@ -14,9 +14,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_decode", &tp::attend_decode, "RoPE + KV write + attention, one token per row");
   pybind11::class_<tp::LoraGroup>(m, "LoraGroup", pybind11::module_local())
       .def(pybind11::init<std::vector<c10::optional<torch::Tensor>>, std::vector<std::vector<torch::Tensor>>,
-                          std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>>(),
+                          std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
+                          std::vector<c10::optional<torch::Tensor>>>(),
            pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("ranks"), pybind11::arg("starts"),
-           pybind11::arg("widths"))
-      .def("apply", &tp::LoraGroup::apply, "y += each token's adapter's LoRA delta (token_adapter None: all adapter 0)",
-           pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("token_adapter"));
+           pybind11::arg("widths"), pybind11::arg("mag"))
+      .def("apply", &tp::LoraGroup::apply,
+           "y += each token's adapter's LoRA delta, then DoRA adapters' rows y = g*y + bias*(1-g) "
+           "(token_adapter None: all adapter 0)",
+           pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("token_adapter"), pybind11::arg("bias") = c10::nullopt);
 }
