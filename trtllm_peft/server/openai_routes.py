@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
@@ -125,22 +126,24 @@ def _params(
 
 
 def _logit_controls(rt: Runtime, body: _Sampling) -> dict[str, Any]:
-    """logit_bias, min_tokens, stop_token_ids, bad_words in engine terms; 400 naming a bad id."""
+    """logit_bias (as TensorRT-LLM's embedding_bias [vocab]), min_tokens, stop_token_ids (single-token stop
+    words), bad_words in engine terms; 400 naming a bad id."""
     vocab = rt.vocab_size
-    bias = []
+    bias = None
     for key, value in (body.logit_bias or {}).items():
         token = int(key) if key.lstrip("-").isdigit() else None
         if token is None or not 0 <= token < vocab:
             raise BadRequestError(f"logit_bias key {key!r} is not a token id: token ids are 0 to {vocab - 1}")
-        bias.append((token, float(value)))
+        bias = torch.zeros(vocab, dtype=torch.float32) if bias is None else bias
+        bias[token] = float(value)
     bad_ids = [t for t in body.stop_token_ids if not 0 <= t < vocab]
     if bad_ids:
         raise BadRequestError(f"stop_token_ids: {bad_ids[0]} is not a token id (0 to {vocab - 1})")
     return {
-        "logit_bias": tuple(bias),
-        "min_tokens": body.min_tokens,
-        "stop_token_ids": tuple(body.stop_token_ids),
-        "bad_words": _bad_words(rt, body.bad_words),
+        "embedding_bias": bias,
+        "min_tokens": body.min_tokens or None,
+        "stop_words": [[t] for t in body.stop_token_ids] or None,
+        "bad_words": [list(w) for w in _bad_words(rt, body.bad_words)] or None,
     }
 
 

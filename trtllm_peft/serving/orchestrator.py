@@ -78,10 +78,13 @@ class GenerationParams:
     # OpenAI log-probs, from the engine's raw logits (serving/logprobs.py): None = not asked; k alternatives
     top_logprobs: int | None = None
     prompt_logprobs: int | None = None  # the prompt's too (`echo`): needs the context logits
-    min_tokens: int = 0
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids checked against the vocabulary
-    stop_token_ids: tuple[int, ...] = ()
-    bad_words: tuple[tuple[int, ...], ...] = ()
+    # Triton's stock inputs, in TensorRT-LLM's terms (executor.h Request): an explicit end id (None: the
+    # tokenizer's EOS unless ignore_eos), stop / bad words as token-id sequences, minLength.
+    end_id: int | None = None
+    stop_words: list[list[int]] | None = None
+    bad_words: list[list[int]] | None = None
+    min_tokens: int | None = None
+    embedding_bias: torch.Tensor | None = None  # [vocab] float32, added to the logits
     guided: GuidedDecodingParams | None = None  # structured output / forced tool calls (executor/guided.py)
 
     def output_config(self) -> OutputConfig:
@@ -91,18 +94,6 @@ class GenerationParams:
             return_generation_logits=self.top_logprobs is not None,
             exclude_input_from_output=True,
         )
-
-    def embedding_bias(self, vocab: int) -> torch.Tensor | None:
-        """OpenAI's logit_bias as TensorRT-LLM's Request(embedding_bias=...): [vocab] float32."""
-        if not self.logit_bias:
-            return None
-        bias = torch.zeros(vocab, dtype=torch.float32)
-        for token, value in self.logit_bias:
-            bias[token] = value
-        return bias
-
-    def stop_words(self) -> list[list[int]] | None:
-        return [[t] for t in self.stop_token_ids] or None
 
     def sampling_config(self) -> SamplingConfig:
         # TensorRT-LLM samples only when top_k or top_p is set: OpenAI's default is sampling with
@@ -116,7 +107,7 @@ class GenerationParams:
             repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            min_tokens=self.min_tokens or None,
+            min_tokens=self.min_tokens,
         )
 
 
@@ -251,11 +242,11 @@ class Orchestrator:
             streaming=True,
             sampling_config=params.sampling_config(),
             output_config=params.output_config(),
-            end_id=None if params.ignore_eos else self.eos_token_id,
+            end_id=self._end_id(params),
             pad_id=self.pad_token_id,
-            bad_words=[list(w) for w in params.bad_words] or None,
-            stop_words=params.stop_words(),
-            embedding_bias=params.embedding_bias(self.spec.vocab_size),
+            stop_words=params.stop_words or None,
+            bad_words=params.bad_words or None,
+            embedding_bias=params.embedding_bias,
             lora_config=self._lora_config(entry, packed, with_weights=False) if entry else None,
             guided_decoding_params=params.guided,
         )
@@ -309,6 +300,11 @@ class Orchestrator:
             if result.context_logits is None:
                 raise EngineRequestError("the engine returned no context logits", ErrorKind.FAILED)
             step.prompt = prompt_logprobs(result.context_logits, prompt_ids, params.prompt_logprobs, vocab)
+
+    def _end_id(self, params: GenerationParams) -> int | None:
+        if params.end_id is not None:
+            return params.end_id
+        return None if params.ignore_eos else self.eos_token_id
 
     def _lora_config(self, entry: AdapterEntry, packed: PackedLora, *, with_weights: bool) -> LoraConfig:
         if with_weights or entry.task_id not in self._engine_has:
