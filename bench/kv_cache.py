@@ -56,10 +56,14 @@ def bench_memory(trees: dict[str, Path], settle: float) -> dict[str, float]:
     sys.path.insert(0, str(ROOT))
     from tests.integration.conftest import Server
 
-    out = {}
+    out, here = {}, Path.cwd()
     for name, tree in trees.items():
         log = Path(tempfile.mkdtemp()) / "serve.log"
-        server = Server(ENGINE, ROOT / "loras", log, PYTHONPATH=str(tree))
+        os.chdir(tree)  # `python -m` puts the working directory first on sys.path: run from the tree itself
+        try:
+            server = Server(ENGINE, ROOT / "loras", log, PYTHONPATH=str(tree))
+        finally:
+            os.chdir(here)
         try:
             time.sleep(settle)
             out[name] = rss_mb(server.proc.pid)

@@ -47,9 +47,9 @@ def test_a_cold_adapter_waits_for_a_lease_to_end_instead_of_429():
     asyncio.run(run())
 
 
-def test_first_come_first_served_even_for_cached_adapters():
-    """While a cold request waits, a request for a cached, leased adapter queues behind it: otherwise the
-    hot adapter's leases never end and the cold one starves (the issue's finding 8)."""
+def test_the_adapter_the_head_waits_for_gets_no_new_lease():
+    """While a cold request waits for adapter 1's room, a new request for 1 queues behind it: otherwise
+    1's leases never end and the cold one starves (the issue's finding 8)."""
 
     async def run():
         cache, q = _queue(1)
@@ -124,3 +124,25 @@ def test_failed_put_gives_the_reservation_back():
     cache.reserve(ONE)
     cache.put(1, packed(32), reserved=ONE)
     assert cache.reserved_units == 0 and freed == [0] and cache.used_units == ONE // 2
+
+
+def test_hot_adapters_the_head_does_not_need_keep_serving():
+    async def run():
+        cache, q = _queue(2)
+        cache.put(1, packed(64))
+        cache.put(3, packed(64))  # both leased; 1 is the least recently used
+        cold = asyncio.create_task(q.admit(2, ONE, _never_loading))
+        await asyncio.sleep(0.01)
+        assert not cold.done()
+        hot3 = await asyncio.wait_for(q.admit(3, ONE, _never_loading), 1)  # served at once
+        assert hot3.grant is Grant.HIT
+        hot1 = asyncio.create_task(q.admit(1, ONE, _never_loading))
+        await asyncio.sleep(0.01)
+        assert not hot1.done()  # 1's room is what the cold request waits for
+        cache.release(1)
+        assert (await cold).grant is Grant.LOAD and not hot1.done()
+        cache.put(2, packed(64), reserved=ONE)
+        cache.release(2)
+        assert (await hot1).grant is Grant.LOAD  # 1 was evicted for 2: it loads again, in its turn
+
+    asyncio.run(run())

@@ -72,6 +72,20 @@ class HostCache:
         entry = self._entries[task_id]
         return entry.leases > 0 or self.can_admit(entry.units)
 
+    def drain_candidates(self, units: int) -> list[int]:
+        """Cached task ids whose room (once idle) makes `units` fit: idle ones first, then leased ones,
+        least recently used first. What a waiting request needs to stop being leased."""
+        free = self.capacity_units - self.used_units - self.reserved_units
+        chosen = []
+        for leased in (False, True):
+            for task_id, entry in self._entries.items():
+                if free >= units:
+                    return chosen
+                if bool(entry.leases) == leased:
+                    chosen.append(task_id)
+                    free += entry.units
+        return chosen
+
     def reserve(self, units: int) -> None:
         """Promise `units` to a load (`can_admit` must hold); `put(..., reserved=units)` redeems it."""
         self.reserved_units += units

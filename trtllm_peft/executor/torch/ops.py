@@ -157,13 +157,15 @@ class KernelOps(TorchOps):
         return self.k.silu_mul(gu)
 
     def attend_decode(self, qkv, cos, sin, positions, cache, layer, shape, tables) -> torch.Tensor:
-        return self.k.attend_decode(qkv, cos, sin, positions, cache.k[layer], cache.v[layer], tables, *shape)
+        k, v = cache.k[layer], cache.v[layer]
+        return self.k.attend_decode(qkv, cos, sin, positions, k, v, tables, *shape, False)
 
     def attend_chunk(self, qkv, cos, sin, positions, cache, layer, shape, table) -> torch.Tensor:
         # the decode kernel with one row per token, all on the same block table (it stores every row's k/v
         # before any row attends): no gather of the cached prefix, no mask
         tables = table[None].expand(qkv.shape[0], -1).contiguous()
-        return self.attend_decode(qkv, cos, sin, positions, cache, layer, shape, tables)
+        k, v = cache.k[layer], cache.v[layer]
+        return self.k.attend_decode(qkv, cos, sin, positions, k, v, tables, *shape, True)
 
 
 def ops_for(device: torch.device, dtype: torch.dtype, use_kernels: bool = True) -> TorchOps:

@@ -110,6 +110,7 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
 torch::Tensor silu_mul(const torch::Tensor& gu);
 torch::Tensor attend_decode(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                             const torch::Tensor& positions, torch::Tensor& kc, torch::Tensor& vc,
-                            const torch::Tensor& tables, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
+                            const torch::Tensor& tables, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                            bool store_first);
 
 }  // namespace trtllm_peft

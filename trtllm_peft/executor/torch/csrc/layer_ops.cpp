@@ -137,7 +137,7 @@ void attend_head_any(const float* q, int64_t g, const T* const* keys, const T* c
 template <typename T>
 void attend_rows(const T* qkv, int64_t ld, const T* cos, const T* sin, const int64_t* pos, const int32_t* tables,
                  int64_t width, T* kc, T* vc, T* out, int64_t B, int64_t nh, int64_t nkv, int64_t hd, int64_t tpb,
-                 int64_t num_blocks) {
+                 int64_t num_blocks, bool store_first) {
   const int64_t g = nh / nkv, qd = nh * hd, kvd = nkv * hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   int64_t work = 0;
@@ -153,22 +153,25 @@ void attend_rows(const T* qkv, int64_t ld, const T* cos, const T* sin, const int
     const int64_t p = pos[b];
     return (static_cast<int64_t>(tables[b * width + p / tpb]) * nkv + h) * tpb * hd + (p % tpb) * hd;
   };
-  // Two passes: every row's k and v are stored before any row attends, so rows of one sequence at
-  // consecutive positions (a prompt chunk over cached blocks) see each other causally.
-  parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; u++) {
-      const int64_t b = u / nkv, h = u % nkv, p = pos[b];
-      const T* row = qkv + b * ld;
-      rope(row + qd + h * hd, cos + p * hd, sin + p * hd, hd, kc + slot(b, h));
-      std::memcpy(vc + slot(b, h), row + qd + kvd + h * hd, hd * sizeof(T));
-    }
-  });
+  auto store = [&](int64_t b, int64_t h) {
+    const T* row = qkv + b * ld;
+    rope(row + qd + h * hd, cos + pos[b] * hd, sin + pos[b] * hd, hd, kc + slot(b, h));
+    std::memcpy(vc + slot(b, h), row + qd + kvd + h * hd, hd * sizeof(T));
+  };
+  // store_first (a prompt chunk: rows of one sequence at consecutive positions): every row's k and v are
+  // stored before any row attends, so the rows see each other causally. Decode rows (one per sequence) never
+  // read each other's slots: store and attend in one pass, one wake-up of the workers per layer.
+  if (store_first)
+    parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; u++) store(u / nkv, u % nkv);
+    });
   parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
     std::vector<float> scores, q(g * hd);
     std::vector<const T*> kb, vb;
     for (int64_t u = u0; u < u1; u++) {
       const int64_t b = u / nkv, h = u % nkv, p = pos[b], nb = p / tpb + 1;
       const T* row = qkv + b * ld;
+      if (!store_first) store(b, h);
       kb.resize(nb), vb.resize(nb);
       for (int64_t j = 0; j < nb; j++) {
         const int64_t tile = (static_cast<int64_t>(tables[b * width + j]) * nkv + h) * tpb * hd;
@@ -212,10 +215,12 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
 
 // qkv [B, q + 2kv] (this step's projections), cos/sin [L, hd], positions [B], kc/vc this layer's paged cache
 // [num_blocks, kv, tpb, hd], tables [B, W] int32 block tables: rotates q and k, stores k and v at each row's
-// position, returns attention [B, q]. Rows may share a table (a prompt chunk: one row per token).
+// position, returns attention [B, q]. store_first: the rows are one prompt chunk sharing a table (one row per
+// token), so all are stored before any attends.
 torch::Tensor attend_decode(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                             const torch::Tensor& positions, torch::Tensor& kc, torch::Tensor& vc,
-                            const torch::Tensor& tables, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+                            const torch::Tensor& tables, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                            bool store_first) {
   check_rows(qkv, "qkv");
   TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(),
               "attend_decode: cache and tables must be contiguous");
@@ -233,7 +238,7 @@ torch::Tensor attend_decode(const torch::Tensor& qkv, const torch::Tensor& cos, 
     using T = decltype(tag);
     attend_rows<T>(qkv.data_ptr<T>(), qkv.stride(0), cos.data_ptr<T>(), sin.data_ptr<T>(), positions.data_ptr<int64_t>(),
                    tables.data_ptr<int32_t>(), tables.size(1), kc.data_ptr<T>(), vc.data_ptr<T>(), out.data_ptr<T>(), B,
-                   num_heads, num_kv_heads, head_dim, kc.size(2), kc.size(0));
+                   num_heads, num_kv_heads, head_dim, kc.size(2), kc.size(0), store_first);
   });
   return out;
 }
