@@ -183,3 +183,57 @@ def test_the_widest_dora_row_is_within_the_npy_read_limits(tiny_spec):
             torch.zeros(r, d_in), torch.zeros(d_out, r), magnitude=torch.ones(d_out), normalized=True
         )
         assert row_size(w) <= max_row_width(tiny_spec)
+
+
+def test_reads_dora_rows_laid_out_as_tensorrt_llm_writes_them(tiny_spec, tmp_path):
+    """Rows built by hand the way lora_manager / hf_lora_convert concatenate them (A, B·scale, magnitude, then
+    zero padding; config [id, layer, r, 1]), independently of lora.pack, read back by our .npy reader."""
+    from trtllm_peft.lora.modules import MODULE_IDS
+
+    g = torch.Generator().manual_seed(3)
+    entries, rows, config = {}, [], []
+    for layer, module, r in [(0, "attn_q", 2), (1, "mlp_4h_to_h", 3), (2, "attn_v", 1)]:
+        d_in, d_out = tiny_spec.module_dims(module)
+        a, b, m = (
+            torch.randn(r, d_in, generator=g),
+            torch.randn(d_out, r, generator=g),
+            torch.rand(d_out) + 0.5,
+        )
+        entries[(layer, module)] = (a, b, m)
+        rows.append(torch.cat([a.flatten(), b.flatten(), m]))
+        config.append([MODULE_IDS[module], layer, r, 1])
+    width = max(len(r) for r in rows)
+    weights = torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rows])
+    (tmp_path / "t").mkdir()
+    np.save(tmp_path / "t" / "model.lora_weights.npy", weights.numpy()[None])
+    np.save(tmp_path / "t" / "model.lora_config.npy", np.array(config, dtype=np.int32)[None])
+    adapter = formats.load(tmp_path / "t", tiny_spec)
+    for key, (a, b, m) in entries.items():
+        w = adapter.weights[key]
+        assert w.normalized and torch.equal(w.a, a) and torch.equal(w.b, b) and torch.equal(w.magnitude, m)
+
+
+def test_hf_lora_convert_without_a_base_model_refuses_dora_with_the_way_out(peft_dora, tmp_path, capsys):
+    """TensorRT-LLM's converter appends the magnitude as stored, right only after normalize_weights.py; ours
+    has no base model to normalize with, so it says how to convert instead of writing wrong rows."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "converters" / "hf_lora_convert.py"
+    spec = importlib.util.spec_from_file_location("hf_lora_convert", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["-i", str(peft_dora[0]), "-o", str(tmp_path / "o"), "--storage-type", "float32"]) == 2
+    assert "trtllm-peft convert --to trtllm --base" in capsys.readouterr().err
+
+
+def test_inspect_reports_dora_and_its_form(peft_dora, tiny_spec, base_dir, tmp_path):
+    from trtllm_peft.inspect_adapter import inspect, render
+
+    report = inspect(peft_dora[0], tiny_spec)
+    assert report.ok and report.dora == "trained" and "DoRA      magnitudes trained" in render(report)
+    formats.save(formats.load(peft_dora[0]), tmp_path / "t", "trtllm", tiny_spec, BaseWeights.open(base_dir))
+    assert inspect(tmp_path / "t", tiny_spec).dora == "normalized"
+    plain = tmp_path / "plain"
+    make_peft_adapter(plain)
+    assert inspect(plain, tiny_spec).dora is None

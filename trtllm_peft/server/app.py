@@ -17,24 +17,35 @@ from trtllm_peft.server.http_errors import error_response
 from trtllm_peft.server.limits import BodyLimitMiddleware, Limits
 from trtllm_peft.server.openai_routes import router as openai_router
 from trtllm_peft.server.runtime import Runtime
+from trtllm_peft.server.triton.grpc_service import start_grpc
 from trtllm_peft.server.triton.routes import router as triton_router
 from trtllm_peft.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, executor_factory) -> FastAPI:
-    """The server for `settings`; `executor_factory(settings, engine_dir) -> Executor` picks the backend."""
+def create_app(settings: Settings, executor_factory, host: str = "0.0.0.0") -> FastAPI:
+    """The server for `settings`; `executor_factory(settings, engine_dir) -> Executor` picks the backend.
+
+    The KServe v2 gRPC service (settings.grpc_port, 0 = off) runs in the same event loop, on `host`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.runtime = None
-        app.state.runtime = await Runtime.start(settings, executor_factory)
-        log.info("ready: http://0.0.0.0:%d/v1/models", settings.server_port)
+        grpc_server = None
+        if settings.grpc_port:
+            grpc_server = await start_grpc(
+                app.state, host, settings.grpc_port, settings.max_triton_request_bytes
+            )
         try:
+            app.state.runtime = await Runtime.start(settings, executor_factory)
+            log.info("ready: http://0.0.0.0:%d/v1/models", settings.server_port)
             yield
         finally:
-            await app.state.runtime.close()
+            if grpc_server is not None:
+                await grpc_server.stop(grace=2)
+            if app.state.runtime is not None:
+                await app.state.runtime.close()
 
     app = FastAPI(
         title="trtllm-peft",

@@ -74,6 +74,13 @@ class GenerationParams:
     frequency_penalty: float | None = None
     ignore_eos: bool = False
     logprobs: bool = False
+    # Triton's stock inputs, in TensorRT-LLM's terms (executor.h Request): an explicit end id (None: the
+    # tokenizer's EOS unless ignore_eos), stop / bad words as token-id sequences, minLength.
+    end_id: int | None = None
+    stop_words: list[list[int]] | None = None
+    bad_words: list[list[int]] | None = None
+    min_tokens: int | None = None
+    embedding_bias: torch.Tensor | None = None  # [vocab] float32, added to the logits
     guided: GuidedDecodingParams | None = None  # structured output / forced tool calls (executor/guided.py)
 
     def sampling_config(self) -> SamplingConfig:
@@ -88,6 +95,7 @@ class GenerationParams:
             repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
+            min_tokens=self.min_tokens,
         )
 
 
@@ -218,8 +226,11 @@ class Orchestrator:
             streaming=True,
             sampling_config=params.sampling_config(),
             output_config=OutputConfig(return_log_probs=params.logprobs, exclude_input_from_output=True),
-            end_id=None if params.ignore_eos else self.eos_token_id,
+            end_id=self._end_id(params),
             pad_id=self.pad_token_id,
+            stop_words=params.stop_words or None,
+            bad_words=params.bad_words or None,
+            embedding_bias=params.embedding_bias,
             lora_config=self._lora_config(entry, packed, with_weights=False) if entry else None,
             guided_decoding_params=params.guided,
         )
@@ -255,6 +266,11 @@ class Orchestrator:
                     first = False
             if not retry:
                 return
+
+    def _end_id(self, params: GenerationParams) -> int | None:
+        if params.end_id is not None:
+            return params.end_id
+        return None if params.ignore_eos else self.eos_token_id
 
     def _lora_config(self, entry: AdapterEntry, packed: PackedLora, *, with_weights: bool) -> LoraConfig:
         if with_weights or entry.task_id not in self._engine_has:
