@@ -3,7 +3,7 @@
 /v2, /v2/health/{live,ready}, /v2/repository/index, /v2/models/{model}[/versions/1][/ready | /config |
 /infer | /generate | /generate_stream]. Models (models.py): tensorrtllm_backend's stock five (`ensemble`,
 `tensorrt_llm_bls`, `preprocessing`, `tensorrt_llm`, `postprocessing`; LoRA by `lora_task_id` [+
-`lora_weights`, `lora_config`]), the base model, and every adapter by name. The gRPC service (grpc.py)
+`lora_weights`, `lora_config`]), the base model, and every adapter by name. The gRPC service (grpc_service.py)
 serves the same models with the same semantics. Errors are Triton's `{"error": "..."}` with Triton's
 status codes, not OpenAI's error object.
 """
