@@ -72,7 +72,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from trtllm_peft.server.drain import GracefulServer
     from trtllm_peft.server.http_protocol import protocol_with_read_timeout
 
-    settings = settings.replace(engine_dir=args.engine, server_port=args.port, peft_source=args.peft_source)
+    settings = settings.replace(
+        engine_dir=args.engine, server_port=args.port, grpc_port=args.grpc_port, peft_source=args.peft_source
+    )
     log.info(
         "engine %s, adapters from %s",
         settings.engine_dir,
@@ -80,7 +82,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     )
     # the engine starts before the port opens: a bad engine or memory plan is one line and exit 2
     executor = create_executor(settings, EngineDir.open(settings.engine_dir))
-    app = create_app(settings, lambda *_: executor)
+    app = create_app(settings, lambda *_: executor, host=args.host)
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -156,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peft-source", type=Path, default=None, help="adapter root (default NIM_PEFT_SOURCE)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=None, help="port (default NIM_SERVER_PORT, 8000)")
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="KServe v2 gRPC port (default TRTLLM_PEFT_GRPC_PORT, 8001; 0 turns gRPC off)",
+    )
     p.set_defaults(func=cmd_serve)
 
     _add_engine_commands(sub)

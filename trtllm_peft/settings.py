@@ -33,6 +33,7 @@ class Settings:
     max_lora_rank: int = 32  # NIM_MAX_LORA_RANK: largest rank the engine accepts
     served_model_name: str | None = None  # NIM_SERVED_MODEL_NAME: id of the base model in /v1/models
     server_port: int = 8000  # NIM_SERVER_PORT
+    grpc_port: int = 8001  # TRTLLM_PEFT_GRPC_PORT: KServe v2 gRPC (Triton's 8001); 0 turns it off
     max_model_len: int | None = None  # NIM_MAX_MODEL_LEN: longest prompt + completion
     log_level: str = "INFO"  # NIM_LOG_LEVEL
     jsonl_logging: bool = False  # NIM_JSONL_LOGGING: one JSON object per log line
@@ -63,6 +64,8 @@ class Settings:
     hf_token: str | None = field(default=None, repr=False)  # HF_TOKEN (or HUGGING_FACE_HUB_TOKEN)
     hf_endpoint: str = "https://huggingface.co"  # HF_ENDPOINT: the Hugging Face Hub (or a mirror)
     ngc_api_key: str | None = field(default=None, repr=False)  # NGC_API_KEY (or NGC_CLI_API_KEY)
+    # TRTLLM_PEFT_API_KEY: when set, /v1/* and /v2/* (health routes excepted) need `Authorization: Bearer <key>`
+    api_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -77,6 +80,7 @@ class Settings:
             max_lora_rank=reader.integer("NIM_MAX_LORA_RANK", 32, minimum=1),
             served_model_name=env.get("NIM_SERVED_MODEL_NAME") or None,
             server_port=reader.integer("NIM_SERVER_PORT", 8000, minimum=1, maximum=65535),
+            grpc_port=reader.integer("TRTLLM_PEFT_GRPC_PORT", 8001, minimum=0, maximum=65535),
             max_model_len=reader.integer("NIM_MAX_MODEL_LEN", None, minimum=1),
             log_level=reader.choice("NIM_LOG_LEVEL", "INFO", LOG_LEVELS),
             jsonl_logging=reader.boolean("NIM_JSONL_LOGGING"),
@@ -108,9 +112,15 @@ class Settings:
             hf_token=reader.text("HF_TOKEN", fallback="HUGGING_FACE_HUB_TOKEN"),
             hf_endpoint=reader.url("HF_ENDPOINT") or cls.hf_endpoint,
             ngc_api_key=reader.text("NGC_API_KEY", fallback="NGC_CLI_API_KEY"),
+            api_key=reader.text("TRTLLM_PEFT_API_KEY"),
         )
         reader.raise_if_errors()
         settings = cls(**values)
+        if settings.grpc_port == settings.server_port:
+            raise SettingsError(
+                f"TRTLLM_PEFT_GRPC_PORT ({settings.grpc_port}) must differ from NIM_SERVER_PORT: "
+                "gRPC has its own port (0 turns it off)"
+            )
         if settings.max_cpu_loras < settings.max_gpu_loras:
             raise SettingsError(
                 f"NIM_MAX_CPU_LORAS ({settings.max_cpu_loras}) must be >= NIM_MAX_GPU_LORAS "

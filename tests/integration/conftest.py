@@ -117,12 +117,15 @@ class Server:
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = free_port()  # KServe v2 gRPC: never Triton's 8001, several servers run at once
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.log = log
         full_env = {
             **os.environ,
             "NIM_PEFT_SOURCE": str(peft_source),
             "TRTLLM_PEFT_ENGINE_DIR": str(engine),
             "NIM_SERVER_PORT": str(self.port),
+            "TRTLLM_PEFT_GRPC_PORT": str(self.grpc_port),
             **env,
         }
         with open(log, "w") as out:  # the child keeps its own copy of the descriptor

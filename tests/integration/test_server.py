@@ -178,8 +178,9 @@ def test_chat_streaming_and_not(client):
 def test_logprobs_echo_stop_n_seed(client):
     r = greedy(client, "smollm2", n=5, logprobs=1, echo=True)
     lp = r.choices[0].logprobs
-    assert r.choices[0].text.startswith(PROMPT) and len(lp.tokens) == 5
-    assert all(x <= 0 for x in lp.token_logprobs)
+    # echo + logprobs: the prompt's tokens first (the first without a log-prob), then the 5 generated
+    assert r.choices[0].text.startswith(PROMPT) and len(lp.tokens) == r.usage.prompt_tokens + 5
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
     full = greedy(client, "smollm2", n=12).choices[0].text
     word = full.split()[2]
     cut = greedy(client, "smollm2", n=12, stop=[word])

@@ -118,7 +118,7 @@ def infer(triton, model, inputs, outputs=("text_output",), binary=True):
 
 
 def text(result) -> str:
-    value = result.as_numpy("text_output")[0][0]
+    value = result.as_numpy("text_output")[0]  # shape [1], as the stock postprocessing answers
     return value.decode() if isinstance(value, bytes) else value  # binary BYTES vs JSON strings
 
 
@@ -145,7 +145,8 @@ def test_health_metadata_and_repository(triton, server):
     assert inputs["lora_task_id"]["datatype"] == "UINT64"
     assert "lora_task_id" not in {i["name"] for i in triton.get_model_metadata("sql")["inputs"]}
     index = {m["name"]: m["state"] for m in triton.get_model_repository_index()}
-    assert index == {"ensemble": "READY", "tensorrt_llm_bls": "READY", "smollm2": "READY", "sql": "READY"}
+    stock = ("ensemble", "tensorrt_llm_bls", "preprocessing", "tensorrt_llm", "postprocessing")
+    assert index == {name: "READY" for name in (*stock, "smollm2", "sql")}
     with pytest.raises(InferenceServerException, match="Request for unknown model: 'nope' is not found"):
         triton.get_model_metadata("nope")
     assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
@@ -263,14 +264,20 @@ def test_generate_and_generate_stream(server):
     out = r.json()
     assert out["model_name"] == "ensemble" and out["model_version"] == "1"
     assert out["text_output"] == openai_text(server, "smollm2")
-    events = []
-    with httpx.stream("POST", f"{server.url}/v2/models/sql/generate_stream", json=body, timeout=120) as s:
-        assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
-        events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")]
-    assert len(events) > 1 and "".join(e["text_output"] for e in events) == openai_text(server, "sql")
-    bad = httpx.post(f"{server.url}/v2/models/ensemble/generate", json={**body, "min_tokens": 3}, timeout=30)
+
+    def stream(streaming: bool) -> list[dict]:
+        url = f"{server.url}/v2/models/sql/generate_stream"
+        with httpx.stream("POST", url, json={**body, "stream": streaming}, timeout=120) as s:
+            assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+            return [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")]
+
+    # the documented `"stream": true` gives one event per step (the decoupled model's responses), else one
+    events = stream(True)
+    assert len(events) == N and "".join(e["text_output"] for e in events) == openai_text(server, "sql")
+    assert [e["text_output"] for e in stream(False)] == [openai_text(server, "sql")]
+    bad = httpx.post(f"{server.url}/v2/models/ensemble/generate", json={**body, "min_length": 3}, timeout=30)
     assert bad.status_code == 400 and bad.json() == {
-        "error": "unexpected inference input 'min_tokens' for model 'ensemble'"
+        "error": "unexpected inference input 'min_length' for model 'ensemble'"
     }
     gone = httpx.post(f"{server.url}/v2/models/nope/generate", json=body, timeout=30)
     assert gone.status_code == 400 and "Request for unknown model" in gone.json()["error"]

@@ -56,6 +56,8 @@ def test_local_peft_directory_is_the_fallback():
         ({"NIM_LOG_LEVEL": "loud"}, "NIM_LOG_LEVEL='loud' must be one of"),
         ({"TRTLLM_PEFT_BACKEND": "onnx"}, "TRTLLM_PEFT_BACKEND='onnx' must be one of auto, torch, trtllm"),
         ({"TRTLLM_PEFT_CPU_KERNELS": "fast"}, "TRTLLM_PEFT_CPU_KERNELS='fast' must be one of 1, 0"),
+        ({"TRTLLM_PEFT_GRPC_PORT": "-1"}, "TRTLLM_PEFT_GRPC_PORT=-1 must be between 0 and 65535"),
+        ({"TRTLLM_PEFT_GRPC_PORT": "8000"}, "TRTLLM_PEFT_GRPC_PORT (8000) must differ from NIM_SERVER_PORT"),
         (
             {"NIM_MAX_GPU_LORAS": "32", "NIM_MAX_CPU_LORAS": "16"},
             "NIM_MAX_CPU_LORAS (16) must be >= NIM_MAX_GPU_LORAS",

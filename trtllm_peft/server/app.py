@@ -13,28 +13,40 @@ from starlette.exceptions import HTTPException
 from trtllm_peft import __version__
 from trtllm_peft.errors import TrtllmPeftError
 from trtllm_peft.server.drain import Drain, DrainMiddleware
+from trtllm_peft.server.edge import EdgeMiddleware
 from trtllm_peft.server.http_errors import error_response
 from trtllm_peft.server.limits import BodyLimitMiddleware, Limits
 from trtllm_peft.server.openai_routes import router as openai_router
 from trtllm_peft.server.runtime import Runtime
+from trtllm_peft.server.triton.grpc_service import start_grpc
 from trtllm_peft.server.triton.routes import router as triton_router
 from trtllm_peft.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, executor_factory) -> FastAPI:
-    """The server for `settings`; `executor_factory(settings, engine_dir) -> Executor` picks the backend."""
+def create_app(settings: Settings, executor_factory, host: str = "0.0.0.0") -> FastAPI:
+    """The server for `settings`; `executor_factory(settings, engine_dir) -> Executor` picks the backend.
+
+    The KServe v2 gRPC service (settings.grpc_port, 0 = off) runs in the same event loop, on `host`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.runtime = None
-        app.state.runtime = await Runtime.start(settings, executor_factory)
-        log.info("ready: http://0.0.0.0:%d/v1/models", settings.server_port)
+        grpc_server = None
+        if settings.grpc_port:
+            grpc_server = await start_grpc(
+                app.state, host, settings.grpc_port, settings.max_triton_request_bytes
+            )
         try:
+            app.state.runtime = await Runtime.start(settings, executor_factory)
+            log.info("ready: http://0.0.0.0:%d/v1/models", settings.server_port)
             yield
         finally:
-            await app.state.runtime.close()
+            if grpc_server is not None:
+                await grpc_server.stop(grace=2)
+            if app.state.runtime is not None:
+                await app.state.runtime.close()
 
     app = FastAPI(
         title="trtllm-peft",
@@ -46,6 +58,7 @@ def create_app(settings: Settings, executor_factory) -> FastAPI:
     app.include_router(triton_router)
     _add_management_routes(app)
     _add_error_handlers(app)
+    app.add_middleware(EdgeMiddleware, api_key=settings.api_key)  # API key, X-Request-Id
     limits = Limits(settings.max_request_bytes, settings.max_triton_request_bytes, settings.read_timeout)
     app.add_middleware(BodyLimitMiddleware, limits=limits)
     app.state.drain = Drain()
@@ -59,16 +72,19 @@ def _add_management_routes(app: FastAPI) -> None:
         return {"object": "health.response", "message": "live"}
 
     @app.get("/v1/health/ready")
+    @app.get("/health")  # vLLM's path (probes written for vLLM)
     async def ready(request: Request):
         if getattr(request.app.state, "runtime", None) is None or request.app.state.drain.draining:
             return JSONResponse({"object": "health.response", "message": "not ready"}, status_code=503)
         return {"object": "health.response", "message": "ready"}
 
     @app.get("/v1/version")
+    @app.get("/version")  # vLLM's path; `version` is vLLM's key
     async def version():
-        return {"release": __version__, "api": "1.0.0"}
+        return {"release": __version__, "api": "1.0.0", "version": __version__}
 
     @app.get("/v1/metrics")
+    @app.get("/metrics")  # vLLM's path, scraped by default by the Gateway API Inference Extension
     async def metrics(request: Request):
         rt: Runtime | None = getattr(request.app.state, "runtime", None)
         if rt is None:

@@ -1,8 +1,9 @@
-"""One HTTP generation request: n sequences, tokens → text, stop strings, usage, metrics.
+"""One HTTP generation request: prompts × n sequences, tokens → text, stop strings, usage, metrics.
 
-Every sequence is *primed* (its first step awaited) before any byte goes out, so a 404, 422 or 429 is a
-real HTTP status, not an error inside a 200 stream. Leaving early (client gone, stop string) closes the
-sequence, which cancels its engine request.
+Sequence i·n + j is prompt i's j-th sample (OpenAI's and vLLM's choice index). All are submitted together
+(so the engine batches them) and *primed* (their first step awaited) before any byte goes out, so a 404,
+422 or 429 is a real HTTP status, not an error inside a 200 stream. Leaving early (client gone, stop
+string) closes the sequence, which cancels its engine request.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
 from trtllm_peft.errors import TrtllmPeftError
+from trtllm_peft.serving.logprobs import TokenLogprob
 from trtllm_peft.serving.orchestrator import GenerationParams, Orchestrator
 from trtllm_peft.serving.stop import StopMatcher
 from trtllm_peft.serving.tokenizer import Tokenizer
@@ -29,6 +31,7 @@ class Piece:
     token_ids: list[int]
     logprobs: list[float] | None
     finish_reason: str | None = None
+    top: list[TokenLogprob] | None = None  # OpenAI log-probs of token_ids, when asked
 
 
 @dataclass
@@ -40,6 +43,7 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    top: list[TokenLogprob] = field(default_factory=list)
 
 
 class Generation:
@@ -52,25 +56,28 @@ class Generation:
         metrics,
         *,
         model: str,
-        prompt_ids: list[int],
+        prompts: list[list[int]],
         params: GenerationParams,
         stops: list[str],
         n: int,
     ):
         self.orch, self.tok, self.metrics = orch, tok, metrics
-        self.model, self.prompt_ids, self.params, self.stops, self.n = model, prompt_ids, params, stops, n
+        self.model, self.prompts, self.params, self.stops = model, prompts, params, stops
+        self.per_prompt, self.n = n, n * len(prompts)  # n: sequences in all
         self.completion_tokens = 0
+        self.prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}  # prompt index → its log-probs
         self._streams: list[AsyncIterator[Piece]] = []
         self._firsts: list[Piece] = []
 
     async def start(self) -> None:
-        """Open every sequence and await its first piece; raises TrtllmPeftError before anything is sent."""
-        seeds = choice_seeds(self.params.seed, self.n)
+        """Open every sequence and await their first pieces together (one batch for the engine); raises
+        TrtllmPeftError before anything is sent. Choice j of each prompt samples with seed + j."""
+        seeds = choice_seeds(self.params.seed, self.per_prompt)
         try:
             for i in range(self.n):
-                stream = self._pieces(i, replace(self.params, seed=seeds[i]))
-                self._streams.append(stream)
-                self._firsts.append(await anext(stream))
+                params = replace(self.params, seed=seeds[i % self.per_prompt])
+                self._streams.append(self._pieces(i, self.prompts[i // self.per_prompt], params))
+            self._firsts = list(await asyncio.gather(*(anext(s) for s in self._streams)))
         except BaseException as e:
             await self.aclose()
             if isinstance(e, TrtllmPeftError):
@@ -115,6 +122,7 @@ class Generation:
             s.text += p.text
             s.token_ids += p.token_ids
             s.logprobs += p.logprobs or []
+            s.top += p.top or []
             s.finish_reason = p.finish_reason or s.finish_reason
         return seqs
 
@@ -122,26 +130,31 @@ class Generation:
         for s in self._streams:
             await s.aclose()
 
-    async def _pieces(self, index: int, params: GenerationParams) -> AsyncIterator[Piece]:
+    async def _pieces(
+        self, index: int, prompt_ids: list[int], params: GenerationParams
+    ) -> AsyncIterator[Piece]:
         detok, stop = self.tok.stream(), StopMatcher(self.stops)
         start = time.perf_counter()
         first_at, tokens, reason = None, 0, None
         labels = (self.model,)
         self.metrics.adapter_requests.labels(self.model).inc()
         try:
-            async with aclosing(self.orch.generate(self.model, self.prompt_ids, params)) as steps:
+            async with aclosing(self.orch.generate(self.model, prompt_ids, params)) as steps:
                 async for step in steps:
                     first_at = first_at or time.perf_counter()
                     tokens += len(step.token_ids)
-                    text = stop.feed("".join(detok.step(t) for t in step.token_ids))
+                    self.completion_tokens += len(step.token_ids)  # current before the piece is out
+                    if step.prompt is not None:
+                        self.prompt_logprobs[index // self.per_prompt] = step.prompt
+                    text = "".join(detok.step(t) for t in step.token_ids)
+                    text = stop.feed(text + (detok.flush() if step.finish_reason else ""))
                     reason = "stop" if stop.stopped else step.finish_reason
                     if reason and not stop.stopped:
                         text += stop.flush()
-                    yield Piece(index, text, step.token_ids, step.logprobs, reason)
+                    yield Piece(index, text, step.token_ids, step.logprobs, reason, step.top)
                     if reason:
                         return
         finally:
-            self.completion_tokens += tokens
             self._record(labels, start, first_at, tokens, reason)
 
     def _record(self, labels, start, first_at, tokens, reason) -> None:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
@@ -20,8 +21,15 @@ from trtllm_peft.server import structured, tools
 from trtllm_peft.server.generation import Generation, Piece, Sequence
 from trtllm_peft.server.http_errors import BadRequestError
 from trtllm_peft.server.json_body import JsonRoute
+from trtllm_peft.server.openai_logprobs import CompletionLogprobs, chat_logprobs, merge_blocks
 from trtllm_peft.server.runtime import Runtime
-from trtllm_peft.server.schemas import ChatCompletionRequest, CompletionRequest, Usage, _Sampling
+from trtllm_peft.server.schemas import (
+    MAX_CHOICES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Usage,
+    _Sampling,
+)
 from trtllm_peft.serving.orchestrator import GenerationParams
 
 router = APIRouter(route_class=JsonRoute)  # bodies checked (UTF-8, depth, Unicode) before validation
@@ -78,7 +86,13 @@ def _card(model_id: str, root: str, created: float) -> dict[str, Any]:
 
 
 def _params(
-    rt: Runtime, body: _Sampling, prompt_len: int, max_tokens: int | None, logprobs: bool
+    rt: Runtime,
+    body: _Sampling,
+    prompt_len: int,
+    max_tokens: int | None,
+    *,
+    top_logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
 ) -> GenerationParams:
     limit = rt.max_model_len
     if prompt_len >= limit:
@@ -105,34 +119,81 @@ def _params(
         presence_penalty=body.presence_penalty or None,
         frequency_penalty=body.frequency_penalty or None,
         ignore_eos=bool(body.ignore_eos or (nv and nv.ignore_eos)),
-        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        prompt_logprobs=prompt_logprobs,
+        **_logit_controls(rt, body),
     )
 
 
-async def _start(rt: Runtime, body: _Sampling, prompt_ids: list[int], params: GenerationParams) -> Generation:
+def _logit_controls(rt: Runtime, body: _Sampling) -> dict[str, Any]:
+    """logit_bias (as TensorRT-LLM's embedding_bias [vocab]), min_tokens, stop_token_ids (single-token stop
+    words), bad_words in engine terms; 400 naming a bad id."""
+    vocab = rt.vocab_size
+    bias = None
+    for key, value in (body.logit_bias or {}).items():
+        token = int(key) if key.lstrip("-").isdigit() else None
+        if token is None or not 0 <= token < vocab:
+            raise BadRequestError(f"logit_bias key {key!r} is not a token id: token ids are 0 to {vocab - 1}")
+        bias = torch.zeros(vocab, dtype=torch.float32) if bias is None else bias
+        bias[token] = float(value)
+    bad_ids = [t for t in body.stop_token_ids if not 0 <= t < vocab]
+    if bad_ids:
+        raise BadRequestError(f"stop_token_ids: {bad_ids[0]} is not a token id (0 to {vocab - 1})")
+    return {
+        "embedding_bias": bias,
+        "min_tokens": body.min_tokens or None,
+        "stop_words": [[t] for t in body.stop_token_ids] or None,
+        "bad_words": [list(w) for w in _bad_words(rt, body.bad_words)] or None,
+    }
+
+
+def _bad_words(rt: Runtime, words: list[str]) -> tuple[tuple[int, ...], ...]:
+    """Each word's token ids, alone and after a space (as vLLM tokenizes bad_words)."""
+    out: list[tuple[int, ...]] = []
+    for word in words:
+        if not word or len(word) > 256:
+            raise BadRequestError("bad_words: each word must have 1 to 256 characters")
+        for variant in (word, " " + word.lstrip()):
+            ids = tuple(rt.tokenizer.encode(variant, add_special_tokens=False))
+            if ids and ids not in out:
+                out.append(ids)
+    return tuple(out)
+
+
+async def _start(
+    rt: Runtime, body: _Sampling, prompts: list[list[int]], params: GenerationParams
+) -> Generation:
+    """Every prompt × n sequences submitted together (they batch in the engine)."""
     gen = Generation(
         rt.orchestrator,
         rt.tokenizer,
         rt.metrics,
         model=body.model,
-        prompt_ids=prompt_ids,
+        prompts=prompts,
         params=params,
         stops=body.stop,
         n=body.n,
     )
     await gen.start()
-    rt.metrics.prompt_tokens.labels(body.model).inc(len(prompt_ids) * body.n)
-    rt.metrics.request_prompt.labels(body.model).observe(len(prompt_ids))
+    for p in prompts:
+        rt.metrics.prompt_tokens.labels(body.model).inc(len(p) * body.n)
+        rt.metrics.request_prompt.labels(body.model).observe(len(p))
     return gen
 
 
-def _usage(prompt_len: int, gen: Generation, n: int) -> dict[str, int]:
-    prompt = prompt_len * n
+def _usage(prompt_tokens: int, gen: Generation) -> dict[str, int]:
+    """Each prompt counted once, whatever n (as OpenAI and vLLM count); completion tokens of all choices."""
     return Usage(
-        prompt_tokens=prompt,
+        prompt_tokens=prompt_tokens,
         completion_tokens=gen.completion_tokens,
-        total_tokens=prompt + gen.completion_tokens,
+        total_tokens=prompt_tokens + gen.completion_tokens,
     ).model_dump()
+
+
+def _response_id(request: Request, prefix: str) -> str:
+    """`<prefix>-<X-Request-Id>` when the client sent one (vLLM's rule), else a random one."""
+    rid = request.headers.get("x-request-id")
+    return f"{prefix}-{rid}" if rid else f"{prefix}-{uuid.uuid4().hex}"
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
@@ -147,50 +208,83 @@ async def completions(body: CompletionRequest, request: Request):
     rt = _rt(request)
     guide = structured.guide_for(body)
     await structured.checked(guide)
-    prompt_ids, prompt_text = await _completion_prompt(rt, body.prompt)
-    params = _params(rt, body, len(prompt_ids), body.max_tokens or 16, body.logprobs is not None)
-    gen = await _start(rt, body, prompt_ids, replace(params, guided=guide))
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    echo = prompt_text if body.echo else ""
+    prompts = await _completion_prompts(rt, body.prompt)
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise BadRequestError(f"{len(prompts)} prompts × n={body.n} is more than {MAX_CHOICES} choices")
+    longest = max((ids for ids, _ in prompts), key=len)
+    k = body.logprobs
+    params = _params(
+        rt,
+        body,
+        len(longest),
+        body.max_tokens or 16,
+        top_logprobs=k,
+        prompt_logprobs=k if body.echo and k is not None else None,
+    )
+    gen = await _start(rt, body, [ids for ids, _ in prompts], replace(params, guided=guide))
+    rid, created = _response_id(request, "cmpl"), int(time.time())
+    echoes = [text if body.echo else "" for _, text in prompts]
+    prompt_tokens = sum(len(ids) for ids, _ in prompts)
     if body.stream:
-        return _stream(_completion_chunks(rt, body, gen, rid, created, echo, len(prompt_ids)))
+        return _stream(_completion_chunks(rt, body, gen, rid, created, echoes, prompt_tokens))
     seqs = await _collect(request, gen)
-    choices = [
-        {
-            "index": s.index,
-            "text": echo + s.text,
-            "finish_reason": s.finish_reason,
-            "stop_reason": None,
-            "logprobs": _completion_logprobs(rt, s.token_ids, s.logprobs)
-            if body.logprobs is not None
-            else None,
-        }
-        for s in seqs
-    ]
+    choices = []
+    for s in seqs:
+        echo = echoes[s.index // body.n]
+        choices.append(
+            {
+                "index": s.index,
+                "text": echo + s.text,
+                "finish_reason": s.finish_reason,
+                "stop_reason": None,
+                "logprobs": _completion_block(rt, gen, body, s.index, s.token_ids, s.top, body.echo),
+            }
+        )
     return {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": body.model,
         "choices": choices,
-        "usage": _usage(len(prompt_ids), gen, body.n),
+        "usage": _usage(prompt_tokens, gen),
     }
 
 
-async def _completion_prompt(rt: Runtime, prompt) -> tuple[list[int], str]:
-    """Token ids and text of the one prompt; tokenizing runs in a thread (it can take a while)."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        _check_prompt_chars(rt, len(prompt))
-        ids = await asyncio.to_thread(rt.tokenizer.encode, prompt)
-        if not ids:
-            raise BadRequestError("prompt must not be empty", param="prompt")
-        return ids, prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        _check_token_ids(rt, prompt)
-        return list(prompt), await asyncio.to_thread(rt.tokenizer.decode, list(prompt))
-    raise BadRequestError("one prompt per request: send a string or a list of token ids", param="prompt")
+async def _completion_prompts(rt: Runtime, prompt) -> list[tuple[list[int], str]]:
+    """(token ids, text) of each prompt: a string, a list of strings, token ids, or a list of token-id lists;
+    tokenizing runs in a thread (it can take a while)."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+        prompt = [prompt]
+    if len(prompt) > MAX_CHOICES:
+        raise BadRequestError(f"at most {MAX_CHOICES} prompts in one request", param="prompt")
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            _check_prompt_chars(rt, len(p))
+            ids = await asyncio.to_thread(rt.tokenizer.encode, p)
+            if not ids:
+                raise BadRequestError("prompt must not be empty", param="prompt")
+            out.append((ids, p))
+        else:
+            if not p:
+                raise BadRequestError("prompt must not be empty", param="prompt")
+            _check_token_ids(rt, p)
+            out.append((list(p), await asyncio.to_thread(rt.tokenizer.decode, list(p))))
+    return out
+
+
+def _completion_block(
+    rt, gen: Generation, body, index: int, token_ids, top, with_prompt: bool, logprobs=None
+):
+    """`choices[i].logprobs` of a completion (the echoed prompt's first when `with_prompt`)."""
+    if body.logprobs is None:
+        return None
+    builder = logprobs or CompletionLogprobs(rt.tokenizer)
+    block = None
+    if with_prompt:
+        prompt_ids = gen.prompts[index // body.n]
+        block = builder.block(prompt_ids, gen.prompt_logprobs[index // body.n])
+    return merge_blocks(block, builder.block(token_ids, top))
 
 
 def _check_prompt_chars(rt: Runtime, chars: int) -> None:
@@ -225,48 +319,29 @@ def _check_token_ids(rt: Runtime, ids: list[int]) -> None:
 
 
 async def _completion_chunks(
-    rt, body, gen: Generation, rid, created, echo, prompt_len
+    rt, body, gen: Generation, rid, created, echoes: list[str], prompt_tokens: int
 ) -> AsyncIterator[bytes]:
     base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
-    echoed: set[int] = set()
+    builders: dict[int, CompletionLogprobs] = {}
     async for p in gen.stream():
-        text = p.text
-        if echo and p.index not in echoed:
-            echoed.add(p.index)
-            text = echo + text
-        logprobs = _completion_logprobs(rt, p.token_ids, p.logprobs) if body.logprobs is not None else None
-        yield _sse(
-            {
-                **base,
-                "choices": [
-                    {
-                        "index": p.index,
-                        "text": text,
-                        "logprobs": logprobs,
-                        "finish_reason": p.finish_reason,
-                        "stop_reason": None,
-                    }
-                ],
-            }
-        )
+        text, logprobs = p.text, None
+        first = p.index not in builders
+        builder = builders.setdefault(p.index, CompletionLogprobs(rt.tokenizer))
+        echo = echoes[p.index // body.n] if first else ""
+        if body.logprobs is not None:
+            with_prompt = first and body.echo
+            logprobs = _completion_block(rt, gen, body, p.index, p.token_ids, p.top, with_prompt, builder)
+        choice = {
+            "index": p.index,
+            "text": echo + text,
+            "logprobs": logprobs,
+            "finish_reason": p.finish_reason,
+            "stop_reason": None,
+        }
+        yield _sse({**base, "choices": [choice]})
     if body.stream_options and body.stream_options.include_usage:
-        yield _sse({**base, "choices": [], "usage": _usage(prompt_len, gen, body.n)})
+        yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, gen)})
     yield b"data: [DONE]\n\n"
-
-
-def _completion_logprobs(rt: Runtime, token_ids: list[int], logprobs: list[float] | None) -> dict[str, Any]:
-    tokens = [rt.tokenizer.token_text(t) for t in token_ids]
-    lps = list(logprobs or [None] * len(tokens))
-    offsets, pos = [], 0
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t)
-    return {
-        "tokens": tokens,
-        "token_logprobs": lps,
-        "text_offset": offsets,
-        "top_logprobs": [{t: lp} if lp is not None else None for t, lp in zip(tokens, lps, strict=True)],
-    }
 
 
 # ---- /v1/chat/completions --------------------------------------------------------------------------------
@@ -275,6 +350,8 @@ def _completion_logprobs(rt: Runtime, token_ids: list[int], logprobs: list[float
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     rt = _rt(request)
+    if body.n > MAX_CHOICES:
+        raise BadRequestError(f"n={body.n} is more than {MAX_CHOICES} choices")
     plan = _tool_plan(rt, body)
     guide = await _chat_guide(body, plan)
     try:
@@ -286,10 +363,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         prompt = await asyncio.to_thread(rt.tokenizer.apply_chat_template, messages, listed)
     except ValueError as e:
         raise BadRequestError(str(e), param="messages") from None
-    want_lp = body.logprobs
-    params = _params(rt, body, len(prompt.token_ids), body.max_completion_tokens or body.max_tokens, want_lp)
-    gen = await _start(rt, body, prompt.token_ids, replace(params, guided=guide))
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    k = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    params = _params(rt, body, len(prompt.token_ids), max_tokens, top_logprobs=k)
+    gen = await _start(rt, body, [prompt.token_ids], replace(params, guided=guide))
+    rid, created = _response_id(request, "chatcmpl"), int(time.time())
     if body.stream:
         return _stream(_chat_chunks(rt, body, gen, rid, created, len(prompt.token_ids), plan))
     seqs: list[Sequence] = await _collect(request, gen)
@@ -300,7 +378,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             {
                 "index": s.index,
                 "message": message,
-                "logprobs": _chat_logprobs(rt, s.token_ids, s.logprobs) if want_lp else None,
+                "logprobs": chat_logprobs(rt.tokenizer, s.top) if k is not None else None,
                 "finish_reason": reason,
                 "stop_reason": None,
             }
@@ -311,7 +389,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         "created": created,
         "model": body.model,
         "choices": choices,
-        "usage": _usage(len(prompt.token_ids), gen, body.n),
+        "usage": _usage(len(prompt.token_ids), gen),
     }
 
 
@@ -321,6 +399,8 @@ def _chat_message(m) -> dict[str, Any]:
         out["tool_calls"] = m.tool_calls
     if m.tool_call_id:
         out["tool_call_id"] = m.tool_call_id
+    if m.name is not None:
+        out["name"] = m.name
     return out
 
 
@@ -371,7 +451,7 @@ async def _chat_chunks(
         for delta in _tool_deltas(rt, body, p, gates.get(p.index)):
             yield _sse({**base, "choices": [delta]})
     if body.stream_options and body.stream_options.include_usage:
-        yield _sse({**base, "choices": [], "usage": _usage(prompt_len, gen, body.n)})
+        yield _sse({**base, "choices": [], "usage": _usage(prompt_len, gen)})
     yield b"data: [DONE]\n\n"
 
 
@@ -395,18 +475,9 @@ def _chat_delta(rt: Runtime, body: ChatCompletionRequest, p: Piece) -> dict[str,
     return {
         "index": p.index,
         "delta": {"content": p.text} if p.text else {},
-        "logprobs": _chat_logprobs(rt, p.token_ids, p.logprobs) if body.logprobs else None,
+        "logprobs": chat_logprobs(rt.tokenizer, p.top or []) if body.logprobs else None,
         "finish_reason": p.finish_reason,
     }
-
-
-def _chat_logprobs(rt: Runtime, token_ids: list[int], logprobs: list[float] | None) -> dict[str, Any]:
-    content = []
-    for t, lp in zip(token_ids, logprobs or [None] * len(token_ids), strict=True):
-        text = rt.tokenizer.token_text(t)
-        entry = {"token": text, "logprob": lp, "bytes": list(text.encode())}
-        content.append({**entry, "top_logprobs": [entry] if lp is not None else []})
-    return {"content": content}
 
 
 async def _collect(request: Request, gen: Generation) -> list[Sequence]:

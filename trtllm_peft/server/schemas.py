@@ -4,15 +4,33 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_CHOICES = 64  # prompts × n in one request: each is a sequence in the engine's batch
+MAX_WORDS = 64  # stop_token_ids, bad_words: each one is checked at every step
 
 INT32_MAX = 2**31 - 1  # the engine's SizeType32 (TensorRT-LLM): larger counts cannot even be passed on
 
 
 class _Request(BaseModel):
-    # OpenAI clients send fields we do not use (user, metadata, …): accept and ignore them.
+    # Nothing is silently ignored: a field we do not know (or cannot honour) is a 400 naming it. The
+    # fields OpenAI clients send that change nothing here are declared, and accepted, in _ClientFields.
     # No float may be inf or NaN: each one reaches the sampler (`repetition_penalty: inf` would poison it).
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class _ClientFields(_Request):
+    """Fields OpenAI SDKs and frameworks send that we accept (explicitly; everything else unknown is a 400).
+
+    `user`, `metadata`: caller labels for OpenAI's dashboard, nothing to do here. `store`: only false (we
+    store nothing). `service_tier`: only "auto" / "default" (one tier here). `parallel_tool_calls`: only
+    meaningful with `tools`.
+    """
+
+    user: str | None = Field(None, max_length=256)
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    store: Literal[False] | None = None
+    service_tier: Literal["auto", "default"] | None = None
 
 
 class _Guided(_Request):
@@ -49,9 +67,10 @@ class ResponseFormat(_Request):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: Literal[False] = False  # vLLM's per-chunk usage: not served
 
 
-class _Sampling(_Guided):
+class _Sampling(_ClientFields, _Guided):
     model: str
     max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -68,6 +87,27 @@ class _Sampling(_Guided):
     ignore_eos: bool = False
     nvext: NvExt | None = None
     response_format: ResponseFormat | None = None
+    # OpenAI's logit_bias: token id (a string in JSON) -> bias added to its logit; ids checked in the route
+    logit_bias: dict[str, float] | None = Field(None, max_length=1024)
+    # vLLM's extras: min_tokens holds back the end token; stop_token_ids end the sequence (the token is
+    # kept, as a matched stop word is in TensorRT-LLM); bad_words are never generated (TensorRT-LLM bad_words)
+    min_tokens: int = Field(0, ge=0, le=2**31 - 1)
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_WORDS)
+    bad_words: list[str] = Field(default_factory=list, max_length=MAX_WORDS)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_values(cls, v):
+        for key, value in (v or {}).items():
+            if not -100 <= value <= 100:
+                raise ValueError(f"logit_bias[{key!r}] = {value}: values must be in [-100, 100]")
+        return v
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -98,7 +138,7 @@ class ChatMessage(_Request):
     content: str | list[dict[str, Any]] | None = None
     tool_calls: list[dict[str, Any]] | None = Field(None, max_length=128)  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool result answers this call
-    name: str | None = None
+    name: str | None = Field(None, max_length=256)  # passed to the chat template, which may use it
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -122,6 +162,12 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
 
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
 
 class Usage(BaseModel):
     prompt_tokens: int
@@ -133,6 +179,7 @@ def error_body(message: str, status: int, param: str | None = None) -> dict[str,
     """OpenAI's error object (the `openai` client raises the matching exception class from the status)."""
     kinds = {
         400: "BadRequestError",
+        401: "AuthenticationError",
         404: "NotFoundError",
         405: "MethodNotAllowedError",
         408: "RequestTimeoutError",

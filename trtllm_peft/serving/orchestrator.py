@@ -35,6 +35,7 @@ from trtllm_peft.serving.catalog import AdapterEntry, Catalog
 from trtllm_peft.serving.engine_client import EngineClient
 from trtllm_peft.serving.host_cache import HostCache
 from trtllm_peft.serving.lease_queue import Grant, LeaseQueue
+from trtllm_peft.serving.logprobs import TokenLogprob, generation_rows, prompt_logprobs, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,26 @@ class GenerationParams:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     ignore_eos: bool = False
-    logprobs: bool = False
+    logprobs: bool = False  # the engine's own log-probs of the sampled tokens (Result.log_probs: Triton)
+    # OpenAI log-probs, from the engine's raw logits (serving/logprobs.py): None = not asked; k alternatives
+    top_logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the prompt's too (`echo`): needs the context logits
+    # Triton's stock inputs, in TensorRT-LLM's terms (executor.h Request): an explicit end id (None: the
+    # tokenizer's EOS unless ignore_eos), stop / bad words as token-id sequences, minLength.
+    end_id: int | None = None
+    stop_words: list[list[int]] | None = None
+    bad_words: list[list[int]] | None = None
+    min_tokens: int | None = None
+    embedding_bias: torch.Tensor | None = None  # [vocab] float32, added to the logits
     guided: GuidedDecodingParams | None = None  # structured output / forced tool calls (executor/guided.py)
+
+    def output_config(self) -> OutputConfig:
+        return OutputConfig(
+            return_log_probs=self.logprobs,
+            return_context_logits=self.prompt_logprobs is not None,
+            return_generation_logits=self.top_logprobs is not None,
+            exclude_input_from_output=True,
+        )
 
     def sampling_config(self) -> SamplingConfig:
         # TensorRT-LLM samples only when top_k or top_p is set: OpenAI's default is sampling with
@@ -88,6 +107,7 @@ class GenerationParams:
             repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
+            min_tokens=self.min_tokens,
         )
 
 
@@ -99,6 +119,10 @@ class Step:
     logprobs: list[float] | None
     finish_reason: str | None = None  # "stop" | "length" | None while running
     first: bool = False
+    top: list[TokenLogprob] | None = None  # OpenAI log-probs of token_ids (params.top_logprobs)
+    prompt: list[TokenLogprob | None] | None = (
+        None  # of the prompt, on the first step (params.prompt_logprobs)
+    )
 
 
 _FINISH = {
@@ -217,9 +241,12 @@ class Orchestrator:
             params.max_tokens,
             streaming=True,
             sampling_config=params.sampling_config(),
-            output_config=OutputConfig(return_log_probs=params.logprobs, exclude_input_from_output=True),
-            end_id=None if params.ignore_eos else self.eos_token_id,
+            output_config=params.output_config(),
+            end_id=self._end_id(params),
             pad_id=self.pad_token_id,
+            stop_words=params.stop_words or None,
+            bad_words=params.bad_words or None,
+            embedding_bias=params.embedding_bias,
             lora_config=self._lora_config(entry, packed, with_weights=False) if entry else None,
             guided_decoding_params=params.guided,
         )
@@ -246,15 +273,38 @@ class Orchestrator:
                         else:
                             self.stats.engine_misses += 1
                     finish = _FINISH.get(result.finish_reason) if result.is_final else None
-                    yield Step(
+                    step = Step(
                         token_ids=list(result.output_token_ids[0]),
                         logprobs=list(result.log_probs[0]) if result.log_probs else None,
                         finish_reason=finish or ("stop" if result.is_final else None),
                         first=first,
                     )
+                    self._add_logprobs(step, result, prompt_ids, params)
+                    yield step
                     first = False
             if not retry:
                 return
+
+    def _add_logprobs(self, step: Step, result, prompt_ids: list[int], params: GenerationParams) -> None:
+        """OpenAI log-probs of the step's tokens (and of the prompt, once) from the result's raw logits."""
+        vocab = self.spec.vocab_size
+        if params.top_logprobs is not None:
+            logits = result.generation_logits
+            if step.token_ids and logits is None:
+                raise EngineRequestError("the engine returned no generation logits", ErrorKind.FAILED)
+            rows = generation_rows(logits, streaming=True) if step.token_ids else None
+            step.top = (
+                token_logprobs(rows, step.token_ids, params.top_logprobs, vocab) if rows is not None else []
+            )
+        if params.prompt_logprobs is not None and step.first:
+            if result.context_logits is None:
+                raise EngineRequestError("the engine returned no context logits", ErrorKind.FAILED)
+            step.prompt = prompt_logprobs(result.context_logits, prompt_ids, params.prompt_logprobs, vocab)
+
+    def _end_id(self, params: GenerationParams) -> int | None:
+        if params.end_id is not None:
+            return params.end_id
+        return None if params.ignore_eos else self.eos_token_id
 
     def _lora_config(self, entry: AdapterEntry, packed: PackedLora, *, with_weights: bool) -> LoraConfig:
         if with_weights or entry.task_id not in self._engine_has:

@@ -87,6 +87,15 @@ class Detokenizer:
 
         self._backend = backend
         self._stream = DecodeStream(skip_special_tokens=True)
+        self._pending: list[int] = []  # tokens fed since the last text (an incomplete UTF-8 character)
 
     def step(self, token_id: int) -> str:
-        return self._stream.step(self._backend, token_id) or ""
+        text = self._stream.step(self._backend, token_id) or ""
+        self._pending = [] if text else [*self._pending, token_id]
+        return text
+
+    def flush(self) -> str:
+        """At the end of the sequence: the text of tokens still held back (U+FFFD for bytes that never made a
+        whole character, as a whole-sequence decode renders them), so the last chunk is not silently short."""
+        pending, self._pending = self._pending, []
+        return self._backend.decode(pending, skip_special_tokens=True) if pending else ""

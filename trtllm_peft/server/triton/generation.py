@@ -2,10 +2,12 @@
 
 What differs from the OpenAI path (and is TensorRT-LLM's behaviour, which Triton clients expect):
 * greedy unless top_k > 1 or top_p > 0 (TensorRT-LLM's default), not OpenAI's "sample at temperature 1";
-* stop words are token sequences (the tokenizer's ids of each word, no special tokens, as tensorrtllm_backend's
-  preprocessing makes them) and a matched stop word stays in the output;
-* `end_id` ends the sequence on that token (not part of the output); `end_id` -1 never ends it;
-* `exclude_input_in_output` false puts the decoded prompt in front of the text.
+* stop / bad words are token sequences (the tokenizer's ids of each word, no special tokens, as
+  tensorrtllm_backend's preprocessing makes them, or the ids of `stop_words_list`), handed to the engine:
+  a matched stop word stays in the output;
+* `end_id` ends the sequence on that token (not part of the output); `end_id` -1 never ends it; min_tokens
+  holds the end id back (the engine's minLength);
+* `exclude_input_in_output` false puts the prompt in front of the output (text or token ids).
 The first step is awaited before anything is sent, so errors are real HTTP statuses (as in server/generation.py).
 """
 
@@ -16,10 +18,13 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+import torch
+
 from trtllm_peft.errors import TrtllmPeftError
 from trtllm_peft.server.runtime import Runtime
 from trtllm_peft.server.triton.lora_tasks import ClientLoraTasks
 from trtllm_peft.server.triton.schemas import TritonRequest
+from trtllm_peft.server.triton.stock import embedding_bias
 from trtllm_peft.server.triton.tensors import TritonProtocolError
 from trtllm_peft.serving.orchestrator import GenerationParams, Step
 
@@ -53,6 +58,20 @@ def generation_params(rt: Runtime, req: TritonRequest, prompt_len: int) -> Gener
     top_k = req.top_k or None
     top_p = req.top_p or None
     greedy = req.temperature == 0.0 or top_k == 1 or (top_k is None and top_p is None)
+    words = rt.tokenizer.encode
+    stops = [*req.stop_ids, *(ids for w in req.stop_words if (ids := words(w, add_special_tokens=False)))]
+    bads = [*req.bad_ids, *(ids for w in req.bad_words if (ids := words(w, add_special_tokens=False)))]
+    bias = req.embedding_bias
+    if bias is None and (req.bias_words or req.bias_weights):
+        bias = torch.from_numpy(
+            embedding_bias(rt.tokenizer, req.bias_words, req.bias_weights, rt.spec.vocab_size)
+        )
+    if req.min_tokens is not None and req.min_tokens < 0:
+        raise TritonProtocolError(f"min_tokens must be >= 0, got {req.min_tokens}")
+    if req.end_id is not None and not -1 <= req.end_id < rt.spec.vocab_size:
+        raise TritonProtocolError(
+            f"end_id must be -1 (none) or a token id below {rt.spec.vocab_size}, got {req.end_id}"
+        )
     return GenerationParams(
         max_tokens=req.max_tokens,
         temperature=0.0 if greedy else req.temperature,
@@ -62,8 +81,13 @@ def generation_params(rt: Runtime, req: TritonRequest, prompt_len: int) -> Gener
         repetition_penalty=req.repetition_penalty,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
-        ignore_eos=req.end_id is not None and req.end_id != rt.tokenizer.eos_token_id,
+        ignore_eos=req.end_id == -1,
+        end_id=req.end_id if req.end_id is not None and req.end_id >= 0 else None,
         logprobs=req.return_log_probs,
+        stop_words=stops,
+        bad_words=bads,
+        min_tokens=req.min_tokens,
+        embedding_bias=bias,
     )
 
 
@@ -72,12 +96,11 @@ class TritonGeneration:
 
     def __init__(self, rt: Runtime, tasks: ClientLoraTasks, model: str, req: TritonRequest):
         self.rt, self.tasks, self.model, self.req = rt, tasks, model, req
-        self.prompt_ids = rt.tokenizer.encode(req.text)
+        self.prompt_ids = req.prompt_ids if req.prompt_ids is not None else rt.tokenizer.encode(req.text)
         self.params = generation_params(rt, req, len(self.prompt_ids))
         self.label = model
         self._steps: AsyncIterator[Step] | None = None
         self._first: Step | None = None
-        self._stops = [ids for w in req.stop_words if (ids := _word_ids(rt, w))]
         self._generated: list[int] = []
         self._started = time.perf_counter()
 
@@ -140,19 +163,11 @@ class TritonGeneration:
                 yield step
 
     def _feed(self, detok, step: Step) -> Chunk:
-        """Apply end_id and stop words token by token (an engine step may carry several tokens)."""
-        text, ids, lps = [], [], []
-        end_id = self.req.end_id if self.params.ignore_eos else None
-        for i, token in enumerate(step.token_ids):
-            if end_id is not None and token == end_id:
-                return Chunk("".join(text), ids, lps, "stop")
-            ids.append(token)
-            lps.append(step.logprobs[i] if step.logprobs else 0.0)
-            self._generated.append(token)
-            text.append(detok.step(token))
-            if any(self._generated[-len(s) :] == s for s in self._stops):
-                return Chunk("".join(text), ids, lps, "stop")
-        return Chunk("".join(text), ids, lps, step.finish_reason)
+        """New text of a step (the engine applied end id, stop words and min tokens)."""
+        ids = list(step.token_ids)
+        lps = list(step.logprobs) if step.logprobs else [0.0] * len(ids)
+        self._generated += ids
+        return Chunk("".join(detok.step(t) for t in ids), ids, lps, step.finish_reason)
 
     def _record(self, first_at: float | None, reason: str | None) -> None:
         m, labels, end = self.rt.metrics, (self.label,), time.perf_counter()
@@ -173,8 +188,3 @@ class TritonGeneration:
             steps, self._steps = self._steps, None
             async with aclosing(steps):
                 pass
-
-
-def _word_ids(rt: Runtime, word: str) -> list[int]:
-    """A stop word's token ids as tensorrtllm_backend's preprocessing makes them (no special tokens)."""
-    return rt.tokenizer.encode(word, add_special_tokens=False)

@@ -1,9 +1,11 @@
 """Triton's HTTP protocol (KServe v2 + Triton's generate extension) beside the OpenAI routes.
 
-/v2, /v2/health/{live,ready}, /v2/repository/index, /v2/models/{model}[/versions/1][/ready | /infer |
-/generate | /generate_stream]. Models: `ensemble` and `tensorrt_llm_bls` (tensorrtllm_backend's inputs,
-LoRA by `lora_task_id` [+ `lora_weights`, `lora_config`]), the base model, and every adapter by name.
-Errors are Triton's `{"error": "..."}` with Triton's status codes, not OpenAI's error object.
+/v2, /v2/health/{live,ready}, /v2/repository/index, /v2/models/{model}[/versions/1][/ready | /config |
+/infer | /generate | /generate_stream]. Models (models.py): tensorrtllm_backend's stock five (`ensemble`,
+`tensorrt_llm_bls`, `preprocessing`, `tensorrt_llm`, `postprocessing`; LoRA by `lora_task_id` [+
+`lora_weights`, `lora_config`]), the base model, and every adapter by name. The gRPC service (grpc_service.py)
+serves the same models with the same semantics. Errors are Triton's `{"error": "..."}` with Triton's
+status codes, not OpenAI's error object.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
@@ -21,27 +22,18 @@ from trtllm_peft import __version__
 from trtllm_peft.errors import TrtllmPeftError
 from trtllm_peft.server.json_body import parse_json
 from trtllm_peft.server.runtime import Runtime
-from trtllm_peft.server.triton.generation import Totals, TritonGeneration
-from trtllm_peft.server.triton.lora_tasks import ClientLoraTasks
-from trtllm_peft.server.triton.schemas import (
-    TRITON_MODELS,
-    VERSION,
-    check_inputs,
-    json_inputs,
-    model_inputs,
-    model_metadata,
-    parse_request,
-)
+from trtllm_peft.server.triton.config import model_config_json
+from trtllm_peft.server.triton.models import Inference, Reply, V2Model, lora_tasks, model_names, resolve
+from trtllm_peft.server.triton.outputs import default_outputs, select
+from trtllm_peft.server.triton.schemas import VERSION, json_inputs
 from trtllm_peft.server.triton.tensors import (
     HEADER_LENGTH,
     Tensor,
     TritonProtocolError,
-    bytes_tensor,
     decode_request,
     encode_response,
     to_json_value,
 )
-from trtllm_peft.serving.orchestrator import ModelNotFoundError
 
 EXTENSIONS = ["binary_tensor_data", "generate", "model_repository"]
 
@@ -71,32 +63,6 @@ def _rt(request: Request) -> Runtime:
     if rt is None:
         raise TritonProtocolError("Server not ready")
     return rt
-
-
-def _tasks(request: Request, rt: Runtime) -> ClientLoraTasks:
-    """The client LoRA task table of this server (one per runtime; it shares the host cache)."""
-    tasks = getattr(request.app.state, "triton_lora_tasks", None)
-    if tasks is None or tasks.host_cache is not rt.host_cache:
-        tasks = request.app.state.triton_lora_tasks = ClientLoraTasks(rt.spec, rt.host_cache)
-    return tasks
-
-
-def _model(rt: Runtime, name: str, version: str | None) -> tuple[str, bool]:
-    """(platform, takes LoRA inputs) of a v2 model; Triton's error for an unknown name or version."""
-    if version not in (None, "", VERSION):
-        raise TritonProtocolError(f"Request for unknown model: '{name}' version {version} is not found")
-    if name in TRITON_MODELS:
-        return TRITON_MODELS[name], True
-    try:
-        rt.orchestrator.resolve(name)
-    except ModelNotFoundError:
-        raise TritonProtocolError(f"Request for unknown model: '{name}' is not found") from None
-    return "ensemble", False
-
-
-def _target(rt: Runtime, name: str) -> str:
-    """What the orchestrator serves for a v2 model name: the base model behind Triton's model names."""
-    return rt.base_model_id if name in TRITON_MODELS else name
 
 
 def _routes(method: str, suffix: str):
@@ -133,9 +99,7 @@ async def ready(request: Request):
 @router.post("/v2/repository/index")
 async def repository_index(request: Request):
     """Every model this server answers for, all READY: Triton's names, the base model, each adapter."""
-    rt = _rt(request)
-    names = [*TRITON_MODELS, rt.base_model_id, *(e.name for e in rt.catalog)]
-    return [{"name": n, "version": VERSION, "state": "READY"} for n in names]
+    return [{"name": n, "version": VERSION, "state": "READY"} for n in model_names(_rt(request))]
 
 
 # ---- models ----------------------------------------------------------------------------------------------
@@ -143,25 +107,25 @@ async def repository_index(request: Request):
 
 @_routes("GET", "/ready")
 async def model_ready(request: Request, model: str, version: str | None = None):
-    _model(_rt(request), model, version)
+    resolve(_rt(request), model, version)
     return Response(status_code=200)
 
 
 @_routes("POST", "/infer")
 async def infer(request: Request, model: str, version: str | None = None):
     rt = _rt(request)
-    _, with_lora = _model(rt, model, version)
+    v2 = resolve(rt, model, version)
     header, inputs = decode_request(
         await request.body(), request.headers, rt.settings.max_triton_request_bytes
     )
-    gen = await _start(request, rt, model, with_lora, inputs)
-    totals = await gen.collect()
-    outputs = _outputs(gen, totals, requested=_requested(header))
+    inference = await _start(request, rt, v2, inputs)
+    reply = await inference.collect()
+    outputs = _select(v2, inference, reply, _requested(header))
     binary = _binary_outputs(header, outputs)
-    reply = {"model_name": model, "model_version": VERSION}
+    body_header = {"model_name": model, "model_version": VERSION}
     if "id" in header:
-        reply["id"] = header["id"]
-    body, header_len = encode_response(reply, outputs, binary)
+        body_header["id"] = header["id"]
+    body, header_len = encode_response(body_header, outputs, binary)
     if header_len is None:
         return Response(body, media_type="application/json")
     return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_len)})
@@ -170,56 +134,51 @@ async def infer(request: Request, model: str, version: str | None = None):
 @_routes("POST", "/generate")
 async def generate(request: Request, model: str, version: str | None = None):
     rt = _rt(request)
-    _, with_lora = _model(rt, model, version)
-    gen = await _start(
-        request, rt, model, with_lora, _json_body_inputs(rt, model, with_lora, await request.body())
-    )
-    totals = await gen.collect()
-    return {"model_name": model, "model_version": VERSION, **_generate_fields(_outputs(gen, totals, None))}
+    v2 = resolve(rt, model, version)
+    inference = await _start(request, rt, v2, _json_body_inputs(v2, await request.body()))
+    reply = await inference.collect()
+    fields = _generate_fields(_select(v2, inference, reply, None))
+    return {"model_name": model, "model_version": VERSION, **fields}
 
 
 @_routes("POST", "/generate_stream")
 async def generate_stream(request: Request, model: str, version: str | None = None):
     rt = _rt(request)
-    _, with_lora = _model(rt, model, version)
-    gen = await _start(
-        request, rt, model, with_lora, _json_body_inputs(rt, model, with_lora, await request.body())
-    )
+    v2 = resolve(rt, model, version)
+    inference = await _start(request, rt, v2, _json_body_inputs(v2, await request.body()))
     return StreamingResponse(
-        _events(model, gen),
+        _events(v2, inference),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
+@_routes("GET", "/config")
+async def config(request: Request, model: str, version: str | None = None):
+    """Triton's model configuration extension: the ModelConfig message as JSON (proto field names)."""
+    return model_config_json(resolve(_rt(request), model, version))
+
+
 @_routes("GET", "")
 async def metadata(request: Request, model: str, version: str | None = None):
-    rt = _rt(request)
-    platform, with_lora = _model(rt, model, version)
-    return model_metadata(model, platform, model_inputs(rt.spec, with_lora))
+    return resolve(_rt(request), model, version).metadata()
 
 
-# ---- request → generation → outputs ----------------------------------------------------------------------
+# ---- request → inference → outputs -----------------------------------------------------------------------
 
 
-async def _start(
-    request: Request, rt: Runtime, model: str, with_lora: bool, inputs: dict[str, Tensor]
-) -> TritonGeneration:
-    check_inputs(model, inputs, model_inputs(rt.spec, with_lora))
-    req = parse_request(inputs)
-    if req.lora_task_id is None and (req.lora_weights is not None or req.lora_config is not None):
-        raise TritonProtocolError("lora_weights and lora_config need a lora_task_id")
-    gen = TritonGeneration(rt, _tasks(request, rt), _target(rt, model), req)
-    await gen.start()
-    return gen
+async def _start(request: Request, rt: Runtime, v2: V2Model, inputs: dict[str, Tensor]) -> Inference:
+    inference = Inference(rt, lora_tasks(request.app.state, rt), v2, inputs)
+    await inference.start()
+    return inference
 
 
-def _json_body_inputs(rt: Runtime, model: str, with_lora: bool, raw: bytes) -> dict[str, Tensor]:
+def _json_body_inputs(v2: V2Model, raw: bytes) -> dict[str, Tensor]:
     body = parse_json(raw or b"{}")
     if not isinstance(body, dict):
         raise TritonProtocolError("the generate request must be a JSON object")
     body.pop("id", None)
-    return json_inputs(model, body, model_inputs(rt.spec, with_lora))
+    return json_inputs(v2.name, body, v2.inputs)
 
 
 def _requested(header: dict[str, Any]) -> list[str] | None:
@@ -227,30 +186,10 @@ def _requested(header: dict[str, Any]) -> list[str] | None:
     return [str(o.get("name")) for o in outs] if outs else None
 
 
-def _outputs(gen: TritonGeneration, totals: Totals, requested: list[str] | None) -> list[Tensor]:
-    """The ensemble's output tensors for one finished (or streamed) sequence, batch 1."""
-    req, n = gen.req, len(totals.token_ids)
-    values: dict[str, Tensor] = {
-        "text_output": bytes_tensor("text_output", [totals.text], [1, 1]),
-        "batch_index": Tensor("batch_index", "INT32", np.zeros((1, 1), np.int32)),
-        "sequence_index": Tensor("sequence_index", "INT32", np.zeros((1, 1), np.int32)),
-        "num_input_tokens": Tensor(
-            "num_input_tokens", "INT32", np.full((1, 1), len(gen.prompt_ids), np.int32)
-        ),
-        "num_output_tokens": Tensor("num_output_tokens", "INT32", np.full((1, 1), n, np.int32)),
-    }
-    lps = np.asarray(totals.logprobs if req.return_log_probs else [0.0] * n, np.float32).reshape(1, 1, n)
-    values["output_log_probs"] = Tensor("output_log_probs", "FP32", lps)
-    values["cum_log_probs"] = Tensor("cum_log_probs", "FP32", lps.sum(axis=2, dtype=np.float32))
-    if requested is None:
-        requested = ["text_output", "batch_index", "sequence_index"]
-        requested += ["cum_log_probs", "output_log_probs"] if req.return_log_probs else []
-        requested += ["num_input_tokens"] if req.return_num_input_tokens else []
-        requested += ["num_output_tokens"] if req.return_num_output_tokens else []
-    unknown = [r for r in requested if r not in values]
-    if unknown:
-        raise TritonProtocolError(f"unexpected inference output '{unknown[0]}' for model '{gen.model}'")
-    return [values[r] for r in requested]
+def _select(v2: V2Model, inference: Inference, reply: Reply, requested: list[str] | None) -> list[Tensor]:
+    req = inference.request
+    names = requested or default_outputs(v2.kind, req, list(reply.tensors))
+    return select(v2.name, reply.tensors, names, {io.name for io in v2.outputs})
 
 
 def _binary_outputs(header: dict[str, Any], outputs: list[Tensor]) -> set[str]:
@@ -273,13 +212,13 @@ def _generate_fields(outputs: list[Tensor]) -> dict[str, Any]:
     return fields
 
 
-async def _events(model: str, gen: TritonGeneration) -> AsyncIterator[bytes]:
-    """One SSE event per new piece of text; an error after the start is an `error` event, as on Triton."""
+async def _events(v2: V2Model, inference: Inference) -> AsyncIterator[bytes]:
+    """One SSE event per response (per step when `stream` is set); an error after the start is an
+    `error` event, as on Triton."""
     try:
-        async for chunk in gen.chunks():
-            piece = Totals(chunk.text, chunk.token_ids, chunk.logprobs, chunk.finish_reason)
-            fields = _generate_fields(_outputs(gen, piece, None))
-            yield _sse({"model_name": model, "model_version": VERSION, **fields})
+        async for reply in inference.stream():
+            fields = _generate_fields(_select(v2, inference, reply, None))
+            yield _sse({"model_name": v2.name, "model_version": VERSION, **fields})
     except TrtllmPeftError as e:
         yield _sse({"error": str(e)})
 

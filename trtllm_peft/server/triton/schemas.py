@@ -10,7 +10,7 @@ name rather than ignored. Outputs follow the ensemble's: text_output, log-probs,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,8 +20,8 @@ from trtllm_peft.lora.spec import ModelSpec
 from trtllm_peft.server.triton.tensors import NUMPY_TYPES, Tensor, TritonProtocolError, bytes_tensor
 
 VERSION = "1"
+MAX_WORDS = 1024  # stop / bad words per request: bounds the per-token matching work
 LORA_INPUTS = ("lora_task_id", "lora_weights", "lora_config")
-TRITON_MODELS = {"ensemble": "ensemble", "tensorrt_llm_bls": "python"}  # name -> platform
 
 TYPE_OF = {"float16": "FP16", "bfloat16": "BF16", "float32": "FP32"}
 
@@ -44,6 +44,8 @@ _SAMPLING_INPUTS = (
     IO("max_tokens", "INT32", optional=False),
     IO("bad_words", "BYTES", (-1,)),
     IO("stop_words", "BYTES", (-1,)),
+    IO("embedding_bias_words", "BYTES", (-1,)),
+    IO("embedding_bias_weights", "FP32", (-1,)),
     IO("exclude_input_in_output", "BOOL"),
     IO("end_id", "INT32"),
     IO("pad_id", "INT32"),
@@ -54,6 +56,7 @@ _SAMPLING_INPUTS = (
     IO("repetition_penalty", "FP32"),
     IO("presence_penalty", "FP32"),
     IO("frequency_penalty", "FP32"),
+    IO("min_tokens", "INT32"),
     IO("seed", "UINT64"),
     IO("random_seed", "UINT64"),  # older tensorrtllm_backend clients
     IO("return_log_probs", "BOOL"),
@@ -92,25 +95,14 @@ def model_inputs(spec: ModelSpec, with_lora: bool) -> tuple[IO, ...]:
     )
 
 
-def model_metadata(name: str, platform: str, inputs: tuple[IO, ...]) -> dict[str, Any]:
-    """GET /v2/models/{name}: the v2 model metadata object."""
-    return {
-        "name": name,
-        "versions": [VERSION],
-        "platform": platform,
-        "inputs": [io.metadata() for io in inputs],
-        "outputs": [io.metadata() for io in OUTPUTS],
-    }
-
-
 @dataclass(frozen=True)
 class TritonRequest:
     """A request in engine terms, after the inputs were checked."""
 
     text: str
     max_tokens: int
-    stop_words: list[str]
-    end_id: int | None
+    stop_words: list[str]  # strings: tokenized without special tokens, as the stock preprocessing does
+    end_id: int | None  # None: the tokenizer's EOS; -1: none
     temperature: float | None
     top_k: int | None
     top_p: float | None
@@ -126,10 +118,18 @@ class TritonRequest:
     lora_task_id: int | None = None
     lora_weights: torch.Tensor | None = None  # [1, N, W] | [N, W]
     lora_config: torch.Tensor | None = None  # [1, N, 3|4] | [N, 3|4]
+    bad_words: list[str] = field(default_factory=list)
+    stop_ids: list[list[int]] = field(default_factory=list)  # stop_words_list, already token ids
+    bad_ids: list[list[int]] = field(default_factory=list)
+    min_tokens: int | None = None
+    bias_words: list[str] = field(default_factory=list)  # embedding_bias_words / _weights (the ensemble's)
+    bias_weights: list[float] = field(default_factory=list)
+    embedding_bias: torch.Tensor | None = None  # [vocab] float32 (tensorrt_llm's embedding_bias)
+    prompt_ids: list[int] | None = None  # `tensorrt_llm` takes token ids; `text` is then unused
 
 
-def check_inputs(model: str, inputs: dict[str, Tensor], declared: tuple[IO, ...]) -> None:
-    """Triton's checks: known names, declared datatypes, required inputs present, batch size 1."""
+def check_inputs(model: str, inputs: dict[str, Tensor], declared: tuple[IO, ...], max_batch: int = 1) -> None:
+    """Triton's checks: known names, declared datatypes and ranks, required inputs, 1 <= batch <= max_batch."""
     by_name = {io.name: io for io in declared}
     for name, t in inputs.items():
         io = by_name.get(name)
@@ -140,10 +140,11 @@ def check_inputs(model: str, inputs: dict[str, Tensor], declared: tuple[IO, ...]
                 f"inference input '{name}' data-type is '{t.datatype}', but model '{model}' expects "
                 f"'{io.datatype}'"
             )
-        if len(t.shape) != len(io.dims) + 1 or t.shape[0] != 1:
+        fixed = all(d in (-1, s) for d, s in zip(io.dims, t.shape[1:], strict=False))
+        if len(t.shape) != len(io.dims) + 1 or not 1 <= t.shape[0] <= max_batch or not fixed:
             raise TritonProtocolError(
                 f"inference input '{name}' has shape {t.shape}; model '{model}' expects "
-                f"{[1, *io.dims]} (-1 = any): one request per prompt, the engine batches in flight"
+                f"{[-1, *io.dims]} (-1 = any) with a batch size from 1 to {max_batch}"
             )
     missing = [io.name for io in declared if not io.optional and io.name not in inputs]
     if missing:
@@ -165,7 +166,13 @@ def parse_request(inputs: dict[str, Tensor]) -> TritonRequest:
     return TritonRequest(
         text=get("text_input"),
         max_tokens=max_tokens,
-        stop_words=[w for w in inputs["stop_words"].strings() if w] if "stop_words" in inputs else [],
+        stop_words=_words(inputs, "stop_words"),
+        bad_words=_words(inputs, "bad_words"),
+        min_tokens=None if get("min_tokens") is None else int(get("min_tokens")),
+        bias_words=_words(inputs, "embedding_bias_words", keep_empty=True),
+        bias_weights=inputs["embedding_bias_weights"].data.reshape(-1).tolist()
+        if "embedding_bias_weights" in inputs
+        else [],
         end_id=get("end_id"),
         temperature=get("temperature"),
         top_k=get("top_k"),
@@ -183,6 +190,13 @@ def parse_request(inputs: dict[str, Tensor]) -> TritonRequest:
         lora_weights=inputs["lora_weights"].to_torch() if "lora_weights" in inputs else None,
         lora_config=inputs["lora_config"].to_torch() if "lora_config" in inputs else None,
     )
+
+
+def _words(inputs: dict[str, Tensor], name: str, keep_empty: bool = False) -> list[str]:
+    words = [w for w in inputs[name].strings() if w or keep_empty] if name in inputs else []
+    if len(words) > MAX_WORDS:
+        raise TritonProtocolError(f"at most {MAX_WORDS} {name}, got {len(words)}")
+    return words
 
 
 # TensorRT-LLM's ranges (cpp/tensorrt_llm/executor/samplingConfig.cpp, checkTemperature / checkTopK /
@@ -203,7 +217,14 @@ def _check_values(get) -> None:
     """Every sampling value finite and in TensorRT-LLM's range; a non-empty prompt."""
     if not get("text_input"):
         raise TritonProtocolError("text_input must not be empty")
-    for name, low, inclusive, high in _RANGES:
+    check_ranges(get)
+
+
+def check_ranges(get, names: dict[str, str] | None = None) -> None:
+    """The _RANGES checks; `names` maps a range's name to the input carrying it (tensorrt_llm's
+    runtime_top_k, len_penalty, …)."""
+    for key, low, inclusive, high in _RANGES:
+        name = (names or {}).get(key, key)
         value = get(name)
         if value is None:
             continue
@@ -219,8 +240,6 @@ def _refuse_unsupported(inputs: dict[str, Tensor]) -> None:
     def value(name: str, default):
         return inputs[name].scalar() if name in inputs else default
 
-    if "bad_words" in inputs and any(inputs["bad_words"].strings()):
-        raise TritonProtocolError("bad_words is not supported by this server")
     for name, default, allowed in (
         ("beam_width", 1, 1),
         ("num_return_sequences", 1, 1),

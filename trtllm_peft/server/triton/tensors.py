@@ -246,3 +246,21 @@ def to_json_value(t: Tensor) -> list[Any]:
     if t.datatype == "BYTES":
         return [v.decode("utf-8", errors="replace") for v in t.data.reshape(-1)]
     return t.data.reshape(-1).tolist()
+
+
+def from_raw(name: str, datatype: str, chunk: bytes, shape: list[int]) -> Tensor:
+    """A tensor from raw little-endian bytes (binary extension, gRPC raw_input_contents), shape checked."""
+    if datatype != "BYTES" and datatype not in NUMPY_TYPES:
+        raise TritonProtocolError(f"input '{name}' has unknown datatype '{datatype}'")
+    if any(d < 0 for d in shape):
+        raise TritonProtocolError(f"input '{name}' has a negative dimension in shape {shape}")
+    data = _from_bytes(name, datatype, chunk)
+    count = int(np.prod(shape)) if shape else 1
+    if data.size != count:
+        raise TritonProtocolError(f"input '{name}' has {data.size} elements, its shape {shape} needs {count}")
+    return Tensor(name, datatype, data.reshape(shape))
+
+
+def to_raw(t: Tensor) -> bytes:
+    """Raw little-endian bytes of a tensor (BYTES elements length-prefixed)."""
+    return _to_bytes(t)
