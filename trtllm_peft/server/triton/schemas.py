@@ -126,6 +126,7 @@ class TritonRequest:
     bias_weights: list[float] = field(default_factory=list)
     embedding_bias: torch.Tensor | None = None  # [vocab] float32 (tensorrt_llm's embedding_bias)
     prompt_ids: list[int] | None = None  # `tensorrt_llm` takes token ids; `text` is then unused
+    llmapi: bool = False  # `tensorrt_llm` in the llmapi model's style: text_output out (llmapi.py)
 
 
 def check_inputs(model: str, inputs: dict[str, Tensor], declared: tuple[IO, ...], max_batch: int = 1) -> None:

@@ -211,6 +211,11 @@ def trtllm_request(inputs: dict[str, Tensor]) -> TritonRequest:
     def get(name: str, default=None):
         return inputs[name].scalar() if name in inputs else default
 
+    # required by the inflight_batcher_llm config (optional on this server only because the llmapi style
+    # has none of them: llmapi.py)
+    for name in ("input_ids", "input_lengths", "request_output_len"):
+        if name not in inputs:
+            raise TritonProtocolError(f"expected input '{name}' for model 'tensorrt_llm' (or 'text_input')")
     check_ranges(get, {"top_k": "runtime_top_k", "top_p": "runtime_top_p", "length_penalty": "len_penalty"})
     ids = inputs["input_ids"].data.reshape(-1).tolist() if "input_ids" in inputs else []
     length = int(get("input_lengths"))
