@@ -1,6 +1,6 @@
 """Hostile requests, one row each (issue #16, request side): each gets its precise 400/408/413, in the
 shape of its API, before it can cost anything. Pure: the HTTP edge's pieces without a server
-(tests/integration/test_hostile_requests.py sends the same attacks to a live one)."""
+(tests/integration/test_hostile_server.py sends the same attacks to a live one)."""
 
 from __future__ import annotations
 
