@@ -143,3 +143,27 @@ def test_mask_of_a_whole_batch_and_of_several_rows(compiler):
     buffer.apply(logits, [0, 1], states)
     allowed = [set(torch.isfinite(row).nonzero()[:, 0].tolist()) for row in logits]
     assert allowed[0] == allowed[1] and 0 < len(allowed[0]) < 10
+
+
+def test_mask_of_scattered_rows_in_different_states_equals_xgrammar(compiler, hf_tokenizer):
+    """Rows 0, 2, 3 of 5 guided, each at another point of its grammar, logits wider than the vocab (padded
+    vocab): our vectorised unpacking gives xgrammar's own `apply_token_bitmask_inplace(..., indices=)`."""
+    guides = [P(GuideType.REGEX, "[a-z]+ is [0-9]+"), P(GuideType.JSON), P(GuideType.REGEX, "(yes|no)")]
+    prefixes = ["ada is", '{"a": [1, ', ""]
+    states, ref = [], []
+    for params, prefix in zip(guides, prefixes, strict=True):
+        compiled = compiler.compile(params)
+        ours, theirs = GuideState(compiled), xgr.GrammarMatcher(compiled)
+        for token in hf_tokenizer(prefix, add_special_tokens=False)["input_ids"]:
+            assert ours.accept(token) and theirs.accept_token(token)
+        states.append(ours), ref.append(theirs)
+    vocab, rows = compiler.vocab_size, [0, 2, 3]
+    logits = torch.randn(5, vocab + 64)  # [B, V + pad]
+    expected = logits.clone()
+    MaskBuffer(vocab, rows=2).apply(logits, rows, states)  # grows to 3 rows
+    ref_mask = xgr.allocate_token_bitmask(5, vocab)
+    for row, matcher in zip(rows, ref, strict=True):
+        matcher.fill_next_token_bitmask(ref_mask, row)
+    xgr.apply_token_bitmask_inplace(expected, ref_mask, vocab_size=vocab, indices=rows)
+    assert torch.equal(logits, expected)
+    assert all(0 < torch.isfinite(logits[r, :vocab]).sum() < vocab for r in rows)

@@ -251,26 +251,44 @@ class GuideState:
 
 
 class MaskBuffer:
-    """A reusable int32 bitmask `[rows, ceil(V/32)]` and the application of it to logits rows."""
+    """A reusable int32 bitmask `[rows, ceil(V/32)]` (xgrammar's layout) and its application to logits rows.
+
+    Why not xgrammar's `apply_token_bitmask_inplace`: its CPU kernel tests the bits token by token (measured
+    ~1 ms for 8 × 49152 here, 2.5–6.6 ms under load). We read the bitmask as bytes and look each byte up in a
+    [256, 8] table of 0 / -inf biases (one `index_select` into a preallocated buffer), then add the bias to
+    the guided rows: ~0.1–0.25 ms, the same logits (x + 0 = x, x + -inf = -inf for finite logits).
+    """
 
     def __init__(self, vocab_size: int, rows: int) -> None:
         import xgrammar as xgr
 
         self._xgr = xgr
         self.vocab_size = vocab_size
-        self.bitmask = xgr.allocate_token_bitmask(rows, vocab_size)  # [rows, ceil(V/32)] int32
+        bits = torch.arange(256)[:, None] >> torch.arange(8) & 1  # [256, 8]: bit b of byte value
+        self._table = torch.zeros(256, 8).masked_fill_(bits == 0, float("-inf"))  # [256, 8] 0 or -inf
+        self._alloc(rows)
+
+    def _alloc(self, rows: int) -> None:
+        self.bitmask = self._xgr.allocate_token_bitmask(rows, self.vocab_size)  # [rows, W] int32, W = ⌈V/32⌉
+        self._bias = torch.empty(rows, self.bitmask.shape[1] * 32)  # [rows, 32·W] 0 allowed / -inf banned
 
     @torch.inference_mode()  # the engine's logits are inference tensors
     def apply(self, logits: torch.Tensor, rows: list[int], states: list[GuideState]) -> None:
-        """Mask logits [B, V] in place: row rows[i] keeps only what states[i] allows (others: -inf)."""
-        if len(rows) > self.bitmask.shape[0]:
-            self.bitmask = self._xgr.allocate_token_bitmask(len(rows), self.vocab_size)
+        """Mask logits [B, V] in place: row rows[i] keeps only what states[i] allows (others: -inf).
+
+        Equals xgrammar's `apply_token_bitmask_inplace(logits, bitmask, vocab_size=V, indices=rows)` for finite
+        logits: token t of row i is banned when bit t % 32 of word t // 32 is 0; columns ≥ V are left alone.
+        """
+        n = len(rows)
+        if n > self.bitmask.shape[0]:
+            self._alloc(n)
         for i, state in enumerate(states):
             state.matcher.fill_next_token_bitmask(self.bitmask, i)
-        mask = self.bitmask[: len(rows)]
-        if rows == list(range(len(rows))) and logits.shape[0] == len(rows):
-            self._xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=self.vocab_size)
-            return
-        sub = logits[rows]  # [n, V] copy: the guided rows only
-        self._xgr.apply_token_bitmask_inplace(sub, mask, vocab_size=self.vocab_size)
-        logits[rows] = sub
+        # little-endian: byte k of word w holds tokens 32w + 8k .. 32w + 8k + 7, bit b = token 32w + 8k + b
+        octets = self.bitmask[:n].view(torch.uint8).reshape(-1).int()  # [n·4W]
+        bias = self._bias[:n]  # [n, 32W]
+        torch.index_select(self._table, 0, octets, out=bias.view(-1, 8))
+        v = min(self.vocab_size, logits.shape[1])
+        # index_add_ also for a fully guided batch: measured steady ~0.15 ms, where a plain `add_` over the
+        # [8, 49152] rows runs as an intra-op parallel region that stalled 20+ ms on the loaded 2-core machine
+        logits[:, :v].index_add_(0, torch.tensor(rows), bias[:, :v].to(logits.dtype))
