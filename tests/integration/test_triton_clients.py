@@ -371,6 +371,10 @@ def test_ifb_client_stop_words_list_and_min_tokens(grpc, server, tokenizer):
     _, inputs = ifb_inputs(tokenizer, streaming=True, end_id=full[0], min_tokens=3)
     held = ifb_run(grpc, inputs, streaming=True)
     assert len(held) >= 3 and full[0] not in held[:3]
+    # the same under min_tokens' name in tensorrtllm_backend v0.8.0 … v0.19.0 (tensorrt_llm/config.pbtxt),
+    # which older inflight_batcher_llm_client.py versions send
+    inputs["min_length"] = inputs.pop("min_tokens")
+    assert ifb_run(grpc, inputs, streaming=True) == held
 
 
 def test_bad_words_and_embedding_bias_in_both_forms(grpc, server, tokenizer, spec):

@@ -25,6 +25,7 @@ from trtllm_peft.server.triton.generation import TritonGeneration
 from trtllm_peft.server.triton.lora_tasks import ClientLoraTasks
 from trtllm_peft.server.triton.schemas import (
     IO,
+    MIN_LENGTH_ALIAS,
     OUTPUTS,
     VERSION,
     TritonRequest,
@@ -102,6 +103,7 @@ def _trtllm_inputs(dtype: str) -> tuple[IO, ...]:
     """inflight_batcher_llm's inputs, all optional here, then the llmapi model's (llmapi.py): a request
     uses one style or the other, and the per-style checks name what is missing."""
     inflight = tuple(replace(io, optional=True) for io in stock.stock_io(table.TRTLLM_INPUTS, dtype))
+    inflight = (*inflight, MIN_LENGTH_ALIAS)  # the older clients' name (schemas.MIN_LENGTH_ALIAS)
     known = {io.name for io in inflight}
     return (*inflight, *(io for io in llmapi.LLMAPI_INPUTS if io.name not in known))
 
