@@ -15,6 +15,7 @@ Every greedy answer is checked against /v1/completions for the same prompt and l
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 from functools import partial
@@ -370,6 +371,10 @@ def test_ifb_client_stop_words_list_and_min_tokens(grpc, server, tokenizer):
     _, inputs = ifb_inputs(tokenizer, streaming=True, end_id=full[0], min_tokens=3)
     held = ifb_run(grpc, inputs, streaming=True)
     assert len(held) >= 3 and full[0] not in held[:3]
+    # the same under min_tokens' name in tensorrtllm_backend v0.8.0 … v0.19.0 (tensorrt_llm/config.pbtxt),
+    # which older inflight_batcher_llm_client.py versions send
+    inputs["min_length"] = inputs.pop("min_tokens")
+    assert ifb_run(grpc, inputs, streaming=True) == held
 
 
 def test_bad_words_and_embedding_bias_in_both_forms(grpc, server, tokenizer, spec):
@@ -490,3 +495,69 @@ def test_generate_extension_on_stock_models(server):
     r = httpx.post(f"{server.url}/v2/models/postprocessing/generate", json=body, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["OUTPUT"] == openai_text(server, ignore_eos=True)
+
+
+# ---- the llmapi model's inputs on `tensorrt_llm` (server/triton/llmapi.py) ---------------------------------
+
+# Verbatim from NVIDIA/TensorRT-LLM triton_backend/all_models/llmapi/README.md ("Send Inference Requests"):
+#   curl -X POST localhost:8000/v2/models/tensorrt_llm/generate \
+#     -d '{"text_input": "What is ML?", "sampling_param_max_tokens": 50}'
+# Its response there: {"model_name":"tensorrt_llm","model_version":"1","text_output":"What is ML?\nML is …"}
+# (the prompt leads: helpers.py get_sampling_params_from_request defaults exclude_input_from_output to False).
+DOC_BODY = '{"text_input": "What is ML?", "sampling_param_max_tokens": 50}'
+
+
+def test_llmapi_documented_generate_example(server):
+    # curl -d sends the bytes as given, with curl's default form content type
+    r = httpx.post(f"{server.url}/v2/models/tensorrt_llm/generate", content=DOC_BODY,
+                   headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=120)  # fmt: skip
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert set(out) == {"model_name", "model_version", "text_output"}
+    assert out["model_name"] == "tensorrt_llm" and out["model_version"] == "1"
+    assert out["text_output"] == "What is ML?" + openai_text(server, prompt="What is ML?", n=50)
+    excluded = httpx.post(
+        f"{server.url}/v2/models/tensorrt_llm/generate",
+        json={**json.loads(DOC_BODY), "sampling_param_exclude_input_from_output": True},
+        timeout=120,
+    )
+    assert excluded.json()["text_output"] == openai_text(server, prompt="What is ML?", n=50)
+
+
+def test_llmapi_generate_stream_sends_the_text_so_far(server):
+    def stream(body):
+        url = f"{server.url}/v2/models/tensorrt_llm/generate_stream"
+        with httpx.stream("POST", url, content=body, timeout=120) as s:
+            assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+            return [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")]
+
+    want = "What is ML?" + openai_text(server, prompt="What is ML?", n=50)
+    assert [e["text_output"] for e in stream(DOC_BODY)] == [want]  # not streaming: one event
+    events = stream(json.dumps({**json.loads(DOC_BODY), "streaming": True}))
+    texts = [e["text_output"] for e in events]
+    # LLM API CompletionOutput.text (what llmapi/tensorrt_llm/1/model.py sends) is the text so far
+    assert len(texts) > 1 and texts[-1] == want
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+
+
+def test_llmapi_inputs_over_grpc_and_mixing_styles_is_refused(grpc, server, tokenizer):
+    # tools/inflight_batcher_llm/end_to_end_test.py --test-llmapi: text_input + sampling_param_max_tokens
+    inputs = {"text_input": np.array([[PROMPT]]).astype(object),
+              "sampling_param_max_tokens": np.array([[N]], dtype=np.int32),
+              "sampling_param_exclude_input_from_output": np.array([[True]])}  # fmt: skip
+    result = grpc.infer("tensorrt_llm", [prepare_tensor(k, v, "grpc") for k, v in inputs.items()])
+    assert result.as_numpy("text_output")[0].decode() == openai_text(server)
+    meta = {t.name: t for t in grpc.get_model_config("tensorrt_llm").config.input}
+    assert meta["text_input"].optional and meta["sampling_param_max_tokens"].optional
+    assert meta["input_ids"].optional  # either style: the per-style check names what is missing
+    mixed = {**inputs, "input_ids": np.array([tokenizer.encode(PROMPT)], dtype=np.int32)}
+    with pytest.raises(InferenceServerException) as e:
+        grpc.infer("tensorrt_llm", [prepare_tensor(k, v, "grpc") for k, v in mixed.items()])
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "not both: got 'input_ids' with 'text_input'" in e.value.message()
+    r = httpx.post(f"{server.url}/v2/models/tensorrt_llm/generate",
+                   json={"input_lengths": 3, "text_input": "hi"}, timeout=30)  # fmt: skip
+    assert r.status_code == 400 and "not both: got 'input_lengths' with 'text_input'" in r.json()["error"]
+    r = httpx.post(f"{server.url}/v2/models/tensorrt_llm/generate", json={"input_ids": [1, 2]}, timeout=30)
+    assert r.status_code == 400
+    assert r.json()["error"] == "expected input 'input_lengths' for model 'tensorrt_llm' (or 'text_input')"

@@ -275,9 +275,20 @@ def test_generate_and_generate_stream(server):
     events = stream(True)
     assert len(events) == N and "".join(e["text_output"] for e in events) == openai_text(server, "sql")
     assert [e["text_output"] for e in stream(False)] == [openai_text(server, "sql")]
-    bad = httpx.post(f"{server.url}/v2/models/ensemble/generate", json={**body, "min_length": 3}, timeout=30)
+    # min_length: min_tokens' name in tensorrtllm_backend v0.8.0 … v0.19.0 (ensemble/config.pbtxt); same answer
+    # here, as EOS is off (end_id -1)
+    old = httpx.post(f"{server.url}/v2/models/ensemble/generate", json={**body, "min_length": 3}, timeout=120)
+    assert old.status_code == 200 and old.json()["text_output"] == out["text_output"]
+    both = {**body, "min_length": 3, "min_tokens": 3}
+    both = httpx.post(f"{server.url}/v2/models/ensemble/generate", json=both, timeout=30)
+    assert both.status_code == 400 and both.json() == {
+        "error": "give min_tokens or min_length (its older name), not both"
+    }
+    bad = httpx.post(
+        f"{server.url}/v2/models/ensemble/generate", json={**body, "min_new_tokens": 3}, timeout=30
+    )
     assert bad.status_code == 400 and bad.json() == {
-        "error": "unexpected inference input 'min_length' for model 'ensemble'"
+        "error": "unexpected inference input 'min_new_tokens' for model 'ensemble'"
     }
     gone = httpx.post(f"{server.url}/v2/models/nope/generate", json=body, timeout=30)
     assert gone.status_code == 400 and "Request for unknown model" in gone.json()["error"]

@@ -121,6 +121,12 @@ def test_trtllm_request_reads_the_backend_inputs():
     req = stock.trtllm_request(_trtllm(min_tokens=i32("min_tokens", [[2]])))
     assert req.prompt_ids == [5, 6, 7]  # cut to input_lengths: the batch is right-padded
     assert req.max_tokens == 4 and req.end_id == -1 and req.min_tokens == 2 and not req.stream
+    # tensorrtllm_backend v0.8.0 … v0.19.0 call it min_length (tensorrt_llm/config.pbtxt at those tags)
+    assert stock.trtllm_request(_trtllm(min_length=i32("min_length", [[2]]))).min_tokens == 2
+    with pytest.raises(TritonProtocolError, match="give min_tokens or min_length"):
+        stock.trtllm_request(
+            _trtllm(min_length=i32("min_length", [[2]]), min_tokens=i32("min_tokens", [[2]]))
+        )
     words = i32("stop_words_list", [[[9, 8, 7], [1, 3, -1]]])
     assert stock.trtllm_request(_trtllm(stop_words_list=words)).stop_ids == [[9], [8, 7]]
 

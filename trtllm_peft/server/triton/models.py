@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from trtllm_peft.errors import TrtllmPeftError
 from trtllm_peft.server.runtime import Runtime
-from trtllm_peft.server.triton import outputs, stock
+from trtllm_peft.server.triton import llmapi, outputs, stock
 from trtllm_peft.server.triton.generation import TritonGeneration
 from trtllm_peft.server.triton.lora_tasks import ClientLoraTasks
 from trtllm_peft.server.triton.schemas import (
     IO,
+    MIN_LENGTH_ALIAS,
     OUTPUTS,
     VERSION,
     TritonRequest,
@@ -84,7 +85,10 @@ def resolve(rt: Runtime, name: str, version: str | None = None) -> V2Model:
         io = {
             TEXT: (model_inputs(rt.spec, True), OUTPUTS),
             PRE: (stock.stock_io(table.PRE_INPUTS, dtype), stock.stock_io(table.PRE_OUTPUTS, dtype)),
-            TRTLLM: (stock.stock_io(table.TRTLLM_INPUTS, dtype), stock.stock_io(table.TRTLLM_OUTPUTS, dtype)),
+            TRTLLM: (
+                _trtllm_inputs(dtype),
+                (*stock.stock_io(table.TRTLLM_OUTPUTS, dtype), *llmapi.LLMAPI_OUTPUTS),
+            ),
             POST: (stock.stock_io(table.POST_INPUTS, dtype), stock.stock_io(table.POST_OUTPUTS, dtype)),
         }[kind]
         return V2Model(name, kind, platform, *io, rt.base_model_id, kind != PRE and kind != POST)
@@ -93,6 +97,15 @@ def resolve(rt: Runtime, name: str, version: str | None = None) -> V2Model:
     except ModelNotFoundError:
         raise TritonProtocolError(f"Request for unknown model: '{name}' is not found") from None
     return V2Model(name, TEXT, "ensemble", model_inputs(rt.spec, False), OUTPUTS, name, False)
+
+
+def _trtllm_inputs(dtype: str) -> tuple[IO, ...]:
+    """inflight_batcher_llm's inputs, all optional here, then the llmapi model's (llmapi.py): a request
+    uses one style or the other, and the per-style checks name what is missing."""
+    inflight = tuple(replace(io, optional=True) for io in stock.stock_io(table.TRTLLM_INPUTS, dtype))
+    inflight = (*inflight, MIN_LENGTH_ALIAS)  # the older clients' name (schemas.MIN_LENGTH_ALIAS)
+    known = {io.name for io in inflight}
+    return (*inflight, *(io for io in llmapi.LLMAPI_INPUTS if io.name not in known))
 
 
 def model_names(rt: Runtime) -> list[str]:
@@ -128,7 +141,7 @@ class Inference:
             return
         try:
             for item in self.items:  # every item's first step, so that any error is a status
-                req = parse_request(item) if self.model.kind == TEXT else stock.trtllm_request(item)
+                req = parse_request(item) if self.model.kind == TEXT else _trtllm_request(item)
                 if req.lora_task_id is None and (req.lora_weights is not None or req.lora_config is not None):
                     raise TritonProtocolError("lora_weights and lora_config need a lora_task_id")
                 gen = TritonGeneration(self.rt, self.tasks, self.model.target, req)
@@ -178,7 +191,11 @@ class Inference:
         if not gen.req.stream:
             yield Reply(self._tensors(index, gen, await gen.collect(), whole=True))
             return
+        text = ""
         async for chunk in gen.chunks():
+            if gen.req.llmapi:  # the LLM API streams CompletionOutput.text: the text so far
+                text += chunk.text
+                chunk = replace(chunk, text=text)
             yield Reply(self._tensors(index, gen, chunk, whole=False), final=bool(chunk.finish_reason))
 
     def _tensors(self, index: int, gen: TritonGeneration, done, *, whole: bool) -> dict[str, Tensor]:
@@ -189,6 +206,12 @@ class Inference:
     async def aclose(self) -> None:
         for gen in self._gens:
             await gen.aclose()
+
+
+def _trtllm_request(item: dict[str, Tensor]) -> TritonRequest:
+    if llmapi.style(item) == "llmapi":
+        return llmapi.llmapi_request(item)
+    return stock.trtllm_request(item)
 
 
 def split_batch(model: V2Model, inputs: dict[str, Tensor]) -> list[dict[str, Tensor]]:

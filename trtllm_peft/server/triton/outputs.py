@@ -45,6 +45,8 @@ def text_outputs(index: int, gen: TritonGeneration, done) -> dict[str, Tensor]:
 
 
 def trtllm_outputs(index: int, gen: TritonGeneration, done, *, whole: bool) -> dict[str, Tensor]:
+    if gen.req.llmapi:  # llmapi/tensorrt_llm/1/model.py _create_response: text_output [B×n] (here [1])
+        return text_outputs(index, gen, done)
     ids = list(done.token_ids)
     if whole and not gen.req.exclude_input:
         ids = list(gen.prompt_ids) + ids
@@ -59,6 +61,8 @@ def default_outputs(kind: str, req: TritonRequest | None, computed: list[str]) -
     """What a response carries when the client names no outputs."""
     if req is None:  # preprocessing / postprocessing: all they compute
         return computed
+    if req.llmapi:  # the llmapi model sends text_output alone unless asked for more
+        return ["text_output"]
     first = ["text_output"] if kind == "text" else ["output_ids", "sequence_length"]
     names = [*first, "batch_index", "sequence_index"]
     names += ["cum_log_probs", "output_log_probs"] if req.return_log_probs else []

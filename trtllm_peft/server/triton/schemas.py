@@ -57,6 +57,7 @@ _SAMPLING_INPUTS = (
     IO("presence_penalty", "FP32"),
     IO("frequency_penalty", "FP32"),
     IO("min_tokens", "INT32"),
+    IO("min_length", "INT32"),  # min_tokens' name up to tensorrtllm_backend v0.19.0 (MIN_LENGTH_ALIAS)
     IO("seed", "UINT64"),
     IO("random_seed", "UINT64"),  # older tensorrtllm_backend clients
     IO("return_log_probs", "BOOL"),
@@ -126,6 +127,7 @@ class TritonRequest:
     bias_weights: list[float] = field(default_factory=list)
     embedding_bias: torch.Tensor | None = None  # [vocab] float32 (tensorrt_llm's embedding_bias)
     prompt_ids: list[int] | None = None  # `tensorrt_llm` takes token ids; `text` is then unused
+    llmapi: bool = False  # `tensorrt_llm` in the llmapi model's style: text_output out (llmapi.py)
 
 
 def check_inputs(model: str, inputs: dict[str, Tensor], declared: tuple[IO, ...], max_batch: int = 1) -> None:
@@ -168,7 +170,7 @@ def parse_request(inputs: dict[str, Tensor]) -> TritonRequest:
         max_tokens=max_tokens,
         stop_words=_words(inputs, "stop_words"),
         bad_words=_words(inputs, "bad_words"),
-        min_tokens=None if get("min_tokens") is None else int(get("min_tokens")),
+        min_tokens=min_tokens(get),
         bias_words=_words(inputs, "embedding_bias_words", keep_empty=True),
         bias_weights=inputs["embedding_bias_weights"].data.reshape(-1).tolist()
         if "embedding_bias_weights" in inputs
@@ -190,6 +192,21 @@ def parse_request(inputs: dict[str, Tensor]) -> TritonRequest:
         lora_weights=inputs["lora_weights"].to_torch() if "lora_weights" in inputs else None,
         lora_config=inputs["lora_config"].to_torch() if "lora_config" in inputs else None,
     )
+
+
+# tensorrtllm_backend v0.8.0 … v0.19.0 declare `min_length` (INT32 [1], optional) on tensorrt_llm, ensemble
+# and tensorrt_llm_bls (all_models/inflight_batcher_llm/*/config.pbtxt at those tags); the backend moved
+# into TensorRT-LLM at v0.20 and the input became `min_tokens`. Older clients still send `min_length`.
+MIN_LENGTH_ALIAS = IO("min_length", "INT32")
+
+
+def min_tokens(get) -> int | None:
+    """min_tokens, or its older name min_length; both at once is a 400 (no single reading)."""
+    new, old = get("min_tokens"), get("min_length")
+    if new is not None and old is not None:
+        raise TritonProtocolError("give min_tokens or min_length (its older name), not both")
+    value = new if new is not None else old
+    return None if value is None else int(value)
 
 
 def _words(inputs: dict[str, Tensor], name: str, keep_empty: bool = False) -> list[str]:

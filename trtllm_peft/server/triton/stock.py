@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trtllm_peft.server.triton.schemas import IO, MAX_WORDS, TYPE_OF, TritonRequest, check_ranges
+from trtllm_peft.server.triton.schemas import IO, MAX_WORDS, TYPE_OF, TritonRequest, check_ranges, min_tokens
 from trtllm_peft.server.triton.tensors import Tensor, TritonProtocolError, bytes_tensor
 from trtllm_peft.serving.tokenizer import Tokenizer
 from trtllm_peft.triton_repo import tensors as stock
@@ -211,6 +211,11 @@ def trtllm_request(inputs: dict[str, Tensor]) -> TritonRequest:
     def get(name: str, default=None):
         return inputs[name].scalar() if name in inputs else default
 
+    # required by the inflight_batcher_llm config (optional on this server only because the llmapi style
+    # has none of them: llmapi.py)
+    for name in ("input_ids", "input_lengths", "request_output_len"):
+        if name not in inputs:
+            raise TritonProtocolError(f"expected input '{name}' for model 'tensorrt_llm' (or 'text_input')")
     check_ranges(get, {"top_k": "runtime_top_k", "top_p": "runtime_top_p", "length_penalty": "len_penalty"})
     ids = inputs["input_ids"].data.reshape(-1).tolist() if "input_ids" in inputs else []
     length = int(get("input_lengths"))
@@ -219,7 +224,6 @@ def trtllm_request(inputs: dict[str, Tensor]) -> TritonRequest:
     max_tokens = int(get("request_output_len"))
     if max_tokens < 1:
         raise TritonProtocolError(f"request_output_len must be >= 1, got {max_tokens}")
-    min_tokens = get("min_tokens")
     bias = inputs.get("embedding_bias")
     return TritonRequest(
         text="",
@@ -228,7 +232,7 @@ def trtllm_request(inputs: dict[str, Tensor]) -> TritonRequest:
         stop_words=[],
         stop_ids=parse_word_list(inputs.get("stop_words_list")),
         bad_ids=parse_word_list(inputs.get("bad_words_list")),
-        min_tokens=None if min_tokens is None else int(min_tokens),
+        min_tokens=min_tokens(get),
         embedding_bias=bias.to_torch().reshape(-1).float() if bias is not None and bias.data.size else None,
         end_id=int(get("end_id", -1)),
         temperature=get("temperature"),
