@@ -272,7 +272,7 @@ def test_e2e_grpc_client_stop_words_and_lora(grpc, server, npy_dir):
 
 
 def ifb_inputs(tokenizer, *, streaming, text=PROMPT, output_len=N, lora_path=None, lora_task_id=None,
-               stop_words_list=None, bad_words_list=None, min_tokens=None, end_id=None, embedding_bias=None):  # fmt: skip
+               stop_words_list=None, bad_words_list=None, min_tokens=None, end_id=None, embedding_bias=None, min_length=None):  # fmt: skip
     """inflight_batcher_llm_client's __main__ + prepare_inputs with its default flags."""
     pad_id = tokenizer.encode(tokenizer.pad_token or tokenizer.eos_token, add_special_tokens=False)[0]
     if end_id is None:
@@ -301,6 +301,8 @@ def ifb_inputs(tokenizer, *, streaming, text=PROMPT, output_len=N, lora_path=Non
         inputs["bad_words_list"] = bad_words_list
     if min_tokens is not None:
         inputs["min_tokens"] = np.array([[min_tokens]], dtype=np.int32)
+    if min_length is not None:
+        inputs["min_length"] = np.array([[min_length]], dtype=np.int32)
     if embedding_bias is not None:
         inputs["embedding_bias"] = embedding_bias
     return input_ids[0], [prepare_tensor(k, v, "grpc") for k, v in inputs.items()]
@@ -373,7 +375,7 @@ def test_ifb_client_stop_words_list_and_min_tokens(grpc, server, tokenizer):
     assert len(held) >= 3 and full[0] not in held[:3]
     # the same under min_tokens' name in tensorrtllm_backend v0.8.0 … v0.19.0 (tensorrt_llm/config.pbtxt),
     # which older inflight_batcher_llm_client.py versions send
-    inputs["min_length"] = inputs.pop("min_tokens")
+    _, inputs = ifb_inputs(tokenizer, streaming=True, end_id=full[0], min_length=3)
     assert ifb_run(grpc, inputs, streaming=True) == held
 
 
