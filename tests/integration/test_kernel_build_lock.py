@@ -21,9 +21,12 @@ import pytest
 from trtllm_peft.executor.torch import cpu_kernels
 
 REPO = Path(__file__).resolve().parents[2]
+# The child takes the JIT path, as without `make install`: its PREBUILT points at an empty directory (a
+# monkeypatch here would not reach the child, which would load the kernels `make install` built).
 LOAD = (
-    "import logging, sys; logging.basicConfig(level=logging.INFO);"
+    "import logging, pathlib, sys; logging.basicConfig(level=logging.INFO);"
     "from trtllm_peft.executor.torch import cpu_kernels;"
+    "cpu_kernels.PREBUILT = pathlib.Path(sys.argv[1]);"
     "sys.exit(0 if cpu_kernels.load() is not None else 3)"
 )
 
@@ -39,7 +42,7 @@ def start_loader(ext: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext), "PYTHONPATH": str(REPO)}
     with open(log, "w") as out:
         return subprocess.Popen(
-            [sys.executable, "-c", LOAD],
+            [sys.executable, "-c", LOAD, str(log.parent / "no-prebuilt")],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -56,8 +59,7 @@ def wait_for(predicate, timeout: float) -> bool:
     return False
 
 
-def test_a_start_after_a_killed_build_builds_and_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "PREBUILT", tmp_path / "no-prebuilt")  # the JIT path, as without install
+def test_a_start_after_a_killed_build_builds_and_loads(tmp_path):
     ext = tmp_path / "ext"
     torch_lock = ext / cpu_kernels.module_name() / "lock"
     first = start_loader(ext, tmp_path / "first.log")
