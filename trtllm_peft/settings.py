@@ -164,19 +164,10 @@ class _Reader:
         return value
 
     def number(self, name: str, *, minimum: float) -> float | None:
-        raw = self._raw(name)
-        if raw is None:
-            return None
-        try:
-            value = float(raw)
-        except ValueError:
-            self.errors.append(f"{name}={raw!r} is not a number of seconds")
-            return None
-        if not value >= minimum:
-            self.errors.append(f"{name}={raw} must be >= {minimum} seconds (unset it to scan only at start)")
-        return value
+        """Seconds between rescans: unset means "scan only at start"."""
+        return self.seconds(name, None, minimum=minimum, hint=" (unset it to scan only at start)")
 
-    def seconds(self, name: str, default: float, *, minimum: float) -> float:
+    def seconds(self, name: str, default: float | None, *, minimum: float, hint: str = "") -> float | None:
         raw = self._raw(name)
         if raw is None:
             return default
@@ -186,7 +177,7 @@ class _Reader:
             self.errors.append(f"{name}={raw!r} is not a number of seconds")
             return default
         if not minimum <= value < float("inf"):
-            self.errors.append(f"{name}={raw} must be a finite number of seconds >= {minimum}")
+            self.errors.append(f"{name}={raw} must be >= {minimum} seconds and finite{hint}")
         return value
 
     def fraction(self, name: str) -> float | None:
