@@ -5,6 +5,8 @@ End to end through the reference engine: tests/integration/test_trtllm_standin.p
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -223,6 +225,28 @@ def test_responses_map_back_without_touching_the_missing_half(tle):
     assert bad.has_error() and bad.result is None and classify(bad.error_msg) is ErrorKind.NOT_CACHED
     with pytest.raises(tt.TllmError, match="response with an error"):
         tt.Response(8, "x").result  # noqa: B018  (the binding's getter throws; from_trtllm_response never calls it)
+
+
+def test_iteration_stats_map_the_kv_cache_stats(tle):
+    """IterationStats.kv_cache_stats: tle.KvCacheStats's nine fields (bindings.cpp, 1.2), or None."""
+    s = tc.IterationStats()
+    assert trtllm.from_trtllm_stats(s, 0).kv_cache_stats is None
+    kv = tc.KvCacheStats()
+    values = dict(
+        max_num_blocks=100,
+        free_num_blocks=60,
+        used_num_blocks=40,
+        tokens_per_block=64,
+        alloc_total_blocks=55,
+        alloc_new_blocks=45,
+        reused_blocks=10,
+        missed_blocks=30,
+        cache_hit_rate=0.25,
+    )
+    for name, value in values.items():
+        setattr(kv, name, value)
+    s.kv_cache_stats = kv
+    assert dataclasses.asdict(trtllm.from_trtllm_stats(s, 0).kv_cache_stats) == values
 
 
 def test_executor_config_carries_the_sizing(tle, tiny_spec):

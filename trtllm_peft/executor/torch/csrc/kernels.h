@@ -81,7 +81,7 @@ inline int64_t row_grain(int64_t rows, int64_t cols) { return rows * cols < 6553
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 void set_num_threads(int n);  // the kernels' own thread count (0: follow torch's)
 
-// ---- the module's functions (linear.cpp, lora.cpp, layer_ops.cpp) -------------------------------------
+// ---- the module's functions (linear.cpp, lora.cpp, layer_ops.cpp, attend_*.cpp) ------------------------
 
 torch::Tensor pack(const torch::Tensor& w);
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, const c10::optional<torch::Tensor>& bias);
@@ -110,7 +110,9 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
 torch::Tensor silu_mul(const torch::Tensor& gu);
 torch::Tensor attend_decode(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                             const torch::Tensor& positions, torch::Tensor& kc, torch::Tensor& vc,
-                            const torch::Tensor& tables, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                            bool store_first);
+                            const torch::Tensor& tables, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
+torch::Tensor attend_chunk(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                           int64_t start, torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& table,
+                           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
 
 }  // namespace trtllm_peft
