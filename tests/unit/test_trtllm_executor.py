@@ -117,7 +117,9 @@ def test_stand_in_refuses_positional_arguments_after_max_tokens(tle):
     ],
 )
 def test_greedy_requests_send_no_sampling_knobs(tle, cfg, sent, absent):
-    sc = trtllm_convert.to_trtllm_request(tle, Request([1], 1, sampling_config=cfg), torch.float32).sampling_config
+    sc = trtllm_convert.to_trtllm_request(
+        tle, Request([1], 1, sampling_config=cfg), torch.float32
+    ).sampling_config
     assert {k: getattr(sc, k) for k in sent} == sent
     assert all(getattr(sc, k) is None for k in absent)
 
@@ -164,7 +166,9 @@ def test_bad_lora_tensors_are_refused_before_tensorrt_llm(tle, weights, config, 
 
 def test_what_the_binding_refuses_becomes_a_value_error(tle):
     with pytest.raises(ValueError, match="TensorRT-LLM refused the request: .*task_id"):
-        trtllm_convert.to_trtllm_request(tle, Request([1], 1, lora_config=LoraConfig(-1)), torch.float16)  # uint64
+        trtllm_convert.to_trtllm_request(
+            tle, Request([1], 1, lora_config=LoraConfig(-1)), torch.float16
+        )  # uint64
 
 
 # ---- the binding's own checks (what the stand-in enforces) -------------------------------------------------
