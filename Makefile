@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 # The reference engine's CPU kernels (executor/torch/csrc), compiled ahead of time so that no server or test
 # compiles them on its first start (a no-op with a message on a CPU or machine that cannot run them).
 $(KERNELS): $(STAMP) $(wildcard trtllm_peft/executor/torch/csrc/*)
-	$(BIN)/python -m trtllm_peft.executor.torch.cpu_kernels --build
+	$(BIN)/trtllm-peft build-kernels
 	@mkdir -p $(dir $(KERNELS)) && touch $(KERNELS)
 
 install: $(STAMP) $(KERNELS)  ## create .venv with everything the server and the tests need, build the CPU kernels
