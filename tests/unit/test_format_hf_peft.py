@@ -535,7 +535,8 @@ def test_save_refuses_what_peft_cannot_express(tmp_path, tiny_spec):
 
 
 def test_alpha_for_gives_back_peft_scales_exactly():
-    from trtllm_peft.formats.hf_peft_config import alpha_for, peft_scale
+    from trtllm_peft.formats.hf_peft_config import peft_scale
+    from trtllm_peft.formats.hf_peft_config_writer import alpha_for
 
     assert all(alpha_for(a / r, r) == a for a in range(1, 130) for r in range(1, 130))  # ints stay ints
     assert all(

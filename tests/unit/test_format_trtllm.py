@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from trtllm_peft.errors import AdapterError, AdapterFormatError, AdapterIncompatibleError
-from trtllm_peft.formats import trtllm
+from trtllm_peft.formats import trtllm, trtllm_writer
 from trtllm_peft.lora import LoraAdapter, LoraWeights, ModelSpec, fit_to_spec, pack
 from trtllm_peft.lora.modules import MODULE_IDS
 from trtllm_peft.lora.pack import write_scaled_b
@@ -238,7 +238,7 @@ def test_save_writes_what_numpy_would_and_reads_back_bit_exact(tmp_path, dtype):
 def test_bfloat16_file_has_tensorrt_llm_descr(tmp_path):
     w, c = trtllm_arrays(torch.float32)
     adapter = trtllm.load(write_dir(tmp_path / "in", torch_to_numpy(w)[None], c[None]), SPEC)
-    trtllm.write_npy(adapter, tmp_path / "out", "bfloat16")
+    trtllm_writer.write_npy(adapter, tmp_path / "out", "bfloat16")
     with open(tmp_path / "out" / "model.lora_weights.npy", "rb") as f:
         np.lib.format.read_magic(f)
         shape, _, dtype = np.lib.format.read_array_header_1_0(f)
@@ -437,5 +437,5 @@ def test_reading_needs_the_engine_spec(tmp_path):
 def test_writing_refuses_what_cannot_be_rows(tmp_path):
     bad = LoraAdapter({(0, "attn_q"): LoraWeights(torch.randn(2, 32), torch.randn(32, 3))}, "hf", source="x")
     with pytest.raises(AdapterError, match="one rank"):
-        trtllm.write_npy(bad, tmp_path, "float16")
+        trtllm_writer.write_npy(bad, tmp_path, "float16")
     assert not any(tmp_path.iterdir())

@@ -21,7 +21,7 @@ from tests.trtllm_standin.peft import (
 )
 from trtllm_peft.engine import backend
 from trtllm_peft.errors import EngineError
-from trtllm_peft.executor import trtllm
+from trtllm_peft.executor import trtllm, trtllm_convert
 from trtllm_peft.executor.api import FinishReason, LoraConfig, OutputConfig, Request, SamplingConfig
 from trtllm_peft.executor.errors import ErrorKind, classify
 from trtllm_peft.lora import LoraAdapter, LoraWeights, pack
@@ -63,7 +63,7 @@ def test_request_maps_every_field_keyword_only(tle, tiny_spec):
         lora_config=LoraConfig(11, packed.weights, packed.config),
         client_id=4,
     )
-    out = trtllm.to_trtllm_request(tle, req, torch.float16)
+    out = trtllm_convert.to_trtllm_request(tle, req, torch.float16)
     assert (out.input_token_ids, out.max_tokens, out.streaming, out.end_id, out.pad_id) == (
         [1, 2, 3],
         7,
@@ -117,7 +117,9 @@ def test_stand_in_refuses_positional_arguments_after_max_tokens(tle):
     ],
 )
 def test_greedy_requests_send_no_sampling_knobs(tle, cfg, sent, absent):
-    sc = trtllm.to_trtllm_request(tle, Request([1], 1, sampling_config=cfg), torch.float32).sampling_config
+    sc = trtllm_convert.to_trtllm_request(
+        tle, Request([1], 1, sampling_config=cfg), torch.float32
+    ).sampling_config
     assert {k: getattr(sc, k) for k in sent} == sent
     assert all(getattr(sc, k) is None for k in absent)
 
@@ -127,7 +129,7 @@ def test_npy_batch_dimension_is_squeezed_and_bf16_numpy_read(tle, tiny_spec):
     # what TensorRT-LLM's torch_to_numpy writes for bfloat16: numpy void 'V2' with a leading batch of 1
     weights = packed.weights.view(torch.int16).numpy().view(np.dtype("V2"))[None]  # [1, N, W]
     config = packed.config.numpy().astype(np.int64)[None]  # [1, N, 4], not int32 on disk
-    out = trtllm.to_trtllm_request(
+    out = trtllm_convert.to_trtllm_request(
         tle, Request([1], 1, lora_config=LoraConfig(3, weights, config)), torch.bfloat16
     )
     assert (
@@ -139,7 +141,7 @@ def test_npy_batch_dimension_is_squeezed_and_bf16_numpy_read(tle, tiny_spec):
 
 
 def test_task_id_alone_sends_no_tensors(tle):
-    out = trtllm.to_trtllm_request(tle, Request([1], 1, lora_config=LoraConfig(5)), torch.float16)
+    out = trtllm_convert.to_trtllm_request(tle, Request([1], 1, lora_config=LoraConfig(5)), torch.float16)
     assert out.lora_config.task_id == 5 and out.lora_config.weights is None and out.lora_config.config is None
 
 
@@ -157,14 +159,16 @@ def test_task_id_alone_sends_no_tensors(tle):
 )
 def test_bad_lora_tensors_are_refused_before_tensorrt_llm(tle, weights, config, message):
     with pytest.raises(ValueError, match=message):
-        trtllm.to_trtllm_request(
+        trtllm_convert.to_trtllm_request(
             tle, Request([1], 1, lora_config=LoraConfig(1, weights, config)), torch.float16
         )
 
 
 def test_what_the_binding_refuses_becomes_a_value_error(tle):
     with pytest.raises(ValueError, match="TensorRT-LLM refused the request: .*task_id"):
-        trtllm.to_trtllm_request(tle, Request([1], 1, lora_config=LoraConfig(-1)), torch.float16)  # uint64
+        trtllm_convert.to_trtllm_request(
+            tle, Request([1], 1, lora_config=LoraConfig(-1)), torch.float16
+        )  # uint64
 
 
 # ---- the binding's own checks (what the stand-in enforces) -------------------------------------------------
@@ -206,7 +210,7 @@ def test_responses_map_back_without_touching_the_missing_half(tle):
     res = tt.Result()
     res.is_final, res.output_token_ids, res.finish_reasons = True, [[4, 5]], [tt.FinishReason.END_ID]
     res.log_probs, res.cum_log_probs, res.decoding_iter = [[-0.1, -0.2]], [-0.3], 2
-    ok = trtllm.from_trtllm_response(tt.Response(7, res, 3))
+    ok = trtllm_convert.from_trtllm_response(tt.Response(7, res, 3))
     assert (ok.request_id, ok.client_id, ok.error_msg) == (7, 3, None)
     r = ok.result
     assert (
@@ -217,7 +221,7 @@ def test_responses_map_back_without_touching_the_missing_half(tle):
         r.cum_log_probs,
         r.decoding_iter,
     ) == (True, [[4, 5]], FinishReason.END_ID, [[-0.1, -0.2]], [-0.3], 2)
-    bad = trtllm.from_trtllm_response(
+    bad = trtllm_convert.from_trtllm_response(
         tt.Response(8, "LoRA task 3 not found in cache. Please send LoRA weights with request")
     )
     assert bad.has_error() and bad.result is None and classify(bad.error_msg) is ErrorKind.NOT_CACHED
@@ -229,7 +233,7 @@ def test_executor_config_carries_the_sizing(tle, tiny_spec):
     from trtllm_peft.engine.peft_cache_sizing import size_peft_cache
 
     sizing = size_peft_cache(tiny_spec.with_limits(max_lora_rank=8), max_gpu_loras=2, max_cpu_loras=4)
-    cfg = trtllm.executor_config(tle, sizing, kv_cache_fraction=0.8)
+    cfg = trtllm_convert.executor_config(tle, sizing, kv_cache_fraction=0.8)
     p = cfg.peft_cache_config
     assert (p.num_device_module_layer, p.num_host_module_layer) == (
         sizing.config.num_device_module_layer,
