@@ -17,22 +17,14 @@ import os
 import time
 
 import torch
-from engine import ROOT, EngineDir, TorchExecutor, _time, build_engine, floor_ms, machine, ours_runner
+from engine import ENGINES, MAX_SEQ, EngineDir, TorchExecutor, _time, ensure_engines, floor_ms, machine
+from engine_cases import PREFILL_LEN, ours_prefill, ours_runner, prefill_flops
 
-from trtllm_peft.executor.api import Request
 from trtllm_peft.executor.torch import cpu_kernels
 from trtllm_peft.executor.torch.linear import KernelLinear
 
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576), (576, 49152)]  # (in, out)
-PREFILL = 512
 DTYPES = ["bfloat16", "float32"]
-ENGINES = {dt: ROOT / "engines" / f"smollm2-135m-{dt}-b64" for dt in DTYPES}  # batch 64, 512-token prompts
-
-
-def ensure_engines(dtypes: list[str]) -> None:
-    for dt in dtypes:
-        if not (ENGINES[dt] / "model.safetensors").is_file():
-            build_engine(None, ENGINES[dt], dtype=dt, max_batch_size=64, max_seq_len=640, quiet=False)
 
 
 def best(fn, n: int) -> float:
@@ -63,9 +55,9 @@ def linears(kernels, dtypes: list[str], rows: list[int]) -> None:
             print(f"  {dt:<8} {k:>4}→{n:<5} " + "  ".join(cells), flush=True)
 
 
-def toggled(kernels, run, on: bool):
+def toggled(kernels, run, on: bool, min_rows: int = 16):
     def go(tokens: int) -> None:
-        kernels.set_amx(on)
+        kernels.set_amx(on, min_rows)
         try:
             run(tokens)
         finally:
@@ -74,13 +66,15 @@ def toggled(kernels, run, on: bool):
     return go
 
 
-def decode(kernels, dt: str, batches: list[int], n: int, repeats: int, m: dict) -> None:
-    engine = ENGINES[dt]
-    params = sum(v.numel() for v in EngineDir.open(engine).load_weights().values())
-    sizes = dict(max_batch_size=max(batches), max_seq_len=PREFILL + 8, memory_budget_bytes=4 * 2**30)
-    with TorchExecutor(engine, **sizes) as ex:
+def decode(kernels, dt: str, batches: list[int], n: int, repeats: int, m: dict, min_rows: int) -> None:
+    e = EngineDir.open(ENGINES[dt])
+    weights = e.load_weights()
+    params, flops = sum(v.numel() for v in weights.values()), prefill_flops(weights, e.hf_config)
+    del weights
+    sizes = dict(max_batch_size=max(batches), max_seq_len=MAX_SEQ, memory_budget_bytes=4 * 2**30)
+    with TorchExecutor(ENGINES[dt], **sizes) as ex:
         for b in batches:
-            runs = {on: toggled(kernels, ours_runner(ex, [], b, 0), on) for on in (True, False)}
+            runs = {on: toggled(kernels, ours_runner(ex, [], b, 0), on, min_rows) for on in (True, False)}
             t1, tn = dict.fromkeys(runs, float("inf")), dict.fromkeys(runs, float("inf"))
             for _ in range(repeats):
                 for on, run in runs.items():
@@ -93,28 +87,18 @@ def decode(kernels, dt: str, batches: list[int], n: int, repeats: int, m: dict) 
                 f"  floor {floor:7.1f}  ({rate[True] / floor:.0%} / {rate[False] / floor:.0%} of it)",
                 flush=True,
             )
-        g = torch.Generator().manual_seed(1)
-        for on in (True, False):  # a new prompt every time: no cached prefix to reuse
-            run = toggled(
-                kernels, lambda _t: _one(ex, torch.randint(100, 40000, (PREFILL,), generator=g).tolist()), on
-            )
-            t = best(lambda run=run: run(1), repeats)
-            gflops = 2 * params * PREFILL / t / 1e9
-            peak = m[f"mm_{dt}"]
+        runs = {on: toggled(kernels, ours_prefill(ex), on) for on in (True, False)}
+        best_t = dict.fromkeys(runs, float("inf"))
+        for _ in range(repeats + 1):  # a fresh 512-token prompt every call (engine_cases.prefill_prompts)
+            for on, run in runs.items():
+                best_t[on] = min(best_t[on], _time(lambda run=run: run(1)))
+        peak = m[f"mm_{dt}"]
+        for on, t in best_t.items():
             print(
-                f"  prefill {dt:<8} {'AMX' if on else 'streaming':<9} {PREFILL / t:7.0f} tok/s  "
-                f"{gflops:5.0f} GFLOP/s = {gflops / peak:.0%} of the matmul peak {peak:.0f}",
+                f"  prefill {dt:<8} {'AMX' if on else 'streaming':<9} {PREFILL_LEN / t:7.0f} tok/s  "
+                f"{flops / t / 1e9:5.0f} GFLOP/s = {flops / t / 1e9 / peak:.0%} of the matmul peak {peak:.0f}",
                 flush=True,
             )
-
-
-def _one(ex, prompt: list[int]) -> None:
-    (rid,) = ex.enqueue_requests([Request(prompt, 1)])
-    while True:
-        for r in ex.await_responses(timeout=600):
-            assert not r.has_error(), r.error_msg
-            if r.result.is_final:
-                return
 
 
 def main() -> None:
@@ -126,6 +110,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--min-rows", type=int, default=16, help="fewest rows the AMX case puts on AMX tiles")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     kernels = cpu_kernels.load()
@@ -144,7 +129,15 @@ def main() -> None:
             f"machine: read {m['read_gbs']:.1f} GB/s, matmul fp32 {m['mm_float32']:.0f}, bf16 {m['mm_bfloat16']:.0f}"
         )
         for dt in args.dtypes:
-            decode(kernels, dt, [int(b) for b in args.batches.split(",")], args.tokens, args.repeats, m)
+            decode(
+                kernels,
+                dt,
+                [int(b) for b in args.batches.split(",")],
+                args.tokens,
+                args.repeats,
+                m,
+                args.min_rows,
+            )
     load = os.getloadavg()
     print(f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
 
