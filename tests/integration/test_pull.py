@@ -24,7 +24,6 @@ from tests.integration.conftest import REPO, Server, random_adapter
 from tests.integration.fake_hub import FakeHub
 from tests.integration.fake_ngc import FakeNgc, route_ngc_to
 from trtllm_peft import formats
-from trtllm_peft.lora import load_spec
 from trtllm_peft.pull import Check, Credentials, PullError, PullRequest, pull_one
 from trtllm_peft.pull.command import add_pull_arguments, run_pull
 from trtllm_peft.pull.staging import Staging
@@ -42,11 +41,6 @@ def files_of(directory: Path) -> dict[str, bytes]:
 def visible(root: Path) -> list[str]:
     """What the catalog would consider: non-hidden entries of the adapter root."""
     return sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) if root.exists() else []
-
-
-@pytest.fixture(scope="module")
-def spec(smollm2_engine):
-    return load_spec(smollm2_engine)
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.integration.conftest import Server, random_adapter, write_adapter
+from tests.integration.conftest import smollm2_server, write_adapter
 from trtllm_peft.executor.api import NOT_CACHED_MESSAGE
-from trtllm_peft.lora import load_spec
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
@@ -38,49 +37,15 @@ N = 10
 STOCK = ("ensemble", "tensorrt_llm_bls", "preprocessing", "tensorrt_llm", "postprocessing")
 
 
-@pytest.fixture(scope="module", params=["torch", "trtllm-standin"])
-def backend(request) -> str:
-    return request.param
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory, spec, adapter):
+    return write_adapter(adapter, tmp_path_factory.mktemp("loras") / "sql", "hf", spec).parent
 
 
 @pytest.fixture(scope="module")
-def spec(smollm2_engine):
-    return load_spec(smollm2_engine)
-
-
-@pytest.fixture(scope="module")
-def adapter(spec):
-    return random_adapter(spec, rank=8, modules=("attn_q", "attn_v", "mlp_4h_to_h"), seed=3)
-
-
-@pytest.fixture(scope="module")
-def loras(tmp_path_factory, spec, adapter, backend):
-    root = tmp_path_factory.mktemp("loras")
-    write_adapter(adapter, root / "sql", "hf", spec)
-    return root
-
-
-@pytest.fixture(scope="module")
-def npy_dir(tmp_path_factory, spec, adapter, backend):
-    """The same adapter as TensorRT-LLM tensors, outside NIM_PEFT_SOURCE: only a client can send it."""
-    return write_adapter(adapter, tmp_path_factory.mktemp("npy") / "sql-npy", "trtllm", spec)
-
-
-@pytest.fixture(scope="module")
-def server(request, backend, smollm2_engine, loras, tmp_path_factory):
-    standin = backend == "trtllm-standin"
-    engine = request.getfixturevalue("smollm2_standin_engine") if standin else smollm2_engine
-    srv = Server(
-        engine,
-        loras,
-        tmp_path_factory.mktemp("log") / "server.log",
-        module="tests.trtllm_standin.serve" if standin else "trtllm_peft.cli",
-        NIM_MAX_CPU_LORAS="4",
-        NIM_MAX_GPU_LORAS="2",
-        NIM_SERVED_MODEL_NAME="smollm2",
-    )
-    yield srv
-    srv.stop()
+def server(request, backend, loras):
+    with smollm2_server(request, loras, backend, NIM_MAX_CPU_LORAS="4", NIM_MAX_GPU_LORAS="2") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
