@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trtllm_peft.lora import ModelSpec
+from trtllm_peft.lora import LoraAdapter, LoraWeights, ModelSpec
 
 # GQA on purpose (4 query heads, 2 kv heads), dims all different so a transposed tensor cannot fit.
 TINY_LLAMA = {
@@ -106,3 +106,16 @@ def build_tiny_engine(directory: Path, *, max_seq_len: int = 64) -> Path:
         budget_bytes=2**30,
         quiet=True,
     )
+
+
+def random_lora(spec, rank: int, seed: int = 0, layers=None, modules=None) -> LoraAdapter:
+    """Random A and B (unscaled) on `layers` x `modules` (default: every layer, the spec's LoRA modules)."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for layer in layers if layers is not None else range(spec.num_layers):
+        for m in modules or spec.lora_target_modules:
+            d_in, d_out = spec.module_dims(m)
+            weights[(layer, m)] = LoraWeights(
+                torch.randn(rank, d_in, generator=gen), torch.randn(d_out, rank, generator=gen)
+            )
+    return LoraAdapter(weights=weights, format="hf")
