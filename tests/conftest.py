@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from trtllm_peft.lora import LoraAdapter, LoraWeights, ModelSpec
 
@@ -119,3 +120,24 @@ def random_lora(spec, rank: int, seed: int = 0, layers=None, modules=None) -> Lo
                 torch.randn(rank, d_in, generator=gen), torch.randn(d_out, rank, generator=gen)
             )
     return LoraAdapter(weights=weights, format="hf")
+
+
+def edit_peft_config(d: Path, **changes) -> None:
+    """Change keys of the adapter_config.json in `d` (None writes null)."""
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def rewrite_peft_tensors(d: Path, fn) -> None:
+    """Replace the tensors of adapter_model.safetensors in `d` by `fn(tensors)`."""
+    save_file(
+        fn(load_file(str(d / "adapter_model.safetensors"))),
+        str(d / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
+
+
+def rekey_peft_tensors(fn):
+    """A rewrite of `d` that renames every tensor key by `fn`."""
+    return lambda d: rewrite_peft_tensors(d, lambda t: {fn(k): v for k, v in t.items()})
