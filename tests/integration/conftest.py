@@ -127,6 +127,16 @@ def write_adapter(adapter: LoraAdapter, out: Path, fmt: str, spec: ModelSpec) ->
     return out
 
 
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    """Whether `predicate()` became true within `timeout` seconds (polled every 0.1 s): give generous ones."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,14 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import QVO, openai_client, random_adapter, smollm2_server, write_adapter
+from tests.integration.conftest import (
+    QVO,
+    openai_client,
+    random_adapter,
+    smollm2_server,
+    wait_for,
+    write_adapter,
+)
 
 PROMPT = "John buys 10 packs of magic cards. Each pack has 20 cards, so in total he"
 ALL7 = ("attn_q", "attn_k", "attn_v", "attn_dense", "mlp_h_to_4h", "mlp_4h_to_h", "mlp_gate")
@@ -61,15 +68,6 @@ def greedy(client, model, prompt=PROMPT, n=12, **kw):
     """Greedy, and exactly n tokens (random adapters may well like the end token)."""
     kw.setdefault("extra_body", {"ignore_eos": True})
     return client.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0, **kw)
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def model_ids(client):

@@ -9,7 +9,6 @@ and NeMo adapters for the SmolLM2 engine; "installed" means readable and fitting
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -95,12 +94,3 @@ def closed_port() -> int:
     from tests.integration.conftest import free_port
 
     return free_port()  # bound then closed: connection refused
-
-
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False

@@ -7,12 +7,11 @@ import argparse
 import httpx
 import pytest
 
-from tests.integration.conftest import Server
+from tests.integration.conftest import Server, wait_for
 from tests.integration.pull.conftest import (
     NVAPI,
     hf_creds,
     visible,
-    wait_until,
 )
 from trtllm_peft.pull import Credentials, PullError, PullRequest, pull_one
 from trtllm_peft.pull.command import add_pull_arguments, run_pull
@@ -94,7 +93,7 @@ def test_running_server_serves_pulled_adapters(
         def listed() -> set[str]:
             return {m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]}
 
-        assert wait_until(lambda: {"math-lora", "smol_vnemo-v1"} <= listed(), 20), listed()
+        assert wait_for(lambda: {"math-lora", "smol_vnemo-v1"} <= listed(), 20), listed()
         for model in ("math-lora", "smol_vnemo-v1"):
             body = {"model": model, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
             r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.integration.conftest import REPO
+from tests.integration.conftest import REPO, wait_for
 from tests.integration.pull.conftest import (
     CHUNK,
     closed_port,
@@ -17,7 +17,6 @@ from tests.integration.pull.conftest import (
     hf_creds,
     saved,
     visible,
-    wait_until,
 )
 from trtllm_peft.pull import Credentials, PullError, PullRequest, pull_one
 from trtllm_peft.pull.staging import Staging
@@ -145,7 +144,7 @@ def test_hf_killed_pull_leaves_nothing_visible_and_resumes(hub, tmp_path, big_hf
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_TELEMETRY": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert wait_until(
+        assert wait_for(
             lambda: any(p.stat().st_size >= CHUNK for p in tmp_path.glob(".pull-*/.partial/*")), 60
         )
     finally:
