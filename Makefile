@@ -8,7 +8,7 @@ ENGINE    ?= engines/smollm2-135m
 BACKEND   ?= auto
 PYTEST_ARGS ?=
 
-.PHONY: install engine serve test test-unit lint sizes bench help
+.PHONY: install engine serve test test-unit lint sizes bench openvino help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -59,6 +59,27 @@ bench: $(STAMP) $(KERNELS)  ## the benchmarks, peers side by side (about 15 minu
 	$(BIN)/python bench/catalog.py
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/load.py
+
+# OpenVINO GenAI, the optional peer of bench/engine.py (`--peer openvino`), in its own environment: its own
+# transformers/optimum pins stay out of .venv. torch is pinned to the CPU build (optimum-intel needs torch
+# to export; a looser pin pulls a CUDA build); torchvision, which optimum-intel lists, is removed: PyPI's
+# wheel is built against the CUDA torch and breaks `import transformers` beside the CPU one (text models
+# never use it).
+OV_VENV  ?= .venv-openvino
+OV_VER   ?= 2026.4.1
+OV_STAMP := $(OV_VENV)/.installed
+
+$(OV_STAMP):
+	$(PY) -m venv $(OV_VENV)
+	$(OV_VENV)/bin/pip install -q --upgrade pip
+	$(OV_VENV)/bin/pip install -q torch==2.13.0
+	$(OV_VENV)/bin/pip install -q torch==2.13.0 openvino==$(OV_VER) openvino-genai==$(OV_VER).0 \
+		openvino-tokenizers==$(OV_VER).0 'optimum-intel[openvino]==2.2.0'
+	$(OV_VENV)/bin/pip uninstall -q -y torchvision
+	$(OV_VENV)/bin/python -c "import openvino_genai, optimum.intel; print('openvino-genai', openvino_genai.__version__)"
+	touch $(OV_STAMP)
+
+openvino: $(OV_STAMP)  ## OpenVINO GenAI in .venv-openvino, for `bench/engine.py --peer openvino`
 
 .PHONY: demo-loras train-demo-lora
 
