@@ -5,6 +5,9 @@ weights. oneDNN's packed GEMM reaches ~20 GB/s on two cores here; a 16-column k-
 weight byte once reaches 30-45 GB/s (bench/README.md). The same file fuses the per-layer small ops (RMSNorm,
 SiLU·up, RoPE + KV write + attention) whose eager cost is dispatch overhead, not arithmetic, and applies
 mixed-adapter LoRA per adapter segment straight from the device tier's packed tensors (csrc/lora.cpp).
+Where a bfloat16 product has many rows (decode at batch >= 16, prefill, the lm_head, LoRA-A of a long
+segment) it is compute-bound instead, and runs on AMX tiles where the CPU has them (csrc/amx.cpp: same packed
+weights, detected at run time; `set_amx(False)` forces the streaming kernel, as tests do to compare both).
 
 Built ahead of time by `make install` (`trtllm-peft build-kernels`, cli.py, into
 _prebuilt/ beside this file); where that was not run, or the sources changed since, compiled on first use by
@@ -19,7 +22,8 @@ We take an flock(2) first (the kernel drops it when its holder dies, however it 
 a `lock` file it finds is stale and removes it. Waiting for another live builder is bounded (BUILD_WAIT_S) and
 logged; past the bound the executor runs the pure-torch ops. Needs g++ and a CPU with avx512f/bw/vl
 and avx512_bf16 (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and later); anywhere else the
-executor uses the pure-torch ops, which compute the same thing.
+executor uses the pure-torch ops, which compute the same thing. AMX is optional: its functions carry target
+attributes (no global -mamx flag) and run only after cpuid, XCR0 and Linux's arch_prctl grant say yes.
 """
 
 from __future__ import annotations

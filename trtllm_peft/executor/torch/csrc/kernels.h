@@ -87,6 +87,13 @@ torch::Tensor pack(const torch::Tensor& w);
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, const c10::optional<torch::Tensor>& bias);
 void linear_into(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, const c10::optional<torch::Tensor>& bias,
                  torch::Tensor& y, bool accumulate);
+// bfloat16 products of at least `min_rows` rows (and K a multiple of 32) go to AMX tiles where the CPU has
+// them (amx.cpp); fewer rows stream the weights (linear.cpp).
+bool amx_available();  // AMX-BF16 here and granted to this process
+bool set_amx(bool on, int64_t min_rows);  // use AMX where it fits (default on); returns whether it is used
+bool amx_fits(int64_t M, int64_t K);
+void amx_linear_rows(const bf16* const* xr, int64_t M, const bf16* wp, int64_t K, int64_t N, const bf16* bias,
+                     bf16* const* yr, bool accumulate, bool may_split);
 template <typename T>
 void linear_rows(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t N, const T* bias, T* const* yr,
                  bool accumulate, bool may_split);
