@@ -35,9 +35,11 @@ BASELINE = "9f5580e"  # main before the paged KV cache (contiguous rows, zero-fi
 PROMPT_LEN = 16
 
 
-def baseline_tree(rev: str) -> Path:
-    """trtllm_peft/ of `rev`, extracted to a temp dir (importable with PYTHONPATH)."""
-    out = Path(tempfile.mkdtemp(prefix="kv_baseline_"))
+def baseline_tree(rev: str, into: Path | None = None) -> Path:
+    """trtllm_peft/ of `rev`, extracted to `into` (default: a temp dir), importable with PYTHONPATH. A fixed
+    `into` keeps the baseline's kernel build across runs (the kernels' module name hashes their directory)."""
+    out = into or Path(tempfile.mkdtemp(prefix="kv_baseline_"))
+    out.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(
         ["git", "-C", str(ROOT), "archive", rev, "trtllm_peft"], capture_output=True, check=True
     )
@@ -249,6 +251,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["memory", "decode", "reuse", "chunked"], action="append")
     ap.add_argument("--baseline", default=BASELINE)
+    ap.add_argument("--baseline-dir", type=Path, help="extract the baseline here (reused between runs)")
     ap.add_argument("--tokens", type=int, default=33, help="decode: tokens per timed run")
     ap.add_argument("--repeats", type=int, default=3, help="reuse: TTFT samples")
     ap.add_argument("--decode-repeats", type=int, default=7, help="decode: alternating rounds")
@@ -261,7 +264,10 @@ def main() -> None:
     if args.worker:
         return decode_worker()
     sections = args.only or ["memory", "decode", "reuse", "chunked"]
-    trees = {"paged (this tree)": ROOT, f"contiguous ({args.baseline})": baseline_tree(args.baseline)}
+    trees = {
+        "paged (this tree)": ROOT,
+        f"contiguous ({args.baseline})": baseline_tree(args.baseline, args.baseline_dir),
+    }
     results: dict[str, object] = {"loadavg_start": Path("/proc/loadavg").read_text().split()[:3]}
     if "memory" in sections:
         print("memory: idle RSS of trtllm-peft serve", flush=True)
