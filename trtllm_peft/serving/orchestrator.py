@@ -32,10 +32,10 @@ from trtllm_peft.executor.api import (
 from trtllm_peft.executor.errors import ErrorKind, classify
 from trtllm_peft.lora import ModelSpec, PackedLora, pack
 from trtllm_peft.serving.catalog import AdapterEntry, Catalog
-from trtllm_peft.serving.engine_client import EngineClient
+from trtllm_peft.serving.engine_client import EngineClient, Scores, ScoreSpec
 from trtllm_peft.serving.host_cache import HostCache
 from trtllm_peft.serving.lease_queue import Grant, LeaseQueue
-from trtllm_peft.serving.logprobs import TokenLogprob, generation_rows, prompt_logprobs, token_logprobs
+from trtllm_peft.serving.logprobs import TokenLogprob, prompt_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -251,10 +251,12 @@ class Orchestrator:
             guided_decoding_params=params.guided,
         )
         resent, first = False, True
+        k = params.top_logprobs
+        scores = ScoreSpec(k, self.spec.vocab_size) if k is not None else None
         while True:
             retry = False
-            async with aclosing(self.client.generate(request)) as responses:
-                async for response in responses:
+            async with aclosing(self.client.generate_scored(request, scores)) as responses:
+                async for response, scored in responses:
                     if response.has_error():
                         kind = classify(response.error_msg)
                         if kind is ErrorKind.NOT_CACHED and entry and not resent:
@@ -279,26 +281,25 @@ class Orchestrator:
                         finish_reason=finish or ("stop" if result.is_final else None),
                         first=first,
                     )
-                    self._add_logprobs(step, result, prompt_ids, params)
+                    self._add_logprobs(step, scored, result, prompt_ids, params)
                     yield step
                     first = False
             if not retry:
                 return
 
-    def _add_logprobs(self, step: Step, result, prompt_ids: list[int], params: GenerationParams) -> None:
-        """OpenAI log-probs of the step's tokens (and of the prompt, once) from the result's raw logits."""
-        vocab = self.spec.vocab_size
+    def _add_logprobs(
+        self, step: Step, scored: Scores, result, prompt_ids: list[int], params: GenerationParams
+    ) -> None:
+        """OpenAI log-probs of the step's tokens (scored by the engine client from the result's raw
+        logits), and of the prompt once, from its context logits."""
         if params.top_logprobs is not None:
-            logits = result.generation_logits
-            if step.token_ids and logits is None:
-                raise EngineRequestError("the engine returned no generation logits", ErrorKind.FAILED)
-            rows = generation_rows(logits, streaming=True) if step.token_ids else None
-            step.top = (
-                token_logprobs(rows, step.token_ids, params.top_logprobs, vocab) if rows is not None else []
-            )
+            if isinstance(scored, ValueError):
+                raise EngineRequestError(str(scored), ErrorKind.FAILED)
+            step.top = scored or []
         if params.prompt_logprobs is not None and step.first:
             if result.context_logits is None:
                 raise EngineRequestError("the engine returned no context logits", ErrorKind.FAILED)
+            vocab = self.spec.vocab_size
             step.prompt = prompt_logprobs(result.context_logits, prompt_ids, params.prompt_logprobs, vocab)
 
     def _end_id(self, params: GenerationParams) -> int | None:
