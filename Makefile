@@ -8,7 +8,7 @@ ENGINE    ?= engines/smollm2-135m
 BACKEND   ?= auto
 PYTEST_ARGS ?=
 
-.PHONY: install engine serve test test-unit lint bench help
+.PHONY: install engine serve test test-unit lint sizes bench openvino help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 # The reference engine's CPU kernels (executor/torch/csrc), compiled ahead of time so that no server or test
 # compiles them on its first start (a no-op with a message on a CPU or machine that cannot run them).
 $(KERNELS): $(STAMP) $(wildcard trtllm_peft/executor/torch/csrc/*)
-	$(BIN)/python -m trtllm_peft.executor.torch.cpu_kernels --build
+	$(BIN)/trtllm-peft build-kernels
 	@mkdir -p $(dir $(KERNELS)) && touch $(KERNELS)
 
 install: $(STAMP) $(KERNELS)  ## create .venv with everything the server and the tests need, build the CPU kernels
@@ -50,12 +50,36 @@ lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check trtllm_peft tests bench converters scripts
 	$(BIN)/ruff format --check trtllm_peft tests bench converters scripts
 
+sizes: $(STAMP)  ## the style budget: files over 400 lines, functions over 60 (not yet in lint: three files are over)
+	$(BIN)/python scripts/check_sizes.py
+
 bench: $(STAMP) $(KERNELS)  ## the benchmarks, peers side by side (about 15 minutes; tables in bench/README.md)
 	@test -f $(ENGINE)/trtllm_peft.json || $(MAKE) --no-print-directory engine
 	$(BIN)/python bench/convert.py
 	$(BIN)/python bench/catalog.py
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/load.py
+
+# OpenVINO GenAI, the optional peer of bench/engine.py (`--peer openvino`), in its own environment: its own
+# transformers/optimum pins stay out of .venv. torch is pinned to the CPU build (optimum-intel needs torch
+# to export; a looser pin pulls a CUDA build); torchvision, which optimum-intel lists, is removed: PyPI's
+# wheel is built against the CUDA torch and breaks `import transformers` beside the CPU one (text models
+# never use it).
+OV_VENV  ?= .venv-openvino
+OV_VER   ?= 2026.4.1
+OV_STAMP := $(OV_VENV)/.installed
+
+$(OV_STAMP):
+	$(PY) -m venv $(OV_VENV)
+	$(OV_VENV)/bin/pip install -q --upgrade pip
+	$(OV_VENV)/bin/pip install -q torch==2.13.0
+	$(OV_VENV)/bin/pip install -q torch==2.13.0 openvino==$(OV_VER) openvino-genai==$(OV_VER).0 \
+		openvino-tokenizers==$(OV_VER).0 'optimum-intel[openvino]==2.2.0'
+	$(OV_VENV)/bin/pip uninstall -q -y torchvision
+	$(OV_VENV)/bin/python -c "import openvino_genai, optimum.intel; print('openvino-genai', openvino_genai.__version__)"
+	touch $(OV_STAMP)
+
+openvino: $(OV_STAMP)  ## OpenVINO GenAI in .venv-openvino, for `bench/engine.py --peer openvino`
 
 .PHONY: demo-loras train-demo-lora
 

@@ -111,7 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trtllm-peft", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_convert_command(sub)
+    _add_inspect_command(sub)
+    _add_serve_command(sub)
+    _add_engine_commands(sub)
+    _add_kernels_command(sub)
+    _add_pull_command(sub)
+    _add_triton_repo_command(sub)
+    return parser
 
+
+def _add_convert_command(sub) -> None:
     p = sub.add_parser(
         "convert",
         help="convert an adapter to TensorRT-LLM tensors (or to HF / NeMo)",
@@ -134,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_limits(p)
     p.set_defaults(func=cmd_convert)
 
+
+def _add_inspect_command(sub) -> None:
     p = sub.add_parser(
         "inspect",
         help="show an adapter's format, ranks, modules, size and problems",
@@ -145,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_limits(p)
     p.set_defaults(func=cmd_inspect)
 
+
+def _add_serve_command(sub) -> None:
     p = sub.add_parser(
         "serve",
         help="the NIM-compatible OpenAI server over an engine and NIM_PEFT_SOURCE",
@@ -166,10 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_serve)
 
-    _add_engine_commands(sub)
-    _add_pull_command(sub)
-    _add_triton_repo_command(sub)
-    return parser
+
+def _add_kernels_command(sub) -> None:
+    p = sub.add_parser(
+        "build-kernels",
+        help="compile the reference engine's CPU decode kernels ahead of time (what `make install` runs)",
+        description="Compile executor/torch/csrc into executor/torch/_prebuilt, so that no server or test "
+        "compiles them on its first start. Needs g++ and an AVX-512 (bf16) CPU; elsewhere it says why "
+        "and exits 0: the reference engine then runs the pure-torch ops, which compute the same thing.",
+    )
+    p.set_defaults(func=cmd_build_kernels)
 
 
 def _add_triton_repo_command(sub) -> None:
@@ -213,6 +233,21 @@ def _add_engine_commands(sub) -> None:
     )
     build.add_build_arguments(p)
     p.set_defaults(func=build.run_build)
+
+
+def cmd_build_kernels(args: argparse.Namespace, settings: Settings) -> int:
+    from trtllm_peft.executor.torch import cpu_kernels
+
+    reason = cpu_kernels.why_unavailable()
+    if reason is not None:
+        print(f"CPU decode kernels not built: {reason} (the reference engine uses the pure-torch ops)")
+        return 0
+    name = cpu_kernels.module_name()
+    print(f"building the CPU decode kernels into {cpu_kernels.PREBUILT} (~1-3 min)", flush=True)
+    if cpu_kernels.build(cpu_kernels.PREBUILT, name) is None:
+        return 1
+    print(f"built {name}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,3 +102,32 @@ def test_user_errors_are_one_line_without_traceback(hf_adapter, tmp_path):
     assert (
         run.stderr.startswith("error: ") and "no config.json" in run.stderr and "Traceback" not in run.stderr
     )
+
+
+# ---- build-kernels: what `make install` and the CPU image run ---------------------------------------------
+
+
+def test_build_kernels_where_the_cpu_cannot_run_them_says_why_and_exits_0(monkeypatch, tmp_path, capsys):
+    from trtllm_peft.executor.torch import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "PREBUILT", tmp_path / "_prebuilt")
+    monkeypatch.setattr(cpu_kernels, "why_unavailable", lambda: "no avx512_bf16 (a test CPU)")
+    assert main(["build-kernels"]) == 0
+    assert "not built: no avx512_bf16 (a test CPU)" in capsys.readouterr().out
+    assert not (tmp_path / "_prebuilt").exists()
+
+
+@pytest.mark.parametrize(("built", "code"), [(True, 0), (False, 1)], ids=["built", "lock-held-too-long"])
+def test_build_kernels_builds_the_current_sources_into_prebuilt(monkeypatch, tmp_path, capsys, built, code):
+    from trtllm_peft.executor.torch import cpu_kernels
+
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "PREBUILT", tmp_path / "_prebuilt")
+    monkeypatch.setattr(cpu_kernels, "why_unavailable", lambda: None)
+    # the compiler is the seam: compiling is integration work (tests/integration/test_kernel_build_lock.py)
+    monkeypatch.setattr(
+        cpu_kernels, "build", lambda d, name: calls.append((d, name)) or (sys if built else None)
+    )
+    assert main(["build-kernels"]) == code
+    assert calls == [(tmp_path / "_prebuilt", cpu_kernels.module_name())]
+    assert (f"built {cpu_kernels.module_name()}" in capsys.readouterr().out) is built

@@ -64,6 +64,81 @@ def test_linear_equals_f_linear(dtype, m, n, k, bias):
     close(KernelOps(KERNELS).linear(w, b)(x), want, dtype)
 
 
+@pytest.fixture
+def amx_paths():
+    """Both bf16 paths of the kernels in turn: AMX tiles (where this CPU has them) and weight streaming."""
+    paths = [True, False] if KERNELS.amx_available() else [False]
+    yield paths
+    KERNELS.set_amx(True)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("m", "n", "k"),
+    [(16, 48, 32), (17, 40, 64), (33, 49, 96), (64, 960, 576), (300, 576, 1536), (40, 33, 129)],
+)
+def test_amx_and_weight_streaming_paths_both_equal_f_linear(amx_paths, m, n, k):
+    """Rows >= 16 with K a multiple of 32 take AMX tiles where available (partial row blocks, an odd
+    number of 16-column blocks, a masked last block); K = 129 always streams. Both paths stay within one
+    bfloat16 rounding of the float32 product, and of each other."""
+    g = torch.Generator().manual_seed(m + n + k)
+    w, x, b = (torch.randn(s, generator=g).bfloat16() for s in ((n, k), (m, k), (n,)))
+    linear = KernelOps(KERNELS).linear(w, b)
+    want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    got = {}
+    for on in amx_paths:
+        assert KERNELS.set_amx(on) == on
+        got[on] = linear(x)
+        close(got[on], want, torch.bfloat16)
+        y = torch.randn(m, n + 8, generator=g).bfloat16()
+        before = y.clone()
+        linear.add_to(y[:, 3 : 3 + n], x)  # accumulate into a column slice
+        close(y[:, 3 : 3 + n], before[:, 3 : 3 + n].float() + want, torch.bfloat16)
+        assert torch.equal(y[:, :3], before[:, :3]) and torch.equal(y[:, 3 + n :], before[:, 3 + n :])
+    close(got[amx_paths[0]], got[False], torch.bfloat16)
+
+
+@needs_kernels
+def test_amx_is_used_only_where_the_cpu_has_it():
+    flags = cpu_kernels.cpu_flags()
+    if KERNELS.amx_available():
+        assert {"amx_tile", "amx_bf16"} <= flags
+    if not {"amx_tile", "amx_bf16"} <= flags:
+        assert not KERNELS.amx_available() and KERNELS.set_amx(True) is False
+    assert KERNELS.set_amx(False) is False
+    assert KERNELS.set_amx(True) is KERNELS.amx_available()
+
+
+FIRST_USE_IN_A_THREAD = """
+import threading, torch
+from trtllm_peft.executor.torch import cpu_kernels
+from trtllm_peft.executor.torch.ops import KernelOps
+kernels = cpu_kernels.load()
+w, x = torch.randn(64, 64).bfloat16(), torch.randn(32, 64).bfloat16()
+out = {}
+t = threading.Thread(target=lambda: out.setdefault("y", KernelOps(kernels).linear(w)(x)))
+t.start()
+t.join()
+err = (out["y"].float() - x.float() @ w.float().t()).abs().max() / (x.float() @ w.float().t()).abs().max()
+print(kernels.amx_available(), float(err))
+"""
+
+
+@needs_kernels
+def test_first_amx_product_in_a_fresh_process_and_thread_is_safe():
+    """The engine thread may run the first 32-row bf16 product before anyone queried AMX: detection (and
+    Linux's grant of the tile state, without which a tile instruction is SIGILL) must come first by itself."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_USE_IN_A_THREAD], capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    available, err = done.stdout.split()
+    assert available == str(KERNELS.amx_available()) and float(err) < 1e-2
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_add_to_a_column_slice_leaves_the_other_columns_alone(dtype):
@@ -132,10 +207,12 @@ def test_attend_decode_equals_torch_and_writes_the_same_cache(
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("start", "n"), [(32, 1), (37, 24), (5, 60)])
-def test_attend_chunk_equals_torch_causal_over_the_cached_prefix(dtype, start, n):
-    """A prompt chunk after cached positions (reuse, chunked prefill): kernel rows sharing one block table."""
-    heads, kv_heads, head_dim, tpb = 9, 3, 64, 32
+@pytest.mark.parametrize("tpb", [4, 32])
+@pytest.mark.parametrize(("start", "n"), [(32, 1), (37, 24), (5, 60), (0, 9), (700, 17)])
+def test_attend_chunk_equals_torch_causal_over_the_cached_prefix(dtype, tpb, start, n):
+    """A prompt chunk after cached positions (reuse, chunked prefill): the blocked kernel (tiles of rows per
+    kv head, several tiles and partial blocks here) against SDPA over the gathered blocks."""
+    heads, kv_heads, head_dim = 9, 3, 64
     g = torch.Generator().manual_seed(start * 100 + n)
     width = -(-(start + n) // tpb)
     table = torch.randperm(width + 4, generator=g)[:width].to(torch.int32)
@@ -179,3 +256,43 @@ def test_waiting_for_a_live_builder_is_bounded_and_logged(tmp_path, caplog, monk
     assert f"pid {__import__('os').getpid()}" in caplog.text
     assert "another process kept building them for over 0 s" in caplog.text
     assert not list(tmp_path.glob("*.so"))
+
+
+@needs_kernels
+@pytest.mark.parametrize("group", ["qkv", "o", "gate_up", "down"])
+def test_lora_segments_long_enough_for_amx_equal_the_torch_ops(amx_paths, group):
+    """Adapter segments of >= 16 tokens with hidden and intermediate sizes that are multiples of 32: LoRA-A
+    runs on AMX tiles (B, K = rank, streams); both paths equal the dense torch LoRA within bf16 rounding."""
+    from trtllm_peft.lora import LoraAdapter, LoraWeights, ModelSpec
+    from trtllm_peft.lora.modules import DEFAULT_TARGET_MODULES
+
+    spec = ModelSpec(
+        num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+        intermediate_size=96, vocab_size=50, dtype="bfloat16", max_lora_rank=16,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(7)
+
+    def adapter(rank: int) -> LoraAdapter:
+        w = {}
+        for m in DEFAULT_TARGET_MODULES:
+            d_in, d_out = spec.module_dims(m)
+            a, b = torch.randn(rank, d_in, generator=g), torch.randn(d_out, rank, generator=g) * 0.1
+            w[(0, m)] = LoraWeights(a, b, 0.5)
+        return LoraAdapter(weights=w, format="hf")
+
+    adapters, dt = [adapter(8), adapter(16)], torch.bfloat16
+    token_adapter = torch.tensor([0] * 20 + [1] * 17 + [-1] * 3 + [0])
+    x = torch.randn(len(token_adapter), 96 if group == "down" else 64, generator=g).to(dt)
+    width = {"qkv": 128, "o": 64, "gate_up": 192, "down": 64}[group]
+    y0 = torch.randn(len(token_adapter), width, generator=g).to(dt)
+
+    def run(ops) -> torch.Tensor:
+        batch = ops.lora_batch([ops.prepare_lora(a, spec, dt, "cpu") for a in adapters], spec, dt, "cpu")
+        y = y0.clone()
+        batch.apply_group(0, group, x, y, batch.mask(token_adapter))
+        return y
+
+    want = run(TorchOps())
+    for on in amx_paths:
+        assert KERNELS.set_amx(on) == on
+        close(run(KernelOps(KERNELS)), want, dt)

@@ -229,3 +229,19 @@ def test_compose_mounts_adapters_as_nim_does():
             assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     entry = compose["services"]["triton"]["entrypoint"][0]
     assert f"COPY deploy/docker/triton-entrypoint.sh {entry}" in (DOCKER / "Dockerfile.gpu").read_text()
+
+
+def test_cpu_image_builds_the_kernels_as_make_install_does():
+    """`make install` and the CPU image compile the kernels with the same command, and the image has the
+    compiler it needs before it runs it (the torch ops would silently take over without one)."""
+    make = (REPO / "Makefile").read_text()
+    kernels_rule = re.search(r"^\$\(KERNELS\):.*\n\t(.+)$", make, re.M).group(1)
+    assert kernels_rule == "$(BIN)/trtllm-peft build-kernels"
+    cpu = (DOCKER / "Dockerfile.cpu").read_text()
+    runs = [m.group(1) for m in re.finditer(r"^RUN ((?:.*\\\n)*.*)", cpu, re.M)]
+    compiler = next(i for i, r in enumerate(runs) if re.search(r"apt-get install .*\bg\+\+", r))
+    kernels = next(i for i, r in enumerate(runs) if "trtllm-peft build-kernels" in r)
+    install = next(i for i, r in enumerate(runs) if "pip install -e" in r)
+    assert compiler < kernels and install < kernels
+    for path in ["Makefile", "README.md", ".ci/run", *(str(p.relative_to(REPO)) for p in DOCKER.iterdir())]:
+        assert "cpu_kernels --build" not in (REPO / path).read_text(), path  # runpy warned on that one

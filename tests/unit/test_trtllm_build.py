@@ -209,3 +209,37 @@ def test_hf_config_written_for_tensorrt_llms_transformers():
     assert out["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0}
     plain = portable_hf_config({"rope_parameters": {"rope_theta": 1e5, "rope_type": "default"}}, "float16")
     assert plain["rope_theta"] == 1e5 and "rope_scaling" not in plain
+
+
+@pytest.mark.parametrize("flag", [[], ["--gather-context-logits"], ["--gather_context_logits"]])
+def test_build_gathers_context_logits_only_when_asked(monkeypatch, tmp_path, tiny_llama_dir, flag):
+    """`trtllm-peft build --backend trtllm --gather-context-logits` reaches trtllm-build (the TensorRT-LLM
+    executor refuses `echo` + `logprobs` on an engine built without it). The seam is running the commands:
+    TensorRT-LLM's conversion and build need a GPU (tests/gpu/)."""
+    from trtllm_peft.cli import main as cli_main
+    from trtllm_peft.engine import backend, trtllm_build
+
+    ran = []
+
+    def run(cmd, say=print):
+        ran.append(cmd)
+        if cmd[0] == "trtllm-build":
+            raise EngineError("stopped before TensorRT-LLM builds")
+
+    monkeypatch.setattr(backend, "trtllm_unavailable_reason", lambda: None)
+    monkeypatch.setattr(trtllm_build, "_trtllm_build_executable", lambda: "trtllm-build")
+    monkeypatch.setattr(trtllm_build, "run_command", run)
+    args = [
+        "build",
+        "--backend",
+        "trtllm",
+        "--model",
+        str(tiny_llama_dir),
+        "--out",
+        str(tmp_path / "e"),
+        *flag,
+    ]
+    assert cli_main(args) == 1
+    build_cmd = ran[-1]
+    assert build_cmd[0] == "trtllm-build" and "--gather_generation_logits" in build_cmd
+    assert ("--gather_context_logits" in build_cmd) is bool(flag)

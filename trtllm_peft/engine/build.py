@@ -48,6 +48,17 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-num-tokens", type=int, default=None, help="tokens per step (default max-seq-len)"
     )
+    _add_lora_arguments(parser)
+    parser.add_argument(
+        "--memory-budget-gib",
+        type=float,
+        default=None,
+        help="memory for the plan (default: half the free RAM)",
+    )
+
+
+def _add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    """What the engine is built to serve: LoRA modules, DoRA, the logits log-probs are computed from."""
     parser.add_argument(
         "--lora-target-modules",
         nargs="+",
@@ -65,10 +76,11 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the recipe's `dora`; the reference engine always runs DoRA)",
     )
     parser.add_argument(
-        "--memory-budget-gib",
-        type=float,
-        default=None,
-        help="memory for the plan (default: half the free RAM)",
+        "--gather-context-logits",
+        "--gather_context_logits",
+        action="store_true",
+        help="TensorRT-LLM: build with trtllm-build --gather_context_logits, which `echo` + `logprobs` needs "
+        "(opt-in: every prefill then computes logits for every prompt token; the reference engine always can)",
     )
 
 

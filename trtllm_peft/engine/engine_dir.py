@@ -101,11 +101,25 @@ def engine_config(
         raise EngineError(
             f"architecture {arch} is not supported; use one of {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    pretrained = _pretrained_config(hf, arch, dtype_name(dtype))
+    build = _build_config(
+        dtype_name(dtype),
+        max_batch_size=max_batch_size,
+        max_seq_len=max_seq_len,
+        max_num_tokens=max_num_tokens,
+        max_lora_rank=max_lora_rank,
+        lora_target_modules=lora_target_modules,
+    )
+    return {"version": "trtllm-peft-reference", "pretrained_config": pretrained, "build_config": build}
+
+
+def _pretrained_config(hf: dict[str, Any], arch: str, dtype: str) -> dict[str, Any]:
+    """TensorRT-LLM's `pretrained_config` (the model) from a Hugging Face config dict."""
     heads, hidden = int(hf["num_attention_heads"]), int(hf["hidden_size"])
     theta, scaling = _hf_rope(hf)
-    pretrained = {
+    return {
         "architecture": arch,
-        "dtype": dtype_name(dtype),
+        "dtype": dtype,
         "logits_dtype": "float32",
         "vocab_size": int(hf["vocab_size"]),
         "max_position_embeddings": int(hf.get("max_position_embeddings", 4096)),
@@ -125,7 +139,19 @@ def engine_config(
         "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1},
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
     }
-    build = {
+
+
+def _build_config(
+    dtype: str,
+    *,
+    max_batch_size: int,
+    max_seq_len: int,
+    max_num_tokens: int,
+    max_lora_rank: int,
+    lora_target_modules: tuple[str, ...],
+) -> dict[str, Any]:
+    """TensorRT-LLM's `build_config` (limits, LoRA, plugins) as trtllm-build writes it."""
+    return {
         "max_batch_size": max_batch_size,
         "max_beam_width": 1,
         "max_input_len": max_seq_len - 1,
@@ -141,13 +167,12 @@ def engine_config(
         # tokens_per_block: the paged KV cache's block size, fixed at build as in TensorRT-LLM's PluginConfig.
         # The reference engine applies DoRA magnitudes in every build (executor/torch/lora_ops.py).
         "plugin_config": {
-            "lora_plugin": dtype_name(dtype),
+            "lora_plugin": dtype,
             "dora_plugin": True,
             "gemm_plugin": None,
             "tokens_per_block": DEFAULT_TOKENS_PER_BLOCK,
         },
     }
-    return {"version": "trtllm-peft-reference", "pretrained_config": pretrained, "build_config": build}
 
 
 @dataclass

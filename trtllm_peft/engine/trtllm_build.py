@@ -218,6 +218,7 @@ def build_trtllm_engine(
     max_gpu_loras: int = 8,
     max_cpu_loras: int = 16,
     dora: bool = False,
+    gather_context_logits: bool = False,
     keep_checkpoint: bool = False,
     quiet: bool = False,
 ) -> Path:
@@ -242,6 +243,7 @@ def build_trtllm_engine(
         lora_target_modules=tuple(lora_target_modules),
         max_lora_rank=max_lora_rank,
         dora=dora,
+        gather_context_logits=gather_context_logits,
     )
     commands = [job.convert_command(), job.build_command(_trtllm_build_executable())]
     for cmd in commands:
@@ -278,6 +280,7 @@ def run_trtllm_build(args: argparse.Namespace, settings) -> int:
             max_gpu_loras=settings.max_gpu_loras,
             max_cpu_loras=settings.max_cpu_loras,
             dora=bool(getattr(args, "dora", False)),
+            gather_context_logits=bool(getattr(args, "gather_context_logits", False)),
         )
     except TrtllmPeftError as e:
         print(f"error: {e}", file=sys.stderr)

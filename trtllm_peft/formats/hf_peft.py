@@ -18,7 +18,9 @@ import torch
 
 from trtllm_peft.errors import AdapterFormatError
 from trtllm_peft.formats import safe_io
-from trtllm_peft.formats.hf_peft_config import CONFIG_NAME, HfLoraConfig, alpha_for, read_config, write_config
+from trtllm_peft.formats.hf_peft_config import CONFIG_NAME, HfLoraConfig
+from trtllm_peft.formats.hf_peft_config_reader import read_config
+from trtllm_peft.formats.hf_peft_config_writer import alpha_for, write_config
 from trtllm_peft.formats.limits import ReadLimits
 from trtllm_peft.lora.adapter import Key, LoraAdapter, LoraWeights
 from trtllm_peft.lora.modules import HF_PARENT, HF_TO_TRTLLM, TRTLLM_TO_HF

@@ -1,6 +1,7 @@
 """TensorRT-LLM's adapter files: `model.lora_weights.npy` `[1, N, W]` + `model.lora_config.npy` `[1, N, 3|4]`.
 
-Row layout in lora/pack.py. The files record neither the model's dimensions nor (for raw `.bin`) shapes and
+Row layout in lora/pack.py; writing in trtllm_writer.py, raw `.bin` files (no shape, no dtype) in
+trtllm_raw.py. The files record neither the model's dimensions nor (for raw `.bin`) shapes and
 dtype, so reading them needs the engine's `ModelSpec`. B is stored already multiplied by the scale: an
 adapter read back has scale 1. bfloat16 weights are stored as numpy void `|V2`, as TensorRT-LLM's
 `torch_to_numpy` writes them; we write them the same way so TensorRT-LLM's own tools read our files.
@@ -9,7 +10,6 @@ adapter read back has scale 1. bfloat16 weights are stored as numpy void `|V2`, 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +17,11 @@ import torch
 
 from trtllm_peft.errors import AdapterFormatError
 from trtllm_peft.formats.safe_io import check_not_lfs_pointer
-from trtllm_peft.lora import LoraAdapter, LoraWeights, ModelSpec, fit_to_spec, unpack
-from trtllm_peft.lora.modules import MODULE_IDS, MODULE_NAMES
-from trtllm_peft.lora.pack import check_normalized, config_rows, row_order, row_size, write_scaled_b
-from trtllm_peft.lora.spec import DTYPES, dtype_name
+from trtllm_peft.formats.trtllm_raw import read_raw
+from trtllm_peft.lora import LoraAdapter, ModelSpec, fit_to_spec, unpack
+from trtllm_peft.lora.modules import MODULE_IDS
+from trtllm_peft.lora.pack import row_size
+from trtllm_peft.lora.spec import dtype_name
 
 WEIGHTS_FILE = "model.lora_weights.npy"
 CONFIG_FILE = "model.lora_config.npy"
@@ -30,7 +31,7 @@ WEIGHTS_NAMES = ("model.lora_weights.npy", "model.lora_weights.bin")
 
 NPY_HEADER_MAX = 1 << 16  # a .npy header is at most a few hundred bytes (format 2.0 allows up to 4 GB)
 NP_BFLOAT16 = np.dtype("V2")  # TensorRT-LLM's np_bfloat16 (its metadata is not saved in .npy files anyway)
-_TORCH_TO_NP = {
+TORCH_TO_NP = {
     torch.float16: np.dtype(np.float16),
     torch.float32: np.dtype(np.float32),
     torch.bfloat16: NP_BFLOAT16,
@@ -73,7 +74,7 @@ def load(path: Path, spec: ModelSpec | None) -> LoraAdapter:
             "2-D arrays without the leading batch dimension of 1 (TensorRT-LLM's tools write [1, N, …])"
         )
     if config is None or weights is None:
-        config, weights, note = _read_raw(cfg_file, w_file, config, weights, spec)
+        config, weights, note = read_raw(cfg_file, w_file, config, weights, spec)
         notes.append(note)
     _check_bin_twins(path, {cfg_file: config, w_file: weights})
     adapter = unpack(weights, torch.from_numpy(config), spec, source=str(path))
@@ -104,29 +105,9 @@ def _check_bin_twins(path: Path, read: dict[Path, np.ndarray | torch.Tensor]) ->
 
 def save(adapter: LoraAdapter, out: Path, spec: ModelSpec) -> list[Path]:
     """Fit `adapter` to the engine `spec` (fused modules split, every problem raised) and write it in its dtype."""
+    from trtllm_peft.formats.trtllm_writer import write_npy
+
     return write_npy(fit_to_spec(adapter, spec), out, spec.dtype)
-
-
-def write_npy(adapter: LoraAdapter, out: Path, dtype: str | torch.dtype) -> list[Path]:
-    """Write model.lora_weights.npy `[1, N, W]` and model.lora_config.npy `[1, N, 4]` int32 into `out`.
-
-    The bytes are exactly those of `np.save` of `lora.pack(adapter, dtype)` with a batch dimension, but the
-    rows are streamed to the file from the adapter's own tensors (often memory-mapped safetensors): no
-    `[N, W]` copy in memory, and the zero padding is left as a hole in the file (it reads back as zeros).
-    Each file is written under a temporary name and renamed, so a reader never sees half a file.
-    """
-    dt = DTYPES[dtype_name(dtype)]
-    _check_shapes(adapter)
-    items = row_order(adapter)
-    check_normalized(items, adapter.source)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    weights_path, config_path = out / WEIGHTS_FILE, out / CONFIG_FILE
-    with _replacing(weights_path) as f:
-        _stream_rows(f, items, dt)
-    with _replacing(config_path) as f:
-        np.save(f, config_rows(items).numpy()[None], allow_pickle=False)  # [1, N, 4]
-    return [weights_path, config_path]
 
 
 def convert(src: Path, out: Path, dtype: str, *, expect: str) -> LoraAdapter:
@@ -135,6 +116,7 @@ def convert(src: Path, out: Path, dtype: str, *, expect: str) -> LoraAdapter:
     `src` may be a directory, or for NeMo the `.nemo` file itself. Returns the adapter that was read.
     """
     from trtllm_peft import formats
+    from trtllm_peft.formats.trtllm_writer import write_npy
 
     src = Path(src)
     if expect == "nemo" and src.is_file():
@@ -173,77 +155,6 @@ def describe(adapter: LoraAdapter, out: Path, dtype: str, *, verbose: bool = Fal
                 f"scale {', '.join(f'{x:g}' for x in scales)} folded into B"
             )
     return "\n".join(lines)
-
-
-def _check_shapes(adapter: LoraAdapter) -> None:
-    """Without an engine spec, at least refuse what cannot be laid out as rows."""
-    problems = []
-    for (layer, module), w in adapter:
-        if w.a.ndim != 2 or w.b.ndim != 2 or w.rank == 0 or w.a.shape[0] != w.b.shape[1]:
-            problems.append(
-                f"layer {layer} {module}: A {list(w.a.shape)} and B {list(w.b.shape)} are not "
-                "[r, in] and [out, r] with one rank r > 0"
-            )
-    if not len(adapter):
-        problems.append("adapter has no LoRA weights")
-    if problems:
-        raise AdapterFormatError(adapter.source or "adapter", problems)
-
-
-class _replacing:
-    """Write `path.tmp`, then move it to `path`; on failure remove it. No reader sees a half-written file.
-
-    An existing `path` is removed before the rename rather than renamed over: ext4 (auto_da_alloc) flushes
-    the new file to disk when it replaces another by rename, which made re-converting ~5x slower.
-    """
-
-    def __init__(self, path: Path):
-        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
-
-    def __enter__(self):
-        self.f = open(self.tmp, "wb")  # noqa: SIM115 (closed in __exit__)
-        return self.f
-
-    def __exit__(self, exc_type, *_):
-        self.f.close()
-        if exc_type is None:
-            self.path.unlink(missing_ok=True)
-            os.rename(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
-
-
-def _stream_rows(f, items: list[tuple[tuple[int, str], LoraWeights]], dt: torch.dtype) -> None:
-    """The .npy header of `[1, N, W]` then each row: A, B·scale, a DoRA row's magnitude, a seek over the padding."""
-    width = max((row_size(w) for _, w in items), default=0)
-    itemsize = torch.empty((), dtype=dt).element_size()
-    header = {
-        "descr": np.lib.format.dtype_to_descr(_TORCH_TO_NP[dt]),
-        "fortran_order": False,
-        "shape": (1, len(items), width),
-    }
-    np.lib.format.write_array_header_1_0(f, header)  # what np.save writes for this array
-    start = f.tell()
-    scratch = torch.empty(max((max(w.a.numel(), w.b.numel()) for _, w in items), default=0), dtype=dt)
-    for i, (_, w) in enumerate(items):
-        a = w.a
-        if a.dtype != dt or not a.is_contiguous():
-            a = scratch[: a.numel()].view(a.shape).copy_(a)
-        f.write(_raw(a))
-        b = w.b
-        if w.scale != 1.0 or b.dtype != dt or not b.is_contiguous():
-            b = scratch[: b.numel()].view(b.shape)
-            write_scaled_b(w, b)
-        f.write(_raw(b))
-        if w.is_dora:
-            f.write(_raw(scratch[: w.out_features].copy_(w.magnitude.reshape(-1))))
-        f.seek(start + (i + 1) * width * itemsize)  # padding: a hole, reads back as zeros
-    f.truncate(start + len(items) * width * itemsize)
-
-
-def _raw(t: torch.Tensor) -> np.ndarray:
-    """The bytes of a contiguous tensor, without a copy."""
-    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 def max_rows(spec: ModelSpec) -> int:
@@ -347,107 +258,3 @@ def _weights_tensor(arr: np.ndarray, path: Path) -> torch.Tensor:
         path,
         f"lora_weights dtype {arr.dtype} is not one TensorRT-LLM uses (float16, float32, bfloat16 as |V2)",
     )
-
-
-# ---- raw .bin: bytes only, no shape, no dtype ------------------------------------------------------------
-
-
-def _read_raw(
-    cfg_file: Path, w_file: Path, config: np.ndarray | None, weights: torch.Tensor | None, spec: ModelSpec
-) -> tuple[np.ndarray, torch.Tensor, str]:
-    """Find the one reading of raw .bin files that fits `spec`; refuse, listing them, when none or several do.
-
-    A config .bin is int32 with 3 or 4 columns; a weights .bin is float16, bfloat16 or float32. A reading fits
-    when every config row is valid for the engine (known module, layer in range, rank > 0, is_dora 0|1) and the
-    weights are exactly N rows of the longest row (how every TensorRT-LLM writer pads). A 2-byte weights file
-    for a 2-byte engine is read in the engine's dtype: TensorRT-LLM takes weights in no other.
-    """
-    cfg_options = (
-        [(config.shape[-1], config.reshape(-1, config.shape[-1]), "")]
-        if config is not None
-        else _raw_configs(cfg_file)
-    )
-    dtypes = [weights.dtype] if weights is not None else [torch.float16, torch.bfloat16, torch.float32]
-    n_bytes = None if weights is not None else _raw_size(w_file)
-    fits, misses = [], []
-    for cols, rows, why in cfg_options:
-        for dt in dtypes:
-            label = f"{cols}-column config with {dtype_name(dt)} weights"
-            why_not = why or _raw_misfit(rows, dt, spec, weights, n_bytes)
-            (misses if why_not else fits).append((label, why_not, rows, dt))
-    where = cfg_file.parent
-    if len(fits) > 1:
-        raise AdapterFormatError(
-            where,
-            f"raw .bin files carry no shape or dtype, and {len(fits)} readings fit this "
-            f"engine: {'; '.join(f[0] for f in fits)}; write them as .npy, which records both",
-        )
-    if not fits:
-        raise AdapterFormatError(
-            where,
-            ["raw .bin files carry no shape or dtype, and no reading fits this engine"]
-            + [f"{label}: {why}" for label, why, _, _ in misses],
-        )
-    label, _, rows, dt = fits[0]
-    if weights is None:
-        weights = _raw_weights(w_file, dt, rows.shape[0])
-    return rows, weights, f"raw .bin read as {label} (the only reading that fits the engine)"
-
-
-def _raw_size(path: Path) -> int:
-    check_not_lfs_pointer(path)
-    return path.stat().st_size
-
-
-def _raw_configs(path: Path) -> list[tuple[int, np.ndarray | None, str]]:
-    size = _raw_size(path)
-    if size == 0 or size % 4:
-        raise AdapterFormatError(
-            path, f"a raw lora config is int32 values; {size} bytes is not a whole number of them"
-        )
-    values = np.fromfile(path, dtype="<i4").astype(np.int32)
-    out = []
-    for cols in (3, 4):
-        if len(values) % cols:
-            out.append((cols, None, f"{len(values)} int32 values do not make rows of {cols}"))
-        else:
-            out.append((cols, values.reshape(-1, cols), ""))
-    return out
-
-
-def _raw_misfit(
-    rows: np.ndarray, dt: torch.dtype, spec: ModelSpec, weights: torch.Tensor | None, n_bytes: int | None
-) -> str:
-    """Why this reading does not fit (empty when it does)."""
-    need = []
-    for i, row in enumerate(rows.tolist()):
-        module_id, layer, rank = row[:3]
-        is_dora = row[3] if len(row) > 3 else 0
-        try:
-            d_in, d_out = spec.module_dims(MODULE_NAMES[module_id])
-        except KeyError:
-            return f"row {i}: module id {module_id} is not a module of a {spec.architecture}"
-        if not (0 <= layer < spec.num_layers) or rank <= 0 or is_dora not in (0, 1):
-            return f"row {i}: [{', '.join(map(str, row))}] is not [module, layer < {spec.num_layers}, rank > 0, 0|1]"
-        need.append(rank * (d_in + d_out) + (d_out if is_dora else 0))
-    if not need:
-        return "no rows"
-    width = max(need)
-    if weights is not None:
-        if weights.shape[-2] != len(need) or weights.shape[-1] < width:
-            return f"weights {list(weights.shape)} do not hold {len(need)} rows of {width} values"
-        return ""
-    size = torch.empty((), dtype=dt).element_size()
-    if n_bytes != len(need) * width * size:
-        return f"weights file has {n_bytes} bytes, not {len(need)} rows x {width} values x {size} bytes"
-    engine = spec.torch_dtype
-    if size == 2 and engine.itemsize == 2 and dt != engine:
-        return f"the engine is {spec.dtype}, and TensorRT-LLM takes weights in the engine's dtype only"
-    return ""
-
-
-def _raw_weights(path: Path, dt: torch.dtype, n_rows: int) -> torch.Tensor:
-    """The weights .bin as `[N, W]` of `dt` (files are little-endian, as tofile() writes them on x86 and ARM)."""
-    stored = np.dtype("<i2") if dt == torch.bfloat16 else _TORCH_TO_NP[dt].newbyteorder("<")
-    data = np.fromfile(path, dtype=stored).astype(stored.newbyteorder("="), copy=False).reshape(n_rows, -1)
-    return torch.from_numpy(data).view(torch.bfloat16) if dt == torch.bfloat16 else torch.from_numpy(data)

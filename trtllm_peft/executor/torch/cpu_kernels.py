@@ -5,8 +5,11 @@ weights. oneDNN's packed GEMM reaches ~20 GB/s on two cores here; a 16-column k-
 weight byte once reaches 30-45 GB/s (bench/README.md). The same file fuses the per-layer small ops (RMSNorm,
 SiLU·up, RoPE + KV write + attention) whose eager cost is dispatch overhead, not arithmetic, and applies
 mixed-adapter LoRA per adapter segment straight from the device tier's packed tensors (csrc/lora.cpp).
+Where a bfloat16 product has many rows (decode at batch >= 16, prefill, the lm_head, LoRA-A of a long
+segment) it is compute-bound instead, and runs on AMX tiles where the CPU has them (csrc/amx.cpp: same packed
+weights, detected at run time; `set_amx(False)` forces the streaming kernel, as tests do to compare both).
 
-Built ahead of time by `make install` (`python -m trtllm_peft.executor.torch.cpu_kernels --build`, into
+Built ahead of time by `make install` (`trtllm-peft build-kernels`, cli.py, into
 _prebuilt/ beside this file); where that was not run, or the sources changed since, compiled on first use by
 torch's extension loader into its cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), ~1 min,
 reused afterwards. The module's name carries a hash of the sources, the flags and the sources' directory, so
@@ -19,19 +22,18 @@ We take an flock(2) first (the kernel drops it when its holder dies, however it 
 a `lock` file it finds is stale and removes it. Waiting for another live builder is bounded (BUILD_WAIT_S) and
 logged; past the bound the executor runs the pure-torch ops. Needs g++ and a CPU with avx512f/bw/vl
 and avx512_bf16 (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and later); anywhere else the
-executor uses the pure-torch ops, which compute the same thing.
+executor uses the pure-torch ops, which compute the same thing. AMX is optional: its functions carry target
+attributes (no global -mamx flag) and run only after cpuid, XCR0 and Linux's arch_prctl grant say yes.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import hashlib
 import logging
 import os
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -182,28 +184,3 @@ def build_lock(path: Path, wait_s: float) -> Iterator[bool]:
 def _holder(f) -> str:
     f.seek(0)
     return f.read(64).strip() or "another process"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m trtllm_peft.executor.torch.cpu_kernels --build`: what `make install` runs."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--build", action="store_true", help=f"build the kernels into {PREBUILT}")
-    args = p.parse_args(argv)
-    if not args.build:
-        p.print_help()
-        return 2
-    reason = why_unavailable()
-    if reason is not None:
-        print(f"CPU decode kernels not built: {reason} (the reference engine uses the pure-torch ops)")
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    name = module_name()
-    print(f"building the CPU decode kernels into {PREBUILT} (~1-3 min)", flush=True)
-    if build(PREBUILT, name) is None:
-        return 1
-    print(f"built {name}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -43,23 +43,27 @@ from trtllm_peft.executor.api import (
     IdType,
     IterationStats,
     KvCacheConfig,
-    KvCacheStats,
     PeftCacheConfig,
     Request,
     Response,
 )
 from trtllm_peft.executor.guided import GuideCompiler, GuideState, MaskBuffer
 from trtllm_peft.executor.torch.intake import check_request, read_lora
-from trtllm_peft.executor.torch.kv import BlockManager, PagedKVCache
+from trtllm_peft.executor.torch.kv import BlockManager, PagedKVCache, kv_cache_stats
 from trtllm_peft.executor.torch.mailbox import Mailbox
-from trtllm_peft.executor.torch.model import Chunk, LlamaModel
+from trtllm_peft.executor.torch.model import LlamaModel
 from trtllm_peft.executor.torch.ops import ops_for
 from trtllm_peft.executor.torch.peft_cache import LoraCacheFullError, PeftCache, PeftTaskNotCachedError
-from trtllm_peft.executor.torch.sampler import new_state, sample
-from trtllm_peft.executor.torch.schedule import plan_iteration
+from trtllm_peft.executor.torch.sampler import new_state
+from trtllm_peft.executor.torch.schedule import attention_tokens, plan_iteration
 from trtllm_peft.executor.torch.sequence import Sequence
+from trtllm_peft.executor.torch.step import run_step
 
 log = logging.getLogger(__name__)
+
+# Prompt-chunk tokens per iteration while sequences decode, on CPU (schedule.py; bench/README.md "Paged KV
+# cache": a mixed iteration then costs ~1.5x a decode step at batch 8, wherever the chunk is in its prompt).
+CPU_CHUNK_TOKENS_WHILE_DECODING = 16
 
 
 def pick_device() -> torch.device:
@@ -72,7 +76,9 @@ class TorchExecutor:
 
     `max_batch_size`, `max_seq_len` and `max_num_tokens` may lower the engine's limits; `kv_cache_config`
     sizes the paged KV cache and turns block reuse on or off (TensorRT-LLM's KvCacheConfig, whose default
-    enables reuse); `enable_chunked_context` is ExecutorConfig's flag of that name. The memory plan is
+    enables reuse); `enable_chunked_context` is ExecutorConfig's flag of that name;
+    `chunk_tokens_while_decoding` caps the prompt chunks while sequences decode (None: the device's default,
+    0: only max_num_tokens). The memory plan is
     recomputed for this device and budget and logged.
     """
 
@@ -90,6 +96,7 @@ class TorchExecutor:
         max_num_tokens: int | None = None,
         kv_cache_config: KvCacheConfig | None = None,
         enable_chunked_context: bool = False,
+        chunk_tokens_while_decoding: int | None = None,
         split_threads: bool = True,
         cpu_kernels: bool = True,
         guided_decoding_config: GuidedDecodingConfig | None = None,
@@ -107,6 +114,7 @@ class TorchExecutor:
         )
         self.kv_cache_config = kv_cache_config or KvCacheConfig()
         self.chunked = enable_chunked_context
+        self._chunk_budget(chunk_tokens_while_decoding)
         sized = self.engine.meta.get("sized_from", {})
         gpu_loras = max_gpu_loras or sized.get("NIM_MAX_GPU_LORAS", 8)
         cpu_loras = max_cpu_loras or sized.get("NIM_MAX_CPU_LORAS", 16)
@@ -151,6 +159,17 @@ class TorchExecutor:
         self._threads = torch.get_num_threads() if split_threads else 0
         self._thread = threading.Thread(target=self._loop, name="trtllm-peft-engine", daemon=True)
         self._thread.start()
+
+    def _chunk_budget(self, tokens: int | None) -> None:
+        """Prompt-chunk tokens per iteration while sequences decode (schedule.py): None = this device's
+        default (CPU: CPU_CHUNK_TOKENS_WHILE_DECODING; GPU: no limit), 0 = no limit."""
+        if tokens is None:
+            tokens = CPU_CHUNK_TOKENS_WHILE_DECODING if self.device.type == "cpu" else 0
+        self.chunk_tokens_while_decoding = tokens or None
+        a = self.arch
+        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        per_layer = a.hidden_size * (2 * q + 2 * kv) + 3 * a.hidden_size * a.intermediate_size
+        self.attention_tokens = attention_tokens(per_layer, q)
 
     def _plan(self, budget_bytes, gpu_loras: int, cpu_loras: int):
         """The memory plan for this device and budget (the KV cache gets what the rest leaves)."""
@@ -343,73 +362,17 @@ class TorchExecutor:
     def _step(self) -> tuple[int, int]:
         """One forward: prompt chunks and one token per decoding sequence; (context tokens, decoded)."""
         chunks, decoding = plan_iteration(
-            self._running, self.max_num_tokens, chunked=self.chunked, tokens_per_block=self.tokens_per_block
+            self._running,
+            self.max_num_tokens,
+            chunked=self.chunked,
+            tokens_per_block=self.tokens_per_block,
+            chunk_tokens_while_decoding=self.chunk_tokens_while_decoding,
+            attention_tokens=self.attention_tokens,
         )
-        for seq, n in chunks:
-            self.kv.clear(self.blocks.ensure(seq.id, seq.cached + n))
-        for seq in decoding:
-            self.kv.clear(self.blocks.ensure(seq.id, seq.cached + 1))
         lora, index = self._lora()
-        ids, positions, owner, parts = [], [], [], []
-        for seq, n in chunks:
-            ids += seq.tokens[seq.cached : seq.cached + n]
-            positions += range(seq.cached, seq.cached + n)
-            owner += [index.get(seq.task_id, -1)] * n
-            table = self.kv.tables([self.blocks.table(seq.id)])[0]
-            parts.append(Chunk(table, seq.cached, n, logits=seq.cached + n == seq.prompt_len))
-        ids += [s.tokens[-1] for s in decoding]
-        positions += [s.cached for s in decoding]
-        owner += [index.get(s.task_id, -1) for s in decoding]
-        tables = self.kv.tables([self.blocks.table(s.id) for s in decoding]) if decoding else None
-        dev = self.device
-        context = {
-            i: None for i, (seq, _) in enumerate(chunks) if seq.request.output_config.return_context_logits
-        }
-        logits = self.model.step(
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
-            parts,
-            tables,
-            self.kv,
-            lora,
-            torch.tensor(owner, device=dev) if lora is not None else None,
-            context,
-        )
-        for i, (seq, n) in enumerate(chunks):
-            seq.cached += n
-            if i in context:  # [n, V] per chunk, in order: [prompt_len, V] once the prompt is done
-                part = context[i]
-                seq.context_logits = (
-                    part if seq.context_logits is None else torch.cat([seq.context_logits, part])
-                )
-        for seq in decoding:
-            seq.cached += 1
-        sampled = [seq for (seq, _), c in zip(chunks, parts, strict=True) if c.logits] + decoding
-        self._take(logits, sampled)
-        for seq in [s for s, _ in chunks] + decoding:
-            self.blocks.store(seq.id, seq.tokens, seq.cached)
+        masks = self._masks if self.guides is not None else None
+        run_step(self.model, self.kv, self.blocks, chunks, decoding, lora, index, masks)
         return sum(n for _, n in chunks), len(decoding)
-
-    def _take(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        guided = [i for i, s in enumerate(seqs) if s.guide is not None]
-        if guided:  # each guided row keeps only the tokens its grammar allows (guidedDecoder.cpp execute)
-            self._masks.apply(logits, guided, [seqs[i].guide for i in guided])
-        want = any(s.request.output_config.return_log_probs for s in seqs)
-        tokens, lps = sample(
-            logits,
-            [s.sampling for s in seqs],
-            [s.tokens for s in seqs],
-            [len(s.generated) for s in seqs],
-            want,
-        )
-        for i, s in enumerate(seqs):
-            raw = logits[i].clone() if s.request.output_config.return_generation_logits else None  # [V]
-            s.add(tokens[i], lps[i] if lps is not None else None, raw)
-        for i in guided:
-            s = seqs[i]
-            s.guide.accept(tokens[i])
-            if s.guide.terminated and s.finish == FinishReason.NOT_FINISHED:
-                s.finish = FinishReason.END_ID  # the guide is complete (its stop token was sampled)
 
     def _cancel_seqs(self, cancel: set[int]) -> list[Sequence]:
         """Mark cancelled requests finished; waiting ones leave now, running ones at the next _emit."""
@@ -465,24 +428,9 @@ class TorchExecutor:
             num_active_lora_tasks=len({s.task_id for s in self._running} - {None}),
             num_host_cached_lora_tasks=len(self.cache.host),
             num_device_cached_lora_tasks=len(self.cache.device),
-            kv_cache_stats=self._kv_stats(),
+            kv_cache_stats=kv_cache_stats(self.blocks),
         )
         self.mailbox.deliver([], stats)
-
-    def _kv_stats(self) -> KvCacheStats:
-        b, st = self.blocks, self.blocks.stats
-        looked_up = st.reused_blocks + st.missed_blocks
-        return KvCacheStats(
-            max_num_blocks=b.num_blocks,
-            free_num_blocks=b.num_blocks - b.num_used,
-            used_num_blocks=b.num_used,
-            tokens_per_block=b.tokens_per_block,
-            alloc_total_blocks=b.taken_blocks + st.reused_blocks,
-            alloc_new_blocks=b.taken_blocks,
-            reused_blocks=st.reused_blocks,
-            missed_blocks=st.missed_blocks,
-            cache_hit_rate=st.reused_blocks / looked_up if looked_up else 0.0,
-        )
 
     def _fail_all(self, message: str) -> None:
         """After an internal error: answer every request in flight with it and start from a clean state."""

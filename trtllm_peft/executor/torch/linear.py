@@ -82,8 +82,10 @@ class Linear:
 
 class KernelLinear:
     """y = x Wᵀ + b through the CPU kernels (csrc/linear.cpp): W packed once into 16-column k-major blocks and
-    read once per call whatever the number of rows (1.3-1.8x oneDNN's packed GEMM at decode sizes, equal at
-    prefill sizes)."""
+    read once per call whatever the number of rows (1.3-1.8x oneDNN's packed GEMM at decode sizes); bfloat16
+    products of 16 rows or more run on AMX tiles from the same packed W where the CPU has them (csrc/amx.cpp).
+    float32 stays on the streaming kernel: oneDNN's float32 GEMM measured no faster at these shapes
+    (bench/amx.py), and it would need a second copy of every weight."""
 
     def __init__(self, kernels, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.k = kernels

@@ -81,12 +81,19 @@ inline int64_t row_grain(int64_t rows, int64_t cols) { return rows * cols < 6553
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 void set_num_threads(int n);  // the kernels' own thread count (0: follow torch's)
 
-// ---- the module's functions (linear.cpp, lora.cpp, layer_ops.cpp) -------------------------------------
+// ---- the module's functions (linear.cpp, lora.cpp, layer_ops.cpp, attend_*.cpp) ------------------------
 
 torch::Tensor pack(const torch::Tensor& w);
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, const c10::optional<torch::Tensor>& bias);
 void linear_into(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, const c10::optional<torch::Tensor>& bias,
                  torch::Tensor& y, bool accumulate);
+// bfloat16 products of at least `min_rows` rows (and K a multiple of 32) go to AMX tiles where the CPU has
+// them (amx.cpp); fewer rows stream the weights (linear.cpp).
+bool amx_available();  // AMX-BF16 here and granted to this process
+bool set_amx(bool on, int64_t min_rows);  // use AMX where it fits (default on); returns whether it is used
+bool amx_fits(int64_t M, int64_t K);
+void amx_linear_rows(const bf16* const* xr, int64_t M, const bf16* wp, int64_t K, int64_t N, const bf16* bias,
+                     bf16* const* yr, bool accumulate, bool may_split);
 template <typename T>
 void linear_rows(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t N, const T* bias, T* const* yr,
                  bool accumulate, bool may_split);
@@ -110,7 +117,9 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
 torch::Tensor silu_mul(const torch::Tensor& gu);
 torch::Tensor attend_decode(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                             const torch::Tensor& positions, torch::Tensor& kc, torch::Tensor& vc,
-                            const torch::Tensor& tables, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                            bool store_first);
+                            const torch::Tensor& tables, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
+torch::Tensor attend_chunk(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                           int64_t start, torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& table,
+                           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
 
 }  // namespace trtllm_peft

@@ -144,6 +144,8 @@ void run_linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, cons
 template <typename T>
 void linear_rows(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t N, const T* bias, T* const* yr,
                  bool accumulate, bool may_split) {
+  if constexpr (std::is_same<T, bf16>::value)
+    if (amx_fits(M, K)) return amx_linear_rows(xr, M, wp, K, N, bias, yr, accumulate, may_split);
   const int64_t width = unit_blocks(M), blocks = (N + kBlock - 1) / kBlock, units = (blocks + width - 1) / width;
   auto body = [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; u++) {

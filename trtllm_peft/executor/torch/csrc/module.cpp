@@ -6,12 +6,16 @@ namespace tp = trtllm_peft;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_num_threads", &tp::set_num_threads, "threads the kernels use (0: torch's count)");
+  m.def("amx_available", &tp::amx_available, "AMX-BF16 on this CPU and granted to this process");
+  m.def("set_amx", &tp::set_amx, "bf16 products of >= min_rows rows on AMX tiles (default on); returns whether used",
+        pybind11::arg("on"), pybind11::arg("min_rows") = 16);
   m.def("pack", &tp::pack, "W [N, K] -> packed 16-column blocks (linear.cpp)");
   m.def("linear", &tp::linear, "x · Wᵀ (+ b) from a packed W");
   m.def("linear_into", &tp::linear_into, "y (+)= x · Wᵀ (+ b); y may be a column slice");
   m.def("rms_norm", &tp::rms_norm, "RMSNorm as transformers computes it");
   m.def("silu_mul", &tp::silu_mul, "silu(gate) · up of [gate | up]");
   m.def("attend_decode", &tp::attend_decode, "RoPE + KV write + attention, one token per row");
+  m.def("attend_chunk", &tp::attend_chunk, "RoPE + KV write + causal attention of one sequence's prompt chunk");
   pybind11::class_<tp::LoraGroup>(m, "LoraGroup", pybind11::module_local())
       .def(pybind11::init<std::vector<c10::optional<torch::Tensor>>, std::vector<std::vector<torch::Tensor>>,
                           std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
