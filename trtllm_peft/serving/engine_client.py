@@ -65,8 +65,8 @@ class EngineClient:
         self, request: Request, scores: ScoreSpec | None
     ) -> AsyncIterator[tuple[Response, Scores]]:
         """Like `generate`, each response with the OpenAI log-probs of its new tokens when `scores` is set
-        (from `Result.generation_logits`: the request must ask for them); a ValueError where the logits
-        do not fit the tokens."""
+        (from `Result.generation_logits`: the request must ask for them, and they are dropped from the
+        result once scored); a ValueError where the logits do not fit the tokens."""
         stream = _Stream(asyncio.Queue(), scores)
         with self._lock:
             try:
@@ -147,4 +147,7 @@ def _score(routed: list[tuple[_Stream, Response]]) -> list[Scores]:
         scored = [ValueError(f"log-probs failed: {e}") for _ in items]
     for i, s in zip(wanted, scored, strict=True):
         out[i] = s
+        # scored: the stream needs the rows no more, and a response queued behind a slow client would
+        # otherwise hold a [T, 1, V] tensor per token
+        routed[i][1].result.generation_logits = None
     return out
