@@ -126,6 +126,17 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
+class _ChoiceFrames:
+    """`_sse({**base, "choices": [choice]})` of one stream, byte for byte, with the fields every chunk
+    repeats (id, object, created, model) encoded once: only the choice is encoded per token."""
+
+    def __init__(self, base: dict[str, Any]):
+        self._head = _sse({**base, "choices": []}).removesuffix(b"]}\n\n")
+
+    def __call__(self, choice: dict[str, Any]) -> bytes:
+        return self._head + json.dumps(choice, separators=(",", ":")).encode() + b"]}\n\n"
+
+
 # ---- /v1/completions -------------------------------------------------------------------------------------
 
 
@@ -194,6 +205,7 @@ async def _completion_chunks(
     rt, body, gen: Generation, rid, created, echoes: list[str], prompt_tokens: int
 ) -> AsyncIterator[bytes]:
     base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
+    frame = _ChoiceFrames(base)
     builders: dict[int, CompletionLogprobs] = {}
     async for p in gen.stream():
         text, logprobs = p.text, None
@@ -210,7 +222,7 @@ async def _completion_chunks(
             "finish_reason": p.finish_reason,
             "stop_reason": None,
         }
-        yield _sse({**base, "choices": [choice]})
+        yield frame(choice)
     if body.stream_options and body.stream_options.include_usage:
         yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, gen)})
     yield b"data: [DONE]\n\n"
@@ -304,24 +316,20 @@ async def _chat_chunks(
     rt, body, gen: Generation, rid, created, prompt_len, plan: tools.ToolPlan | None = None
 ) -> AsyncIterator[bytes]:
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
+    frame = _ChoiceFrames(base)
     for i in range(body.n):  # OpenAI opens each choice with the role
-        yield _sse(
+        yield frame(
             {
-                **base,
-                "choices": [
-                    {
-                        "index": i,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                ],
+                "index": i,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
             }
         )
     gates = {i: tools.StreamGate(plan) for i in range(body.n)} if plan and plan.choice != "none" else {}
     async for p in gen.stream():
         for delta in _tool_deltas(rt, body, p, gates.get(p.index)):
-            yield _sse({**base, "choices": [delta]})
+            yield frame(delta)
     if body.stream_options and body.stream_options.include_usage:
         yield _sse({**base, "choices": [], "usage": _usage(prompt_len, gen)})
     yield b"data: [DONE]\n\n"
