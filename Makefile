@@ -8,7 +8,7 @@ ENGINE    ?= engines/smollm2-135m
 BACKEND   ?= auto
 PYTEST_ARGS ?=
 
-.PHONY: install engine serve test test-unit lint bench openvino help
+.PHONY: install engine serve test test-unit lint sizes bench openvino help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -49,6 +49,9 @@ test-unit: $(STAMP) $(KERNELS)  ## only the fast, pure unit tests
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check trtllm_peft tests bench converters scripts
 	$(BIN)/ruff format --check trtllm_peft tests bench converters scripts
+
+sizes: $(STAMP)  ## the style budget: files over 400 lines, functions over 60 (not yet in lint: three files are over)
+	$(BIN)/python scripts/check_sizes.py
 
 bench: $(STAMP) $(KERNELS)  ## the benchmarks, peers side by side (about 15 minutes; tables in bench/README.md)
 	@test -f $(ENGINE)/trtllm_peft.json || $(MAKE) --no-print-directory engine

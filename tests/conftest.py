@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from trtllm_peft.lora import ModelSpec
+from trtllm_peft.lora import LoraAdapter, LoraWeights, ModelSpec
 
 # GQA on purpose (4 query heads, 2 kv heads), dims all different so a transposed tensor cannot fit.
 TINY_LLAMA = {
@@ -106,3 +107,37 @@ def build_tiny_engine(directory: Path, *, max_seq_len: int = 64) -> Path:
         budget_bytes=2**30,
         quiet=True,
     )
+
+
+def random_lora(spec, rank: int, seed: int = 0, layers=None, modules=None) -> LoraAdapter:
+    """Random A and B (unscaled) on `layers` x `modules` (default: every layer, the spec's LoRA modules)."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for layer in layers if layers is not None else range(spec.num_layers):
+        for m in modules or spec.lora_target_modules:
+            d_in, d_out = spec.module_dims(m)
+            weights[(layer, m)] = LoraWeights(
+                torch.randn(rank, d_in, generator=gen), torch.randn(d_out, rank, generator=gen)
+            )
+    return LoraAdapter(weights=weights, format="hf")
+
+
+def edit_peft_config(d: Path, **changes) -> None:
+    """Change keys of the adapter_config.json in `d` (None writes null)."""
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def rewrite_peft_tensors(d: Path, fn) -> None:
+    """Replace the tensors of adapter_model.safetensors in `d` by `fn(tensors)`."""
+    save_file(
+        fn(load_file(str(d / "adapter_model.safetensors"))),
+        str(d / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
+
+
+def rekey_peft_tensors(fn):
+    """A rewrite of `d` that renames every tensor key by `fn`."""
+    return lambda d: rewrite_peft_tensors(d, lambda t: {fn(k): v for k, v in t.items()})

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from trtllm_peft.lora import LoraAdapter, LoraWeights
+
 # The tiny Llama of conftest.TINY_LLAMA in NeMo's vocabulary: 4 heads in 2 query groups, head_dim 8.
 TINY_GEOMETRY = {
     "num_layers": 3,
@@ -272,3 +274,34 @@ class RunsCode:
 
     def __reduce__(self):
         return (os.mkdir, (self.marker,))
+
+
+# ---- checking what our reader and writer give ----------------------------------------------------------
+
+QKV_SIZES = {"attn_q": 32, "attn_k": 16, "attn_v": 16}  # tiny Llama: 4 heads, 2 kv heads, head_dim 8
+
+
+def canonical_deltas(adapter: LoraAdapter, sizes=QKV_SIZES) -> dict[tuple[int, str], torch.Tensor]:
+    """scale·B·A per (layer, module), the canonical attn_qkv [Q; K; V] read as its three parts."""
+    out = {}
+    for (layer, module), w in adapter:
+        if module == "attn_qkv":
+            for part, b in zip(sizes, w.b.split(list(sizes.values())), strict=True):
+                out[(layer, part)] = LoraWeights(w.a, b, w.scale).delta()
+        else:
+            out[(layer, module)] = w.delta()
+    return out
+
+
+def expected_deltas(weights, scale: float, geo=TINY_GEOMETRY) -> dict[tuple[int, str], torch.Tensor]:
+    return {k: (b.double() @ a.double()) * scale for k, (a, b) in hf_equivalent(weights, geo).items()}
+
+
+def assert_same_deltas(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], msg=lambda m, key=key: f"{key}: {m}")
+
+
+def write_fixture(directory, weights, *, style="mcore", **config):
+    return write_nemo(directory, model_config(**config), {"model_weights.ckpt": state_dict(weights, style)})

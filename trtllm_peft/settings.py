@@ -59,6 +59,9 @@ class Settings:
     )
     enable_chunked_context: bool = True  # TRTLLM_PEFT_ENABLE_CHUNKED_CONTEXT: prefill long prompts in chunks
     max_num_tokens: int | None = None  # TRTLLM_PEFT_MAX_NUM_TOKENS: tokens per engine iteration (engine's)
+    # TRTLLM_PEFT_CHUNK_TOKENS_WHILE_DECODING: prompt-chunk tokens per iteration while streams decode
+    # (reference engine; None: its device's default, 16 on CPU; 0: only max_num_tokens)
+    chunk_tokens_while_decoding: int | None = None
     tool_call_parser: str = "auto"  # TRTLLM_PEFT_TOOL_CALL_PARSER: hermes | llama3_json | mistral | auto
     # `trtllm-peft pull`. Secrets are kept out of repr() so that logging a Settings never leaks them.
     hf_token: str | None = field(default=None, repr=False)  # HF_TOKEN (or HUGGING_FACE_HUB_TOKEN)
@@ -109,6 +112,9 @@ class Settings:
             kv_cache_percent=reader.fraction("NIM_KVCACHE_PERCENT"),
             enable_chunked_context=reader.boolean("TRTLLM_PEFT_ENABLE_CHUNKED_CONTEXT", default=True),
             max_num_tokens=reader.integer("TRTLLM_PEFT_MAX_NUM_TOKENS", None, minimum=1),
+            chunk_tokens_while_decoding=reader.integer(
+                "TRTLLM_PEFT_CHUNK_TOKENS_WHILE_DECODING", None, minimum=0
+            ),
             hf_token=reader.text("HF_TOKEN", fallback="HUGGING_FACE_HUB_TOKEN"),
             hf_endpoint=reader.url("HF_ENDPOINT") or cls.hf_endpoint,
             ngc_api_key=reader.text("NGC_API_KEY", fallback="NGC_CLI_API_KEY"),

@@ -14,14 +14,17 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import torch
 
 from trtllm_peft import formats
-from trtllm_peft.lora import LoraAdapter, LoraWeights, ModelSpec
+from trtllm_peft.lora import LoraAdapter, LoraWeights, ModelSpec, load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_ENGINE = REPO / "engines" / "smollm2-135m"
+BACKENDS = ("torch", "trtllm-standin")
+QVO = ("attn_q", "attn_v", "mlp_4h_to_h")  # the modules of the adapter most tests serve
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +43,48 @@ def smollm2_standin_engine(smollm2_engine, tmp_path_factory) -> Path:
     the server then runs TrtllmExecutor, whose stand-in delegates generation to the reference engine.
     Its build_config says it was built with `--gather_context_logits --gather_generation_logits`."""
     return standin_engine(smollm2_engine, tmp_path_factory.mktemp("standin"), gather_logits=True)
+
+
+@pytest.fixture(scope="module")
+def spec(smollm2_engine) -> ModelSpec:
+    """The SmolLM2 engine's ModelSpec."""
+    return load_spec(smollm2_engine)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request) -> str:
+    """The same tests on both executors: the reference engine, and TrtllmExecutor over the TensorRT-LLM
+    stand-in (tests/trtllm_standin), which enforces TensorRT-LLM 1.2's request and PEFT-cache contract.
+    A module whose fixtures ask for it runs once per backend, with a server of each (smollm2_server)."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def adapter(spec) -> LoraAdapter:
+    """A random rank-8 LoRA on q, v and the MLP's down projection."""
+    return random_adapter(spec, rank=8, modules=QVO, seed=3)
+
+
+@pytest.fixture(scope="module")
+def npy_dir(tmp_path_factory, spec, adapter) -> Path:
+    """`adapter` as TensorRT-LLM tensors, outside NIM_PEFT_SOURCE: only a client can send it."""
+    return write_adapter(adapter, tmp_path_factory.mktemp("npy") / "sql-npy", "trtllm", spec)
+
+
+def smollm2_server(request, peft_source: Path, backend: str = "torch", **env: str) -> Server:
+    """`trtllm-peft serve` of the SmolLM2 engine as model `smollm2` on `backend` (BACKENDS), adapters from
+    `peft_source`, NIM_*/TRTLLM_PEFT_* settings from `env`. In a fixture, `with smollm2_server(...) as srv:
+    yield srv` stops it however the tests end."""
+    standin = backend == "trtllm-standin"
+    engine = request.getfixturevalue("smollm2_standin_engine" if standin else "smollm2_engine")
+    log = request.getfixturevalue("tmp_path_factory").mktemp("log") / "server.log"
+    module = "tests.trtllm_standin.serve" if standin else "trtllm_peft.cli"
+    return Server(engine, peft_source, log, module=module, **{"NIM_SERVED_MODEL_NAME": "smollm2", **env})
+
+
+def openai_client(server: Server, *, api_key: str = "not-used", timeout: float = 120) -> openai.OpenAI:
+    """The official client on `server`, without retries (a test sees every error)."""
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=api_key, max_retries=0, timeout=timeout)
 
 
 def standin_engine(engine: Path, parent: Path, *, gather_logits: bool) -> Path:
@@ -80,6 +125,16 @@ def write_adapter(adapter: LoraAdapter, out: Path, fmt: str, spec: ModelSpec) ->
     formats.save(adapter, tmp, fmt, spec)
     tmp.rename(out)
     return out
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    """Whether `predicate()` became true within `timeout` seconds (polled every 0.1 s): give generous ones."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def free_port() -> int:

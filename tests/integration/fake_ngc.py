@@ -23,6 +23,7 @@ ngcbase/transfer/async_download.py):
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -52,6 +53,10 @@ class FakeNgc:
     legacy_keys: set[str] = field(default_factory=set)
     log: list[Logged] = field(default_factory=list)
     cuts: dict[str, int] = field(default_factory=dict)  # storage path -> bytes sent before the line drops
+    inflate: dict[str, int] = field(default_factory=dict)  # storage path -> bytes sent beyond the Range
+    sent: list[int] = field(
+        default_factory=list
+    )  # bytes an inflated answer got out before the client hung up
 
     def start(self) -> FakeNgc:
         class Handler(_Handler):
@@ -199,6 +204,8 @@ class _Handler(BaseHTTPRequestHandler):
         m = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range") or "")
         start, end = (int(m[1]), int(m[2]) + 1) if m else (0, len(data))
         chunk = data[start:end]
+        if path in self.ngc.inflate:
+            return self._inflated(chunk, self.ngc.inflate[path], partial=bool(m))
         cut = self.ngc.cuts.get(path)
         self.send_response(206 if m else 200)
         self.send_header("Content-Length", str(len(chunk)))
@@ -209,6 +216,20 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.wfile.write(chunk[:cut])  # the line drops: the SDK sees a short body, retries, then gives up
         self.wfile.flush()
+        self.close_connection = True
+
+    def _inflated(self, chunk: bytes, extra: int, *, partial: bool) -> None:
+        """The range, then `extra` more bytes (a storage that ignores the Range, or lies), 1 MiB at a time."""
+        self.send_response(206 if partial else 200)
+        self.send_header("Content-Length", str(len(chunk) + extra))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        sent = 0
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client stops reading
+            for block in [chunk] + [bytes(1 << 20)] * (extra >> 20):
+                self.wfile.write(block)
+                sent += len(block)
+        self.ngc.sent.append(sent)
         self.close_connection = True
 
     def _json(self, status: int, payload: dict) -> None:

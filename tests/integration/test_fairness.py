@@ -9,38 +9,32 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
-import openai
 import pytest
 
-from tests.integration.conftest import Server, random_adapter, write_adapter
-from trtllm_peft.lora import load_spec
+from tests.integration.conftest import openai_client, random_adapter, smollm2_server, write_adapter
 
 ALL7 = ("attn_q", "attn_k", "attn_v", "attn_dense", "mlp_h_to_4h", "mlp_4h_to_h", "mlp_gate")
 ADAPTERS, CLIENTS, REQUESTS_EACH = 8, 40, 2
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_engine, tmp_path_factory):
-    spec = load_spec(smollm2_engine)
+def server(request, spec, tmp_path_factory):
     root = tmp_path_factory.mktemp("loras")
     for i in range(ADAPTERS):  # each exactly one max-rank adapter: the budget of 4 holds 4 of them
         adapter = random_adapter(spec, rank=spec.max_lora_rank, modules=ALL7, seed=100 + i, std=0.02)
         write_adapter(adapter, root / f"a{i}", "hf", spec)
-    srv = Server(
-        smollm2_engine,
+    with smollm2_server(
+        request,
         root,
-        tmp_path_factory.mktemp("log") / "server.log",
         NIM_MAX_CPU_LORAS="4",
         NIM_MAX_GPU_LORAS="4",
-        NIM_SERVED_MODEL_NAME="smollm2",
         TRTLLM_PEFT_LORA_QUEUE_TIMEOUT="900",  # a loaded test machine is slow: this is not a timing test
-    )
-    yield srv
-    srv.stop()
+    ) as srv:
+        yield srv
 
 
 def test_every_adapter_gets_answers_under_a_full_cache(server):
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-used", max_retries=0, timeout=900)
+    client = openai_client(server, timeout=900)
     answered: Counter[str] = Counter()
     errors: list[str] = []
     lock = threading.Lock()

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import Server, random_adapter
+from tests.integration.conftest import Server, random_adapter, smollm2_server
 from tests.unit.test_hostile_inputs import (
     REDOS,
     SECRET,
@@ -28,7 +28,6 @@ from tests.unit.test_hostile_inputs import (
     safetensors_header,
 )
 from trtllm_peft import formats
-from trtllm_peft.lora import load_spec
 
 pytestmark = pytest.mark.slow
 MB = 1 << 20
@@ -80,27 +79,15 @@ ATTACKS = [
 
 
 @pytest.fixture(scope="module")
-def spec(smollm2_engine):
-    return load_spec(smollm2_engine)
-
-
-@pytest.fixture(scope="module")
-def setup(smollm2_engine, spec, tmp_path_factory):
+def setup(request, spec, tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile") / "loras"
     root.mkdir()
     secret = root.parent / "shadow"
     secret.write_bytes(SECRET)
     good = random_adapter(spec, rank=4, modules=MODULES, seed=7)
     formats.save(good, root / "good", "hf", spec)
-    server = Server(
-        smollm2_engine,
-        root,
-        tmp_path_factory.mktemp("log") / "server.log",
-        NIM_PEFT_REFRESH_INTERVAL="0.3",
-        NIM_SERVED_MODEL_NAME="smollm2",
-    )
-    yield server, root, secret
-    server.stop()
+    with smollm2_server(request, root, NIM_PEFT_REFRESH_INTERVAL="0.3") as server:
+        yield server, root, secret
 
 
 def rss_mb(pid: int) -> float:
@@ -119,6 +106,7 @@ class Watch(threading.Thread):
         self.latencies: list[float] = []
         self.failures: list[str] = []
         self.peak_rss = rss_mb(server.proc.pid)
+        self.polled = threading.Event()  # the first poll is in: the attack is watched from its start
 
     def run(self) -> None:
         with httpx.Client(timeout=10) as http:
@@ -131,10 +119,12 @@ class Watch(threading.Thread):
                     self.failures.append(type(e).__name__)
                 self.latencies.append(time.monotonic() - t0)
                 self.peak_rss = max(self.peak_rss, rss_mb(self.server.proc.pid))
+                self.polled.set()
                 time.sleep(0.1)
 
     def __enter__(self) -> Watch:
         self.start()
+        self.polled.wait(timeout=60)  # else two quick 422s can end before a single poll (no latency to check)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -17,31 +17,28 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import Server
+from tests.integration.conftest import Server, openai_client, smollm2_server
 
 READ_TIMEOUT_S = 2  # TRTLLM_PEFT_READ_TIMEOUT for this server: the half-open tests wait for it
 RSS_SLACK = 200 << 20
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_engine, tmp_path_factory):
+def server(request, tmp_path_factory):
     empty = tmp_path_factory.mktemp("no-loras")
-    srv = Server(
-        smollm2_engine,
+    with smollm2_server(
+        request,
         empty,
-        tmp_path_factory.mktemp("log") / "server.log",
         NIM_MAX_CPU_LORAS="2",
         NIM_MAX_GPU_LORAS="2",
-        NIM_SERVED_MODEL_NAME="smollm2",
         TRTLLM_PEFT_READ_TIMEOUT=str(READ_TIMEOUT_S),
-    )
-    yield srv
-    srv.stop()
+    ) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-used", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 def rss(server: Server) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import wait_for
 from trtllm_peft.executor.torch import cpu_kernels
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,15 +49,6 @@ def start_loader(ext: Path, log: Path) -> subprocess.Popen:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-
-
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_a_start_after_a_killed_build_builds_and_loads(tmp_path):

@@ -18,9 +18,8 @@ import openai
 import pytest
 import torch
 
-from tests.integration.conftest import Server, random_adapter, write_adapter
+from tests.integration.conftest import QVO, openai_client, random_adapter, smollm2_server, write_adapter
 from trtllm_peft.engine.engine_dir import EngineDir, hf_checkpoint
-from trtllm_peft.lora import load_spec
 
 KEY = "sk-test-key"
 PROMPT = "The capital of France is"
@@ -28,43 +27,23 @@ PROMPT2 = "Write a haiku about the sea:"
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=["torch", "trtllm-standin"])
-def backend(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def spec(smollm2_engine):
-    return load_spec(smollm2_engine)
-
-
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory, spec):
     root = tmp_path_factory.mktemp("loras")
-    ad = random_adapter(spec, rank=8, modules=("attn_q", "attn_v", "mlp_4h_to_h"), seed=3, std=0.03)
+    ad = random_adapter(spec, rank=8, modules=QVO, seed=3, std=0.03)
     write_adapter(ad, root / "lora-hf", "hf", spec)
     return root
 
 
 @pytest.fixture(scope="module")
-def server(request, backend, smollm2_engine, loras, tmp_path_factory):
-    standin = backend == "trtllm-standin"
-    engine = request.getfixturevalue("smollm2_standin_engine") if standin else smollm2_engine
-    srv = Server(
-        engine,
-        loras,
-        tmp_path_factory.mktemp("log") / "server.log",
-        module="tests.trtllm_standin.serve" if standin else "trtllm_peft.cli",
-        NIM_SERVED_MODEL_NAME="smollm2",
-        TRTLLM_PEFT_API_KEY=KEY,
-    )
-    yield srv
-    srv.stop()
+def server(request, backend, loras):
+    with smollm2_server(request, loras, backend, TRTLLM_PEFT_API_KEY=KEY) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=300)
+    return openai_client(server, api_key=KEY, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.integration.conftest import Server, random_adapter, write_adapter
-from trtllm_peft.lora import load_spec
+from tests.integration.conftest import openai_client, random_adapter, smollm2_server, write_adapter
 
 PERSON = {
     "type": "object",
@@ -58,34 +57,19 @@ ASK = [{"role": "user", "content": "Describe a person as JSON: name, age and fav
 WEATHER_ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module", params=["torch", "trtllm-standin"])
-def backend(request) -> str:
-    return request.param
-
-
 @pytest.fixture(scope="module")
-def server(request, backend, smollm2_engine, tmp_path_factory):
-    spec = load_spec(smollm2_engine)
+def server(request, backend, spec, tmp_path_factory):
     root = tmp_path_factory.mktemp("loras")
     for i in range(2):
         adapter = random_adapter(spec, rank=8, modules=("attn_q", "attn_v"), seed=20 + i, std=0.02)
         write_adapter(adapter, root / f"lora-{i}", "hf", spec)
-    standin = backend == "trtllm-standin"
-    engine = request.getfixturevalue("smollm2_standin_engine") if standin else smollm2_engine
-    srv = Server(
-        engine,
-        root,
-        tmp_path_factory.mktemp("log") / "server.log",
-        module="tests.trtllm_standin.serve" if standin else "trtllm_peft.cli",
-        NIM_SERVED_MODEL_NAME="smollm2",
-    )
-    yield srv
-    srv.stop()
+    with smollm2_server(request, root, backend) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-used", max_retries=0, timeout=300)
+    return openai_client(server, timeout=300)
 
 
 def chat(client, model, messages=ASK, max_tokens=80, **kw):

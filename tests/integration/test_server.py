@@ -14,29 +14,23 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import Server, random_adapter, write_adapter
-from trtllm_peft.lora import load_spec
+from tests.integration.conftest import (
+    QVO,
+    openai_client,
+    random_adapter,
+    smollm2_server,
+    wait_for,
+    write_adapter,
+)
 
 PROMPT = "John buys 10 packs of magic cards. Each pack has 20 cards, so in total he"
 ALL7 = ("attn_q", "attn_k", "attn_v", "attn_dense", "mlp_h_to_4h", "mlp_4h_to_h", "mlp_gate")
 
 
 @pytest.fixture(scope="module")
-def spec(smollm2_engine):
-    return load_spec(smollm2_engine)
-
-
-@pytest.fixture(scope="module", params=["torch", "trtllm-standin"])
-def backend(request) -> str:
-    """The same tests on both executors: the reference engine, and TrtllmExecutor over the TensorRT-LLM
-    stand-in (tests/trtllm_standin), which enforces TensorRT-LLM 1.2's request and PEFT-cache contract."""
-    return request.param
-
-
-@pytest.fixture(scope="module")
 def loras(tmp_path_factory, spec, backend):
     root = tmp_path_factory.mktemp("loras")
-    small = random_adapter(spec, rank=8, modules=("attn_q", "attn_v", "mlp_4h_to_h"), seed=1)
+    small = random_adapter(spec, rank=8, modules=QVO, seed=1)
     for fmt in ("hf", "nemo", "trtllm"):
         write_adapter(small, root / f"small-{fmt}", fmt, spec)
     for i in range(3):  # each exactly one max-rank adapter: the host budget holds two
@@ -50,43 +44,30 @@ def loras(tmp_path_factory, spec, backend):
 
 
 @pytest.fixture(scope="module")
-def server(request, backend, smollm2_engine, loras, tmp_path_factory):
-    standin = backend == "trtllm-standin"
-    engine = request.getfixturevalue("smollm2_standin_engine") if standin else smollm2_engine
-    module = "tests.trtllm_standin.serve" if standin else "trtllm_peft.cli"
-    srv = Server(
-        engine,
-        loras,
-        tmp_path_factory.mktemp("log") / "server.log",
-        module=module,
-        NIM_MAX_CPU_LORAS="2",
-        NIM_MAX_GPU_LORAS="2",
-        NIM_PEFT_REFRESH_INTERVAL="0.3",
-        NIM_SERVED_MODEL_NAME="smollm2",
-        TRTLLM_PEFT_LORA_QUEUE_TIMEOUT="0",  # no waiting for host-cache room: 429 at once (test_fairness waits)
-    )
-    yield srv
-    srv.stop()
+def server(request, backend, loras):
+    with (
+        smollm2_server(
+            request,
+            loras,
+            backend,
+            NIM_MAX_CPU_LORAS="2",
+            NIM_MAX_GPU_LORAS="2",
+            NIM_PEFT_REFRESH_INTERVAL="0.3",
+            TRTLLM_PEFT_LORA_QUEUE_TIMEOUT="0",  # no waiting for host-cache room: 429 at once (test_fairness waits)
+        ) as srv
+    ):
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-used", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 def greedy(client, model, prompt=PROMPT, n=12, **kw):
     """Greedy, and exactly n tokens (random adapters may well like the end token)."""
     kw.setdefault("extra_body", {"ignore_eos": True})
     return client.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0, **kw)
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def model_ids(client):

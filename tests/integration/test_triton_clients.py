@@ -1,36 +1,37 @@
 """tensorrtllm_backend's own clients against our server, over gRPC and HTTP, on both executors.
 
-Each test builds its requests the way the stock clients do (NVIDIA/TensorRT-LLM triton_backend/, 1.2 era):
-* inflight_batcher_llm/client/end_to_end_grpc_client.py: `prepare_inputs` (ensemble, text in; stop/bad
-  words as `np.array([words], dtype=object)`, LoRA from model.lora_*.npy), `run_inference` (start_stream,
-  async_stream_infer, stop_stream; `--batch-inputs` concatenates the batch-1 inputs);
-* inflight_batcher_llm/client/inflight_batcher_llm_client.py: `prepare_inputs` (tensorrt_llm, token ids from
-  the model's tokenizer, end_id/pad_id from it, top_k=1, top_p=0, temperature=1, LoRA by `--lora-path` +
-  `--lora-task-id`, then `--lora-task-id` alone), streaming (async_stream_infer) and not (async_infer with
-  parameters={'Streaming': False});
-* tools/inflight_batcher_llm/end_to_end_test.py `test_functionality_ifb`: preprocessing → tensorrt_llm →
-  postprocessing by hand, then the ensemble, on `--protocol` http and grpc; asserts the texts are equal.
-Every greedy answer is checked against /v1/completions for the same prompt and length.
+Each test builds its requests the way the stock clients do (tests/integration/triton_stock_clients.py:
+end_to_end_grpc_client.py and inflight_batcher_llm_client.py, as written in NVIDIA/TensorRT-LLM
+triton_backend/, 1.2 era), and tools/inflight_batcher_llm/end_to_end_test.py `test_functionality_ifb` runs
+preprocessing → tensorrt_llm → postprocessing by hand, then the ensemble, on `--protocol` http and grpc, and
+asserts the texts are equal. Every greedy answer is checked against /v1/completions for the same prompt and
+length.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import queue
 from functools import partial
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.integration.conftest import Server, random_adapter, write_adapter
+from tests.integration.conftest import smollm2_server, write_adapter
+from tests.integration.triton_stock_clients import (  # skips the module without tritonclient
+    InferenceServerException,
+    UserData,
+    callback,
+    drain,
+    e2e_inputs,
+    grpcclient,
+    httpclient,
+    ifb_inputs,
+    ifb_run,
+    prepare_tensor,
+    run_inference,
+)
 from trtllm_peft.executor.api import NOT_CACHED_MESSAGE
-from trtllm_peft.lora import load_spec
-
-grpcclient = pytest.importorskip("tritonclient.grpc")
-httpclient = pytest.importorskip("tritonclient.http")
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype  # noqa: E402
 
 PROMPT = "John buys 10 packs of magic cards. Each pack has 20 cards, so in total he"
 PROMPT2 = "The capital of France is"
@@ -38,49 +39,15 @@ N = 10
 STOCK = ("ensemble", "tensorrt_llm_bls", "preprocessing", "tensorrt_llm", "postprocessing")
 
 
-@pytest.fixture(scope="module", params=["torch", "trtllm-standin"])
-def backend(request) -> str:
-    return request.param
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory, spec, adapter):
+    return write_adapter(adapter, tmp_path_factory.mktemp("loras") / "sql", "hf", spec).parent
 
 
 @pytest.fixture(scope="module")
-def spec(smollm2_engine):
-    return load_spec(smollm2_engine)
-
-
-@pytest.fixture(scope="module")
-def adapter(spec):
-    return random_adapter(spec, rank=8, modules=("attn_q", "attn_v", "mlp_4h_to_h"), seed=3)
-
-
-@pytest.fixture(scope="module")
-def loras(tmp_path_factory, spec, adapter, backend):
-    root = tmp_path_factory.mktemp("loras")
-    write_adapter(adapter, root / "sql", "hf", spec)
-    return root
-
-
-@pytest.fixture(scope="module")
-def npy_dir(tmp_path_factory, spec, adapter, backend):
-    """The same adapter as TensorRT-LLM tensors, outside NIM_PEFT_SOURCE: only a client can send it."""
-    return write_adapter(adapter, tmp_path_factory.mktemp("npy") / "sql-npy", "trtllm", spec)
-
-
-@pytest.fixture(scope="module")
-def server(request, backend, smollm2_engine, loras, tmp_path_factory):
-    standin = backend == "trtllm-standin"
-    engine = request.getfixturevalue("smollm2_standin_engine") if standin else smollm2_engine
-    srv = Server(
-        engine,
-        loras,
-        tmp_path_factory.mktemp("log") / "server.log",
-        module="tests.trtllm_standin.serve" if standin else "trtllm_peft.cli",
-        NIM_MAX_CPU_LORAS="4",
-        NIM_MAX_GPU_LORAS="2",
-        NIM_SERVED_MODEL_NAME="smollm2",
-    )
-    yield srv
-    srv.stop()
+def server(request, backend, loras):
+    with smollm2_server(request, loras, backend, NIM_MAX_CPU_LORAS="4", NIM_MAX_GPU_LORAS="2") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -106,32 +73,6 @@ def openai_text(server, model="smollm2", prompt=PROMPT, n=N, **extra) -> str:
     r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["text"]
-
-
-def prepare_tensor(name, value, protocol):
-    """end_to_end_test.py's utils.prepare_tensor: the client module of the protocol."""
-    client = grpcclient if protocol == "grpc" else httpclient
-    t = client.InferInput(name, value.shape, np_to_triton_dtype(value.dtype))
-    t.set_data_from_numpy(value)
-    return t
-
-
-class UserData:
-    def __init__(self):
-        self._completed_requests = queue.Queue()
-
-
-def callback(user_data, result, error):
-    user_data._completed_requests.put(error if error else result)
-
-
-def drain(user_data) -> list:
-    out = []
-    while True:
-        try:
-            out.append(user_data._completed_requests.get(block=False))
-        except queue.Empty:
-            return out
 
 
 # ---- server, metadata, config ----------------------------------------------------------------------------
@@ -169,66 +110,6 @@ def test_grpc_health_metadata_config_index(grpc, http):
 
 
 # ---- end_to_end_grpc_client.py: the ensemble --------------------------------------------------------------
-
-
-def e2e_inputs(prompt, output_len, *, streaming=False, stop_words=None, bad_words=None, end_id=None,
-               lora_dir=None, lora_task_id=None, exclude_input_in_output=True, embedding_bias_words=None,
-               embedding_bias_weights=None):  # fmt: skip
-    """end_to_end_grpc_client.prepare_inputs (temperature 1.0, beam 1, num_return_sequences 1: its defaults)."""
-    input0 = [[prompt]]
-    inputs = {
-        "text_input": np.array(input0).astype(object),
-        "max_tokens": np.ones_like(input0).astype(np.int32) * output_len,
-        "stream": np.array([[streaming]], dtype=bool),
-        "beam_width": np.array([[1]], dtype=np.int32),
-        "temperature": np.array([[1.0]], dtype=np.float32),
-        "num_return_sequences": np.array([[1]], dtype=np.int32),
-    }
-    if bad_words:
-        inputs["bad_words"] = np.array([bad_words], dtype=object)
-    if stop_words:
-        inputs["stop_words"] = np.array([stop_words], dtype=object)
-    if embedding_bias_words is not None:
-        inputs["embedding_bias_words"] = np.array([embedding_bias_words], dtype=object)
-        inputs["embedding_bias_weights"] = np.array([embedding_bias_weights], dtype=np.float32)
-    if end_id is not None:
-        inputs["end_id"] = np.array([[end_id]], dtype=np.int32)
-    inputs["exclude_input_in_output"] = np.array([[exclude_input_in_output]], dtype=bool)
-    if lora_dir:
-        inputs["lora_weights"] = np.load(os.path.join(lora_dir, "model.lora_weights.npy"))
-        inputs["lora_config"] = np.load(os.path.join(lora_dir, "model.lora_config.npy"))
-    if lora_task_id:
-        inputs["lora_task_id"] = np.array([[lora_task_id]], dtype=np.uint64)
-    return inputs
-
-
-def run_inference(grpc, bs1_inputs, *, streaming, batch_inputs=False, model="ensemble"):
-    """end_to_end_grpc_client.run_inference: one stream per request, texts per batch index."""
-    if batch_inputs:
-        multiple = [
-            [prepare_tensor(k, np.concatenate([b[k] for b in bs1_inputs]), "grpc") for k in bs1_inputs[0]]
-        ]
-    else:
-        multiple = [[prepare_tensor(k, v, "grpc") for k, v in b.items()] for b in bs1_inputs]
-    outputs = [grpcclient.InferRequestedOutput("text_output")]
-    if batch_inputs:
-        outputs.append(grpcclient.InferRequestedOutput("batch_index"))
-    texts, user_data = [], UserData()
-    for inputs in multiple:
-        grpc.start_stream(callback=partial(callback, user_data))
-        batch_size = inputs[0].shape()[0]
-        grpc.async_stream_infer(model, inputs, outputs=outputs, request_id="1")
-        grpc.stop_stream()
-        batch_text = [""] * batch_size
-        for result in drain(user_data):
-            if isinstance(result, InferenceServerException):
-                raise result
-            index = result.as_numpy("batch_index")
-            index = 0 if index is None else index[0][0]
-            piece = result.as_numpy("text_output")[0].decode("utf-8")
-            batch_text[index] = batch_text[index] + piece if streaming else piece
-        texts += batch_text
-    return texts
 
 
 def test_e2e_grpc_client_plain_streaming_and_batched(grpc, server):
@@ -271,88 +152,25 @@ def test_e2e_grpc_client_stop_words_and_lora(grpc, server, npy_dir):
 # ---- inflight_batcher_llm_client.py: tensorrt_llm on token ids --------------------------------------------
 
 
-def ifb_inputs(tokenizer, *, streaming, text=PROMPT, output_len=N, lora_path=None, lora_task_id=None,
-               stop_words_list=None, bad_words_list=None, min_tokens=None, end_id=None, embedding_bias=None, min_length=None):  # fmt: skip
-    """inflight_batcher_llm_client's __main__ + prepare_inputs with its default flags."""
-    pad_id = tokenizer.encode(tokenizer.pad_token or tokenizer.eos_token, add_special_tokens=False)[0]
-    if end_id is None:
-        end_id = tokenizer.encode(tokenizer.eos_token, add_special_tokens=False)[0]
-    input_ids = [tokenizer.encode(text)]
-    inputs = {
-        "input_ids": np.array(input_ids, dtype=np.int32),
-        "input_lengths": np.array([[len(ii)] for ii in input_ids], dtype=np.int32),
-        "request_output_len": np.array([[output_len]], dtype=np.int32),
-        "beam_width": np.array([[1]], dtype=np.int32),
-        "temperature": np.array([[1.0]], dtype=np.float32),
-        "streaming": np.array([[streaming]], dtype=bool),
-        "end_id": np.array([[end_id]], dtype=np.int32),
-        "pad_id": np.array([[pad_id]], dtype=np.int32),
-        "runtime_top_k": np.array([[1]], dtype=np.int32),
-        "runtime_top_p": np.array([[0.0]], dtype=np.float32),
-    }
-    if lora_task_id is not None:
-        inputs["lora_task_id"] = np.array([[lora_task_id]], dtype=np.uint64)
-    if lora_path:
-        inputs["lora_weights"] = np.load(os.path.join(lora_path, "model.lora_weights.npy"))
-        inputs["lora_config"] = np.load(os.path.join(lora_path, "model.lora_config.npy"))
-    if stop_words_list is not None:
-        inputs["stop_words_list"] = stop_words_list
-    if bad_words_list is not None:
-        inputs["bad_words_list"] = bad_words_list
-    if min_tokens is not None:
-        inputs["min_tokens"] = np.array([[min_tokens]], dtype=np.int32)
-    if min_length is not None:
-        inputs["min_length"] = np.array([[min_length]], dtype=np.int32)
-    if embedding_bias is not None:
-        inputs["embedding_bias"] = embedding_bias
-    return input_ids[0], [prepare_tensor(k, v, "grpc") for k, v in inputs.items()]
-
-
-def ifb_run(grpc, inputs, *, streaming) -> list[int]:
-    """The client's two paths: a stream (tokens appended), or async_infer (one response, prompt included)."""
-    user_data = UserData()
-    if streaming:
-        grpc.start_stream(callback=partial(callback, user_data))
-        grpc.async_stream_infer("tensorrt_llm", inputs, request_id="")
-        grpc.stop_stream()
-        results = drain(user_data)
-    else:
-        grpc.async_infer(
-            "tensorrt_llm",
-            inputs,
-            request_id="",
-            callback=partial(callback, user_data),
-            parameters={"Streaming": False},
-        )
-        results = [user_data._completed_requests.get(timeout=120)]
-    tokens = []
-    for result in results:
-        if isinstance(result, InferenceServerException):
-            raise result
-        output_ids, seq_len = result.as_numpy("output_ids"), result.as_numpy("sequence_length")[0][0]
-        tokens += list(output_ids[0][0]) if streaming else list(output_ids[0][0][:seq_len])
-    return tokens
-
-
 def test_ifb_client_plain_and_streaming(grpc, server, tokenizer):
     want = openai_text(server)
-    prompt_ids, inputs = ifb_inputs(tokenizer, streaming=False)
+    prompt_ids, inputs = ifb_inputs(tokenizer, PROMPT, N, streaming=False)
     whole = ifb_run(grpc, inputs, streaming=False)
     assert whole[: len(prompt_ids)] == prompt_ids  # exclude_input_in_output unset: the prompt comes back
     assert tokenizer.decode(whole[len(prompt_ids) :], skip_special_tokens=True) == want
-    _, inputs = ifb_inputs(tokenizer, streaming=True)
+    _, inputs = ifb_inputs(tokenizer, PROMPT, N, streaming=True)
     streamed = ifb_run(grpc, inputs, streaming=True)  # streaming responses carry the new tokens only
     assert streamed == whole[len(prompt_ids) :]
 
 
 def test_ifb_client_lora_path_then_task_id(grpc, server, tokenizer, npy_dir):
     want = openai_text(server, "sql")
-    prompt_ids, inputs = ifb_inputs(tokenizer, streaming=False, lora_path=npy_dir, lora_task_id=21)
+    prompt_ids, inputs = ifb_inputs(tokenizer, PROMPT, N, streaming=False, lora_path=npy_dir, lora_task_id=21)
     first = ifb_run(grpc, inputs, streaming=False)[len(prompt_ids) :]
     assert tokenizer.decode(first, skip_special_tokens=True) == want
-    _, inputs = ifb_inputs(tokenizer, streaming=True, lora_task_id=21)
+    _, inputs = ifb_inputs(tokenizer, PROMPT, N, streaming=True, lora_task_id=21)
     assert ifb_run(grpc, inputs, streaming=True) == first
-    _, inputs = ifb_inputs(tokenizer, streaming=False, lora_task_id=22)
+    _, inputs = ifb_inputs(tokenizer, PROMPT, N, streaming=False, lora_task_id=22)
     with pytest.raises(InferenceServerException) as e:
         ifb_run(grpc, inputs, streaming=False)
     assert e.value.message() == NOT_CACHED_MESSAGE.format(task_id=22)
@@ -360,41 +178,41 @@ def test_ifb_client_lora_path_then_task_id(grpc, server, tokenizer, npy_dir):
 
 
 def test_ifb_client_stop_words_list_and_min_tokens(grpc, server, tokenizer):
-    prompt_ids, inputs = ifb_inputs(tokenizer, streaming=False, end_id=-1)
+    prompt_ids, inputs = ifb_inputs(tokenizer, PROMPT, N, streaming=False, end_id=-1)
     full = ifb_run(grpc, inputs, streaming=False)[len(prompt_ids) :]
     # the [1, 2, K] offsets format of preprocessing's _to_word_list_format: ids, then cumulative ends
     stop = full[3:5]
     words = np.array([[[*stop, 0], [2, -1, -1]]], dtype=np.int32)
-    _, inputs = ifb_inputs(tokenizer, streaming=False, end_id=-1, stop_words_list=words)
+    _, inputs = ifb_inputs(tokenizer, PROMPT, N, streaming=False, end_id=-1, stop_words_list=words)
     assert ifb_run(grpc, inputs, streaming=False)[len(prompt_ids) :] == full[:5]
     # end_id = the first token the model picks: it ends at once, unless min_tokens holds it back
-    _, inputs = ifb_inputs(tokenizer, streaming=True, end_id=full[0])
+    _, inputs = ifb_inputs(tokenizer, PROMPT, N, streaming=True, end_id=full[0])
     assert ifb_run(grpc, inputs, streaming=True) == []
-    _, inputs = ifb_inputs(tokenizer, streaming=True, end_id=full[0], min_tokens=3)
+    _, inputs = ifb_inputs(tokenizer, PROMPT, N, streaming=True, end_id=full[0], min_tokens=3)
     held = ifb_run(grpc, inputs, streaming=True)
     assert len(held) >= 3 and full[0] not in held[:3]
     # the same under min_tokens' name in tensorrtllm_backend v0.8.0 … v0.19.0 (tensorrt_llm/config.pbtxt),
     # which older inflight_batcher_llm_client.py versions send
-    _, inputs = ifb_inputs(tokenizer, streaming=True, end_id=full[0], min_length=3)
+    _, inputs = ifb_inputs(tokenizer, PROMPT, N, streaming=True, end_id=full[0], min_length=3)
     assert ifb_run(grpc, inputs, streaming=True) == held
 
 
 def test_bad_words_and_embedding_bias_in_both_forms(grpc, server, tokenizer, spec):
     """Strings to the ensemble (preprocessing tokenizes them) and tensors to tensorrt_llm agree."""
-    prompt_ids, inputs = ifb_inputs(tokenizer, streaming=False, end_id=-1)
+    prompt_ids, inputs = ifb_inputs(tokenizer, PROMPT, N, streaming=False, end_id=-1)
     full = ifb_run(grpc, inputs, streaming=False)[len(prompt_ids) :]
     word = tokenizer.decode([full[0]])
     ids = tokenizer.encode(word, add_special_tokens=False)
     assert ids == [full[0]]  # a one-token word: the string and the id forms ban the same thing
     banned = np.array([[ids, [1]]], dtype=np.int32)  # [1, 2, K]: ids, then cumulative ends
-    _, inputs = ifb_inputs(tokenizer, streaming=False, end_id=-1, bad_words_list=banned)
+    _, inputs = ifb_inputs(tokenizer, PROMPT, N, streaming=False, end_id=-1, bad_words_list=banned)
     no_word = ifb_run(grpc, inputs, streaming=False)[len(prompt_ids) :]
     assert no_word[0] != full[0] and full[0] not in no_word
     text = run_inference(grpc, [e2e_inputs(PROMPT, N, bad_words=[word], end_id=-1)], streaming=False)[0]
     assert text == tokenizer.decode(no_word, skip_special_tokens=True)
     bias = np.zeros((1, spec.vocab_size), np.float32)
     bias[0, full[0]] = -1e4
-    _, inputs = ifb_inputs(tokenizer, streaming=False, end_id=-1, embedding_bias=bias)
+    _, inputs = ifb_inputs(tokenizer, PROMPT, N, streaming=False, end_id=-1, embedding_bias=bias)
     biased = ifb_run(grpc, inputs, streaming=False)[len(prompt_ids) :]
     assert biased[0] != full[0]
     inputs = e2e_inputs(PROMPT, N, end_id=-1, embedding_bias_words=[word], embedding_bias_weights=[-1e4])

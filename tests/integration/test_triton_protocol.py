@@ -14,9 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.integration.conftest import Server, random_adapter, write_adapter
+from tests.integration.conftest import smollm2_server, write_adapter
 from trtllm_peft.executor.api import NOT_CACHED_MESSAGE
-from trtllm_peft.lora import load_spec
 
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype  # noqa: E402
@@ -26,40 +25,14 @@ N = 10
 
 
 @pytest.fixture(scope="module")
-def spec(smollm2_engine):
-    return load_spec(smollm2_engine)
-
-
-@pytest.fixture(scope="module")
-def adapter(spec):
-    return random_adapter(spec, rank=8, modules=("attn_q", "attn_v", "mlp_4h_to_h"), seed=3)
-
-
-@pytest.fixture(scope="module")
 def loras(tmp_path_factory, spec, adapter):
-    root = tmp_path_factory.mktemp("loras")
-    write_adapter(adapter, root / "sql", "hf", spec)
-    return root
+    return write_adapter(adapter, tmp_path_factory.mktemp("loras") / "sql", "hf", spec).parent
 
 
 @pytest.fixture(scope="module")
-def npy_dir(tmp_path_factory, spec, adapter):
-    """The same adapter as TensorRT-LLM tensors, outside NIM_PEFT_SOURCE: only a client can send it."""
-    return write_adapter(adapter, tmp_path_factory.mktemp("npy") / "sql-npy", "trtllm", spec)
-
-
-@pytest.fixture(scope="module")
-def server(smollm2_engine, loras, tmp_path_factory):
-    srv = Server(
-        smollm2_engine,
-        loras,
-        tmp_path_factory.mktemp("log") / "server.log",
-        NIM_MAX_CPU_LORAS="4",
-        NIM_MAX_GPU_LORAS="2",
-        NIM_SERVED_MODEL_NAME="smollm2",
-    )
-    yield srv
-    srv.stop()
+def server(request, loras):
+    with smollm2_server(request, loras, NIM_MAX_CPU_LORAS="4", NIM_MAX_GPU_LORAS="2") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -216,6 +216,11 @@ def test_streaming_cancel_and_stats(trt):
     assert last.result.finish_reason == FinishReason.CANCELLED
     stats = ex.get_latest_iteration_stats()
     assert stats and stats[-1].iter >= 1 and all(s.num_active_lora_tasks == 0 for s in stats)
+    # IterationStats.kv_cache_stats (TensorRT-LLM's KvCacheStats) comes through with its block counts
+    kv = [s.kv_cache_stats for s in stats]
+    assert all(k is not None and k.tokens_per_block == 32 for k in kv)
+    assert all(k.used_num_blocks + k.free_num_blocks == k.max_num_blocks > 0 for k in kv)
+    assert max(k.used_num_blocks for k in kv) >= 1 and kv[-1].alloc_new_blocks >= 1
 
 
 def test_memory_plan_is_logged_at_start(trt, engine, caplog):

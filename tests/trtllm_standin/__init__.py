@@ -36,6 +36,7 @@ CONFIG_EXPORTS = (
     "ExecutorConfig",
     "IterationStats",
     "InflightBatchingStats",
+    "KvCacheStats",
 )
 
 

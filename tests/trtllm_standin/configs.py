@@ -179,6 +179,15 @@ class InflightBatchingStats:
         self.avg_num_decoded_tokens_per_iter = 0.0
 
 
+class KvCacheStats:
+    """KvCacheStats(): bindings.cpp (1.2) def_readwrite of executor::KvCacheStats (types.h)."""
+
+    def __init__(self) -> None:
+        self.max_num_blocks = self.free_num_blocks = self.used_num_blocks = self.tokens_per_block = 0
+        self.alloc_total_blocks = self.alloc_new_blocks = self.reused_blocks = self.missed_blocks = 0
+        self.cache_hit_rate = 0.0
+
+
 class IterationStats:
     """IterationStats(): the fields bindings.cpp exposes (no PEFT cache fields in 1.2)."""
 

@@ -352,4 +352,18 @@ def _stats(s: api.IterationStats) -> c.IterationStats:
         setattr(out, name, getattr(s, name))
     out.inflight_batching_stats.num_ctx_tokens = s.num_context_tokens
     out.inflight_batching_stats.num_gen_requests = s.num_gen_tokens
+    if s.kv_cache_stats is not None:  # kvCacheManager.cpp getKvCacheStats, filled every iteration (1.2)
+        out.kv_cache_stats = c.KvCacheStats()
+        for name in (
+            "max_num_blocks",
+            "free_num_blocks",
+            "used_num_blocks",
+            "tokens_per_block",
+            "alloc_total_blocks",
+            "alloc_new_blocks",
+            "reused_blocks",
+            "missed_blocks",
+            "cache_hit_rate",
+        ):
+            setattr(out.kv_cache_stats, name, getattr(s.kv_cache_stats, name))
     return out

@@ -270,15 +270,9 @@ class Request:
         language_adapter_uid=None,
         allotted_time_ms=None,
     ):
-        if not isinstance(input_token_ids, list) or not all(isinstance(t, int) for t in input_token_ids):
-            raise TypeError("incompatible function arguments: input_token_ids must be a list of int")
-        int_arg("max_tokens", max_tokens)
-        int_arg("end_id", end_id, optional=True)
-        int_arg("pad_id", pad_id, optional=True)
-        int_arg("client_id", client_id, optional=True, minimum=0)
-        _token_lists("bad_words", bad_words)
-        _token_lists("stop_words", stop_words)
-        _tensor("embedding_bias", embedding_bias)
+        _check_request_args(
+            input_token_ids, max_tokens, end_id, pad_id, client_id, bad_words, stop_words, embedding_bias
+        )
         for name, value, cls in (
             ("sampling_config", sampling_config, SamplingConfig),
             ("output_config", output_config, OutputConfig),
@@ -287,11 +281,8 @@ class Request:
         ):
             if value is not None and not isinstance(value, cls):
                 raise TypeError(f"incompatible function arguments: {name} must be a {cls.__name__}")
-        self.input_token_ids, self.max_tokens, self.streaming = (
-            list(input_token_ids),
-            max_tokens,
-            bool(streaming),
-        )
+        self.input_token_ids, self.max_tokens = list(input_token_ids), max_tokens
+        self.streaming = bool(streaming)
         self.sampling_config = sampling_config or SamplingConfig()
         self.output_config = output_config or OutputConfig()
         self.end_id, self.pad_id, self.bad_words, self.stop_words = end_id, pad_id, bad_words, stop_words
@@ -299,6 +290,21 @@ class Request:
         self.embedding_bias = embedding_bias
         self.return_all_generated_tokens = return_all_generated_tokens
         self.guided_decoding_params = guided_decoding_params
+
+
+def _check_request_args(
+    input_token_ids, max_tokens, end_id, pad_id, client_id, bad_words, stop_words, embedding_bias
+) -> None:
+    """The binding's type checks of Request's plain arguments (nanobind: TypeError, incompatible arguments)."""
+    if not isinstance(input_token_ids, list) or not all(isinstance(t, int) for t in input_token_ids):
+        raise TypeError("incompatible function arguments: input_token_ids must be a list of int")
+    int_arg("max_tokens", max_tokens)
+    int_arg("end_id", end_id, optional=True)
+    int_arg("pad_id", pad_id, optional=True)
+    int_arg("client_id", client_id, optional=True, minimum=0)
+    _token_lists("bad_words", bad_words)
+    _token_lists("stop_words", stop_words)
+    _tensor("embedding_bias", embedding_bias)
 
 
 class Result:

@@ -209,10 +209,12 @@ def test_attend_decode_equals_torch_and_writes_the_same_cache(
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("start", "n"), [(32, 1), (37, 24), (5, 60)])
-def test_attend_chunk_equals_torch_causal_over_the_cached_prefix(dtype, start, n):
-    """A prompt chunk after cached positions (reuse, chunked prefill): kernel rows sharing one block table."""
-    heads, kv_heads, head_dim, tpb = 9, 3, 64, 32
+@pytest.mark.parametrize("tpb", [4, 32])
+@pytest.mark.parametrize(("start", "n"), [(32, 1), (37, 24), (5, 60), (0, 9), (700, 17)])
+def test_attend_chunk_equals_torch_causal_over_the_cached_prefix(dtype, tpb, start, n):
+    """A prompt chunk after cached positions (reuse, chunked prefill): the blocked kernel (tiles of rows per
+    kv head, several tiles and partial blocks here) against SDPA over the gathered blocks."""
+    heads, kv_heads, head_dim = 9, 3, 64
     g = torch.Generator().manual_seed(start * 100 + n)
     width = -(-(start + n) // tpb)
     table = torch.randperm(width + 4, generator=g)[:width].to(torch.int32)

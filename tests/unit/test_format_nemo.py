@@ -1,4 +1,5 @@
-"""NeMo 1.x `.nemo` LoRA: reading every documented layout, the exact math against Hugging Face/PEFT, writing.
+"""NeMo 1.x `.nemo` LoRA: reading every documented layout, the exact math against Hugging Face/PEFT (writing:
+test_format_nemo_writer.py; refusals: test_format_nemo_refusals.py).
 
 Fixtures are built by tests/nemo_fixtures.py from NeMo's documented layout (torch.save + tarfile + yaml),
 never by our writer; their Hugging Face equivalents are picked out by hand, head by head.
@@ -6,17 +7,15 @@ never by our writer; their Hugging Face equivalents are picked out by hand, head
 
 from __future__ import annotations
 
-import io
-import tarfile
-
 import pytest
 import torch
-import yaml
 
 from tests.conftest import LLAMA_TARGETS, tiny_llama_model
 from tests.nemo_fixtures import (
     TINY_GEOMETRY,
-    RunsCode,
+    assert_same_deltas,
+    canonical_deltas,
+    expected_deltas,
     hf_equivalent,
     model_config,
     pipeline_chunks,
@@ -24,41 +23,13 @@ from tests.nemo_fixtures import (
     split_fused_qkv,
     state_dict,
     tp_shards,
+    write_fixture,
     write_nemo,
 )
-from trtllm_peft.errors import AdapterError, AdapterFormatError, AdapterIncompatibleError
+from trtllm_peft.errors import AdapterFormatError
 from trtllm_peft.formats import nemo
-from trtllm_peft.lora import LoraAdapter, LoraWeights, fit_to_spec, pack, unpack
+from trtllm_peft.lora import fit_to_spec, pack, unpack
 from trtllm_peft.lora.modules import HF_PARENT, TRTLLM_TO_HF
-
-QKV_SIZES = {"attn_q": 32, "attn_k": 16, "attn_v": 16}  # tiny Llama: 4 heads, 2 kv heads, head_dim 8
-
-
-def canonical_deltas(adapter: LoraAdapter, sizes=QKV_SIZES) -> dict[tuple[int, str], torch.Tensor]:
-    """scale·B·A per (layer, module), the canonical attn_qkv [Q; K; V] read as its three parts."""
-    out = {}
-    for (layer, module), w in adapter:
-        if module == "attn_qkv":
-            for part, b in zip(sizes, w.b.split(list(sizes.values())), strict=True):
-                out[(layer, part)] = LoraWeights(w.a, b, w.scale).delta()
-        else:
-            out[(layer, module)] = w.delta()
-    return out
-
-
-def expected_deltas(weights, scale: float, geo=TINY_GEOMETRY) -> dict[tuple[int, str], torch.Tensor]:
-    return {k: (b.double() @ a.double()) * scale for k, (a, b) in hf_equivalent(weights, geo).items()}
-
-
-def assert_same_deltas(got: dict, want: dict) -> None:
-    assert sorted(got) == sorted(want)
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], msg=lambda m, key=key: f"{key}: {m}")
-
-
-def write_fixture(directory, weights, *, style="mcore", **config):
-    return write_nemo(directory, model_config(**config), {"model_weights.ckpt": state_dict(weights, style)})
-
 
 # --- reading ------------------------------------------------------------------------------------
 
@@ -226,135 +197,7 @@ def test_matches_peft_through_fit_pack_unpack(tmp_path, tiny_spec):
         torch.testing.assert_close((merged[name] - before[name]).double(), w.delta(), atol=2e-6, rtol=1e-5)
 
 
-# --- writing ------------------------------------------------------------------------------------
-
-
-def read_back(path):
-    with tarfile.open(path, "r:") as tar:  # plain tar, NeMo's member names
-        assert tar.getnames() == [".", "./model_config.yaml", "./model_weights.ckpt"]
-        config = yaml.safe_load(tar.extractfile("./model_config.yaml"))
-        state = torch.load(io.BytesIO(tar.extractfile("./model_weights.ckpt").read()), weights_only=True)
-    return config, state
-
-
-def test_save_fused_reproduces_the_original_file(tmp_path, tiny_spec):
-    weights = random_nemo_lora(r=4, layers=[0, 2], seed=12)
-    write_fixture(tmp_path / "in", weights, alpha=8, layer_selection=[1, 3])
-    adapter = nemo.load(tmp_path / "in", tiny_spec)
-    (path,) = nemo.save(adapter, tmp_path / "out", tiny_spec)
-    assert path == tmp_path / "out" / "out.nemo"
-    config, state = read_back(path)
-    tuning = config["peft"]["lora_tuning"]
-    assert (config["peft"]["peft_scheme"], tuning["variant"], tuning["adapter_dim"], tuning["alpha"]) == (
-        "lora",
-        "nemo",
-        4,
-        8,
-    )
-    assert tuning["layer_selection"] == [1, 3] and tuning["target_modules"] == list(
-        model_config()["peft"]["lora_tuning"]["target_modules"]
-    )
-    original = state_dict(weights)  # re-interleaved per GQA group, [gate; up] fused: the very same tensors
-    assert sorted(state) == sorted(original)
-    assert all(torch.equal(state[k], original[k]) for k in original)
-    assert_same_deltas(canonical_deltas(nemo.load(tmp_path / "out", tiny_spec)), canonical_deltas(adapter))
-
-
-def test_save_canonical_when_parts_have_their_own_a(tmp_path, tiny_spec):
-    weights = random_nemo_lora(r=4, variant="canonical", seed=13)
-    write_fixture(tmp_path / "in", weights, variant="canonical", alpha=2)
-    adapter = nemo.load(tmp_path / "in", tiny_spec)
-    (path,) = nemo.save(adapter, tmp_path / "out", tiny_spec)
-    config, state = read_back(path)
-    assert config["peft"]["lora_tuning"]["variant"] == "canonical"
-    assert sorted(state) == sorted(state_dict(weights))
-    again = nemo.load(tmp_path / "out", tiny_spec)
-    assert torch.equal(again.weights[(1, "attn_v")].a, adapter.weights[(1, "attn_v")].a)
-    assert_same_deltas(canonical_deltas(again), canonical_deltas(adapter))
-
-
-def test_save_pads_ranks_folds_scales_and_zero_fills(tmp_path, tiny_spec):
-    """Rank 2 and rank 4, three scales, q and v without k, dense on one layer: still the same B·A·scale."""
-    gen = torch.Generator().manual_seed(14)
-
-    def lora(r, d_in, d_out, scale):
-        return LoraWeights(torch.randn(r, d_in, generator=gen), torch.randn(d_out, r, generator=gen), scale)
-
-    adapter = LoraAdapter(
-        weights={
-            (0, "attn_q"): lora(2, 32, 32, 0.5),
-            (0, "attn_v"): lora(4, 32, 16, 2.0),
-            (1, "attn_q"): lora(4, 32, 32, 0.5),
-            (1, "attn_dense"): lora(3, 32, 32, 1.5),
-        },
-        format="hf",
-    )
-    (path,) = nemo.save(adapter, tmp_path / "out", tiny_spec)
-    config, state = read_back(path)
-    tuning = config["peft"]["lora_tuning"]
-    assert (tuning["variant"], tuning["adapter_dim"], tuning["alpha"], tuning["layer_selection"]) == (
-        "canonical",
-        4,
-        4,
-        [1, 2],
-    )
-    again = nemo.load(tmp_path / "out", tiny_spec)
-    assert {w.rank for _, w in again} == {4} and {w.scale for _, w in again} == {1.0}
-    got = canonical_deltas(again)
-    want = {k: w.delta() for k, w in adapter}
-    for key, delta in got.items():  # every written module; the zero-filled ones add nothing
-        torch.testing.assert_close(delta, want.get(key, torch.zeros_like(delta)), atol=1e-5, rtol=1e-5)
-    assert set(want) <= set(got)
-
-
-def test_save_fuses_parts_that_share_a_even_with_different_scales(tmp_path, tiny_spec):
-    gen = torch.Generator().manual_seed(15)
-    a = torch.randn(4, 32, generator=gen)
-    adapter = LoraAdapter(
-        weights={
-            (layer, m): LoraWeights(a, torch.randn(n, 4, generator=gen), s)
-            for layer in range(3)
-            for m, n, s in (("attn_q", 32, 2.0), ("attn_k", 16, 2.0), ("attn_v", 16, 0.5))
-        },
-        format="hf",
-    )
-    (path,) = nemo.save(adapter, tmp_path / "out", tiny_spec)
-    config, state = read_back(path)
-    assert config["peft"]["lora_tuning"]["variant"] == "nemo" and config["peft"]["lora_tuning"]["alpha"] == 4
-    assert all("lora_kqv_adapter" in k for k in state)
-    got = canonical_deltas(nemo.load(tmp_path / "out", tiny_spec))
-    for key, w in adapter:
-        torch.testing.assert_close(got[key], w.delta(), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "weights,message",
-    [
-        (
-            {(0, "cross_attn_q"): LoraWeights(torch.ones(2, 32), torch.ones(32, 2))},
-            "no adapter for this module",
-        ),
-        ({(0, "attn_q"): LoraWeights(torch.ones(2, 32), torch.ones(16, 2))}, "do not fit the model"),
-        ({(5, "attn_q"): LoraWeights(torch.ones(2, 32), torch.ones(32, 2))}, "layer out of range"),
-    ],
-    ids=["module", "shape", "layer"],
-)
-def test_save_refuses_what_does_not_fit(tmp_path, tiny_spec, weights, message):
-    with pytest.raises(AdapterIncompatibleError, match=message):
-        nemo.save(LoraAdapter(weights=weights, format="hf"), tmp_path / "out", tiny_spec)
-
-
-def test_save_refuses_a_directory_with_another_nemo(tmp_path, tiny_spec):
-    adapter = LoraAdapter(
-        weights={(0, "attn_q"): LoraWeights(torch.ones(2, 32), torch.ones(32, 2))}, format="hf"
-    )
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "old.nemo").write_bytes(b"")
-    with pytest.raises(AdapterError, match="already holds old.nemo"):
-        nemo.save(adapter, tmp_path / "out", tiny_spec)
-
-
-# --- detection and refusals ---------------------------------------------------------------------
+# --- detection ---------------------------------------------------------------------
 
 
 def test_detect(tmp_path):
@@ -365,205 +208,6 @@ def test_detect(tmp_path):
     (tmp_path / "hf" / "adapter_config.json").write_text("{}")
     assert nemo.detect(tmp_path / "nemo1") and nemo.detect(tmp_path / "nemo2")
     assert not nemo.detect(tmp_path / "hf") and not nemo.detect(tmp_path / "nemo1" / "adapter.nemo")
-
-
-def _good():
-    return random_nemo_lora(r=4, seed=20)
-
-
-def _with_key(extra: dict):
-    return lambda d: write_nemo(d, model_config(), {"model_weights.ckpt": {**state_dict(_good()), **extra}})
-
-
-def _with_config(**changes):
-    return lambda d: write_nemo(d, model_config(**changes), {"model_weights.ckpt": state_dict(_good())})
-
-
-def _without(key_part: str):
-    return lambda d: write_nemo(
-        d,
-        model_config(),
-        {"model_weights.ckpt": {k: v for k, v in state_dict(_good()).items() if key_part not in k}},
-    )
-
-
-def _two_nemo(d):
-    write_nemo(d, model_config(), {"model_weights.ckpt": state_dict(_good())}, name="a.nemo")
-    write_nemo(d, model_config(), {"model_weights.ckpt": state_dict(_good())}, name="b.nemo")
-
-
-def _nemo2(d):
-    (d / "weights").mkdir()
-    (d / "weights" / "adapter_metadata.json").write_text('{"model_ckpt_path": "/base"}')
-
-
-def _corrupt(d):
-    (d / "adapter.nemo").write_bytes(b"\x00not a tar archive at all" * 40)
-
-
-def _truncated(d):
-    path = write_nemo(d, model_config(), {"model_weights.ckpt": state_dict(_good())})
-    path.write_bytes(path.read_bytes()[:3000])
-
-
-def _lfs(d):
-    (d / "adapter.nemo").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 12\n")
-
-
-def _tied():
-    cfg = model_config()
-    cfg["peft"]["lora_tuning"]["weight_tying"] = True
-    return cfg
-
-
-T = torch.ones(4, 32)
-KQV = "model.decoder.layers.0.self_attention.adapter_layer"
-REFUSALS = [
-    ("no-nemo", lambda d: (d / "README.md").write_text("x"), AdapterFormatError, "no .nemo file"),
-    ("two-nemo", _two_nemo, AdapterFormatError, r"2 .nemo files \(a.nemo, b.nemo\)"),
-    ("nemo2", _nemo2, AdapterFormatError, "NeMo 2 PEFT checkpoint.*export_lora"),
-    (
-        "no-config",
-        lambda d: write_nemo(d, None, {"model_weights.ckpt": state_dict(_good())}),
-        AdapterFormatError,
-        "model_config.yaml is not in the archive",
-    ),
-    (
-        "no-weights",
-        lambda d: write_nemo(d, model_config(), {}),
-        AdapterFormatError,
-        r"model_weights.ckpt is not in the archive",
-    ),
-    (
-        "tp-shard-missing",
-        lambda d: write_nemo(d, model_config(tp=2), {"mp_rank_00/model_weights.ckpt": {}}),
-        AdapterFormatError,
-        "mp_rank_01/model_weights.ckpt is not in the archive",
-    ),
-    ("ptuning-scheme", _with_config(scheme="ptuning"), AdapterFormatError, "ptuning is not LoRA"),
-    ("ptuning-and-lora", _with_config(scheme="ptuning,lora"), AdapterFormatError, "ptuning is not LoRA"),
-    ("ia3-scheme", _with_config(scheme="ia3"), AdapterFormatError, "ia3 is not LoRA"),
-    (
-        "ptuning-key",
-        _with_key({"model.embedding.adapter_layer.ptuning_adapter.first.weight": T}),
-        AdapterFormatError,
-        "'ptuning_adapter' is p-tuning",
-    ),
-    (
-        "adapter-1",
-        _with_key({f"{KQV}.adapter_1.linear_in.weight": T}),
-        AdapterFormatError,
-        "bottleneck adapter",
-    ),
-    (
-        "ia3-key",
-        _with_key({"model.decoder.layers.0.mlp.adapter_layer.mlp_infused_adapter.scalers": T}),
-        AdapterFormatError,
-        "'mlp_infused_adapter' is IA3",
-    ),
-    (
-        "unknown-adapter",
-        _with_key({f"{KQV}.lora_xyz_adapter.linear_in.weight": T}),
-        AdapterFormatError,
-        "unknown NeMo adapter 'lora_xyz_adapter'",
-    ),
-    (
-        "stray-tensor",
-        _with_key({"model.decoder.final_layernorm.weight": T}),
-        AdapterFormatError,
-        "unexpected tensor",
-    ),
-    (
-        "weight-tying",
-        lambda d: write_nemo(d, _tied(), {"model_weights.ckpt": state_dict(_good())}),
-        AdapterFormatError,
-        "weight_tying is set",
-    ),
-    (
-        "missing-linear-out",
-        _without("layers.1.self_attention.adapter_layer.lora_kqv_adapter.linear_out"),
-        AdapterFormatError,
-        "layer 1 lora_kqv_adapter: linear_out.weight is missing",
-    ),
-    ("missing-layer", _without("layers.2."), AdapterFormatError, r"no weights for layers \[2\]"),
-    (
-        "zero-based-selection",
-        lambda d: write_fixture(d, random_nemo_lora(r=4, layers=[0, 2]), layer_selection=[0, 2]),
-        AdapterFormatError,
-        "layer_selection must be a list of 1-based",
-    ),
-    (
-        "selection-disagrees",
-        lambda d: write_fixture(d, random_nemo_lora(r=4, layers=[0, 2]), layer_selection=[2, 3]),
-        AdapterFormatError,
-        r"weights for layers \[0\] \(0-based\), outside layer_selection \[2, 3\]",
-    ),
-    (
-        "rank-not-adapter-dim",
-        _with_config(r=8),
-        AdapterFormatError,
-        "rank 4 but peft.lora_tuning.adapter_dim is 8",
-    ),
-    (
-        "wrong-geometry",
-        _with_config(geo={**TINY_GEOMETRY, "num_query_groups": 4}),
-        AdapterFormatError,
-        r"do not fit the model \(expected \[r, 32\] / \[96, r\]\)",
-    ),
-    (
-        "alpha-not-a-number",
-        _with_config(alpha="${..adapter_dim}"),
-        AdapterFormatError,
-        "alpha must be a number",
-    ),
-    ("corrupt-tar", _corrupt, AdapterFormatError, "not a readable tar archive"),
-    ("truncated-tar", _truncated, AdapterFormatError, "corrupt or truncated"),
-    ("lfs-pointer", _lfs, AdapterFormatError, "Git-LFS pointer"),
-]
-
-
-@pytest.mark.parametrize("build,error,message", [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS])
-def test_refusals(tmp_path, tiny_spec, build, error, message):
-    build(tmp_path)
-    with pytest.raises(error, match=message):
-        nemo.load(tmp_path, tiny_spec)
-
-
-def test_config_of_another_base_model_is_incompatible(tmp_path, tiny_spec):
-    weights = random_nemo_lora(r=4, targets=["attention_dense"], seed=21)
-    geo = {**TINY_GEOMETRY, "ffn_hidden_size": 64, "activation": "gelu"}
-    write_fixture(tmp_path, weights, geo=geo, targets=["attention_dense"])
-    assert nemo.load(tmp_path).modules == ["attn_dense"]  # fine on its own
-    with pytest.raises(AdapterIncompatibleError) as e:
-        nemo.load(tmp_path, tiny_spec)
-    assert "ffn_hidden_size 64, the engine's model has 48" in str(e.value) and "non-gated" in str(e.value)
-
-
-def test_a_pickle_that_runs_code_is_refused_and_never_run(tmp_path, tiny_spec):
-    marker = tmp_path / "pwned"
-    write_nemo(
-        tmp_path / "a", model_config(), {"model_weights.ckpt": {**state_dict(_good()), "x": RunsCode(marker)}}
-    )
-    with pytest.raises(AdapterFormatError, match="would run code"):
-        nemo.load(tmp_path / "a", tiny_spec)
-    assert not marker.exists()
-    with tarfile.open(tmp_path / "a" / "adapter.nemo") as tar:  # the fixture is real: unsafe loading runs it
-        torch.load(io.BytesIO(tar.extractfile("./model_weights.ckpt").read()), weights_only=False)
-    assert marker.exists()
-
-
-def test_problems_are_collected_not_just_the_first(tmp_path, tiny_spec):
-    state = state_dict(_good())
-    state.pop("model.decoder.layers.0.mlp.adapter_layer.lora_4htoh_adapter.linear_in.weight")
-    state[f"{KQV}.ptuning_adapter.linear_in.weight"] = T
-    write_nemo(tmp_path, model_config(), {"model_weights.ckpt": state})
-    with pytest.raises(AdapterFormatError) as e:
-        nemo.load(tmp_path, tiny_spec)
-    assert (
-        len(e.value.problems) >= 2
-        and "p-tuning" in str(e.value)
-        and "linear_in.weight is missing" in str(e.value)
-    )
 
 
 def test_registry_finds_and_fits_a_nemo_adapter(tmp_path, tiny_spec):

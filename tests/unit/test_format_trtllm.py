@@ -1,92 +1,31 @@
-"""TensorRT-LLM adapter files: reading every layout TensorRT-LLM's tools write, refusing broken ones, exact writes.
+"""TensorRT-LLM adapter files: reading every layout TensorRT-LLM's tools write, and exact writes.
 
-Fixtures are laid out here the way examples/hf_lora_convert.py does it (rows in file order, A then B
-flattened, zero padding, `torch_to_numpy` for bfloat16), independently of lora.pack, so the reader is
-checked against TensorRT-LLM's layout and not against our own writer.
+Fixtures: tests/trtllm_fixtures.py (TensorRT-LLM's layout, independent of lora.pack). Broken files:
+test_format_trtllm_refusals.py.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from trtllm_peft.errors import AdapterError, AdapterFormatError, AdapterIncompatibleError
-from trtllm_peft.formats import trtllm, trtllm_writer
-from trtllm_peft.lora import LoraAdapter, LoraWeights, ModelSpec, fit_to_spec, pack
-from trtllm_peft.lora.modules import MODULE_IDS
-from trtllm_peft.lora.pack import write_scaled_b
-
-SPEC = ModelSpec(
-    num_layers=3,
-    hidden_size=32,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    intermediate_size=48,
-    dtype="float16",
+from tests.trtllm_fixtures import (
+    DTYPES,
+    ROWS,
+    SPEC,
+    assert_holds_source,
+    torch_to_numpy,
+    trtllm_arrays,
+    write_dir,
 )
-# (module, layer, rank) in the order of the file: not sorted, ranks differ so rows need padding.
-ROWS = [("mlp_4h_to_h", 2, 3), ("attn_q", 0, 2), ("attn_v", 1, 4), ("mlp_gate", 0, 1), ("attn_dense", 2, 2)]
-TRT_BF16 = np.dtype("V2", metadata={"dtype": "bfloat16"})  # tensorrt_llm._utils.np_bfloat16
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def torch_to_numpy(t: torch.Tensor) -> np.ndarray:
-    """tensorrt_llm._utils.torch_to_numpy."""
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(TRT_BF16)
-    return t.numpy()
-
-
-def source_weights(seed: int = 0) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for module, layer, rank in ROWS:
-        d_in, d_out = SPEC.module_dims(module)
-        out[(layer, module)] = (torch.randn(rank, d_in, generator=g), torch.randn(d_out, rank, generator=g))
-    return out
-
-
-def trtllm_arrays(dtype: torch.dtype, columns: int = 4, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
-    """weights `[N, W]` and config `[N, columns]` as hf_lora_convert lays them out."""
-    src = source_weights(seed)
-    rows, config = [], []
-    for module, layer, rank in ROWS:
-        a, b = src[(layer, module)]
-        rows.append(torch.cat([a.flatten(), b.flatten()]).to(dtype))
-        config.append([MODULE_IDS[module], layer, rank, 0][:columns])
-    width = max(len(r) for r in rows)
-    weights = torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rows])
-    return weights, np.array(config, dtype=np.int32)
-
-
-def write_dir(
-    d: Path, weights, config, *, weights_name="model.lora_weights.npy", config_name="model.lora_config.npy"
-):
-    d.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "metadata on a dtype is not saved", as in TensorRT-LLM itself
-        for name, arr in ((weights_name, weights), (config_name, config)):
-            if name.endswith(".bin"):
-                arr.tofile(d / name)
-            else:
-                np.save(d / name, arr)
-    return d
-
-
-def assert_holds_source(adapter: LoraAdapter, dtype: torch.dtype, seed: int = 0) -> None:
-    src = source_weights(seed)
-    assert sorted(adapter.weights) == sorted(src)
-    for key, w in adapter:
-        a, b = src[key]
-        assert w.scale == 1.0 and w.a.dtype == dtype
-        assert torch.equal(w.a.view(torch.uint8), a.to(dtype).view(torch.uint8)), key
-        assert torch.equal(w.b.view(torch.uint8), b.to(dtype).contiguous().view(torch.uint8)), key
+from trtllm_peft.errors import AdapterFormatError, AdapterIncompatibleError
+from trtllm_peft.formats import trtllm, trtllm_writer
+from trtllm_peft.lora import LoraAdapter, LoraWeights, pack
+from trtllm_peft.lora.pack import write_scaled_b
 
 
 def test_detect(tmp_path):
@@ -279,163 +218,3 @@ def test_scaled_b_without_float32_temporaries_is_bit_identical(dtype):
             nan = ref.isnan()
             assert torch.equal(out.isnan(), nan), (source, scale)
             assert torch.equal(out.view(torch.int16)[~nan], ref.view(torch.int16)[~nan]), (source, scale)
-
-
-# ---- refusals ----------------------------------------------------------------------------------------------
-
-
-def _good(d: Path, columns: int = 4, dtype=torch.float16) -> tuple[torch.Tensor, np.ndarray]:
-    w, c = trtllm_arrays(dtype, columns)
-    write_dir(d, torch_to_numpy(w)[None], c[None])
-    return w, c
-
-
-def _weights16() -> np.ndarray:
-    return torch_to_numpy(trtllm_arrays(torch.float16)[0])
-
-
-def _with_config(d: Path, edit) -> None:
-    w, c = _good(d)
-    edit(c)
-    np.save(d / "model.lora_config.npy", c[None])
-
-
-def _replace(d: Path, name: str, content) -> None:
-    _good(d)
-    if isinstance(content, bytes):
-        (d / name).write_bytes(content)
-    else:
-        np.save(d / name, content, allow_pickle=True)
-
-
-def _truncate(d: Path) -> None:
-    _good(d)
-    p = d / "model.lora_weights.npy"
-    p.write_bytes(p.read_bytes()[:-10])
-
-
-def _set(row: int, col: int, value: int):
-    def edit(c):
-        c[row, col] = value
-
-    return edit
-
-
-REFUSALS = [
-    # (id, how to break a good directory, error type, phrase)
-    (
-        "row-too-short",
-        lambda d: _replace(d, "model.lora_weights.npy", _weights16()[None, :, :100]),
-        AdapterFormatError,
-        "needs",
-    ),
-    ("unknown-module-id", lambda d: _with_config(d, _set(1, 0, 99)), AdapterFormatError, "module id 99"),
-    ("module-not-in-llama", lambda d: _with_config(d, _set(1, 0, 13)), AdapterFormatError, "module id 13"),
-    (
-        "layer-out-of-range",
-        lambda d: _with_config(d, _set(0, 1, 7)),
-        AdapterIncompatibleError,
-        "out of range",
-    ),
-    ("rank-zero", lambda d: _with_config(d, _set(0, 2, 0)), AdapterFormatError, "must be > 0"),
-    (
-        "is-dora-not-0-or-1",
-        lambda d: _with_config(d, _set(2, 3, 2)),
-        AdapterFormatError,
-        "is_dora must be 0 or 1",
-    ),
-    (
-        "mismatched-rows",
-        lambda d: _replace(d, "model.lora_config.npy", trtllm_arrays(torch.float16)[1][None, :3]),
-        AdapterFormatError,
-        "5 rows but lora_config has 3",
-    ),
-    (
-        "float-config",
-        lambda d: _replace(d, "model.lora_config.npy", np.zeros((1, 5, 4), np.float32)),
-        AdapterFormatError,
-        "must be int32",
-    ),
-    (
-        "five-columns",
-        lambda d: _replace(d, "model.lora_config.npy", np.zeros((1, 5, 5), np.int32)),
-        AdapterFormatError,
-        "3|4",
-    ),
-    (
-        "batch-of-two",
-        lambda d: _replace(d, "model.lora_weights.npy", np.zeros((2, 5, 8), np.float16)),
-        AdapterFormatError,
-        "batch dimension to be 1",
-    ),
-    (
-        "float64-weights",
-        lambda d: _replace(d, "model.lora_weights.npy", np.zeros((1, 5, 800), np.float64)),
-        AdapterFormatError,
-        "float64",
-    ),
-    (
-        "object-array",
-        lambda d: _replace(d, "model.lora_weights.npy", np.array([{"x": 1}], dtype=object)),
-        AdapterFormatError,
-        "pickle",
-    ),
-    (
-        "lfs-pointer",
-        lambda d: _replace(d, "model.lora_weights.npy", b"version https://git-lfs.github.com/spec/v1\n"),
-        AdapterFormatError,
-        "Git-LFS",
-    ),
-    ("truncated-npy", _truncate, AdapterFormatError, "truncated .npy"),
-    (
-        "not-npy",
-        lambda d: _replace(d, "model.lora_config.npy", b"PK\x03\x04 something else"),
-        AdapterFormatError,
-        "not a .npy",
-    ),
-    (
-        "missing-weights",
-        lambda d: (_good(d), (d / "model.lora_weights.npy").unlink()),
-        AdapterFormatError,
-        "missing model.lora_weights",
-    ),
-    (
-        "missing-config",
-        lambda d: (_good(d), (d / "model.lora_config.npy").unlink()),
-        AdapterFormatError,
-        "missing model.lora_config.npy",
-    ),
-    (
-        "bin-not-int32",
-        lambda d: (
-            _good(d),
-            (d / "model.lora_config.npy").unlink(),
-            (d / "model.lora_config.bin").write_bytes(b"123"),
-        ),
-        AdapterFormatError,
-        "3 bytes",
-    ),
-]
-
-
-@pytest.mark.parametrize(("case", "breaker", "error", "phrase"), REFUSALS, ids=[c[0] for c in REFUSALS])
-def test_refusals(tmp_path, case, breaker, error, phrase):
-    d = tmp_path / "adapter"
-    breaker(d)
-    with pytest.raises(error) as err:
-        fit_to_spec(trtllm.load(d, SPEC), SPEC)
-    assert phrase in str(err.value), str(err.value)
-    assert str(d) in str(err.value)
-
-
-def test_reading_needs_the_engine_spec(tmp_path):
-    _good(tmp_path)
-    with pytest.raises(AdapterFormatError, match="--base"):
-        trtllm.load(tmp_path, None)
-
-
-def test_writing_refuses_what_cannot_be_rows(tmp_path):
-    bad = LoraAdapter({(0, "attn_q"): LoraWeights(torch.randn(2, 32), torch.randn(32, 3))}, "hf", source="x")
-    with pytest.raises(AdapterError, match="one rank"):
-        trtllm_writer.write_npy(bad, tmp_path, "float16")
-    assert not any(tmp_path.iterdir())

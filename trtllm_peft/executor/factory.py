@@ -31,6 +31,7 @@ def create_executor(settings: Settings, engine: EngineDir) -> Executor:
         kv_cache_config=kv_cache_config(settings),
         enable_chunked_context=settings.enable_chunked_context,
         max_num_tokens=settings.max_num_tokens,
+        chunk_tokens_while_decoding=settings.chunk_tokens_while_decoding,
         guided_decoding_config=guided,
     )
 

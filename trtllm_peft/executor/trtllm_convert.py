@@ -26,6 +26,7 @@ from trtllm_peft.executor.api import (
     GuidedDecodingParams,
     IterationStats,
     KvCacheConfig,
+    KvCacheStats,
     LoraConfig,
     Request,
     Response,
@@ -255,4 +256,23 @@ def from_trtllm_stats(s: Any, active_lora_tasks: int) -> IterationStats:
         num_context_tokens=ifb.num_ctx_tokens if ifb else 0,
         num_gen_tokens=ifb.num_gen_requests if ifb else 0,
         num_active_lora_tasks=active_lora_tasks,
+        kv_cache_stats=from_trtllm_kv_stats(s.kv_cache_stats),
+    )
+
+
+def from_trtllm_kv_stats(kv: Any) -> KvCacheStats | None:
+    """tle.KvCacheStats (IterationStats.kv_cache_stats, None without a KV cache manager) as ours: the same
+    nine fields (cpp/tensorrt_llm/pybind/executor/bindings.cpp, 1.2: max_num_blocks … cache_hit_rate)."""
+    if kv is None:
+        return None
+    return KvCacheStats(
+        max_num_blocks=kv.max_num_blocks,
+        free_num_blocks=kv.free_num_blocks,
+        used_num_blocks=kv.used_num_blocks,
+        tokens_per_block=kv.tokens_per_block,
+        alloc_total_blocks=kv.alloc_total_blocks,
+        alloc_new_blocks=kv.alloc_new_blocks,
+        reused_blocks=kv.reused_blocks,
+        missed_blocks=kv.missed_blocks,
+        cache_hit_rate=kv.cache_hit_rate,
     )

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from trtllm_peft.pull.capped import CappedFile, Oversized
 from trtllm_peft.pull.errors import PullError
 from trtllm_peft.pull.progress import Progress
 from trtllm_peft.pull.result import Fetched
@@ -102,14 +103,14 @@ def _download_file(
                 log.info("%s: resuming at byte %d", name, fh.tell())
             http_get(
                 meta.location,
-                _Capped(fh, meta.size),
+                CappedFile(fh, meta.size),
                 resume_size=fh.tell(),
                 headers=headers,
                 expected_size=meta.size,
                 displayed_filename=name,
                 tqdm_class=progress.file_bar,
             )
-    except _Oversized:
+    except Oversized:
         part.unlink(missing_ok=True)  # never leave the oversized stream in staging
         raise PullError(
             "registry", f"{name}: the server sent more than the {meta.size} bytes it announced; refused"
@@ -118,26 +119,6 @@ def _download_file(
         part.unlink()
         raise PullError("corrupt", f"{name}: the downloaded bytes do not match the Hub's checksum; run again")
     os.replace(part, final)
-
-
-class _Oversized(Exception):
-    """More bytes arrived than the HEAD announced."""
-
-
-class _Capped:
-    """The part file, refusing to grow past the size the Hub announced (huggingface_hub's http_get only
-    compares sizes after writing the whole stream, however long: file_download.py, the consistency check)."""
-
-    def __init__(self, fh, limit: int | None):
-        self._fh, self._limit = fh, limit
-
-    def write(self, data: bytes) -> int:
-        if self._limit is not None and self._fh.tell() + len(data) > self._limit:
-            raise _Oversized
-        return self._fh.write(data)
-
-    def __getattr__(self, name: str):
-        return getattr(self._fh, name)
 
 
 def matches_etag(path: Path, etag: str | None) -> bool | None:

@@ -18,7 +18,9 @@ import hashlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+from trtllm_peft.pull.capped import ngcsdk_capped
 from trtllm_peft.pull.errors import PullError
 from trtllm_peft.pull.progress import Progress
 from trtllm_peft.pull.result import Fetched
@@ -30,32 +32,50 @@ log = logging.getLogger(__name__)
 
 def download_ngc(source: Source, dest: Path, *, api_key: str | None, progress: Progress) -> Fetched:
     """Fetch the model version `source` into `dest` (the staging directory); return the adapter in it."""
-    client = make_client(source, api_key)
-    models = client.registry.model
+    models = make_client(source, api_key).registry.model
     with _ngc_errors(source, api_key):
         listed = {f.path: f for f in models.list_files(source.ngc_target)}
         version_dir = dest / f"{source.repo.rsplit('/', 1)[-1]}_v{source.revision}"
         todo = sorted(p for p, f in listed.items() if not _complete(version_dir / p, f))
         if todo:
-            patterns = None if len(todo) == len(listed) else todo  # None: the SDK's one paginated listing
-            result = models.download_version(
-                source.ngc_target,
-                destination=str(dest),
-                file_patterns=patterns,
-                progress_callback_func=progress.ngc_callback,
-            )
-            _check_result(source, result, len(todo))
+            _download(models, source, dest, {version_dir / p: listed[p] for p in todo}, len(listed), progress)
     bad = [p for p, f in listed.items() if _complete(version_dir / p, f) is False]
     if bad:
-        for p in bad:  # a wrong (say, oversized) file is no prefix to resume from: never keep it in staging
-            path = (version_dir / p).resolve()
-            if path.is_relative_to(dest.resolve()):  # a listed path never reaches outside staging
-                path.unlink(missing_ok=True)
+        _discard(dest, [version_dir / p for p in bad])
         raise PullError("corrupt", f"{source.text}: {', '.join(bad)} do not match NGC's checksums; run again")
     adapter = find_adapter(source, version_dir)
     files = sorted(str(p.relative_to(adapter)) for p in adapter.rglob("*") if p.is_file())
     size = sum((adapter / f).stat().st_size for f in files)
     return Fetched(adapter_dir=adapter, files=files, size_bytes=size, revision=source.revision)
+
+
+def _download(models, source: Source, dest: Path, todo: dict[Path, Any], n_listed: int, progress) -> None:
+    """ngcsdk's download of the `todo` files (local path → NGC's listing of it), each cut at its listed size."""
+    patterns = None if len(todo) == n_listed else sorted(f.path for f in todo.values())  # None: one listing
+    with ngcsdk_capped({path: f.sizeInBytes or 0 for path, f in todo.items()}) as oversized:
+        result = models.download_version(
+            source.ngc_target,
+            destination=str(dest),
+            file_patterns=patterns,
+            progress_callback_func=progress.ngc_callback,
+        )
+    if oversized:
+        _discard(dest, oversized)
+        first = min(oversized)
+        raise PullError(
+            "registry",
+            f"{source.text}: {first.name}: NGC sent more than the {todo[first].sizeInBytes or 0} bytes its "
+            "listing announced; refused",
+        )
+    _check_result(source, result, len(todo))
+
+
+def _discard(dest: Path, paths) -> None:
+    """A wrong (say, oversized) file is no prefix to resume from: never keep it in staging."""
+    for p in paths:
+        path = p.resolve()
+        if path.is_relative_to(dest.resolve()):  # a listed path never reaches outside staging
+            path.unlink(missing_ok=True)
 
 
 def make_client(source: Source, api_key: str | None):

@@ -157,15 +157,12 @@ class KernelOps(TorchOps):
         return self.k.silu_mul(gu)
 
     def attend_decode(self, qkv, cos, sin, positions, cache, layer, shape, tables) -> torch.Tensor:
-        k, v = cache.k[layer], cache.v[layer]
-        return self.k.attend_decode(qkv, cos, sin, positions, k, v, tables, *shape, False)
+        return self.k.attend_decode(qkv, cos, sin, positions, cache.k[layer], cache.v[layer], tables, *shape)
 
     def attend_chunk(self, qkv, cos, sin, positions, cache, layer, shape, table) -> torch.Tensor:
-        # the decode kernel with one row per token, all on the same block table (it stores every row's k/v
-        # before any row attends): no gather of the cached prefix, no mask
-        tables = table[None].expand(qkv.shape[0], -1).contiguous()
-        k, v = cache.k[layer], cache.v[layer]
-        return self.k.attend_decode(qkv, cos, sin, positions, k, v, tables, *shape, True)
+        # blocked chunk attention (csrc/attend_chunk.cpp): each K/V block read once for all the chunk's rows
+        start = int(positions[0])
+        return self.k.attend_chunk(qkv, cos, sin, start, cache.k[layer], cache.v[layer], table, *shape)
 
 
 def ops_for(device: torch.device, dtype: torch.dtype, use_kernels: bool = True) -> TorchOps:

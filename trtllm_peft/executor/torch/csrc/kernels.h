@@ -85,7 +85,7 @@ int kernel_threads();         // the threads parallel_for and parallel_pieces us
 // holds up one piece, not half of the work (a shared 2-core machine does that often).
 void parallel_pieces(int64_t n, const std::function<void(int64_t)>& fn);
 
-// ---- the module's functions (linear.cpp, lora.cpp, layer_ops.cpp) -------------------------------------
+// ---- the module's functions (linear.cpp, lora.cpp, layer_ops.cpp, attend_*.cpp) ------------------------
 
 torch::Tensor pack(const torch::Tensor& w);
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, const c10::optional<torch::Tensor>& bias);
@@ -122,7 +122,9 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
 torch::Tensor silu_mul(const torch::Tensor& gu);
 torch::Tensor attend_decode(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                             const torch::Tensor& positions, torch::Tensor& kc, torch::Tensor& vc,
-                            const torch::Tensor& tables, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                            bool store_first);
+                            const torch::Tensor& tables, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
+torch::Tensor attend_chunk(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                           int64_t start, torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& table,
+                           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
 
 }  // namespace trtllm_peft

@@ -1,0 +1,212 @@
+// Chunk attention over the paged KV cache: n consecutive prompt tokens of one sequence (positions
+// start..start+n-1, one block table), causal within the chunk, over every cached position before it.
+//
+// The decode kernel would read each K/V block once per token; here a unit of work is (kv head, tile of up to
+// kTileRows rows), and each K/V block is read once for all the unit's queries (its rows × the kv head's g query
+// heads): K is transposed into a [hd, 16·k] tile in L1 so that sixteen scores come out of one register per
+// query with no horizontal sums, then V is accumulated block by block. Two passes as the decode kernel (exact
+// max, then exp and the weighted sum), so the numbers match it. Units spread over the kernels' threads.
+
+#include "rope.h"
+
+namespace trtllm_peft {
+namespace {
+
+constexpr int64_t kTileRows = 8;  // rows per unit: enough queries per K/V block, enough units for two threads
+
+// Per-thread buffers of one unit, reused across units and calls.
+struct ChunkScratch {
+  std::vector<float> q, kt, scores, acc;  // q [Q, hd], kt [hd, tpb16], scores [Q, L16], acc [Q, hd]
+};
+
+// scores[q][t] = scale · q · k_t for the block's n keys (kt: K transposed, [hd, ld]), four queries at a time.
+void block_scores(const float* q, int64_t nq, int64_t hd, const float* kt, int64_t ld, int64_t n, float scale,
+                  float* scores, int64_t lds) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t c = 0; c < n; c += kBlock) {
+    int64_t r = 0;
+    for (; r + 4 <= nq; r += 4) {
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t d = 0; d < hd; d++) {
+        const __m512 k = _mm512_loadu_ps(kt + d * ld + c);
+        for (int i = 0; i < 4; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[(r + i) * hd + d]), k, acc[i]);
+      }
+      for (int i = 0; i < 4; i++) _mm512_storeu_ps(scores + (r + i) * lds + c, _mm512_mul_ps(acc[i], sc));
+    }
+    for (; r < nq; r++) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t d = 0; d < hd; d++) acc = _mm512_fmadd_ps(_mm512_set1_ps(q[r * hd + d]), _mm512_loadu_ps(kt + d * ld + c), acc);
+      _mm512_storeu_ps(scores + r * lds + c, _mm512_mul_ps(acc, sc));
+    }
+  }
+}
+
+// K tile [n, hd] -> kt [hd, ld] float32 (columns n..ld-1 zero), sixteen keys per gather.
+inline void transpose_keys(const float* k, int64_t n, int64_t hd, float* kt, int64_t ld) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(static_cast<int>(hd)));
+  for (int64_t c = 0; c < ld; c += kBlock) {
+    const __mmask16 m = c < n ? tail_mask(n, c) : 0;
+    const float* base = k + c * hd;
+    for (int64_t d = 0; d < hd; d++)
+      _mm512_storeu_ps(kt + d * ld + c, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, base + d, 4));
+  }
+}
+
+// bfloat16: one 32-bit gather brings elements d and d+1 of each key (hd is even).
+inline void transpose_keys(const bf16* k, int64_t n, int64_t hd, float* kt, int64_t ld) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(static_cast<int>(hd)));
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t c = 0; c < ld; c += kBlock) {
+    const __mmask16 m = c < n ? tail_mask(n, c) : 0;
+    const bf16* base = k + c * hd;
+    for (int64_t d = 0; d < hd; d += 2) {
+      const __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, base + d, 2);
+      _mm512_storeu_ps(kt + d * ld + c, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+      _mm512_storeu_ps(kt + (d + 1) * ld + c, _mm512_castsi512_ps(_mm512_and_si512(w, high)));
+    }
+  }
+}
+
+// softmax of scores[0, len) in place (max subtracted, unnormalized); returns the sum of the exponentials.
+float exp_in_place(float* scores, int64_t len) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t l = 0; l < len; l += kBlock) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(len, l), scores + l));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t l = 0; l < len; l += kBlock) {
+    const __mmask16 k = tail_mask(len, l);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(load16(scores + l, k), m)));
+    store16(scores + l, e, k);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// acc[q] += Σ_p w[q][p] · V[p] over the block's keys that query q sees (n_q of them), C = hd / 16 known at
+// compile time so one query's accumulators stay in registers while the block's V (in L1) streams by.
+template <typename T, int C>
+void block_values(const T* v, int64_t hd, const float* w, int64_t ldw, const int64_t* seen, int64_t nq, float* acc) {
+  for (int64_t r = 0; r < nq; r++) {
+    __m512 a[C];
+    for (int i = 0; i < C; i++) a[i] = load16(acc + r * hd + i * kBlock, tail_mask(hd, i * kBlock));
+    for (int64_t p = 0; p < seen[r]; p++) {
+      const __m512 s = _mm512_set1_ps(w[r * ldw + p]);
+      for (int i = 0; i < C; i++) a[i] = _mm512_fmadd_ps(s, load16(v + p * hd + i * kBlock, tail_mask(hd, i * kBlock)), a[i]);
+    }
+    for (int i = 0; i < C; i++) store16(acc + r * hd + i * kBlock, a[i], tail_mask(hd, i * kBlock));
+  }
+}
+
+template <typename T>
+void block_values_any(const T* v, int64_t hd, const float* w, int64_t ldw, const int64_t* seen, int64_t nq, float* acc) {
+  switch ((hd + kBlock - 1) / kBlock) {
+#define VALUES(c) \
+  case c: return block_values<T, c>(v, hd, w, ldw, seen, nq, acc);
+    VALUES(1) VALUES(2) VALUES(3) VALUES(4) VALUES(5) VALUES(6) VALUES(7) VALUES(8)
+    VALUES(9) VALUES(10) VALUES(11) VALUES(12) VALUES(13) VALUES(14) VALUES(15) VALUES(16)
+#undef VALUES
+  }
+}
+
+struct ChunkShape {
+  int64_t nh, nkv, hd, tpb, start, n, ld;
+};
+
+// One unit: kv head h, rows r0..r1-1 of the chunk (their g query heads each) -> out rows [r, h·g·hd ...).
+template <typename T>
+void chunk_unit(const ChunkShape& s, const T* qkv, const T* cos, const T* sin, const int32_t* table, const T* kc,
+                const T* vc, T* out, int64_t h, int64_t r0, int64_t r1, ChunkScratch& w) {
+  const int64_t g = s.nh / s.nkv, hd = s.hd, tpb = s.tpb, nq = (r1 - r0) * g;
+  const int64_t len = s.start + r1, nb = (len + tpb - 1) / tpb;  // the last row sees positions 0..len-1
+  const int64_t ldk = (tpb + kBlock - 1) / kBlock * kBlock, lds = nb * tpb + kBlock;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  w.q.resize(nq * hd), w.kt.resize(hd * ldk), w.scores.resize(nq * lds), w.acc.assign(nq * hd, 0.0f);
+  std::vector<int64_t> seen(nq);  // keys query r sees in the current block
+  for (int64_t r = r0; r < r1; r++) {
+    const int64_t p = s.start + r;
+    for (int64_t j = 0; j < g; j++)
+      rope(qkv + r * s.ld + (h * g + j) * hd, cos + p * hd, sin + p * hd, hd, w.q.data() + ((r - r0) * g + j) * hd);
+  }
+  auto tile = [&](int64_t j) { return (static_cast<int64_t>(table[j]) * s.nkv + h) * tpb * hd; };
+  for (int64_t j = 0; j < nb; j++) {  // pass 1: every query's scores, each K block transposed once
+    const int64_t n = std::min(tpb, len - j * tpb);
+    transpose_keys(kc + tile(j), n, hd, w.kt.data(), ldk);
+    block_scores(w.q.data(), nq, hd, w.kt.data(), ldk, n, scale, w.scores.data() + j * tpb, lds);
+  }
+  std::vector<float> sums(nq);
+  for (int64_t r = 0; r < nq; r++) sums[r] = exp_in_place(w.scores.data() + r * lds, s.start + r0 + r / g + 1);
+  for (int64_t j = 0; j < nb; j++) {  // pass 2: the weighted values, each V block read once
+    for (int64_t r = 0; r < nq; r++) seen[r] = std::clamp<int64_t>(s.start + r0 + r / g + 1 - j * tpb, 0, tpb);
+    block_values_any(vc + tile(j), hd, w.scores.data() + j * tpb, lds, seen.data(), nq, w.acc.data());
+  }
+  for (int64_t r = 0; r < nq; r++) {
+    const __m512 inv = _mm512_set1_ps(1.0f / sums[r]);
+    T* o = out + (r0 + r / g) * s.nh * hd + (h * g + r % g) * hd;
+    for (int64_t i = 0; i < hd; i += kBlock)
+      store16(o + i, _mm512_mul_ps(load16(w.acc.data() + r * hd + i, tail_mask(hd, i)), inv), tail_mask(hd, i));
+  }
+}
+
+template <typename T>
+void chunk_rows(const ChunkShape& s, const T* qkv, const T* cos, const T* sin, const int32_t* table, T* kc, T* vc,
+                T* out) {
+  const int64_t qd = s.nh * s.hd, kvd = s.nkv * s.hd, tpb = s.tpb, hd = s.hd;
+  // every row's k and v first, so the rows see each other causally
+  parallel_for(0, s.n * s.nkv, row_grain(s.n * s.nkv, hd), [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; u++) {
+      const int64_t r = u / s.nkv, h = u % s.nkv, p = s.start + r;
+      const int64_t slot = (static_cast<int64_t>(table[p / tpb]) * s.nkv + h) * tpb * hd + (p % tpb) * hd;
+      const T* row = qkv + r * s.ld;
+      rope(row + qd + h * hd, cos + p * hd, sin + p * hd, hd, kc + slot);
+      std::memcpy(vc + slot, row + qd + kvd + h * hd, hd * sizeof(T));
+    }
+  });
+  const int64_t tiles = (s.n + kTileRows - 1) / kTileRows, units = tiles * s.nkv;
+  const int64_t work = (s.start + s.n) * s.n * s.nh * hd;
+  parallel_for(0, units, work < 262144 ? units : 1, [&](int64_t u0, int64_t u1) {
+    thread_local ChunkScratch scratch;
+    for (int64_t u = u0; u < u1; u++) {
+      const int64_t h = u % s.nkv, r0 = u / s.nkv * kTileRows;
+      chunk_unit<T>(s, qkv, cos, sin, table, kc, vc, out, h, r0, std::min(r0 + kTileRows, s.n), scratch);
+    }
+  });
+}
+
+}  // namespace
+
+// qkv [n, q + 2kv] (the chunk's projections, positions start..start+n-1), cos/sin [L, hd], kc/vc this layer's
+// paged cache [num_blocks, kv, tpb, hd], table [W] int32 (the sequence's block table): rotates q and k, stores
+// k and v, returns the causal attention of each row over positions 0..its own -> [n, q].
+torch::Tensor attend_chunk(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                           int64_t start, torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& table,
+                           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+  check_rows(qkv, "qkv");
+  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(),
+              "attend_chunk: cache and tables must be contiguous");
+  TORCH_CHECK(head_dim % 2 == 0 && head_dim <= kMaxHeadDim, "attend_chunk: head_dim must be even, at most 256");
+  TORCH_CHECK(num_heads % num_kv_heads == 0 && qkv.size(1) == (num_heads + 2 * num_kv_heads) * head_dim,
+              "attend_chunk: qkv must be [n, (heads + 2 kv_heads) · head_dim]");
+  TORCH_CHECK(kc.dim() == 4 && kc.size(1) == num_kv_heads && kc.size(3) == head_dim && vc.sizes() == kc.sizes(),
+              "attend_chunk: cache must be [num_blocks, kv_heads, tokens_per_block, head_dim]");
+  TORCH_CHECK(table.scalar_type() == at::kInt && table.is_contiguous() && table.dim() == 1,
+              "attend_chunk: table must be int32 [W]");
+  const int64_t n = qkv.size(0), tpb = kc.size(2);
+  TORCH_CHECK(start >= 0 && start + n <= table.numel() * tpb && start + n <= cos.size(0),
+              "attend_chunk: positions ", start, "..", start + n - 1, " outside the block table");
+  const int32_t* t = table.data_ptr<int32_t>();
+  for (int64_t j = 0; j * tpb < start + n; j++)
+    TORCH_CHECK(t[j] >= 0 && t[j] < kc.size(0), "attend_chunk: bad block id");
+  auto out = torch::empty({n, num_heads * head_dim}, qkv.options());
+  if (n == 0) return out;
+  const ChunkShape s{num_heads, num_kv_heads, head_dim, tpb, start, n, qkv.stride(0)};
+  dispatch(qkv.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    chunk_rows<T>(s, qkv.data_ptr<T>(), cos.data_ptr<T>(), sin.data_ptr<T>(), t, kc.data_ptr<T>(), vc.data_ptr<T>(),
+                  out.data_ptr<T>());
+  });
+  return out;
+}
+
+}  // namespace trtllm_peft
