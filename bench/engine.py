@@ -127,7 +127,7 @@ def ensure_engines(dtypes: list[str]) -> None:
             )
 
 
-def decode_runs(ex, plain, ov, hf: tuple, packed: list, dora: list, b: int, hf_max_batch: int) -> dict:
+def decode_runs(ex, plain, ov, hf: tuple, packed: list, dora: list, b: int, hf_batches: list[int]) -> dict:
     """Every decode case at batch b: (system, case) → run(tokens)."""
     runs = {
         (OURS, "base"): ours_runner(ex, packed, b, 0),
@@ -139,7 +139,7 @@ def decode_runs(ex, plain, ov, hf: tuple, packed: list, dora: list, b: int, hf_m
     if ov is not None:
         for case, k in (("base", 0), ("1 adapter", 1), (MIXED, N_ADAPTERS)):
             runs[(OV, case)] = ov.runner(b, k)
-    if b <= hf_max_batch:
+    if b in hf_batches:
         base, pm = hf
         runs[(HF, "base")] = hf_runner(base, b)
         runs[(HF, "1 adapter")] = hf_runner(pm, b)
@@ -199,7 +199,7 @@ def bench_dtype(dt: str, args, dirs: list[Path], dora_dirs: list[Path], m: dict,
             print(f"  {dt:<9} OpenVINO greedy agreement with ours (base, batch 8): {agree}")
         result["prefill"] += prefill_rows(dt, ex, ov, hf[0], flops, m, args.repeats + 1)
         for b in args.batches:
-            runs = decode_runs(ex, plain, ov, hf, packed, dora, b, args.hf_max_batch)
+            runs = decode_runs(ex, plain, ov, hf, packed, dora, b, args.hf_batches)
             rates = {("floor", "base"): b / floor_ms(params, dt, b, m) * 1e3,
                      **interleaved_rates(runs, b, args.tokens, args.repeats)}  # fmt: skip
             for (system, case), r in rates.items():
@@ -218,7 +218,13 @@ def parse_args():
     ap.add_argument(
         "--peer", choices=["openvino"], default=None, help="also run OpenVINO GenAI (make openvino)"
     )
-    ap.add_argument("--hf-max-batch", type=int, default=32, help="transformers+peft rows up to this batch")
+    ap.add_argument(
+        "--hf-batches",
+        type=int,
+        nargs="+",
+        default=[8, 32],
+        help="batches with transformers+peft rows (slow)",
+    )
     ap.add_argument("--torch-ops", action="store_true", help="also run our engine on plain torch ops")
     ap.add_argument("--no-dora", action="store_true", help="skip the 8 DoRA adapters case")
     args = ap.parse_args()
