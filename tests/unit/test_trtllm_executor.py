@@ -14,6 +14,7 @@ import torch
 
 from tests import trtllm_standin
 from tests.conftest import random_lora
+from tests.trtllm_standin import configs as tc
 from tests.trtllm_standin import types as tt
 from trtllm_peft.engine import backend
 from trtllm_peft.errors import EngineError

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
-import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
@@ -19,9 +18,11 @@ from trtllm_peft.errors import TrtllmPeftError
 from trtllm_peft.executor.api import GuidedDecodingParams
 from trtllm_peft.server import structured, tools
 from trtllm_peft.server.generation import Generation, Piece, Sequence
+from trtllm_peft.server.generation_params import generation_params
 from trtllm_peft.server.http_errors import BadRequestError
 from trtllm_peft.server.json_body import JsonRoute
 from trtllm_peft.server.openai_logprobs import CompletionLogprobs, chat_logprobs, merge_blocks
+from trtllm_peft.server.prompts import check_prompt_chars, completion_prompts
 from trtllm_peft.server.runtime import Runtime
 from trtllm_peft.server.schemas import (
     MAX_CHOICES,
@@ -85,81 +86,6 @@ def _card(model_id: str, root: str, created: float) -> dict[str, Any]:
     }
 
 
-def _params(
-    rt: Runtime,
-    body: _Sampling,
-    prompt_len: int,
-    max_tokens: int | None,
-    *,
-    top_logprobs: int | None = None,
-    prompt_logprobs: int | None = None,
-) -> GenerationParams:
-    limit = rt.max_model_len
-    if prompt_len >= limit:
-        raise BadRequestError(
-            f"This model's maximum context length is {limit} tokens. However, your prompt has {prompt_len} "
-            "tokens. Please reduce the length of the prompt."
-        )
-    room = limit - prompt_len
-    if max_tokens is not None and max_tokens > room:
-        raise BadRequestError(
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the completion)."
-        )
-    nv = body.nvext
-    return GenerationParams(
-        max_tokens=max_tokens or room,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=(nv.top_k if nv and nv.top_k is not None else body.top_k),
-        seed=body.seed,
-        repetition_penalty=(
-            nv.repetition_penalty if nv and nv.repetition_penalty else body.repetition_penalty
-        ),
-        presence_penalty=body.presence_penalty or None,
-        frequency_penalty=body.frequency_penalty or None,
-        ignore_eos=bool(body.ignore_eos or (nv and nv.ignore_eos)),
-        top_logprobs=top_logprobs,
-        prompt_logprobs=prompt_logprobs,
-        **_logit_controls(rt, body),
-    )
-
-
-def _logit_controls(rt: Runtime, body: _Sampling) -> dict[str, Any]:
-    """logit_bias (as TensorRT-LLM's embedding_bias [vocab]), min_tokens, stop_token_ids (single-token stop
-    words), bad_words in engine terms; 400 naming a bad id."""
-    vocab = rt.vocab_size
-    bias = None
-    for key, value in (body.logit_bias or {}).items():
-        token = int(key) if key.lstrip("-").isdigit() else None
-        if token is None or not 0 <= token < vocab:
-            raise BadRequestError(f"logit_bias key {key!r} is not a token id: token ids are 0 to {vocab - 1}")
-        bias = torch.zeros(vocab, dtype=torch.float32) if bias is None else bias
-        bias[token] = float(value)
-    bad_ids = [t for t in body.stop_token_ids if not 0 <= t < vocab]
-    if bad_ids:
-        raise BadRequestError(f"stop_token_ids: {bad_ids[0]} is not a token id (0 to {vocab - 1})")
-    return {
-        "embedding_bias": bias,
-        "min_tokens": body.min_tokens or None,
-        "stop_words": [[t] for t in body.stop_token_ids] or None,
-        "bad_words": [list(w) for w in _bad_words(rt, body.bad_words)] or None,
-    }
-
-
-def _bad_words(rt: Runtime, words: list[str]) -> tuple[tuple[int, ...], ...]:
-    """Each word's token ids, alone and after a space (as vLLM tokenizes bad_words)."""
-    out: list[tuple[int, ...]] = []
-    for word in words:
-        if not word or len(word) > 256:
-            raise BadRequestError("bad_words: each word must have 1 to 256 characters")
-        for variant in (word, " " + word.lstrip()):
-            ids = tuple(rt.tokenizer.encode(variant, add_special_tokens=False))
-            if ids and ids not in out:
-                out.append(ids)
-    return tuple(out)
-
-
 async def _start(
     rt: Runtime, body: _Sampling, prompts: list[list[int]], params: GenerationParams
 ) -> Generation:
@@ -200,6 +126,17 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
+class _ChoiceFrames:
+    """`_sse({**base, "choices": [choice]})` of one stream, byte for byte, with the fields every chunk
+    repeats (id, object, created, model) encoded once: only the choice is encoded per token."""
+
+    def __init__(self, base: dict[str, Any]):
+        self._head = _sse({**base, "choices": []}).removesuffix(b"]}\n\n")
+
+    def __call__(self, choice: dict[str, Any]) -> bytes:
+        return self._head + json.dumps(choice, separators=(",", ":")).encode() + b"]}\n\n"
+
+
 # ---- /v1/completions -------------------------------------------------------------------------------------
 
 
@@ -208,12 +145,12 @@ async def completions(body: CompletionRequest, request: Request):
     rt = _rt(request)
     guide = structured.guide_for(body)
     await structured.checked(guide)
-    prompts = await _completion_prompts(rt, body.prompt)
+    prompts = await completion_prompts(rt, body.prompt)
     if len(prompts) * body.n > MAX_CHOICES:
         raise BadRequestError(f"{len(prompts)} prompts × n={body.n} is more than {MAX_CHOICES} choices")
     longest = max((ids for ids, _ in prompts), key=len)
     k = body.logprobs
-    params = _params(
+    params = generation_params(
         rt,
         body,
         len(longest),
@@ -250,29 +187,6 @@ async def completions(body: CompletionRequest, request: Request):
     }
 
 
-async def _completion_prompts(rt: Runtime, prompt) -> list[tuple[list[int], str]]:
-    """(token ids, text) of each prompt: a string, a list of strings, token ids, or a list of token-id lists;
-    tokenizing runs in a thread (it can take a while)."""
-    if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
-        prompt = [prompt]
-    if len(prompt) > MAX_CHOICES:
-        raise BadRequestError(f"at most {MAX_CHOICES} prompts in one request", param="prompt")
-    out = []
-    for p in prompt:
-        if isinstance(p, str):
-            _check_prompt_chars(rt, len(p))
-            ids = await asyncio.to_thread(rt.tokenizer.encode, p)
-            if not ids:
-                raise BadRequestError("prompt must not be empty", param="prompt")
-            out.append((ids, p))
-        else:
-            if not p:
-                raise BadRequestError("prompt must not be empty", param="prompt")
-            _check_token_ids(rt, p)
-            out.append((list(p), await asyncio.to_thread(rt.tokenizer.decode, list(p))))
-    return out
-
-
 def _completion_block(
     rt, gen: Generation, body, index: int, token_ids, top, with_prompt: bool, logprobs=None
 ):
@@ -287,41 +201,11 @@ def _completion_block(
     return merge_blocks(block, builder.block(token_ids, top))
 
 
-def _check_prompt_chars(rt: Runtime, chars: int) -> None:
-    """Refuse, before tokenizing, a prompt too long to fit however it tokenizes.
-
-    No token covers more than `tokenizer.max_token_chars` characters, so a prompt of more than
-    max_model_len × that many characters has more tokens than the context holds.
-    """
-    limit = rt.max_model_len * rt.tokenizer.max_token_chars
-    if chars > limit:
-        raise BadRequestError(
-            f"This model's maximum context length is {rt.max_model_len} tokens. However, your prompt has "
-            f"{chars} characters, more than {rt.max_model_len} tokens can hold. Please reduce the length of "
-            "the prompt.",
-            param="prompt",
-        )
-
-
-def _check_token_ids(rt: Runtime, ids: list[int]) -> None:
-    if len(ids) >= rt.max_model_len:
-        raise BadRequestError(
-            f"This model's maximum context length is {rt.max_model_len} tokens. However, your prompt has "
-            f"{len(ids)} tokens. Please reduce the length of the prompt.",
-            param="prompt",
-        )
-    vocab = rt.vocab_size
-    bad = next((t for t in ids if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise BadRequestError(
-            f"token id {bad} is out of range: token ids are 0 to {vocab - 1}", param="prompt"
-        )
-
-
 async def _completion_chunks(
     rt, body, gen: Generation, rid, created, echoes: list[str], prompt_tokens: int
 ) -> AsyncIterator[bytes]:
     base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
+    frame = _ChoiceFrames(base)
     builders: dict[int, CompletionLogprobs] = {}
     async for p in gen.stream():
         text, logprobs = p.text, None
@@ -338,7 +222,7 @@ async def _completion_chunks(
             "finish_reason": p.finish_reason,
             "stop_reason": None,
         }
-        yield _sse({**base, "choices": [choice]})
+        yield frame(choice)
     if body.stream_options and body.stream_options.include_usage:
         yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, gen)})
     yield b"data: [DONE]\n\n"
@@ -356,7 +240,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     guide = await _chat_guide(body, plan)
     try:
         messages = [_chat_message(m) for m in body.messages]
-        _check_prompt_chars(rt, sum(len(m["content"]) for m in messages))
+        check_prompt_chars(rt, sum(len(m["content"]) for m in messages))
         native = rt.tokenizer.template_knows_tools
         messages = tools.render_messages(messages, plan, native)
         listed = plan.tools if plan and native and plan.choice != "none" else None
@@ -365,7 +249,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise BadRequestError(str(e), param="messages") from None
     k = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
-    params = _params(rt, body, len(prompt.token_ids), max_tokens, top_logprobs=k)
+    params = generation_params(rt, body, len(prompt.token_ids), max_tokens, top_logprobs=k)
     gen = await _start(rt, body, [prompt.token_ids], replace(params, guided=guide))
     rid, created = _response_id(request, "chatcmpl"), int(time.time())
     if body.stream:
@@ -432,24 +316,20 @@ async def _chat_chunks(
     rt, body, gen: Generation, rid, created, prompt_len, plan: tools.ToolPlan | None = None
 ) -> AsyncIterator[bytes]:
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
+    frame = _ChoiceFrames(base)
     for i in range(body.n):  # OpenAI opens each choice with the role
-        yield _sse(
+        yield frame(
             {
-                **base,
-                "choices": [
-                    {
-                        "index": i,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                ],
+                "index": i,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
             }
         )
     gates = {i: tools.StreamGate(plan) for i in range(body.n)} if plan and plan.choice != "none" else {}
     async for p in gen.stream():
         for delta in _tool_deltas(rt, body, p, gates.get(p.index)):
-            yield _sse({**base, "choices": [delta]})
+            yield frame(delta)
     if body.stream_options and body.stream_options.include_usage:
         yield _sse({**base, "choices": [], "usage": _usage(prompt_len, gen)})
     yield b"data: [DONE]\n\n"

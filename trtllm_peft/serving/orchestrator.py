@@ -2,25 +2,20 @@
 
 The engine's PEFT cache is a belief here, never a fact: weights go with a request only when the engine is
 believed not to hold the task, and the engine's "not found in cache" is answered by one resend with
-weights. A cold adapter is loaded once off the event loop, however many requests wait for it; requests
-that find the host cache full of adapters in use wait their turn in a bounded FIFO (serving/lease_queue.py).
+weights. Leases (a host-cache hit, or one shared load of a cold adapter) are serving/adapter_leases.py's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from trtllm_peft import formats
-from trtllm_peft.errors import AdapterError, TrtllmPeftError
+from trtllm_peft.errors import TrtllmPeftError
 from trtllm_peft.executor.api import (
     FinishReason,
     GuidedDecodingParams,
@@ -30,26 +25,18 @@ from trtllm_peft.executor.api import (
     SamplingConfig,
 )
 from trtllm_peft.executor.errors import ErrorKind, classify
-from trtllm_peft.lora import ModelSpec, PackedLora, pack
+from trtllm_peft.lora import ModelSpec, PackedLora
+from trtllm_peft.serving.adapter_leases import AdapterLeases, AdapterUnavailableError
 from trtllm_peft.serving.catalog import AdapterEntry, Catalog
-from trtllm_peft.serving.engine_client import EngineClient
+from trtllm_peft.serving.engine_client import EngineClient, Scores, ScoreSpec
 from trtllm_peft.serving.host_cache import HostCache
-from trtllm_peft.serving.lease_queue import Grant, LeaseQueue
-from trtllm_peft.serving.logprobs import TokenLogprob, generation_rows, prompt_logprobs, token_logprobs
+from trtllm_peft.serving.logprobs import TokenLogprob, prompt_logprobs
 
 log = logging.getLogger(__name__)
-
-UNITS_REMEMBERED = 100_000  # a few MB at most: ints per task id
 
 
 class ModelNotFoundError(TrtllmPeftError):
     http_status = 404
-
-
-class AdapterUnavailableError(TrtllmPeftError):
-    """The adapter exists on disk but cannot be served (it failed to load or to validate)."""
-
-    http_status = 422
 
 
 class EngineRequestError(TrtllmPeftError):
@@ -135,15 +122,6 @@ _FINISH = {
 
 
 @dataclass
-class _Load:
-    """One adapter being loaded, and how many requests wait for it (each gets a lease when it lands)."""
-
-    future: asyncio.Future[PackedLora]
-    waiters: int = 0
-    task: asyncio.Future | None = None
-
-
-@dataclass
 class OrchestratorStats:
     running_by_adapter: dict[str, int] = field(default_factory=dict)
     waiting_by_adapter: dict[str, int] = field(default_factory=dict)
@@ -171,16 +149,20 @@ class Orchestrator:
         queue_size: int = 0,
     ):
         self.spec, self.base_model_id, self.catalog = spec, base_model_id, catalog
-        self.base_weights = base_weights  # W per (layer, module): DoRA's norms, once per adapter load
         self.host_cache, self.client = host_cache, client
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
-        self._pool = ThreadPoolExecutor(max_workers=loaders, thread_name_prefix="adapter-load")
-        self._loading: dict[int, _Load] = {}
-        self.lease_queue = LeaseQueue(host_cache, max_waiters=queue_size, timeout=queue_timeout)
-        self._max_units = spec.cache_units(1)  # an adapter not loaded yet may need up to this much
+        self.leases = AdapterLeases(
+            spec=spec,
+            catalog=catalog,
+            host_cache=host_cache,
+            on_load=on_load,
+            loaders=loaders,
+            base_weights=base_weights,
+            queue_timeout=queue_timeout,
+            queue_size=queue_size,
+        )
+        self.lease_queue = self.leases.queue
         self._engine_has: OrderedDict[int, None] = OrderedDict()  # belief: task ids the engine holds
-        self._units: dict[int, int] = {}  # task id -> rank-units, learnt at its first load
-        self._on_load = on_load
         self.stats = OrchestratorStats()
 
     def model_ids(self) -> list[str]:
@@ -208,7 +190,7 @@ class Orchestrator:
         label = entry.name if entry else self.base_model_id
         self._count(self.stats.waiting_by_adapter, label, +1)
         try:
-            packed = await self._lease(entry) if entry else None
+            packed = await self.leases.lease(entry) if entry else None
         finally:
             self._count(self.stats.waiting_by_adapter, label, -1)
         self._count(self.stats.running_by_adapter, label, +1)
@@ -251,10 +233,12 @@ class Orchestrator:
             guided_decoding_params=params.guided,
         )
         resent, first = False, True
+        k = params.top_logprobs
+        scores = ScoreSpec(k, self.spec.vocab_size) if k is not None else None
         while True:
             retry = False
-            async with aclosing(self.client.generate(request)) as responses:
-                async for response in responses:
+            async with aclosing(self.client.generate_scored(request, scores)) as responses:
+                async for response, scored in responses:
                     if response.has_error():
                         kind = classify(response.error_msg)
                         if kind is ErrorKind.NOT_CACHED and entry and not resent:
@@ -279,26 +263,25 @@ class Orchestrator:
                         finish_reason=finish or ("stop" if result.is_final else None),
                         first=first,
                     )
-                    self._add_logprobs(step, result, prompt_ids, params)
+                    self._add_logprobs(step, scored, result, prompt_ids, params)
                     yield step
                     first = False
             if not retry:
                 return
 
-    def _add_logprobs(self, step: Step, result, prompt_ids: list[int], params: GenerationParams) -> None:
-        """OpenAI log-probs of the step's tokens (and of the prompt, once) from the result's raw logits."""
-        vocab = self.spec.vocab_size
+    def _add_logprobs(
+        self, step: Step, scored: Scores, result, prompt_ids: list[int], params: GenerationParams
+    ) -> None:
+        """OpenAI log-probs of the step's tokens (scored by the engine client from the result's raw
+        logits), and of the prompt once, from its context logits."""
         if params.top_logprobs is not None:
-            logits = result.generation_logits
-            if step.token_ids and logits is None:
-                raise EngineRequestError("the engine returned no generation logits", ErrorKind.FAILED)
-            rows = generation_rows(logits, streaming=True) if step.token_ids else None
-            step.top = (
-                token_logprobs(rows, step.token_ids, params.top_logprobs, vocab) if rows is not None else []
-            )
+            if isinstance(scored, ValueError):
+                raise EngineRequestError(str(scored), ErrorKind.FAILED)
+            step.top = scored or []
         if params.prompt_logprobs is not None and step.first:
             if result.context_logits is None:
                 raise EngineRequestError("the engine returned no context logits", ErrorKind.FAILED)
+            vocab = self.spec.vocab_size
             step.prompt = prompt_logprobs(result.context_logits, prompt_ids, params.prompt_logprobs, vocab)
 
     def _end_id(self, params: GenerationParams) -> int | None:
@@ -317,89 +300,6 @@ class Orchestrator:
         while len(self._engine_has) > 4 * max(len(self.host_cache), 64):
             self._engine_has.popitem(last=False)
 
-    async def _lease(self, entry: AdapterEntry) -> PackedLora:
-        """The adapter's packed tensors, leased for this request: a host-cache hit or one shared load.
-
-        Admission is first come, first served (LeaseQueue): 429 only past the queue's bounds, and before
-        anything is read, so a retry after a 429 does not cost a load.
-        """
-        task_id = entry.task_id
-        units = self._units.get(task_id) or self._max_units
-        while True:
-            admission = await self.lease_queue.admit(task_id, units, self._loading.__contains__)
-            if admission.grant is Grant.HIT:
-                return admission.packed
-            if admission.grant is Grant.LOAD:
-                self._start_load(entry, admission.units)
-            load = self._loading.get(task_id)
-            if load is not None:
-                return await self._await_load(entry, load)
-            # the load this request was to join finished meanwhile: ask again (now a hit, most likely)
-
-    def _start_load(self, entry: AdapterEntry, reserved: int) -> None:
-        load = _Load(asyncio.get_running_loop().create_future())
-        # mark a failure retrieved even when no waiter is left to see it (asyncio would log it as an error)
-        load.future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._loading[entry.task_id] = load
-        load.task = asyncio.ensure_future(self._load_and_put(entry, load, reserved))
-
-    async def _load_and_put(self, entry: AdapterEntry, load: _Load, reserved: int) -> None:
-        """Load in a worker thread, then insert with one lease per request still waiting for it."""
-        try:
-            try:
-                packed = await asyncio.get_running_loop().run_in_executor(self._pool, self._load, entry)
-            except BaseException:
-                self.host_cache.unreserve(reserved)
-                raise
-            self._remember_units(entry.task_id, packed.rank_units)
-            evicted = self.host_cache.put(entry.task_id, packed, reserved=reserved, leases=load.waiters)
-            if evicted:
-                log.debug("host cache evicted tasks %s for %r", evicted, entry.name)
-            load.future.set_result(packed)
-        except BaseException as e:  # every waiter gets the error (AdapterError, AdapterTooLargeError, ...)
-            load.future.set_exception(e if isinstance(e, Exception) else asyncio.CancelledError())
-        finally:
-            self._loading.pop(entry.task_id, None)
-
-    async def _await_load(self, entry: AdapterEntry, load: _Load) -> PackedLora:
-        """Wait for the adapter's load; on success this request holds one lease (counted in `put`)."""
-        load.waiters += 1
-        try:
-            return await asyncio.shield(load.future)
-        except AdapterError as e:
-            self.catalog.mark_invalid(entry, "; ".join(e.problems))
-            raise AdapterUnavailableError(f"adapter '{entry.name}' cannot be served: {e}") from None
-        except asyncio.CancelledError:
-            f = load.future
-            if f.done() and not f.cancelled() and f.exception() is None:
-                self.host_cache.release(entry.task_id)  # inserted with our lease: give it back
-            else:
-                load.waiters -= 1
-            raise
-
-    def _remember_units(self, task_id: int, units: int) -> None:
-        self._units[task_id] = units
-        if len(self._units) > UNITS_REMEMBERED:
-            del self._units[next(iter(self._units))]  # oldest first (dicts keep insertion order)
-
-    def _load(self, entry: AdapterEntry) -> PackedLora:
-        """Read, validate and pack one adapter (in a worker thread)."""
-        start = time.perf_counter()
-        adapter = formats.load_for_engine(entry.path, self.spec, self.base_weights)
-        packed = pack(adapter, self.spec.dtype)
-        elapsed = time.perf_counter() - start
-        log.info(
-            "adapter %r loaded (%s, %d rows, max rank %d) in %.3f s",
-            entry.name,
-            entry.format,
-            packed.num_rows,
-            adapter.max_rank,
-            elapsed,
-        )
-        if self._on_load:
-            self._on_load(elapsed)
-        return packed
-
     @staticmethod
     def _count(table: dict[str, int], key: str, delta: int) -> None:
         table[key] = table.get(key, 0) + delta
@@ -407,4 +307,4 @@ class Orchestrator:
             del table[key]
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.leases.close()

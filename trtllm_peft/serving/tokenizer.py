@@ -41,6 +41,7 @@ class Tokenizer:
         # sentencepiece vocabularies spell each input character with at least one character), doubled
         # for normalizers that fold two characters into one: a bound, not an estimate
         self.max_token_chars: int = 2 * max((len(t) for t in self._hf.get_vocab()), default=1)
+        self._token_texts: dict[int, str] = {}  # token_text's answers: at most one entry per token id
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a completion prompt, special tokens as the model's tokenizer adds them (or none)."""
@@ -72,8 +73,14 @@ class Tokenizer:
         return self._hf.decode(token_ids, skip_special_tokens=True)
 
     def token_text(self, token_id: int) -> str:
-        """Text of one token on its own (for logprobs entries)."""
-        return self._hf.decode([token_id], skip_special_tokens=False)
+        """Text of one token on its own (for logprobs entries). Remembered: a streamed token asks for it
+        once or twice (its entry, its top alternatives), and a decode call costs far more than a lookup."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._hf.decode([token_id], skip_special_tokens=False)
+            if 0 <= token_id < self.vocab_size:  # bounded by the vocabulary
+                self._token_texts[token_id] = text
+        return text
 
     def stream(self) -> Detokenizer:
         return Detokenizer(self._backend)

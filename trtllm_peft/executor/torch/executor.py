@@ -32,12 +32,9 @@ from trtllm_peft.engine.memory import (
     peft_cache_config,
     plan_memory,
 )
-from trtllm_peft.errors import AdapterError, TrtllmPeftError
+from trtllm_peft.errors import TrtllmPeftError
 from trtllm_peft.executor.api import (
     DEVICE_CACHE_FULL_MESSAGE,
-    FETCH_ERROR_PREFIX,
-    GUIDE_ERROR_PREFIX,
-    GUIDED_NOT_SETUP_MESSAGE,
     FinishReason,
     GuidedDecodingConfig,
     IdType,
@@ -47,13 +44,14 @@ from trtllm_peft.executor.api import (
     Request,
     Response,
 )
-from trtllm_peft.executor.guided import GuideCompiler, GuideState, MaskBuffer
-from trtllm_peft.executor.torch.intake import check_request, read_lora
+from trtllm_peft.executor.guided import GuideCompiler, MaskBuffer
+from trtllm_peft.executor.torch.batch_lora import BatchLora
+from trtllm_peft.executor.torch.intake import accept, admit_lora
 from trtllm_peft.executor.torch.kv import BlockManager, PagedKVCache, kv_cache_stats
 from trtllm_peft.executor.torch.mailbox import Mailbox
 from trtllm_peft.executor.torch.model import LlamaModel
 from trtllm_peft.executor.torch.ops import ops_for
-from trtllm_peft.executor.torch.peft_cache import LoraCacheFullError, PeftCache, PeftTaskNotCachedError
+from trtllm_peft.executor.torch.peft_cache import PeftCache
 from trtllm_peft.executor.torch.sampler import new_state
 from trtllm_peft.executor.torch.schedule import attention_tokens, plan_iteration
 from trtllm_peft.executor.torch.sequence import Sequence
@@ -104,14 +102,7 @@ class TorchExecutor:
         self.engine = EngineDir.open(engine_dir)
         self.spec, self.arch, self.dtype = self.engine.spec, self.engine.arch, self.engine.dtype
         self.device = torch.device(device) if device is not None else pick_device()
-        bc = self.engine.build_config
-        self.max_seq_len = min(int(bc["max_seq_len"]), max_seq_len or int(bc["max_seq_len"]))
-        built_tokens = int(bc.get("max_num_tokens") or self.max_seq_len)
-        self.max_num_tokens = min(built_tokens, max_num_tokens or built_tokens)
-        self.max_batch_size = min(int(bc["max_batch_size"]), max_batch_size or int(bc["max_batch_size"]))
-        self.tokens_per_block = int(
-            bc.get("plugin_config", {}).get("tokens_per_block") or DEFAULT_TOKENS_PER_BLOCK
-        )
+        self._limits(max_seq_len, max_num_tokens, max_batch_size)
         self.kv_cache_config = kv_cache_config or KvCacheConfig()
         self.chunked = enable_chunked_context
         self._chunk_budget(chunk_tokens_while_decoding)
@@ -121,44 +112,46 @@ class TorchExecutor:
         self.plan = self._plan(memory_budget_bytes, gpu_loras, cpu_loras)
         log.info("%s", self.plan.table())
         self.peft_cache_config = peft_cache_config or peft_cache_config_for(self.spec, gpu_loras, cpu_loras)
-        self.cache = PeftCache(
-            self.peft_cache_config.num_host_module_layer, self.peft_cache_config.num_device_module_layer
-        )
+        pc = self.peft_cache_config
+        self.cache = PeftCache(pc.num_host_module_layer, pc.num_device_module_layer)
         self.ops = ops_for(self.device, self.dtype, cpu_kernels)
+        self.lora = BatchLora(self.cache, self.ops, self.spec, self.dtype, self.device)
         log.info("reference engine: %s, %s, %s ops", self.device, self.dtype, self.ops.name)
         self.model = LlamaModel(
             self.arch, self.engine.load_weights(), self.dtype, self.device, self.max_seq_len, self.ops
         )
         a = self.arch
         self.kv = PagedKVCache(
-            a.num_layers,
-            self.plan.kv_num_blocks,
-            self.tokens_per_block,
-            a.num_kv_heads,
-            a.head_dim,
-            self.dtype,
-            self.device,
-        )
-        self.blocks = BlockManager(
-            self.plan.kv_num_blocks,
-            self.tokens_per_block,
-            enable_block_reuse=self.kv_cache_config.enable_block_reuse,
-        )
-        self.guides = None  # guided decoding: only with a GuidedDecodingConfig, as in TensorRT-LLM
-        if guided_decoding_config is not None:
-            self.guides = GuideCompiler(guided_decoding_config, a.vocab_size)
-            self._masks = MaskBuffer(a.vocab_size, self.max_batch_size)
+            a.num_layers, self.plan.kv_num_blocks, self.tokens_per_block, a.num_kv_heads, a.head_dim,
+            self.dtype, self.device,
+        )  # fmt: skip
+        reuse = self.kv_cache_config.enable_block_reuse
+        self.blocks = BlockManager(self.plan.kv_num_blocks, self.tokens_per_block, enable_block_reuse=reuse)
+        # guided decoding: only with a GuidedDecodingConfig, as in TensorRT-LLM
+        guided = guided_decoding_config is not None
+        self.guides = GuideCompiler(guided_decoding_config, a.vocab_size) if guided else None
+        self._masks = MaskBuffer(a.vocab_size, self.max_batch_size) if guided else None
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()
         self.mailbox = Mailbox()
         self._waiting: list[Sequence] = []
         self._running: list[Sequence] = []  # admitted: prefilling or decoding, in admission order
-        self._lora_key: tuple[int, ...] = ()
-        self._lora_batch = None  # the running batch's adapters (ops.lora_batch), rebuilt on a set change
         self._iter = 0
         self._threads = torch.get_num_threads() if split_threads else 0
         self._thread = threading.Thread(target=self._loop, name="trtllm-peft-engine", daemon=True)
         self._thread.start()
+
+    def _limits(
+        self, max_seq_len: int | None, max_num_tokens: int | None, max_batch_size: int | None
+    ) -> None:
+        """The engine's build limits, lowered where asked; tokens_per_block from its plugin_config."""
+        bc = self.engine.build_config
+        self.max_seq_len = min(int(bc["max_seq_len"]), max_seq_len or int(bc["max_seq_len"]))
+        built_tokens = int(bc.get("max_num_tokens") or self.max_seq_len)
+        self.max_num_tokens = min(built_tokens, max_num_tokens or built_tokens)
+        self.max_batch_size = min(int(bc["max_batch_size"]), max_batch_size or int(bc["max_batch_size"]))
+        tpb = bc.get("plugin_config", {}).get("tokens_per_block")
+        self.tokens_per_block = int(tpb or DEFAULT_TOKENS_PER_BLOCK)
 
     def _chunk_budget(self, tokens: int | None) -> None:
         """Prompt-chunk tokens per iteration while sequences decode (schedule.py): None = this device's
@@ -277,39 +270,13 @@ class TorchExecutor:
 
     def _intake(self, seq: Sequence) -> str | None:
         """Validate a new request and hold its adapter in the host tier; an error text or None."""
-        req = seq.request
-        err = check_request(req, self.max_seq_len, self.arch.vocab_size)
-        if err:
-            return FETCH_ERROR_PREFIX + err
-        if req.guided_decoding_params is not None:
-            if self.guides is None:
-                return FETCH_ERROR_PREFIX + GUIDED_NOT_SETUP_MESSAGE
-            if seq.guide_future.exception() is not None:
-                return GUIDE_ERROR_PREFIX + str(seq.guide_future.exception())
-            seq.guide = GuideState(seq.guide_future.result())
-        seq.tokens, seq.prompt_len = list(req.input_token_ids), len(req.input_token_ids)
-        seq.max_new = min(req.max_tokens, self.max_seq_len - seq.prompt_len)
-        if req.lora_config is not None:
-            err = self._admit_lora(req.lora_config)
-            if err:
-                return err
-            seq.task_id = req.lora_config.task_id
-        self._waiting.append(seq)
-        return None
-
-    def _admit_lora(self, lc) -> str | None:
-        """Host tier: known task → held (weights ignored); new task → read, validated, stored."""
-        try:
-            if lc.task_id in self.cache.host or lc.weights is None and lc.config is None:
-                self.cache.admit(lc.task_id)
-            else:
-                adapter = read_lora(lc, self.spec, self.dtype)
-                self.cache.admit(lc.task_id, sum(w.rank for _, w in adapter), adapter)
-        except (PeftTaskNotCachedError, LoraCacheFullError) as e:
-            return str(e)
-        except (AdapterError, ValueError) as e:
-            return FETCH_ERROR_PREFIX + str(e)
-        return None
+        err = accept(seq, self.max_seq_len, self.arch.vocab_size, self.guides is not None)
+        if err is None and seq.request.lora_config is not None:
+            err = admit_lora(self.cache, seq.request.lora_config, self.spec, self.dtype)
+            seq.task_id = None if err else seq.request.lora_config.task_id
+        if err is None:
+            self._waiting.append(seq)
+        return err
 
     def _admit(self, out: list[Response]) -> int:
         """Move waiting requests into the batch, in order, while rows and KV blocks allow; how many."""
@@ -341,23 +308,7 @@ class TorchExecutor:
                 )
             )
             return False
-        return self.cache.try_load_device(
-            seq.task_id, lambda a: self.ops.prepare_lora(a, self.spec, self.dtype, self.device)
-        )
-
-    def _lora(self):
-        """The stacked adapters of the running batch and each task's index into them (absent: base).
-
-        Restacked only when the set of tasks changes.
-        """
-        tasks = {s.task_id for s in self._running} - {None}
-        if not tasks:
-            return None, {}
-        if tasks != set(self._lora_key):
-            self._lora_key = tuple(sorted(tasks))
-            adapters = [self.cache.device.get(t) for t in self._lora_key]
-            self._lora_batch = self.ops.lora_batch(adapters, self.spec, self.dtype, self.device)
-        return self._lora_batch, {t: i for i, t in enumerate(self._lora_key)}
+        return self.lora.to_device(seq.task_id)
 
     def _step(self) -> tuple[int, int]:
         """One forward: prompt chunks and one token per decoding sequence; (context tokens, decoded)."""
@@ -369,9 +320,8 @@ class TorchExecutor:
             chunk_tokens_while_decoding=self.chunk_tokens_while_decoding,
             attention_tokens=self.attention_tokens,
         )
-        lora, index = self._lora()
-        masks = self._masks if self.guides is not None else None
-        run_step(self.model, self.kv, self.blocks, chunks, decoding, lora, index, masks)
+        lora, index = self.lora.of({s.task_id for s in self._running} - {None})
+        run_step(self.model, self.kv, self.blocks, chunks, decoding, lora, index, self._masks)
         return sum(n for _, n in chunks), len(decoding)
 
     def _cancel_seqs(self, cancel: set[int]) -> list[Sequence]:
@@ -402,10 +352,7 @@ class TorchExecutor:
 
     def _emit(self, out: list[Response], done: list[Sequence]) -> int:
         """Send what is due (errors in `out`, deltas, finals), retire finished requests; returns how many."""
-        for seq in self._running + done:
-            r = seq.response()
-            if r is not None:
-                out.append(r)
+        out += [r for seq in self._running + done if (r := seq.response()) is not None]
         n_done = len(done) + len(self._retire())
         if out:
             self.mailbox.deliver(out)
@@ -414,7 +361,7 @@ class TorchExecutor:
 
     def _record(self, t0: float, n_ctx: int, n_gen: int, n_new: int, n_done: int) -> None:
         self._iter += 1
-        stats = IterationStats(
+        stats = IterationStats(  # the fields executor::IterationStats (types.h) has that this engine fills
             timestamp=time.strftime("%m-%d-%Y %H:%M:%S"),
             iter=self._iter,
             iter_latency_ms=(time.perf_counter() - t0) * 1e3,
@@ -435,8 +382,9 @@ class TorchExecutor:
     def _fail_all(self, message: str) -> None:
         """After an internal error: answer every request in flight with it and start from a clean state."""
         seqs = self._waiting + self._running
-        self._waiting, self._running, self._lora_key, self._lora_batch = [], [], (), None
+        self._waiting, self._running = [], []
         self.cache = PeftCache(self.cache.host.capacity, self.cache.device.capacity)
+        self.lora = BatchLora(self.cache, self.ops, self.spec, self.dtype, self.device)
         self.blocks = BlockManager(
             self.blocks.num_blocks, self.tokens_per_block, enable_block_reuse=self.blocks.enable_block_reuse
         )
@@ -445,7 +393,7 @@ class TorchExecutor:
         )
 
 
-def peft_cache_config_for(spec, max_gpu_loras: int, max_cpu_loras: int) -> PeftCacheConfig:
+def peft_cache_config_for(spec, gpu_loras: int, cpu_loras: int) -> PeftCacheConfig:
     return peft_cache_config(
-        spec, max_lora_rank=spec.max_lora_rank, max_gpu_loras=max_gpu_loras, max_cpu_loras=max_cpu_loras
+        spec, max_lora_rank=spec.max_lora_rank, max_gpu_loras=gpu_loras, max_cpu_loras=cpu_loras
     )

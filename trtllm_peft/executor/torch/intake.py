@@ -1,4 +1,5 @@
-"""Checks a request must pass before it joins the engine, and reading the LoRA tensors it carries.
+"""Checks a request must pass before it joins the engine, and reading the LoRA tensors it carries into the
+host tier of the PEFT cache.
 
 Texts follow TensorRT-LLM where it has one (loraUtils.cpp `loraValidateRequestTensors`, executorImpl.cpp);
 the executor prefixes them with "Encountered an error when fetching new request: " as TensorRT-LLM does.
@@ -9,7 +10,16 @@ from __future__ import annotations
 import torch
 
 from trtllm_peft.errors import AdapterError
-from trtllm_peft.executor.api import LoraConfig, Request
+from trtllm_peft.executor.api import (
+    FETCH_ERROR_PREFIX,
+    GUIDE_ERROR_PREFIX,
+    GUIDED_NOT_SETUP_MESSAGE,
+    LoraConfig,
+    Request,
+)
+from trtllm_peft.executor.guided import GuideState
+from trtllm_peft.executor.torch.peft_cache import LoraCacheFullError, PeftCache, PeftTaskNotCachedError
+from trtllm_peft.executor.torch.sequence import Sequence
 from trtllm_peft.lora import LoraAdapter, ModelSpec, unpack, validate
 
 
@@ -73,3 +83,35 @@ def read_lora(lc: LoraConfig, spec: ModelSpec, dtype: torch.dtype) -> LoraAdapte
     if problems:
         raise AdapterError(source, problems)
     return adapter
+
+
+def accept(seq: Sequence, max_seq_len: int, vocab_size: int, guided: bool) -> str | None:
+    """Check a new request and set up its sequence (tokens, output budget, compiled guide); an error or None."""
+    req = seq.request
+    err = check_request(req, max_seq_len, vocab_size)
+    if err:
+        return FETCH_ERROR_PREFIX + err
+    if req.guided_decoding_params is not None:
+        if not guided:
+            return FETCH_ERROR_PREFIX + GUIDED_NOT_SETUP_MESSAGE
+        if seq.guide_future.exception() is not None:
+            return GUIDE_ERROR_PREFIX + str(seq.guide_future.exception())
+        seq.guide = GuideState(seq.guide_future.result())
+    seq.tokens, seq.prompt_len = list(req.input_token_ids), len(req.input_token_ids)
+    seq.max_new = min(req.max_tokens, max_seq_len - seq.prompt_len)
+    return None
+
+
+def admit_lora(cache: PeftCache, lc: LoraConfig, spec: ModelSpec, dtype: torch.dtype) -> str | None:
+    """Host tier: known task -> held (weights ignored); new task -> read, validated, stored. An error or None."""
+    try:
+        if lc.task_id in cache.host or lc.weights is None and lc.config is None:
+            cache.admit(lc.task_id)
+        else:
+            adapter = read_lora(lc, spec, dtype)
+            cache.admit(lc.task_id, sum(w.rank for _, w in adapter), adapter)
+    except (PeftTaskNotCachedError, LoraCacheFullError) as e:
+        return str(e)
+    except (AdapterError, ValueError) as e:
+        return FETCH_ERROR_PREFIX + str(e)
+    return None
