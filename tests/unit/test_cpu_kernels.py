@@ -88,7 +88,9 @@ def test_amx_and_weight_streaming_paths_both_equal_f_linear(amx_paths, m, n, k):
     got = {}
     for on in amx_paths:
         assert KERNELS.set_amx(on) == on
+        before = KERNELS.amx_products()
         got[on] = linear(x)
+        assert KERNELS.amx_products() - before == (on and k % 32 == 0)  # the path we meant ran
         close(got[on], want, torch.bfloat16)
         y = torch.randn(m, n + 8, generator=g).bfloat16()
         before = y.clone()

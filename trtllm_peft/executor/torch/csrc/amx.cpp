@@ -46,6 +46,8 @@ bool amx_here() {
 }
 
 std::atomic<bool> amx_on{true};
+std::atomic<int64_t> products{0};  // AMX products since load (tests check which path ran)
+constexpr int64_t kPieceUnits = 2, kPiecesPerThread = 4;
 std::atomic<int64_t> amx_min_rows{16};  // measured (bench/amx.py): below 16 rows the streaming kernel wins
 
 // Tile configuration: palette 1, tiles 0-3 C (16 × 64 B), 4-5 A (16 × 64 B), 6-7 B (16 × 64 B).
@@ -168,11 +170,15 @@ void amx_linear_rows(const bf16* const* xr, int64_t M, const bf16* wp, int64_t K
   for (int64_t m = 0; m < M; m++) std::memcpy(xa + m * K, xr[m], K * sizeof(bf16));
   std::memset(static_cast<void*>(xa + M * K), 0, (padded - M) * K * sizeof(bf16));
   const int64_t units = ((N + kBlock - 1) / kBlock + 1) / 2;
-  auto body = [&](int64_t u0, int64_t u1) { amx_units(xa, M, K, wp, N, bias, yr, accumulate, u0, u1); };
-  if (may_split)
-    parallel_for(0, units, 1, body);
-  else
-    body(0, units);
+  products.fetch_add(1, std::memory_order_relaxed);
+  if (!may_split || kernel_threads() == 1) return amx_units(xa, M, K, wp, N, bias, yr, accumulate, 0, units);
+  // Pieces of at least kPieceUnits units, about kPiecesPerThread per thread, handed out dynamically.
+  const int64_t per = std::max<int64_t>(kPieceUnits, units / (kPiecesPerThread * kernel_threads()));
+  parallel_pieces((units + per - 1) / per, [&](int64_t p) {
+    amx_units(xa, M, K, wp, N, bias, yr, accumulate, p * per, std::min(units, (p + 1) * per));
+  });
 }
+
+int64_t amx_products() { return products.load(); }
 
 }  // namespace trtllm_peft

@@ -80,6 +80,10 @@ inline int64_t row_grain(int64_t rows, int64_t cols) { return rows * cols < 6553
 // (thread_pool.cpp: the kernels' own workers, woken without a syscall between back-to-back calls).
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 void set_num_threads(int n);  // the kernels' own thread count (0: follow torch's)
+int kernel_threads();         // the threads parallel_for and parallel_pieces use
+// fn(0..n-1), pieces handed out one at a time to whichever thread is free: a thread the OS descheduled
+// holds up one piece, not half of the work (a shared 2-core machine does that often).
+void parallel_pieces(int64_t n, const std::function<void(int64_t)>& fn);
 
 // ---- the module's functions (linear.cpp, lora.cpp, layer_ops.cpp, attend_*.cpp) ------------------------
 
@@ -92,6 +96,7 @@ void linear_into(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, con
 bool amx_available();  // AMX-BF16 here and granted to this process
 bool set_amx(bool on, int64_t min_rows);  // use AMX where it fits (default on); returns whether it is used
 bool amx_fits(int64_t M, int64_t K);
+int64_t amx_products();  // products run on AMX since the module loaded
 void amx_linear_rows(const bf16* const* xr, int64_t M, const bf16* wp, int64_t K, int64_t N, const bf16* bias,
                      bf16* const* yr, bool accumulate, bool may_split);
 template <typename T>

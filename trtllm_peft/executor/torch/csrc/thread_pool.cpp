@@ -116,11 +116,24 @@ std::atomic<int> num_threads{0};
 
 void set_num_threads(int n) { num_threads.store(std::max(n, 0)); }
 
+int kernel_threads() {
+  const int wanted = num_threads.load() > 0 ? num_threads.load() : at::get_num_threads();
+  return std::max(1, std::min(wanted, pool().workers() + 1));
+}
+
+void parallel_pieces(int64_t n, const std::function<void(int64_t)>& fn) {
+  const int threads = kernel_threads();
+  if (threads <= 1 || n <= 1) {
+    for (int64_t i = 0; i < n; i++) fn(i);
+    return;
+  }
+  pool().run(n, threads - 1, fn);
+}
+
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
   const int64_t n = end - begin;
   if (n <= 0) return;
-  const int wanted = num_threads.load() > 0 ? num_threads.load() : at::get_num_threads();
-  const int threads = std::min(wanted, pool().workers() + 1);
+  const int threads = kernel_threads();
   const int64_t chunks = std::min<int64_t>(threads, (n + std::max<int64_t>(grain, 1) - 1) / std::max<int64_t>(grain, 1));
   if (chunks <= 1) {
     fn(begin, end);
