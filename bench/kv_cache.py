@@ -6,11 +6,13 @@
 memory   idle RSS of `trtllm-peft serve` (default engine, ./loras demo adapters), this tree vs the baseline
          commit (the contiguous, zero-filled KV cache), both started by this invocation, one after the other.
 decode   decode tokens/s at batch 8 and 32 (16-token prompts, as bench/engine.py), this tree vs the baseline:
-         two worker processes alive side by side, runs alternating between them, best of --repeats.
+         two worker processes alive side by side, --decode-repeats rounds alternating between them, medians
+         (and the median of the per-round ratios).
 reuse    TTFT of a 1,000-token shared prefix + a distinct 16-token suffix, KvCacheConfig(enable_block_reuse)
          on vs off, one executor each, in this process; requests one at a time after one warm-up request.
-chunked  8 streams decoding when a 2,000-token prompt arrives: their inter-token latencies (p50, p99) with
-         whole prefill vs `enable_chunked_context` (max_num_tokens --chunk).
+chunked  8 streams decoding when a 2,000-token prompt arrives: their inter-token latencies (p50, p99) and the
+         prompt's TTFT, with whole prefill, `enable_chunked_context` with max_num_tokens --chunk and no budget
+         while decoding, and chunked context with the executor's defaults (the server's).
 The baseline tree is `git archive <--baseline>` of trtllm_peft/ (default: the commit before the paged cache).
 Writes bench/results/kv_cache.json.
 """
@@ -33,9 +35,11 @@ BASELINE = "9f5580e"  # main before the paged KV cache (contiguous rows, zero-fi
 PROMPT_LEN = 16
 
 
-def baseline_tree(rev: str) -> Path:
-    """trtllm_peft/ of `rev`, extracted to a temp dir (importable with PYTHONPATH)."""
-    out = Path(tempfile.mkdtemp(prefix="kv_baseline_"))
+def baseline_tree(rev: str, into: Path | None = None) -> Path:
+    """trtllm_peft/ of `rev`, extracted to `into` (default: a temp dir), importable with PYTHONPATH. A fixed
+    `into` keeps the baseline's kernel build across runs (the kernels' module name hashes their directory)."""
+    out = into or Path(tempfile.mkdtemp(prefix="kv_baseline_"))
+    out.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(
         ["git", "-C", str(ROOT), "archive", rev, "trtllm_peft"], capture_output=True, check=True
     )
@@ -101,7 +105,9 @@ def decode_worker() -> None:
 
 
 def bench_decode(trees: dict[str, Path], batches: list[int], n: int, repeats: int) -> dict[str, dict]:
-    """tokens/s = B·(n−1) / (best time of n tokens − best time of 1), per tree and batch, runs alternating."""
+    """tokens/s = B·(n−1) / (time of n tokens − time of 1), per tree and batch: `repeats` rounds, each round
+    running every tree back to back (so a burst of load hits both), medians over the rounds, and the median
+    of the per-round ratios paged / contiguous."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", "")}
     workers = {}
     for name, tree in trees.items():
@@ -121,19 +127,30 @@ def bench_decode(trees: dict[str, Path], batches: list[int], n: int, repeats: in
         return float(p.stdout.readline())
 
     out: dict[str, dict] = {name: {} for name in trees}
+    out["ratio"] = {}
     try:
         for batch in batches:
             for p in workers.values():
                 run(p, batch, 2)  # warm-up
-            t1 = dict.fromkeys(workers, float("inf"))
-            tn = dict.fromkeys(workers, float("inf"))
-            for _ in range(repeats):
-                for name, p in workers.items():
-                    t1[name] = min(t1[name], run(p, batch, 1))
-                    tn[name] = min(tn[name], run(p, batch, n))
+            rounds: dict[str, list[float]] = {name: [] for name in workers}
+            for r in range(repeats):
+                order = list(workers.items())[:: 1 if r % 2 == 0 else -1]  # who goes first alternates
+                for name, p in order:
+                    t1, tn = run(p, batch, 1), run(p, batch, n)
+                    rounds[name].append(batch * (n - 1) / max(tn - t1, 1e-9))
+            first, second = list(workers)
             for name in workers:
-                out[name][batch] = batch * (n - 1) / max(tn[name] - t1[name], 1e-9)
-            print("  batch", batch, {k: f"{v[batch]:.1f} tok/s" for k, v in out.items()}, flush=True)
+                out[name][batch] = statistics.median(rounds[name])
+            out["ratio"][batch] = statistics.median(
+                a / b for a, b in zip(rounds[first], rounds[second], strict=True)
+            )
+            print(
+                "  batch",
+                batch,
+                {k: f"{out[k][batch]:.1f} tok/s" for k in workers},
+                f"ratio (median of {repeats} rounds) {out['ratio'][batch]:.3f}",
+                flush=True,
+            )
         out["peak_rss_mb"] = {name: rss_mb(p.pid, "VmHWM") for name, p in workers.items()}
     finally:
         for p in workers.values():
@@ -145,8 +162,9 @@ def bench_decode(trees: dict[str, Path], batches: list[int], n: int, repeats: in
 # ---- reuse and chunked prefill (this tree, in process) ------------------------------------------------
 
 
-def _stream(ex, reqs, on_response=None) -> dict[int, list[float]]:
-    """Arrival times of each request's responses (until all are final)."""
+def _stream(ex, reqs, on_response=None, on_other=None) -> dict[int, list[float]]:
+    """Arrival times of each request's responses (until all are final); `on_other`: responses to requests
+    enqueued meanwhile."""
     ids = ex.enqueue_requests(reqs)
     times: dict[int, list[float]] = {i: [] for i in ids}
     left = set(ids)
@@ -159,6 +177,8 @@ def _stream(ex, reqs, on_response=None) -> dict[int, list[float]]:
                     on_response(r)
                 if r.result.is_final:
                     left.discard(r.request_id)
+            elif on_other:
+                on_other(r)
     return times
 
 
@@ -184,30 +204,46 @@ def bench_reuse(prefix_len: int, repeats: int) -> dict[str, float]:
 
 
 def bench_chunked(chunk: int, prompt_len: int, streams: int, n: int) -> dict[str, dict]:
+    """ITL of `streams` decoding streams while a `prompt_len`-token prompt arrives (after 10 tokens each),
+    and that prompt's own TTFT: whole prefill, chunks of `chunk` tokens with no budget while decoding (the
+    earlier setting), and the executor's defaults with chunked context on (the server's)."""
     from trtllm_peft.executor.api import KvCacheConfig, Request
     from trtllm_peft.executor.torch import TorchExecutor
 
     out = {}
     for name, kw in (
         ("whole prefill", {}),
-        (f"chunked ({chunk} tokens/iteration)", dict(enable_chunked_context=True, max_num_tokens=chunk)),
+        (
+            f"chunked, max_num_tokens {chunk}, no budget while decoding",
+            dict(enable_chunked_context=True, max_num_tokens=chunk, chunk_tokens_while_decoding=0),
+        ),
+        ("chunked, server defaults", dict(enable_chunked_context=True)),
     ):
         with TorchExecutor(ENGINE, kv_cache_config=KvCacheConfig(enable_block_reuse=False), **kw) as ex:
             long = [(i * 104729) % 40000 + 100 for i in range(prompt_len)]
             reqs = [Request([100 + s] * PROMPT_LEN, n, streaming=True) for s in range(streams)]
-            seen = {"n": 0}
+            seen = {"n": 0, "ttft": None}
 
             def arrive(r, ex=ex, seen=seen, long=long):
                 seen["n"] += 1
                 if seen["n"] == streams * 10:  # the streams are decoding: the long prompt arrives
-                    ex.enqueue_request(Request(long, 1))
+                    seen["t"] = time.perf_counter()
+                    seen["id"] = ex.enqueue_request(Request(long, 1))
 
-            times = _stream(ex, reqs, arrive)
+            def other(r, seen=seen):
+                if r.request_id == seen.get("id") and seen["ttft"] is None:
+                    seen["ttft"] = time.perf_counter() - seen["t"]
+
+            times = _stream(ex, reqs, arrive, other)
         itl = [b - a for t in times.values() for a, b in zip(t, t[1:], strict=False)]
         q = statistics.quantiles(itl, n=100)
         out[name] = {"p50_ms": 1e3 * statistics.median(itl), "p99_ms": 1e3 * q[98], "max_ms": 1e3 * max(itl)}
         out[name]["p99_over_p50"] = out[name]["p99_ms"] / out[name]["p50_ms"]
-        print(f"  {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in out[name].items()), flush=True)
+        out[name]["long_prompt_ttft_s"] = seen["ttft"]
+        print(
+            f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in out[name].items() if v is not None),
+            flush=True,
+        )
     return out
 
 
@@ -215,25 +251,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["memory", "decode", "reuse", "chunked"], action="append")
     ap.add_argument("--baseline", default=BASELINE)
+    ap.add_argument("--baseline-dir", type=Path, help="extract the baseline here (reused between runs)")
     ap.add_argument("--tokens", type=int, default=33, help="decode: tokens per timed run")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="reuse: TTFT samples")
+    ap.add_argument("--decode-repeats", type=int, default=7, help="decode: alternating rounds")
     ap.add_argument("--chunk", type=int, default=32, help="chunked: max_num_tokens per iteration")
     ap.add_argument(
-        "--stream-tokens", type=int, default=256, help="chunked: tokens each of the 8 streams makes"
+        "--stream-tokens", type=int, default=400, help="chunked: tokens each of the 8 streams makes"
     )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return decode_worker()
     sections = args.only or ["memory", "decode", "reuse", "chunked"]
-    trees = {"paged (this tree)": ROOT, f"contiguous ({args.baseline})": baseline_tree(args.baseline)}
+    trees = {
+        "paged (this tree)": ROOT,
+        f"contiguous ({args.baseline})": baseline_tree(args.baseline, args.baseline_dir),
+    }
     results: dict[str, object] = {"loadavg_start": Path("/proc/loadavg").read_text().split()[:3]}
     if "memory" in sections:
         print("memory: idle RSS of trtllm-peft serve", flush=True)
         results["memory"] = bench_memory(trees, settle=5.0)
     if "decode" in sections:
         print("decode: tokens/s, paged vs contiguous (alternating runs)", flush=True)
-        results["decode"] = bench_decode(trees, [8, 32], args.tokens, args.repeats)
+        results["decode"] = bench_decode(trees, [8, 32], args.tokens, args.decode_repeats)
     sys.path.insert(0, str(ROOT))
     if "reuse" in sections:
         print("reuse: TTFT of a 1,000-token shared prefix", flush=True)

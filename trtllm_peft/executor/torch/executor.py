@@ -60,7 +60,7 @@ from trtllm_peft.executor.torch.step import run_step
 log = logging.getLogger(__name__)
 
 # Prompt-chunk tokens per iteration while sequences decode, on CPU (schedule.py; bench/README.md "Paged KV
-# cache": a mixed iteration then costs ~1.5x a decode step at batch 8, wherever the chunk is in its prompt).
+# cache": the streams' worst interval 0.18 s instead of a multi-second stall, the long prompt's TTFT longer).
 CPU_CHUNK_TOKENS_WHILE_DECODING = 16
 
 
