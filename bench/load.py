@@ -223,9 +223,10 @@ async def server_phase(args, wl: Workload, loras: Path, log: Path) -> Phase:
         async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=timeout) as http:
             warm = await http.post("/v1/completions", json={"model": BASE, "prompt": "Hi", "max_tokens": 2})
             warm.raise_for_status()
-            cpu = cpu_seconds(server.proc.pid) + time.process_time()
+            cpu, clients_cpu = cpu_seconds(server.proc.pid), time.process_time()
             t0, records = await run_clients(http_sender(http, wl), wl, args.clients, args.duration)
-            cpu = cpu_seconds(server.proc.pid) + time.process_time() - cpu
+            clients_cpu = time.process_time() - clients_cpu
+            cpu = cpu_seconds(server.proc.pid) - cpu + clients_cpu
             metrics = parse_metrics((await http.get("/v1/metrics")).text)
             rss = peak_rss_gb(server.proc.pid)
     finally:
@@ -233,7 +234,7 @@ async def server_phase(args, wl: Workload, loras: Path, log: Path) -> Phase:
     text = log.read_text()
     loads = [(wl.names.index(name), t - clock) for name, t in load_events(text) if name in wl.names]
     wall = max(r.t_end for r in records) - t0
-    return Phase("server", t0, wall, rss, args.duration, records, cpu, loads, metrics, text)
+    return Phase("server", t0, wall, rss, args.duration, records, cpu, loads, metrics, text, clients_cpu)
 
 
 # ---- the raw executor -------------------------------------------------------------------------------------

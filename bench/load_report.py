@@ -24,6 +24,7 @@ class Phase:
     loads: list[tuple[int, float]]  # (adapter, time) of every load into the host cache, as it reports them
     metrics: list = field(default_factory=list)  # the server's /v1/metrics samples
     log: str = ""  # the server's log
+    client_cpu_s: float | None = None  # of the clients alone, where they run apart (the server phase)
 
 
 def failures(records) -> dict[str, list]:
@@ -199,7 +200,8 @@ def print_resources(server: Phase, raw: Phase, unused: dict[str, int]) -> bool:
     )
     print(
         f"wall time from first request to last answer: server {server.wall_s:.0f} s, raw {raw.wall_s:.0f} s; "
-        f"CPU: server + clients {server.cpu_s:.0f} s, raw + clients {raw.cpu_s:.0f} s; peak RSS: server "
+        f"CPU: server + clients {server.cpu_s:.0f} s (the HTTP clients alone {server.client_cpu_s or 0:.0f} s), "
+        f"raw + clients {raw.cpu_s:.0f} s; peak RSS: server "
         f"{server.peak_rss_gb:.2f} GB, this process (clients, raw executor) {raw.peak_rss_gb:.2f} GB"
     )
     gen = metric_sum(server.metrics, "generation_tokens_total") - 2  # minus the warm-up request's
