@@ -12,7 +12,8 @@ reuse    TTFT of a 1,000-token shared prefix + a distinct 16-token suffix, KvCac
          on vs off, one executor each, in this process; requests one at a time after one warm-up request.
 chunked  8 streams decoding when a 2,000-token prompt arrives: their inter-token latencies (p50, p99) and the
          prompt's TTFT, with whole prefill, `enable_chunked_context` with max_num_tokens --chunk and no budget
-         while decoding, and chunked context with the executor's defaults (the server's).
+         while decoding, and chunked context with the executor's defaults (the server's); with --budget N
+         (repeatable) only chunked context with each budget while decoding (the sweep behind the default).
 The baseline tree is `git archive <--baseline>` of trtllm_peft/ (default: the commit before the paged cache).
 Writes bench/results/kv_cache.json.
 """
@@ -203,22 +204,36 @@ def bench_reuse(prefix_len: int, repeats: int) -> dict[str, float]:
     return out
 
 
-def bench_chunked(chunk: int, prompt_len: int, streams: int, n: int) -> dict[str, dict]:
-    """ITL of `streams` decoding streams while a `prompt_len`-token prompt arrives (after 10 tokens each),
-    and that prompt's own TTFT: whole prefill, chunks of `chunk` tokens with no budget while decoding (the
-    earlier setting), and the executor's defaults with chunked context on (the server's)."""
-    from trtllm_peft.executor.api import KvCacheConfig, Request
-    from trtllm_peft.executor.torch import TorchExecutor
-
-    out = {}
-    for name, kw in (
+def chunked_variants(chunk: int, budgets: list[int] | None) -> list[tuple[str, dict]]:
+    """Whole prefill, chunks of `chunk` tokens with no budget while decoding (the earlier setting) and the
+    executor's defaults with chunked context on (the server's); or, with `budgets`, only chunked context
+    with each of those budgets while decoding (the sweep behind the default)."""
+    if budgets:
+        return [
+            (
+                f"chunked, budget {b} while decoding",
+                dict(enable_chunked_context=True, chunk_tokens_while_decoding=b),
+            )
+            for b in budgets
+        ]
+    return [
         ("whole prefill", {}),
         (
             f"chunked, max_num_tokens {chunk}, no budget while decoding",
             dict(enable_chunked_context=True, max_num_tokens=chunk, chunk_tokens_while_decoding=0),
         ),
         ("chunked, server defaults", dict(enable_chunked_context=True)),
-    ):
+    ]
+
+
+def bench_chunked(variants: list[tuple[str, dict]], prompt_len: int, streams: int, n: int) -> dict[str, dict]:
+    """ITL of `streams` decoding streams while a `prompt_len`-token prompt arrives (after 10 tokens each),
+    and that prompt's own TTFT, for each of `variants` (chunked_variants)."""
+    from trtllm_peft.executor.api import KvCacheConfig, Request
+    from trtllm_peft.executor.torch import TorchExecutor
+
+    out = {}
+    for name, kw in variants:
         with TorchExecutor(ENGINE, kv_cache_config=KvCacheConfig(enable_block_reuse=False), **kw) as ex:
             long = [(i * 104729) % 40000 + 100 for i in range(prompt_len)]
             reqs = [Request([100 + s] * PROMPT_LEN, n, streaming=True) for s in range(streams)]
@@ -259,15 +274,20 @@ def main() -> None:
     ap.add_argument(
         "--stream-tokens", type=int, default=400, help="chunked: tokens each of the 8 streams makes"
     )
+    ap.add_argument(
+        "--budget",
+        type=int,
+        action="append",
+        help="chunked: only chunked context with this budget (repeatable)",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return decode_worker()
     sections = args.only or ["memory", "decode", "reuse", "chunked"]
-    trees = {
-        "paged (this tree)": ROOT,
-        f"contiguous ({args.baseline})": baseline_tree(args.baseline, args.baseline_dir),
-    }
+    trees = {"paged (this tree)": ROOT}
+    if {"memory", "decode"} & set(sections):
+        trees[f"contiguous ({args.baseline})"] = baseline_tree(args.baseline, args.baseline_dir)
     results: dict[str, object] = {"loadavg_start": Path("/proc/loadavg").read_text().split()[:3]}
     if "memory" in sections:
         print("memory: idle RSS of trtllm-peft serve", flush=True)
@@ -281,7 +301,8 @@ def main() -> None:
         results["reuse"] = bench_reuse(1000, args.repeats)
     if "chunked" in sections:
         print("chunked: inter-token latency of 8 streams while a 2,000-token prompt arrives", flush=True)
-        results["chunked"] = bench_chunked(args.chunk, 2000, 8, args.stream_tokens)
+        variants = chunked_variants(args.chunk, args.budget)
+        results["chunked"] = bench_chunked(variants, 2000, 8, args.stream_tokens)
     results["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     out = ROOT / "bench" / "results" / "kv_cache.json"
     out.parent.mkdir(exist_ok=True)

@@ -28,6 +28,16 @@ from trtllm_peft.executor.torch.ops import TorchOps, rope
 
 
 @dataclass
+class FreshChunks:
+    """The iteration's chunks that start their sequence (nothing cached before them), attended together
+    without reading the cache: planned once per iteration, used by every layer."""
+
+    tokens: torch.Tensor  # [F] long: their tokens' indices in the iteration, grouped by chunk length
+    rows: torch.Tensor  # [F·kv] long: the cache rows their K and V go to (PagedKVCache.rows)
+    groups: list[tuple[int, int]]  # (chunk length, number of chunks) per group, in `tokens` order
+
+
+@dataclass
 class Layer:
     ln1: torch.Tensor  # [H]
     qkv: Linear  # [q + 2kv, H] (+ bias [q + 2kv] for Qwen2)
@@ -188,28 +198,36 @@ class LlamaModel:
         a = self.arch
         shape = (a.num_heads, a.num_kv_heads, a.head_dim)
 
+        fresh = plan_fresh(chunks, cache)
+
         def attend(layer, qkv):
-            out = torch.empty(qkv.shape[0], self.q_dim, dtype=qkv.dtype, device=qkv.device)
-            if tc:
-                out[:tc] = self._attend_chunks(layer, qkv[:tc], positions[:tc], chunks, cache)
-            if qkv.shape[0] > tc:
-                out[tc:] = self.ops.attend_decode(
-                    qkv[tc:], self.cos, self.sin, positions[tc:], cache, layer, shape, tables
-                )
-            return out
+            if not tc:  # decode only (the common step): the kernel's output is the layer's
+                return self.ops.attend_decode(qkv, self.cos, self.sin, positions, cache, layer, shape, tables)
+            chunked = self._attend_chunks(layer, qkv[:tc], positions[:tc], chunks, cache, fresh)
+            if qkv.shape[0] == tc:
+                return chunked
+            decoded = self.ops.attend_decode(
+                qkv[tc:], self.cos, self.sin, positions[tc:], cache, layer, shape, tables
+            )
+            return torch.cat([chunked, decoded])
 
         hidden = self._forward(ids, attend, lora, mask)
         ends = torch.tensor([c.length for c in chunks], dtype=torch.long).cumsum(0).tolist()
         for i in context or {}:
             context[i] = self.logits(hidden[ends[i] - chunks[i].length : ends[i]])  # [length, V]
         rows = [e - 1 for e, c in zip(ends, chunks, strict=True) if c.logits]
-        return self.logits(hidden[rows + list(range(tc, ids.shape[0]))])
+        return self.logits(hidden[tc:] if not rows else hidden[rows + list(range(tc, ids.shape[0]))])
 
-    def _attend_chunks(self, layer, qkv, positions, chunks: list[Chunk], cache: PagedKVCache) -> torch.Tensor:
+    def _attend_chunks(
+        self, layer, qkv, positions, chunks: list[Chunk], cache: PagedKVCache, fresh: FreshChunks | None
+    ) -> torch.Tensor:
         """Causal attention of each chunk over its sequence's cache positions 0..start+length-1 -> [Tc, q]."""
         a = self.arch
         shape = (a.num_heads, a.num_kv_heads, a.head_dim)
         out = torch.empty(qkv.shape[0], self.q_dim, dtype=qkv.dtype, device=qkv.device)
+        if fresh is not None:
+            picked = self._attend_fresh(layer, qkv[fresh.tokens], positions[fresh.tokens], fresh, cache)
+            out.index_copy_(0, fresh.tokens, picked)
         off = 0
         for c in chunks:
             span = slice(off, off + c.length)
@@ -220,15 +238,43 @@ class LlamaModel:
                 out[span] = self.ops.attend_chunk(
                     qkv[span], self.cos, self.sin, positions[span], cache, layer, shape, c.table
                 )
-                continue
-            q, k, v = self._split_rope(qkv[span], positions[span])  # [n, heads, hd], [n, kv, hd] x2
-            cache.write(layer, c.table, 0, k, v)
-            o = F.scaled_dot_product_attention(  # the whole prefix is this chunk: no need to read the cache
-                q.transpose(0, 1)[None],
-                k.transpose(0, 1)[None],
-                v.transpose(0, 1)[None],
+        return out
+
+    def _attend_fresh(self, layer, qkv, positions, fresh: FreshChunks, cache: PagedKVCache) -> torch.Tensor:
+        """The fresh chunks' tokens `qkv` [F, q + 2kv]: K and V stored with one copy, then one causal SDPA per
+        group of equal lengths (the whole prefix is the chunk: no need to read the cache) -> [F, q]."""
+        a = self.arch
+        q, k, v = self._split_rope(qkv, positions)  # [F, heads, hd], [F, kv, hd] x2
+        cache.put(layer, fresh.rows, k, v)
+        outs, off = [], 0
+        for n, g in fresh.groups:
+            span = slice(off, off + n * g)
+            off += n * g
+            o = F.scaled_dot_product_attention(
+                q[span].view(g, n, a.num_heads, a.head_dim).transpose(1, 2),
+                k[span].view(g, n, a.num_kv_heads, a.head_dim).transpose(1, 2),
+                v[span].view(g, n, a.num_kv_heads, a.head_dim).transpose(1, 2),
                 is_causal=True,
                 enable_gqa=True,
-            )  # [1, heads, n, hd]
-            out[span] = o[0].transpose(0, 1).reshape(c.length, self.q_dim)
-        return out
+            )  # [g, heads, n, hd]
+            outs.append(o.transpose(1, 2).reshape(g * n, self.q_dim))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def plan_fresh(chunks: list[Chunk], cache: PagedKVCache) -> FreshChunks | None:
+    """Group the chunks with nothing cached before them by length (one batched attention each)."""
+    by_length: dict[int, list[tuple[int, Chunk]]] = {}
+    off = 0
+    for c in chunks:
+        if not c.start:
+            by_length.setdefault(c.length, []).append((off, c))
+        off += c.length
+    if not by_length:
+        return None
+    tokens, rows = [], []
+    for n, group in by_length.items():
+        for o, c in group:
+            tokens.append(torch.arange(o, o + n, device=cache.device))
+            rows.append(cache.rows(c.table, 0, n))
+    groups = [(n, len(group)) for n, group in by_length.items()]
+    return FreshChunks(torch.cat(tokens), torch.cat(rows), groups)

@@ -38,16 +38,16 @@ class PagedKVCache:
         """Zero newly taken blocks (their positions past a sequence's length are read, masked, as zeros)."""
         if blocks:
             idx = torch.tensor(blocks, device=self.device)
-            self.k[:, idx] = 0
-            self.v[:, idx] = 0
+            self.k.index_fill_(1, idx, 0)  # in place, no index_put_ of a broadcast zero tensor
+            self.v.index_fill_(1, idx, 0)
 
     def tables(self, tables: list[list[int]], width: int | None = None) -> torch.Tensor:
-        """Block tables as int32 `[B, width]` (rows padded with block 0, never read past a row's length)."""
-        width = width or max((len(t) for t in tables), default=1)
-        out = torch.zeros(len(tables), max(width, 1), dtype=torch.int32)
-        for i, t in enumerate(tables):
-            out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        return out.to(self.device)
+        """Block tables as int32 `[B, width]` (rows padded with block 0, never read past a row's length).
+
+        One tensor from one padded list: it runs every iteration for every decoding row."""
+        width = max(width or max((len(t) for t in tables), default=1), 1)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        return torch.tensor(padded, dtype=torch.int32, device=self.device).reshape(len(tables), width)
 
     def _slots(self, blocks: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """Rows [n·kv] of a layer viewed as `[num_blocks·kv·tpb, hd]` for tokens at (block, offset) [n]."""
@@ -55,18 +55,22 @@ class PagedKVCache:
         heads = torch.arange(kv, device=self.device)
         return ((blocks[:, None] * kv + heads[None, :]) * self.tokens_per_block + offs[:, None]).reshape(-1)
 
-    def _put(
-        self, layer: int, blocks: torch.Tensor, offs: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> None:
+    def rows(self, table: torch.Tensor, start: int, n: int) -> torch.Tensor:
+        """The rows [n·kv] of positions start..start+n-1 of the sequence whose block table is `table`, in
+        every layer (see `put`): computed once per iteration, not once per layer."""
+        pos = torch.arange(start, start + n, device=self.device)
+        return self._slots(table.long()[pos // self.tokens_per_block], pos % self.tokens_per_block)
+
+    def put(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v `[n, kv, hd]` into `rows` [n·kv] of the layer (from `rows` / `_slots`)."""
         # one index_copy_ into a 2-D view: advanced indexing of the 5-D pool would permute the whole layer
-        rows, hd = self._slots(blocks, offs), k.shape[-1]
+        hd = k.shape[-1]
         self.k[layer].view(-1, hd).index_copy_(0, rows, k.reshape(-1, hd))
         self.v[layer].view(-1, hd).index_copy_(0, rows, v.reshape(-1, hd))
 
     def write(self, layer: int, table: torch.Tensor, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v `[n, kv, hd]` at positions start..start+n-1 of the sequence whose block table is `table`."""
-        pos = torch.arange(start, start + k.shape[0], device=self.device)
-        self._put(layer, table.long()[pos // self.tokens_per_block], pos % self.tokens_per_block, k, v)
+        self.put(layer, self.rows(table, start, k.shape[0]), k, v)
 
     def gather(self, layer: int, table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The sequence's K and V at positions 0..length-1, `[kv, length, hd]` each (a copy)."""
@@ -84,7 +88,7 @@ class PagedKVCache:
         """One token per row: k, v `[B, kv, hd]` at `positions` [B] through `tables` [B, W]."""
         rows = torch.arange(k.shape[0], device=self.device)
         blocks = tables.long()[rows, positions // self.tokens_per_block]
-        self._put(layer, blocks, positions % self.tokens_per_block, k, v)
+        self.put(layer, self._slots(blocks, positions % self.tokens_per_block), k, v)
 
     def gather_rows(self, layer: int, tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's K and V at positions 0..length-1, `[B, kv, length, hd]` (a copy; rows padded)."""
