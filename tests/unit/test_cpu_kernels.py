@@ -100,6 +100,45 @@ def test_amx_and_weight_streaming_paths_both_equal_f_linear(amx_paths, m, n, k):
     close(got[amx_paths[0]], got[False], torch.bfloat16)
 
 
+@pytest.fixture
+def streaming():
+    """The weight-streaming kernel alone (no AMX), its knobs restored afterwards."""
+    KERNELS.set_amx(False)
+    yield KERNELS
+    KERNELS.set_streaming()
+    KERNELS.set_amx(True)
+
+
+# (rows, out, in): 1-8 rows in one pass and 9-64 in several, one unit or many with a partial last unit
+# (width 8/6/3 blocks by rows), a masked last block, odd K, and K of one k pair.
+STREAM_SHAPES = [(1, 16 * 8 * 3 + 5, 33), (2, 300, 2), (4, 16 * 6 * 2 + 16, 64), (5, 400, 31), (8, 960, 576),
+                 (9, 200, 48), (16, 100, 129), (17, 3 * 16 * 5, 64), (33, 250, 96), (64, 97, 17)]  # fmt: skip
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("m", "n", "k"), STREAM_SHAPES)
+def test_streaming_prefetch_and_thread_split_change_no_bit(streaming, dtype, m, n, k):
+    """Prefetching the next unit and splitting small products over threads move no arithmetic: every knob
+    setting gives the same bits, within rounding of F.linear, also accumulating (+ bias) into a column slice."""
+    g = torch.Generator().manual_seed(m * 7 + n + k)
+    w, x, b = (torch.randn(s, generator=g).to(dtype) for s in ((n, k), (m, k), (n,)))
+    linear = KernelOps(KERNELS).linear(w, b)
+    want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    y0 = torch.randn(m, n + 5, generator=g).to(dtype)
+    got = []
+    for prefetch, split in [(True, 0), (False, 2**40), (True, 2**40), (False, 0)]:
+        streaming.set_streaming(prefetch, split)
+        y = y0.clone()
+        linear.add_to(y[:, 2 : 2 + n], x)
+        got.append((linear(x), y))
+    close(got[0][0], want, dtype)
+    close(got[0][1][:, 2 : 2 + n], y0[:, 2 : 2 + n].float() + want, dtype)
+    assert torch.equal(got[0][1][:, :2], y0[:, :2]) and torch.equal(got[0][1][:, 2 + n :], y0[:, 2 + n :])
+    for out, y in got[1:]:
+        assert torch.equal(out, got[0][0]) and torch.equal(y, got[0][1])
+
+
 @needs_kernels
 def test_amx_is_used_only_where_the_cpu_has_it():
     flags = cpu_kernels.cpu_flags()
