@@ -12,9 +12,8 @@ executor's own iteration work (responses, stats). Projections are reported as ac
 bytes read per second) beside the machine's read bandwidth measured the way bench/engine.py measures it,
 and as GFLOP/s beside its float32/bfloat16 matmul rate. The timers cost ~0.3 µs a call (a few % of a step).
 
-`--ab B..`: decode tokens/s (bench/engine.py's formula) with the weight-streaming kernel's prefetch-ahead and
-thread split as they are (`set_streaming()`'s defaults) against both off (the kernel before them: no
-prefetch, products under 2 MiB (float32) / 1 MiB (bfloat16) on one thread), alternating within each round.
+`--ab B..`: decode tokens/s (bench/engine.py's formula) of the weight-streaming kernel's variants (VARIANTS:
+`set_streaming` settings, "before" = no prefetch, as the kernel was), alternating within each round.
 """
 
 from __future__ import annotations
@@ -127,22 +126,28 @@ def report(steps: list[dict[str, float]], nbytes: dict[str, int], batch: int, m:
           f"{2 * batch * all_bytes / size / mm / 1e6:.0f} GFLOP/s; outside them {total - mm:.2f} ms")  # fmt: skip
 
 
-def old_split(dt: str) -> int:
-    """The thread split before set_streaming: products under 32768 block·k on one thread."""
-    return (2 if dt == "float32" else 1) * 2**20
+# set_streaming(mode, split_min, distance) per variant (csrc/linear.cpp): "before" is the kernel before the
+# knobs (no prefetch); the default prefetches the next unit into L2 when a unit takes several passes.
+VARIANTS = {
+    "before": (0, 32768, 16),
+    "default": (1, 32768, 16),
+    "+1-pass": (2, 32768, 16),
+    "+L1 d16": (3, 32768, 16),
+    "+split o": (1, 16384, 16),
+}
 
 
 def ab(ex: TorchExecutor, dt: str, batches: list[int], tokens: int, repeats: int, m: dict) -> None:
-    """Decode tokens/s with the streaming knobs on and off, cases alternating in each round."""
+    """Decode tokens/s of each streaming variant, the variants alternating in each round."""
     k = ex.ops.k
     layers = ex.model.layers  # the floor's parameters: the embedding (= LM head) and every projection
     params = ex.model.embed.numel() + sum(
         lin.packed.numel() for ly in layers for lin in (ly.qkv, ly.o, ly.gate_up, ly.down)
     )
 
-    def knobs(run, on: bool):
+    def knobs(run, knob: tuple[int, int, int]):
         def go(n: int) -> None:
-            k.set_streaming() if on else k.set_streaming(False, old_split(dt))
+            k.set_streaming(*knob)
             try:
                 run(n)
             finally:
@@ -152,10 +157,10 @@ def ab(ex: TorchExecutor, dt: str, batches: list[int], tokens: int, repeats: int
 
     for b in batches:
         run = ours_runner(ex, [], b, 0)
-        rates = interleaved_rates({"on": knobs(run, True), "off": knobs(run, False)}, b, tokens, repeats)
+        rates = interleaved_rates({v: knobs(run, a) for v, a in VARIANTS.items()}, b, tokens, repeats)
         floor = b / floor_ms(params, dt, b, m) * 1e3
-        print(f"  {dt:<8} batch {b:<3} floor {floor:6.0f}  prefetch+split {rates['on']:6.1f}  before "
-              f"{rates['off']:6.1f} tok/s  ({rates['on'] / rates['off']:.2f}x)", flush=True)  # fmt: skip
+        cells = "  ".join(f"{v} {r:6.1f} ({r / rates['before']:.2f}x)" for v, r in rates.items())
+        print(f"  {dt:<8} batch {b:<3} floor {floor:6.0f}  {cells} tok/s", flush=True)
 
 
 def main() -> None:
@@ -166,7 +171,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="batches run; the first is a warm-up")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ab", type=int, nargs="+", default=None, help="batches: knobs on vs off instead")
-    ap.add_argument("--before", action="store_true", help="profile with the streaming knobs off")
+    ap.add_argument("--before", action="store_true", help="profile the kernel as it was (no prefetch)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
@@ -184,7 +189,7 @@ def main() -> None:
             ab(ex, args.dtype, args.ab, args.tokens, args.rounds, m)
             return
         if args.before:
-            ex.ops.k.set_streaming(False, old_split(args.dtype))
+            ex.ops.k.set_streaming(*VARIANTS["before"])
         clock = Clock()
         nbytes = instrument(ex, clock)
         run = ours_runner(ex, [], args.batch, 0)

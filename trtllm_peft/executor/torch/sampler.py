@@ -131,11 +131,13 @@ def sample(
     histories: list[list[int]],
     n_generated: list[int],
     want_logprobs: bool,
+    argmax=None,
 ) -> tuple[list[int], list[float] | None]:
-    """Next token per row of logits [B, V] (float32); log-probs when `want_logprobs`."""
+    """Next token per row of logits [B, V] (float32); log-probs when `want_logprobs`. `argmax`: the
+    all-greedy batch's row-wise argmax (ops.argmax: the CPU kernels' where they run), default torch's."""
     logits = _constrain(logits, states, histories)
     if all(s.plain_greedy for s in states):
-        tokens = torch.argmax(logits, dim=-1)
+        tokens = argmax(logits) if argmax is not None else torch.argmax(logits, dim=-1)
         lps = None
         if want_logprobs:
             lps = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0].tolist()

@@ -27,6 +27,7 @@ constexpr int64_t unit_blocks(int64_t rows) { return rows <= 2 ? 8 : rows <= 4 ?
 struct Ahead {
   const char* p = nullptr;
   int64_t lines = 0, per_k = 0;
+  int64_t near = 0;  // > 0: also each stream's line `near` k steps ahead into L1 (set_streaming mode 3)
   inline void at(int64_t k) const {
     const int64_t end = std::min(lines, (k + 1) * per_k);
     for (int64_t i = k * per_k; i < end; i++) _mm_prefetch(p + i * 64, _MM_HINT_T1);
@@ -39,6 +40,8 @@ inline void dot_f32(const float* const* x, const float* wp, int64_t K, const Ahe
     ahead.at(k);
     __m512 w[NB];
     for (int j = 0; j < NB; j++) w[j] = _mm512_loadu_ps(wp + (j * K + k) * kBlock);
+    if (ahead.near)  // prefetches never fault: past the last block is harmless
+      for (int j = 0; j < NB; j++) _mm_prefetch(reinterpret_cast<const char*>(wp + (j * K + k + ahead.near) * kBlock), _MM_HINT_T0);
     for (int m = 0; m < M; m++) {
       const __m512 xb = _mm512_set1_ps(x[m][k]);
       for (int j = 0; j < NB; j++) acc[m][j] = _mm512_fmadd_ps(xb, w[j], acc[m][j]);
@@ -67,6 +70,9 @@ inline void dot_bf16(const bf16* const* x, const bf16* wp, int64_t K, const Ahea
   const int64_t pairs = (K + 1) / 2;  // the packed block's k pairs (an odd K padded with a zero k)
   for (int64_t k = 0; k < K / 2; k++) {
     ahead.at(k);
+    if (ahead.near)
+      for (int j = 0; j < NB; j++)
+        _mm_prefetch(reinterpret_cast<const char*>(wp + (j * pairs + k + ahead.near) * 2 * kBlock), _MM_HINT_T0);
     dot_bf16_pair<M, NB>(x, wp, pairs, k, false, acc);
   }
   if (K % 2) {
@@ -155,8 +161,11 @@ void tile_rows(const T* const* x, const T* wp, int64_t K, int64_t blk, int64_t n
   }
 }
 
-std::atomic<bool> prefetch_on{true};
-std::atomic<int64_t> split_min_bytes{256 * 1024};
+// set_streaming's knobs. mode 0: no prefetch; 1: the next unit into L2 when a unit takes several passes (more
+// than 8 rows; the default); 2: also with one pass; 3: mode 1 plus each stream `distance` k steps ahead into L1.
+std::atomic<int> prefetch_mode{1};
+std::atomic<int64_t> prefetch_distance{16};
+std::atomic<int64_t> split_min{32768};  // blocks x K below which a product stays on the calling thread
 
 // Units u0..u1 of `width` blocks, every row in passes of kRows, each pass prefetching its share of the next
 // unit (Ahead).
@@ -164,7 +173,9 @@ template <typename T>
 void stream_units(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t N, const T* bias, T* const* yr,
                   bool accumulate, int64_t width, int64_t u0, int64_t u1) {
   const int64_t blocks = (N + kBlock - 1) / kBlock, lines = block_lines<T>(K), passes = (M + kRows - 1) / kRows;
-  const bool pf = prefetch_on.load(std::memory_order_relaxed);
+  const int mode = prefetch_mode.load(std::memory_order_relaxed);
+  const bool pf = mode == 2 || (mode != 0 && passes > 1);
+  const int64_t near = mode == 3 ? prefetch_distance.load(std::memory_order_relaxed) : 0;
   for (int64_t u = u0; u < u1; u++) {
     const int64_t blk = width * u, nb = std::min<int64_t>(width, blocks - blk);
     const int64_t next_lines = u + 1 < u1 && pf ? std::min<int64_t>(width, blocks - blk - width) * lines : 0;
@@ -172,7 +183,7 @@ void stream_units(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t
     const char* next = reinterpret_cast<const char*>(wp) + (blk + width) * lines * 64;
     for (int64_t p = 0, m0 = 0; m0 < M; p++, m0 += kRows) {
       const int64_t first = std::min(next_lines, p * share), count = std::min(next_lines, first + share) - first;
-      const Ahead ahead{next + first * 64, count, (count + lines - 1) / lines};
+      const Ahead ahead{next + first * 64, count, (count + lines - 1) / lines, near};
       switch (std::min<int64_t>(kRows, M - m0)) {
 #define TILE(r) \
   case r: tile_rows<T, r>(xr + m0, wp, K, blk, nb, N, bias, yr + m0, accumulate, ahead); break;
@@ -208,15 +219,17 @@ void linear_rows(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t 
   auto body = [&](int64_t u0, int64_t u1) { stream_units<T>(xr, M, wp, K, N, bias, yr, accumulate, width, u0, u1); };
   // Weights dominate: threads split the output columns, and every 8-row pass reuses a unit's weights from
   // cache. Small products stay on the calling thread (waking a worker costs more than they do).
-  if (!may_split || blocks * block_lines<T>(K) * 64 < split_min_bytes.load(std::memory_order_relaxed))
+  if (!may_split || blocks * K < split_min.load(std::memory_order_relaxed))
     body(0, units);
   else
     parallel_for(0, units, 1, body);
 }
 
-void set_streaming(bool prefetch, int64_t split_bytes) {
-  prefetch_on.store(prefetch);
-  split_min_bytes.store(std::max<int64_t>(split_bytes, 0));
+void set_streaming(int64_t mode, int64_t split_min_blocks_k, int64_t distance) {
+  TORCH_CHECK(mode >= 0 && mode <= 3 && distance >= 1, "set_streaming: mode 0-3, distance >= 1");
+  prefetch_mode.store(static_cast<int>(mode));
+  split_min.store(std::max<int64_t>(split_min_blocks_k, 0));
+  prefetch_distance.store(distance);
 }
 
 template void linear_rows<float>(const float* const*, int64_t, const float*, int64_t, int64_t, const float*,
