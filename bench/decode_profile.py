@@ -132,12 +132,14 @@ VARIANTS = {
     "before": (0, 32768, 16),
     "default": (1, 32768, 16),
     "+1-pass": (2, 32768, 16),
+    "+L1 d8": (3, 32768, 8),
     "+L1 d16": (3, 32768, 16),
+    "+L1 d32": (3, 32768, 32),
     "+split o": (1, 16384, 16),
 }
 
 
-def ab(ex: TorchExecutor, dt: str, batches: list[int], tokens: int, repeats: int, m: dict) -> None:
+def ab(ex: TorchExecutor, dt: str, batches: list[int], tokens: int, repeats: int, m: dict, names) -> None:
     """Decode tokens/s of each streaming variant, the variants alternating in each round."""
     k = ex.ops.k
     layers = ex.model.layers  # the floor's parameters: the embedding (= LM head) and every projection
@@ -157,7 +159,8 @@ def ab(ex: TorchExecutor, dt: str, batches: list[int], tokens: int, repeats: int
 
     for b in batches:
         run = ours_runner(ex, [], b, 0)
-        rates = interleaved_rates({v: knobs(run, a) for v, a in VARIANTS.items()}, b, tokens, repeats)
+        chosen = {v: knobs(run, VARIANTS[v]) for v in ["before", *[n for n in names if n != "before"]]}
+        rates = interleaved_rates(chosen, b, tokens, repeats)
         floor = b / floor_ms(params, dt, b, m) * 1e3
         cells = "  ".join(f"{v} {r:6.1f} ({r / rates['before']:.2f}x)" for v, r in rates.items())
         print(f"  {dt:<8} batch {b:<3} floor {floor:6.0f}  {cells} tok/s", flush=True)
@@ -171,6 +174,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="batches run; the first is a warm-up")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ab", type=int, nargs="+", default=None, help="batches: knobs on vs off instead")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="for --ab")
     ap.add_argument("--before", action="store_true", help="profile the kernel as it was (no prefetch)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -186,7 +190,7 @@ def main() -> None:
     )
     with TorchExecutor(ENGINES[args.dtype], **sizes) as ex:
         if args.ab:
-            ab(ex, args.dtype, args.ab, args.tokens, args.rounds, m)
+            ab(ex, args.dtype, args.ab, args.tokens, args.rounds, m, args.variants)
             return
         if args.before:
             ex.ops.k.set_streaming(*VARIANTS["before"])
