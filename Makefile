@@ -46,11 +46,12 @@ test: $(STAMP) $(KERNELS)  ## run the whole test suite
 test-unit: $(STAMP) $(KERNELS)  ## only the fast, pure unit tests
 	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
 
-lint: $(STAMP)  ## ruff
+lint: $(STAMP)  ## ruff, and the style budget (files over 400 lines, functions over 60)
 	$(BIN)/ruff check trtllm_peft tests bench converters scripts
 	$(BIN)/ruff format --check trtllm_peft tests bench converters scripts
+	$(BIN)/python scripts/check_sizes.py
 
-sizes: $(STAMP)  ## the style budget: files over 400 lines, functions over 60 (not yet in lint: three files are over)
+sizes: $(STAMP)  ## the style budget alone: files over 400 lines, functions over 60
 	$(BIN)/python scripts/check_sizes.py
 
 bench: $(STAMP) $(KERNELS)  ## the benchmarks, peers side by side (about 15 minutes; tables in bench/README.md)

@@ -121,18 +121,21 @@ class Settings:
             api_key=reader.text("TRTLLM_PEFT_API_KEY"),
         )
         reader.raise_if_errors()
-        settings = cls(**values)
-        if settings.grpc_port == settings.server_port:
+        return cls(**values)._consistent()
+
+    def _consistent(self) -> Settings:
+        """Self, once the variables that constrain each other agree (SettingsError naming both otherwise)."""
+        if self.grpc_port == self.server_port:
             raise SettingsError(
-                f"TRTLLM_PEFT_GRPC_PORT ({settings.grpc_port}) must differ from NIM_SERVER_PORT: "
+                f"TRTLLM_PEFT_GRPC_PORT ({self.grpc_port}) must differ from NIM_SERVER_PORT: "
                 "gRPC has its own port (0 turns it off)"
             )
-        if settings.max_cpu_loras < settings.max_gpu_loras:
+        if self.max_cpu_loras < self.max_gpu_loras:
             raise SettingsError(
-                f"NIM_MAX_CPU_LORAS ({settings.max_cpu_loras}) must be >= NIM_MAX_GPU_LORAS "
-                f"({settings.max_gpu_loras}): every adapter on the GPU is also held in host memory"
+                f"NIM_MAX_CPU_LORAS ({self.max_cpu_loras}) must be >= NIM_MAX_GPU_LORAS "
+                f"({self.max_gpu_loras}): every adapter on the GPU is also held in host memory"
             )
-        return settings
+        return self
 
     def replace(self, **changes) -> Settings:
         """A copy with some fields changed (command-line flags override the environment)."""

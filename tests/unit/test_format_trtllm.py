@@ -218,3 +218,27 @@ def test_scaled_b_without_float32_temporaries_is_bit_identical(dtype):
             nan = ref.isnan()
             assert torch.equal(out.isnan(), nan), (source, scale)
             assert torch.equal(out.view(torch.int16)[~nan], ref.view(torch.int16)[~nan]), (source, scale)
+
+
+@pytest.mark.parametrize("source", [torch.float32, torch.float16, torch.bfloat16])
+def test_scaled_b_into_float32_is_bit_identical(source):
+    """Into a float32 row (a float32 engine) B·scale has the bits of `scaled_b(float32)`, one pass or two."""
+    g = torch.Generator().manual_seed(0)
+    b = (
+        torch.cat(
+            [
+                torch.randn(4096, generator=g) * 10.0 ** torch.randint(-30, 30, (4096,), generator=g),
+                torch.tensor([0.0, -0.0, 3e38, -3e38, 1e-45, float("inf")]),
+            ]
+        )
+        .to(source)
+        .reshape(-1, 2)
+    )
+    for scale in (1.0, 2.0, 0.5, 1 / 3, 16 / 7**0.5, 1e-3, 3.7, 65504.0):
+        w = LoraWeights(a=torch.zeros(2, 1), b=b, scale=scale)
+        out = torch.empty_like(b, dtype=torch.float32)
+        write_scaled_b(w, out)
+        assert torch.equal(out.view(torch.int32), w.scaled_b(torch.float32).view(torch.int32)), (
+            source,
+            scale,
+        )

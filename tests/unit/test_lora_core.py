@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -134,6 +135,46 @@ def test_validate_collects_every_problem_grouped_by_layers():
     assert "expected A [r, 16] and B [8, r]" in text
     assert "NaN or inf" in text
     assert len(problems) == 5
+
+
+def _poke(value: float, where: str, dtype: torch.dtype = torch.float32, dora: bool = False) -> LoraWeights:
+    w = weights(SPEC, "attn_q", 2)
+    a, b = w.a.to(dtype), w.b.to(dtype)
+    mag = torch.ones(w.out_features, dtype=dtype) if dora else None
+    target = {"a": a, "b": b, "magnitude": mag}[where]
+    target.view(-1)[3] = value
+    return LoraWeights(a=a, b=b, magnitude=mag, normalized=dora)
+
+
+NONFINITE_CASES = [  # (value, tensor, dtype, DoRA, expected problem or None)
+    (float("nan"), "a", torch.float32, False, "attn_q (q_proj): contains NaN or inf"),
+    (float("inf"), "b", torch.float32, False, "attn_q (q_proj): contains NaN or inf"),
+    (float("-inf"), "a", torch.bfloat16, False, "attn_q (q_proj): contains NaN or inf"),
+    (float("nan"), "b", torch.float16, False, "attn_q (q_proj): contains NaN or inf"),
+    (float("inf"), "magnitude", torch.float32, True, "DoRA magnitude is not finite"),
+    (float("nan"), "magnitude", torch.bfloat16, True, "DoRA magnitude is not finite"),
+    # finite values whose float32 sum overflows: the fast check is unsure, the exact one clears them
+    (3e38, "a", torch.float32, False, None),
+    (6e4, "b", torch.float16, False, None),
+    (1.0, "a", torch.float32, False, None),
+]
+
+
+@pytest.mark.parametrize(("value", "where", "dtype", "dora", "problem"), NONFINITE_CASES)
+def test_validate_finds_nan_and_inf_exactly(value, where, dtype, dora, problem):
+    """validate()'s finiteness check is one float32 sum per tensor, elementwise only where a sum is not
+    finite: every NaN/inf is found (in A, B or a DoRA magnitude, any float dtype), and finite values whose
+    sum overflows are not reported."""
+    spec = dataclasses.replace(SPEC, dora_plugin=True) if dora else SPEC
+    w = _poke(value, where, dtype, dora)
+    if value == 3e38:  # a second huge value in the same tensor: the sum overflows float32
+        w.a.view(-1)[5] = 3e38
+    fine = {(1, "attn_k"): weights(SPEC, "attn_k", 2)}
+    problems = validate(LoraAdapter({(0, "attn_q"): w, **fine}, format="hf"), spec)
+    if problem is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and problem in problems[0] and "(layer 0)" in problems[0]
 
 
 def test_validate_empty_and_zero_rank():

@@ -71,8 +71,12 @@ def write_scaled_b(w: LoraWeights, out: torch.Tensor) -> None:
     """
     b = w.b
     if out.dtype == torch.float32:
-        out.copy_(b)  # exact widening
-        if w.scale != 1.0:
+        if w.scale == 1.0:
+            out.copy_(b)  # exact widening
+        elif b.dtype == torch.float32:
+            torch.mul(b, w.scale, out=out)  # one pass: the float32 product copy_ + mul_ would give
+        else:
+            out.copy_(b)  # exact widening, then the float32 product
             out.mul_(w.scale)
     elif b.dtype in (out.dtype, torch.float32):
         if w.scale == 1.0:

@@ -73,6 +73,15 @@ def run_step(
         blocks.store(seq.id, seq.tokens, seq.cached)
 
 
+def _generation_row(logits: torch.Tensor, i: int, req) -> torch.Tensor | None:
+    """Row i of the step's logits [B, V] for a request that asked for generation logits: a view when it
+    streams (its response, built at the end of this iteration, copies the rows it sends: one copy per token,
+    and the view pins the step's logits only until then), else a copy (kept until the final response)."""
+    if not req.output_config.return_generation_logits:
+        return None
+    return logits[i] if req.streaming else logits[i].clone()  # [V]
+
+
 def take(logits: torch.Tensor, seqs: list[Sequence], masks=None) -> None:
     """Sample a token for each of `seqs` from its row of `logits` [len(seqs), V] and append it; guided rows
     keep only what their grammar allows first (guidedDecoder.cpp execute), `masks`: guided.MaskBuffer."""
@@ -88,8 +97,7 @@ def take(logits: torch.Tensor, seqs: list[Sequence], masks=None) -> None:
         want,
     )
     for i, s in enumerate(seqs):
-        raw = logits[i].clone() if s.request.output_config.return_generation_logits else None  # [V]
-        s.add(tokens[i], lps[i] if lps is not None else None, raw)
+        s.add(tokens[i], lps[i] if lps is not None else None, _generation_row(logits, i, s.request))
     for i in guided:
         s = seqs[i]
         s.guide.accept(tokens[i])

@@ -3,8 +3,8 @@
 //
 // The decode kernel would read each K/V block once per token; here a unit of work is (kv head, tile of up to
 // kTileRows rows), and each K/V block is read once for all the unit's queries (its rows × the kv head's g query
-// heads): K is transposed into a [hd, 16·k] tile in L1 so that sixteen scores come out of one register per
-// query with no horizontal sums, then V is accumulated block by block. Two passes as the decode kernel (exact
+// heads): K is transposed (register shuffles) into a [hd, 16·k] tile in L1 so that sixteen scores come out of
+// one register per query with no horizontal sums, then V is accumulated block by block. Two passes as the decode kernel (exact
 // max, then exp and the weighted sum), so the numbers match it. Units spread over the kernels' threads.
 
 #include "rope.h"
@@ -19,52 +19,86 @@ struct ChunkScratch {
   std::vector<float> q, kt, scores, acc;  // q [Q, hd], kt [hd, tpb16], scores [Q, L16], acc [Q, hd]
 };
 
-// scores[q][t] = scale · q · k_t for the block's n keys (kt: K transposed, [hd, ld]), four queries at a time.
+// scores[q][t] = scale · q · k_t for Q queries and V·16 keys at once: Q·V independent accumulators keep both FMA
+// ports busy (a chain per register would wait on the FMA latency), and each K vector loaded serves Q queries.
+template <int Q, int V>
+inline void scores_tile(const float* q, int64_t hd, const float* kt, int64_t ld, __m512 sc, float* scores,
+                        int64_t lds) {
+  __m512 acc[Q][V];
+  for (int i = 0; i < Q; i++)
+    for (int j = 0; j < V; j++) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < hd; d++) {
+    __m512 k[V];
+    for (int j = 0; j < V; j++) k[j] = _mm512_loadu_ps(kt + d * ld + j * kBlock);
+    for (int i = 0; i < Q; i++) {
+      const __m512 b = _mm512_set1_ps(q[i * hd + d]);
+      for (int j = 0; j < V; j++) acc[i][j] = _mm512_fmadd_ps(b, k[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < Q; i++)
+    for (int j = 0; j < V; j++) _mm512_storeu_ps(scores + i * lds + j * kBlock, _mm512_mul_ps(acc[i][j], sc));
+}
+
+// Q queries (Q < kScoreQ) against the block's keys, two vectors at a time (kt is zero-padded to ld).
+template <int Q>
+void scores_rows(const float* q, int64_t hd, const float* kt, int64_t ld, int64_t n, __m512 sc, float* scores,
+                 int64_t lds) {
+  int64_t c = 0;
+  for (; c + 2 * kBlock <= ld && c < n; c += 2 * kBlock) scores_tile<Q, 2>(q, hd, kt + c, ld, sc, scores + c, lds);
+  for (; c < n; c += kBlock) scores_tile<Q, 1>(q, hd, kt + c, ld, sc, scores + c, lds);
+}
+
+constexpr int kScoreQ = 6;  // queries per score tile: 6 × 2 accumulators + 2 K vectors + a broadcast
+
+// scores[q][t] = scale · q · k_t for the block's n keys (kt: K transposed, [hd, ld]) and all nq queries.
 void block_scores(const float* q, int64_t nq, int64_t hd, const float* kt, int64_t ld, int64_t n, float scale,
                   float* scores, int64_t lds) {
   const __m512 sc = _mm512_set1_ps(scale);
-  for (int64_t c = 0; c < n; c += kBlock) {
-    int64_t r = 0;
-    for (; r + 4 <= nq; r += 4) {
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      for (int64_t d = 0; d < hd; d++) {
-        const __m512 k = _mm512_loadu_ps(kt + d * ld + c);
-        for (int i = 0; i < 4; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[(r + i) * hd + d]), k, acc[i]);
-      }
-      for (int i = 0; i < 4; i++) _mm512_storeu_ps(scores + (r + i) * lds + c, _mm512_mul_ps(acc[i], sc));
-    }
-    for (; r < nq; r++) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t d = 0; d < hd; d++) acc = _mm512_fmadd_ps(_mm512_set1_ps(q[r * hd + d]), _mm512_loadu_ps(kt + d * ld + c), acc);
-      _mm512_storeu_ps(scores + r * lds + c, _mm512_mul_ps(acc, sc));
-    }
+  int64_t r = 0;
+  for (; r + kScoreQ <= nq; r += kScoreQ) scores_rows<kScoreQ>(q + r * hd, hd, kt, ld, n, sc, scores + r * lds, lds);
+  switch (nq - r) {
+#define ROWS(k) \
+  case k: return scores_rows<k>(q + r * hd, hd, kt, ld, n, sc, scores + r * lds, lds);
+    ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5)
+#undef ROWS
   }
 }
 
-// K tile [n, hd] -> kt [hd, ld] float32 (columns n..ld-1 zero), sixteen keys per gather.
-inline void transpose_keys(const float* k, int64_t n, int64_t hd, float* kt, int64_t ld) {
-  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         _mm512_set1_epi32(static_cast<int>(hd)));
-  for (int64_t c = 0; c < ld; c += kBlock) {
-    const __mmask16 m = c < n ? tail_mask(n, c) : 0;
-    const float* base = k + c * hd;
-    for (int64_t d = 0; d < hd; d++)
-      _mm512_storeu_ps(kt + d * ld + c, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, base + d, 4));
+// r[i] = row i of a 16×16 float32 tile -> r[i] = column i (3 shuffle stages, 64 shuffles: ~4× cheaper than
+// 16 gathers, which also wait on every line they touch).
+inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; i++) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; i++) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
   }
 }
-
-// bfloat16: one 32-bit gather brings elements d and d+1 of each key (hd is even).
-inline void transpose_keys(const bf16* k, int64_t n, int64_t hd, float* kt, int64_t ld) {
-  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         _mm512_set1_epi32(static_cast<int>(hd)));
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+// K tile [n, hd] -> kt [hd, ld] float32 (columns n..ld-1 zero), 16 keys × 16 dims per register transpose.
+template <typename T>
+inline void transpose_keys(const T* k, int64_t n, int64_t hd, float* kt, int64_t ld) {
   for (int64_t c = 0; c < ld; c += kBlock) {
-    const __mmask16 m = c < n ? tail_mask(n, c) : 0;
-    const bf16* base = k + c * hd;
-    for (int64_t d = 0; d < hd; d += 2) {
-      const __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, base + d, 2);
-      _mm512_storeu_ps(kt + d * ld + c, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
-      _mm512_storeu_ps(kt + (d + 1) * ld + c, _mm512_castsi512_ps(_mm512_and_si512(w, high)));
+    for (int64_t d0 = 0; d0 < hd; d0 += kBlock) {
+      const __mmask16 m = tail_mask(hd, d0);
+      __m512 r[kBlock];
+      for (int i = 0; i < kBlock; i++) r[i] = c + i < n ? load16(k + (c + i) * hd + d0, m) : _mm512_setzero_ps();
+      transpose16x16(r);
+      for (int64_t i = 0; i < std::min(kBlock, hd - d0); i++) _mm512_storeu_ps(kt + (d0 + i) * ld + c, r[i]);
     }
   }
 }
@@ -84,19 +118,47 @@ float exp_in_place(float* scores, int64_t len) {
   return _mm512_reduce_add_ps(sum);
 }
 
-// acc[q] += Σ_p w[q][p] · V[p] over the block's keys that query q sees (n_q of them), C = hd / 16 known at
-// compile time so one query's accumulators stay in registers while the block's V (in L1) streams by.
+// acc[q] += Σ_{p in [p0, p1)} w[q][p] · V[p] for G queries at once, C = hd / 16 known at compile time: the G·C
+// accumulators stay in registers, and each V row loaded (from L1) serves all G queries.
+template <typename T, int C, int G>
+inline void values_tile(const T* v, int64_t hd, const float* w, int64_t ldw, int64_t p0, int64_t p1, float* acc) {
+  // masks only when hd is not a multiple of 16 (the common head sizes are): the unmasked loop keeps all G·C
+  // accumulators in registers
+  const __mmask16 last = tail_mask(hd, (C - 1) * kBlock);
+  __m512 a[G][C];
+#pragma GCC unroll 16
+  for (int g = 0; g < G; g++)
+#pragma GCC unroll 16
+    for (int i = 0; i < C; i++) a[g][i] = load16(acc + g * hd + i * kBlock, i == C - 1 ? last : 0xFFFF);
+  for (int64_t p = p0; p < p1; p++) {
+    __m512 x[C];
+#pragma GCC unroll 16
+    for (int i = 0; i < C; i++) x[i] = load16(v + p * hd + i * kBlock, i == C - 1 ? last : 0xFFFF);
+#pragma GCC unroll 16
+    for (int g = 0; g < G; g++) {
+      const __m512 s = _mm512_set1_ps(w[g * ldw + p]);
+#pragma GCC unroll 16
+      for (int i = 0; i < C; i++) a[g][i] = _mm512_fmadd_ps(s, x[i], a[g][i]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int g = 0; g < G; g++)
+#pragma GCC unroll 16
+    for (int i = 0; i < C; i++) store16(acc + g * hd + i * kBlock, a[g][i], i == C - 1 ? last : 0xFFFF);
+}
+
+// Every query's weighted values of one block: queries in groups of G over the keys all of the group see (seen[]
+// is non-decreasing: later rows see more), then each query alone over the rest of its own keys.
 template <typename T, int C>
 void block_values(const T* v, int64_t hd, const float* w, int64_t ldw, const int64_t* seen, int64_t nq, float* acc) {
-  for (int64_t r = 0; r < nq; r++) {
-    __m512 a[C];
-    for (int i = 0; i < C; i++) a[i] = load16(acc + r * hd + i * kBlock, tail_mask(hd, i * kBlock));
-    for (int64_t p = 0; p < seen[r]; p++) {
-      const __m512 s = _mm512_set1_ps(w[r * ldw + p]);
-      for (int i = 0; i < C; i++) a[i] = _mm512_fmadd_ps(s, load16(v + p * hd + i * kBlock, tail_mask(hd, i * kBlock)), a[i]);
-    }
-    for (int i = 0; i < C; i++) store16(acc + r * hd + i * kBlock, a[i], tail_mask(hd, i * kBlock));
+  constexpr int G = C <= 2 ? 8 : C <= 4 ? 4 : C <= 8 ? 2 : 1;
+  int64_t r = 0;
+  for (; G > 1 && r + G <= nq; r += G) {
+    values_tile<T, C, G>(v, hd, w + r * ldw, ldw, 0, seen[r], acc + r * hd);
+    for (int g = 0; g < G; g++)
+      values_tile<T, C, 1>(v, hd, w + (r + g) * ldw, ldw, seen[r], seen[r + g], acc + (r + g) * hd);
   }
+  for (; r < nq; r++) values_tile<T, C, 1>(v, hd, w + r * ldw, ldw, 0, seen[r], acc + r * hd);
 }
 
 template <typename T>
@@ -130,14 +192,26 @@ void chunk_unit(const ChunkShape& s, const T* qkv, const T* cos, const T* sin, c
       rope(qkv + r * s.ld + (h * g + j) * hd, cos + p * hd, sin + p * hd, hd, w.q.data() + ((r - r0) * g + j) * hd);
   }
   auto tile = [&](int64_t j) { return (static_cast<int64_t>(table[j]) * s.nkv + h) * tpb * hd; };
+  // The blocks are scattered in the pool and a long context's K/V is not in cache (each layer's weights stream
+  // through it between two layers' attention): the next block is fetched while this one is computed, or each
+  // block's first lines would wait on DRAM with one stream per thread.
+  auto prefetch = [&](const T* c, int64_t j) {
+    if (j >= nb) return;
+    const char* b = reinterpret_cast<const char*>(c + tile(j));
+    for (int64_t o = 0; o < tpb * hd * static_cast<int64_t>(sizeof(T)); o += 64) _mm_prefetch(b + o, _MM_HINT_T0);
+  };
+  prefetch(kc, 0);
   for (int64_t j = 0; j < nb; j++) {  // pass 1: every query's scores, each K block transposed once
     const int64_t n = std::min(tpb, len - j * tpb);
+    prefetch(kc, j + 1);
     transpose_keys(kc + tile(j), n, hd, w.kt.data(), ldk);
     block_scores(w.q.data(), nq, hd, w.kt.data(), ldk, n, scale, w.scores.data() + j * tpb, lds);
   }
+  prefetch(vc, 0);  // while the exponentials are computed
   std::vector<float> sums(nq);
   for (int64_t r = 0; r < nq; r++) sums[r] = exp_in_place(w.scores.data() + r * lds, s.start + r0 + r / g + 1);
   for (int64_t j = 0; j < nb; j++) {  // pass 2: the weighted values, each V block read once
+    prefetch(vc, j + 1);
     for (int64_t r = 0; r < nq; r++) seen[r] = std::clamp<int64_t>(s.start + r0 + r / g + 1 - j * tpb, 0, tpb);
     block_values_any(vc + tile(j), hd, w.scores.data() + j * tpb, lds, seen.data(), nq, w.acc.data());
   }

@@ -94,7 +94,7 @@ void linear_into(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, con
 // bfloat16 products of at least `min_rows` rows (and K a multiple of 32) go to AMX tiles where the CPU has
 // them (amx.cpp); fewer rows stream the weights (linear.cpp).
 bool amx_available();  // AMX-BF16 here and granted to this process
-bool set_amx(bool on, int64_t min_rows);  // use AMX where it fits (default on); returns whether it is used
+bool set_amx(bool on, int64_t min_rows, bool prefetch);  // use AMX where it fits (default on); returns whether used
 bool amx_fits(int64_t M, int64_t K);
 int64_t amx_products();  // products run on AMX since the module loaded
 void amx_linear_rows(const bf16* const* xr, int64_t M, const bf16* wp, int64_t K, int64_t N, const bf16* bias,

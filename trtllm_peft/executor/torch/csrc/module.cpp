@@ -8,7 +8,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_num_threads", &tp::set_num_threads, "threads the kernels use (0: torch's count)");
   m.def("amx_available", &tp::amx_available, "AMX-BF16 on this CPU and granted to this process");
   m.def("set_amx", &tp::set_amx, "bf16 products of >= min_rows rows on AMX tiles (default on); returns whether used",
-        pybind11::arg("on"), pybind11::arg("min_rows") = 16);
+        pybind11::arg("on"), pybind11::arg("min_rows") = 16, pybind11::arg("prefetch") = true);
   m.def("amx_products", &tp::amx_products, "products run on AMX tiles since load (which path ran)");
   m.def("pack", &tp::pack, "W [N, K] -> packed 16-column blocks (linear.cpp)");
   m.def("linear", &tp::linear, "x · Wᵀ (+ b) from a packed W");
