@@ -64,10 +64,12 @@ void apply_adapter(const LoraGroup& g, size_t j, const int64_t* rows, int64_t t,
   // bfloat16 LoRA-A of kAmxRows or more tokens on AMX tiles, below linear_rows' own threshold: a half-empty
   // 16-row tile still multiplies faster than the streaming kernel from 8 rows on (batch 64 of 8 adapters).
   bool amx = false;
-  if constexpr (std::is_same<T, bf16>::value) amx = t >= kAmxRows && amx_fits(1 << 20, x.size(1));
-  if (amx)
-    amx_linear_rows(s.in.data(), t, g.a[j]->data_ptr<T>(), x.size(1), width, nullptr, s.out.data(), false, may_split);
-  else
+  if constexpr (std::is_same<T, bf16>::value) {
+    amx = t >= kAmxRows && amx_fits(1 << 20, x.size(1));
+    if (amx)
+      amx_linear_rows(s.in.data(), t, g.a[j]->data_ptr<T>(), x.size(1), width, nullptr, s.out.data(), false, may_split);
+  }
+  if (!amx)
     linear_rows<T>(s.in.data(), t, g.a[j]->data_ptr<T>(), x.size(1), width, nullptr, s.out.data(), false, may_split);
   for (int64_t p = 0; p < parts; p++) {
     for (int64_t i = 0; i < t; i++) {
