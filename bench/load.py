@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import tempfile
@@ -68,6 +69,7 @@ PROMPTS = (
 BASE = "smollm2"
 RETRY_S = 1.0  # the raw executor's "cache full" waits as long as the server's Retry-After
 HANG_S = 120.0  # a request silent this long is reported as a hang
+SETTINGS = {"NIM_MAX_CPU_LORAS": "16", "NIM_MAX_GPU_LORAS": "8"}  # of the server and of the raw executor
 
 
 @dataclass
@@ -214,8 +216,7 @@ async def server_phase(args, wl: Workload, loras: Path, log: Path) -> Phase:
         ENGINE,
         loras,
         log,
-        NIM_MAX_CPU_LORAS="16",
-        NIM_MAX_GPU_LORAS="8",
+        **SETTINGS,
         NIM_SERVED_MODEL_NAME=BASE,
         NIM_LOG_LEVEL="INFO",  # "adapter 'x' loaded" lines, with millisecond times in JSON
         NIM_JSONL_LOGGING="1",
@@ -284,9 +285,7 @@ def raw_sender(client: EngineClient, wl: Workload, adapter_of):
 async def raw_phase(args, wl: Workload, adapters, token_text, name: str = "raw") -> tuple[Phase, object]:
     """The same clients straight on a TorchExecutor (through the server's async bridge, nothing else), their
     adapters `adapters(i)`: packed before the window, or from disk (load_client_adapters.py)."""
-    from trtllm_peft.executor.torch import TorchExecutor
-
-    executor = await asyncio.to_thread(TorchExecutor, ENGINE, max_gpu_loras=8, max_cpu_loras=16)
+    executor = await asyncio.to_thread(raw_executor)
     client = EngineClient(executor, asyncio.get_running_loop())
     loads = _record_loads(executor.cache.host)
     try:
@@ -318,6 +317,19 @@ def _record_loads(tier) -> list[tuple[int, float]]:
 
     tier.put = recording_put
     return events
+
+
+def raw_executor():
+    """The executor the server builds (executor/factory.py) from the same settings: same caches, KV cache
+    config (NIM's default: no block reuse; TensorRT-LLM's KvCacheConfig default would reuse prompt blocks),
+    chunked context, token budgets. Built otherwise, the raw side would run a differently configured engine."""
+    from trtllm_peft.engine.engine_dir import EngineDir
+    from trtllm_peft.executor.factory import create_executor
+    from trtllm_peft.settings import Settings
+
+    env = {**os.environ, **SETTINGS, "TRTLLM_PEFT_ENGINE_DIR": str(ENGINE)}
+    env.pop("NIM_PEFT_SOURCE", None)
+    return create_executor(Settings.from_env(env), EngineDir.open(ENGINE))
 
 
 # ---- main -------------------------------------------------------------------------------------------------
