@@ -75,12 +75,14 @@ def amx_paths():
 @needs_kernels
 @pytest.mark.parametrize(
     ("m", "n", "k"),
-    [(16, 48, 32), (17, 40, 64), (33, 49, 96), (64, 960, 576), (300, 576, 1536), (40, 33, 129)],
-)
+    [(16, 48, 32), (17, 40, 64), (33, 49, 96), (64, 960, 576), (65, 80, 96), (129, 33, 32), (300, 576, 1536),
+     (40, 33, 129)],
+)  # fmt: skip
 def test_amx_and_weight_streaming_paths_both_equal_f_linear(amx_paths, m, n, k):
     """Rows >= 16 with K a multiple of 32 take AMX tiles where available (partial row blocks, an odd
-    number of 16-column blocks, a masked last block); K = 129 always streams. Both paths stay within one
-    bfloat16 rounding of the float32 product, and of each other."""
+    number of 16-column blocks, a masked last block; more than 64 rows load x with the streaming hint);
+    K = 129 always streams. Both paths stay within one bfloat16 rounding of the float32 product, and of
+    each other."""
     g = torch.Generator().manual_seed(m + n + k)
     w, x, b = (torch.randn(s, generator=g).bfloat16() for s in ((n, k), (m, k), (n,)))
     linear = KernelOps(KERNELS).linear(w, b)
@@ -98,6 +100,23 @@ def test_amx_and_weight_streaming_paths_both_equal_f_linear(amx_paths, m, n, k):
         close(y[:, 3 : 3 + n], before[:, 3 : 3 + n].float() + want, torch.bfloat16)
         assert torch.equal(y[:, :3], before[:, :3]) and torch.equal(y[:, 3 + n :], before[:, 3 + n :])
     close(got[amx_paths[0]], got[False], torch.bfloat16)
+
+
+@needs_kernels
+@pytest.mark.parametrize(("m", "n", "k"), [(16, 40, 64), (48, 960, 576), (100, 576, 1536)])
+def test_amx_weight_prefetch_changes_no_result(amx_paths, m, n, k):
+    """set_amx(prefetch=False) (bench/amx_profile.py's A/B) only drops the software prefetch: the same
+    products in the same order, so bit-identical outputs."""
+    g = torch.Generator().manual_seed(m + n + k)
+    w, x = torch.randn(n, k, generator=g).bfloat16(), torch.randn(m, k, generator=g).bfloat16()
+    linear = KernelOps(KERNELS).linear(w)
+    got = []
+    for prefetch in (True, False):
+        KERNELS.set_amx(True, 16, prefetch)
+        before = KERNELS.amx_products()
+        got.append(linear(x))
+        assert KERNELS.amx_products() - before == int(KERNELS.amx_available())
+    assert torch.equal(got[0], got[1])
 
 
 @needs_kernels

@@ -27,6 +27,7 @@ namespace {
 
 constexpr int64_t kTileK = 32;  // bf16 k per tile multiply (16 rows of 64 bytes in A, 16 k pairs in B)
 constexpr int64_t kTileM = 16;  // rows of an A / C tile
+constexpr int64_t kStreamRows = 64;  // products with more rows load x with the streaming hint (tile_block)
 
 bool detect_amx() {
   unsigned a, b, c, d;
@@ -49,6 +50,7 @@ std::atomic<bool> amx_on{true};
 std::atomic<int64_t> products{0};  // AMX products since load (tests check which path ran)
 constexpr int64_t kPieceUnits = 2, kPiecesPerThread = 4;
 std::atomic<int64_t> amx_min_rows{16};  // measured (bench/amx.py): below 16 rows the streaming kernel wins
+std::atomic<bool> amx_prefetch{true};   // software prefetch of the next unit's weights (bench/amx.py compares)
 
 // Tile configuration: palette 1, tiles 0-3 C (16 × 64 B), 4-5 A (16 × 64 B), 6-7 B (16 × 64 B).
 struct alignas(64) TileConfig {
@@ -76,9 +78,12 @@ void store_c(const float* buf, int64_t rows, int64_t col, int64_t N, const bf16*
 
 // Rows m0.. (MA A tiles) of the padded x against column blocks blk.. (NB B tiles), all of K.
 // `ahead`: the next unit's weights (or null), prefetched tile by tile while this unit computes — a tile
-// load that misses to DRAM stalls the multiplies behind it, and two weight streams alone cannot hide that
-// (measured in the engine: 4-5 GB/s from DRAM without it).
-template <int MA, int NB>
+// load that misses to DRAM stalls the multiplies behind it (measured in the engine: 4-5 GB/s from DRAM
+// without it). SA: x's tiles are loaded with the streaming hint (tileloaddt1), for products of more than
+// kStreamRows rows (prefill): there x is re-read once per unit from L2 while the unit's weights serve every
+// row block, so x must not evict them from L1 (measured, weights in cache, 1 thread: 512 rows 1.2-1.6x,
+// 128 rows 1.1x; at 64 rows with the weights streamed from DRAM (decode) it was 15% slower).
+template <int MA, int NB, bool SA>
 __attribute__((target("amx-tile,amx-bf16"))) void tile_block(const bf16* xa, int64_t K, const bf16* wp, int64_t blk,
                                                              int64_t rows, int64_t N, const bf16* bias,
                                                              bf16* const* y, bool accumulate, const bf16* ahead) {
@@ -94,8 +99,13 @@ __attribute__((target("amx-tile,amx-bf16"))) void tile_block(const bf16* xa, int
       for (int64_t line = 0; line < 2 * kTileM * 64; line += 64)  // both tiles of the next unit at this k
         _mm_prefetch(reinterpret_cast<const char*>(ahead + k * kBlock) + (line & 1023) + (line >> 10) * pairs * 64,
                      _MM_HINT_T0);
-    _tile_loadd(4, xa + k, xstride);
-    if (MA == 2) _tile_loadd(5, xa + kTileM * K + k, xstride);
+    if constexpr (SA) {
+      _tile_stream_loadd(4, xa + k, xstride);
+      if (MA == 2) _tile_stream_loadd(5, xa + kTileM * K + k, xstride);
+    } else {
+      _tile_loadd(4, xa + k, xstride);
+      if (MA == 2) _tile_loadd(5, xa + kTileM * K + k, xstride);
+    }
     _tile_loadd(6, b0 + k * kBlock, 64);
     if (NB == 2) _tile_loadd(7, b1 + k * kBlock, 64);
     _tile_dpbf16ps(0, 4, 6);
@@ -115,6 +125,22 @@ __attribute__((target("amx-tile,amx-bf16"))) void tile_block(const bf16* xa, int
   }
 }
 
+// The tile_block for `rows` (1..32) and one or two column blocks.
+template <bool SA>
+__attribute__((target("amx-tile,amx-bf16"))) void row_block(const bf16* x, int64_t K, const bf16* wp, int64_t blk, bool two, int64_t rows, int64_t N,
+               const bf16* bias, bf16* const* y, bool accumulate, const bf16* ahead) {
+  if (rows > kTileM) {
+    if (two)
+      tile_block<2, 2, SA>(x, K, wp, blk, rows, N, bias, y, accumulate, ahead);
+    else
+      tile_block<2, 1, SA>(x, K, wp, blk, rows, N, bias, y, accumulate, ahead);
+  } else if (two) {
+    tile_block<1, 2, SA>(x, K, wp, blk, rows, N, bias, y, accumulate, ahead);
+  } else {
+    tile_block<1, 1, SA>(x, K, wp, blk, rows, N, bias, y, accumulate, ahead);
+  }
+}
+
 // Column units u0..u1 (two 16-column blocks each) over every row block.
 __attribute__((target("amx-tile,amx-bf16"))) void amx_units(const bf16* xa, int64_t M, int64_t K, const bf16* wp,
                                                             int64_t N, const bf16* bias, bf16* const* yr,
@@ -122,24 +148,19 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_units(const bf16* xa, int6
   static const TileConfig config;
   _tile_loadconfig(&config);  // per thread: the tile state is per thread
   const int64_t blocks = (N + kBlock - 1) / kBlock;
+  const bool prefetch = amx_prefetch.load(std::memory_order_relaxed);
   for (int64_t u = u0; u < u1; u++) {
     const int64_t blk = 2 * u;
     const bool two = blocks - blk >= 2;
-    const bf16* next = u + 1 < u1 ? wp + (blk + 2) * (K / 2) * 2 * kBlock : nullptr;
+    const bf16* next = u + 1 < u1 && prefetch ? wp + (blk + 2) * (K / 2) * 2 * kBlock : nullptr;
     for (int64_t m0 = 0; m0 < M; m0 += 2 * kTileM) {
       const int64_t rows = std::min<int64_t>(2 * kTileM, M - m0);
       const bf16* x = xa + m0 * K;
       const bf16* ahead = m0 == 0 ? next : nullptr;  // once per unit
-      if (rows > kTileM) {
-        if (two)
-          tile_block<2, 2>(x, K, wp, blk, rows, N, bias, yr + m0, accumulate, ahead);
-        else
-          tile_block<2, 1>(x, K, wp, blk, rows, N, bias, yr + m0, accumulate, ahead);
-      } else if (two) {
-        tile_block<1, 2>(x, K, wp, blk, rows, N, bias, yr + m0, accumulate, ahead);
-      } else {
-        tile_block<1, 1>(x, K, wp, blk, rows, N, bias, yr + m0, accumulate, ahead);
-      }
+      if (M > kStreamRows)
+        row_block<true>(x, K, wp, blk, two, rows, N, bias, yr + m0, accumulate, ahead);
+      else
+        row_block<false>(x, K, wp, blk, two, rows, N, bias, yr + m0, accumulate, ahead);
     }
   }
   _tile_release();
@@ -149,9 +170,10 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_units(const bf16* xa, int6
 
 bool amx_available() { return amx_here(); }
 
-bool set_amx(bool on, int64_t min_rows) {
+bool set_amx(bool on, int64_t min_rows, bool prefetch) {
   amx_on.store(on && amx_here());
   amx_min_rows.store(std::max<int64_t>(min_rows, 1));
+  amx_prefetch.store(prefetch);
   return amx_on.load();
 }
 
