@@ -47,7 +47,7 @@ class GroupedLoraBatch:
     """The adapters of one batch (`prepare_packed` output), referenced in place; same interface as LoraBatch."""
 
     def __init__(self, kernels, adapters: list[AdapterTensors], spec: ModelSpec) -> None:
-        self.single, self.n = len(adapters) == 1, len(adapters)
+        self.k, self.single, self.n = kernels, len(adapters) == 1, len(adapters)
         ranks = [a.width for a in adapters]
         self.groups = {}
         self.scaled: set[tuple[int, str]] = set()  # (layer, group)s a DoRA adapter of the batch rescales
@@ -67,11 +67,12 @@ class GroupedLoraBatch:
                     if any(m is not None for m in mags):
                         self.scaled.add((layer, g))
 
-    def mask(self, token_adapter: torch.Tensor) -> torch.Tensor | None:
-        """Each token's adapter index (-1: none) as the kernels take it; None when all use the only one."""
+    def mask(self, token_adapter: torch.Tensor):
+        """Each adapter's tokens (token_adapter [T]: index into the batch, -1: none), grouped once per step for
+        every (layer, group) call (kernels.LoraRows); None when all use the only adapter."""
         if self.single and bool((token_adapter == 0).all()):
             return None
-        return token_adapter.to(torch.long).contiguous()
+        return self.k.LoraRows(token_adapter.to(torch.long), self.n)
 
     def scales(self, layer: int, group: str) -> bool:
         """Whether a DoRA adapter of this batch rescales this (layer, group)'s output."""
@@ -83,7 +84,7 @@ class GroupedLoraBatch:
         group: str,
         x: torch.Tensor,
         y: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask,
         bias: torch.Tensor | None = None,
     ) -> None:
         """y[T, out] += the LoRA delta of each token's adapter for this (layer, group); x [T, in]. When

@@ -107,6 +107,17 @@ void linear_rows(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t 
 template <typename T>
 void linear_each(const T* const* xr, const T* const* wr, int64_t M, int64_t K, int64_t N, T* const* yr, bool accumulate);
 
+// A batch's tokens grouped by adapter (lora.cpp): built once per step from each token's adapter index
+// (-1: none) and shared by the step's calls of every (layer, group).
+struct LoraRows {
+  std::vector<int64_t> rows;   // token indices, adapter by adapter, ascending within one
+  std::vector<int64_t> start;  // adapter j's tokens: rows[start[j] .. start[j + 1])
+  int64_t tokens = 0;
+  LoraRows(const torch::Tensor& token_adapter, int64_t adapters);
+  LoraRows(int64_t tokens, int64_t adapters);  // every token uses adapter 0
+  int64_t count(size_t j) const { return start[j + 1] - start[j]; }
+};
+
 // One (layer, projection group) of a batch's adapters, for LoRA applied per adapter segment (lora.cpp).
 struct LoraGroup {
   std::vector<c10::optional<torch::Tensor>> a;  // per adapter: packed A [P·R_j, in], none if it lacks the group
@@ -114,8 +125,8 @@ struct LoraGroup {
   std::vector<int64_t> ranks;                   // R_j
   std::vector<int64_t> starts, widths;          // per part p: its columns of the group's output
   std::vector<c10::optional<torch::Tensor>> mag;  // per adapter: DoRA factor, float32 [out] (1 on plain parts), or none
-  void apply(const torch::Tensor& x, torch::Tensor& y, const c10::optional<torch::Tensor>& token_adapter,
-             const c10::optional<torch::Tensor>& bias) const;
+  // rows: null = every token uses adapter 0
+  void apply(const torch::Tensor& x, torch::Tensor& y, const LoraRows* rows, const c10::optional<torch::Tensor>& bias) const;
 };
 
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps);

@@ -17,6 +17,10 @@
 namespace trtllm_peft {
 namespace {
 
+constexpr int64_t kAmxRows = 8;      // see apply_adapter
+constexpr int64_t kSideRows = 4;     // equal segments of at most this many tokens stream side by side
+constexpr int64_t kPieceRows = 16;   // tokens of one piece of side-by-side adapters (a thread's unit of work)
+
 // Scratch reused across calls on a thread: an adapter segment's products allocate nothing.
 template <typename T>
 struct Scratch {
@@ -43,11 +47,12 @@ void dora_rows(const torch::Tensor& g, const T* bias, const int64_t* rows, int64
   }
 }
 
+
 template <typename T>
-void apply_adapter(const LoraGroup& g, size_t j, const std::vector<int64_t>& rows, const torch::Tensor& x,
+void apply_adapter(const LoraGroup& g, size_t j, const int64_t* rows, int64_t t, const torch::Tensor& x,
                    torch::Tensor& y, const T* bias, bool may_split) {
   thread_local Scratch<T> s;
-  const int64_t t = static_cast<int64_t>(rows.size()), rank = g.ranks[j];
+  const int64_t rank = g.ranks[j];
   const int64_t parts = static_cast<int64_t>(g.starts.size()), width = parts * rank;
   s.xa.resize(t * width);
   s.in.resize(t);
@@ -56,7 +61,16 @@ void apply_adapter(const LoraGroup& g, size_t j, const std::vector<int64_t>& row
     s.in[i] = x.data_ptr<T>() + rows[i] * x.stride(0);
     s.out[i] = s.xa.data() + i * width;
   }
-  linear_rows<T>(s.in.data(), t, g.a[j]->data_ptr<T>(), x.size(1), width, nullptr, s.out.data(), false, may_split);
+  // bfloat16 LoRA-A of kAmxRows or more tokens on AMX tiles, below linear_rows' own threshold: a half-empty
+  // 16-row tile still multiplies faster than the streaming kernel from 8 rows on (batch 64 of 8 adapters).
+  bool amx = false;
+  if constexpr (std::is_same<T, bf16>::value) {
+    amx = t >= kAmxRows && amx_fits(1 << 20, x.size(1));
+    if (amx)
+      amx_linear_rows(s.in.data(), t, g.a[j]->data_ptr<T>(), x.size(1), width, nullptr, s.out.data(), false, may_split);
+  }
+  if (!amx)
+    linear_rows<T>(s.in.data(), t, g.a[j]->data_ptr<T>(), x.size(1), width, nullptr, s.out.data(), false, may_split);
   for (int64_t p = 0; p < parts; p++) {
     for (int64_t i = 0; i < t; i++) {
       s.in[i] = s.xa.data() + i * width + p * rank;
@@ -64,47 +78,73 @@ void apply_adapter(const LoraGroup& g, size_t j, const std::vector<int64_t>& row
     }
     linear_rows<T>(s.in.data(), t, g.b[j][p].data_ptr<T>(), rank, g.widths[p], nullptr, s.out.data(), true, may_split);
   }
-  if (g.mag[j]) dora_rows<T>(*g.mag[j], bias, rows.data(), t, y);
+  if (g.mag[j]) dora_rows<T>(*g.mag[j], bias, rows, t, y);
 }
 
-// Adapters work[w0..w1) of equal rank, one token each (a decode step of distinct adapters): their products
-// run side by side (linear_each), so every adapter's weights stream at once instead of one small array
-// after another.
+// Adapters work[w0..w1) of equal rank and equal token count r (a decode step of distinct adapters): their
+// products run side by side (linear_each, each row against its own adapter's weights), so several adapters'
+// weights stream at once instead of one small array after another.
 template <typename T>
-void apply_single_tokens(const LoraGroup& g, const std::vector<size_t>& work, const std::vector<std::vector<int64_t>>& rows,
-                         int64_t w0, int64_t w1, const torch::Tensor& x, torch::Tensor& y, const T* bias) {
+void apply_equal(const LoraGroup& g, const std::vector<size_t>& work, const LoraRows& segs, int64_t w0, int64_t w1,
+                 const torch::Tensor& x, torch::Tensor& y, const T* bias) {
   thread_local Scratch<T> s;
-  const int64_t n = w1 - w0, rank = g.ranks[work[w0]];
+  const int64_t r = segs.count(work[w0]), n = (w1 - w0) * r, rank = g.ranks[work[w0]];
   const int64_t parts = static_cast<int64_t>(g.starts.size()), width = parts * rank;
+  auto adapter = [&](int64_t i) -> size_t { return work[w0 + i / r]; };
+  auto row = [&](int64_t i) -> int64_t { return segs.rows[segs.start[adapter(i)] + i % r]; };
   s.xa.resize(n * width);
   s.in.resize(n);
   s.w.resize(n);
   s.out.resize(n);
   for (int64_t i = 0; i < n; i++) {
-    const size_t j = work[w0 + i];
-    s.in[i] = x.data_ptr<T>() + rows[j][0] * x.stride(0);
-    s.w[i] = g.a[j]->data_ptr<T>();
+    s.in[i] = x.data_ptr<T>() + row(i) * x.stride(0);
+    const torch::Tensor& wa = *g.a[adapter(i)];
+    s.w[i] = wa.data_ptr<T>();
     s.out[i] = s.xa.data() + i * width;
   }
   linear_each<T>(s.in.data(), s.w.data(), n, x.size(1), width, s.out.data(), false);
   for (int64_t p = 0; p < parts; p++) {
     for (int64_t i = 0; i < n; i++) {
-      const size_t j = work[w0 + i];
       s.in[i] = s.xa.data() + i * width + p * rank;
-      s.w[i] = g.b[j][p].data_ptr<T>();
-      s.out[i] = y.data_ptr<T>() + rows[j][0] * y.stride(0) + g.starts[p];
+      const torch::Tensor& wb = g.b[adapter(i)][p];
+      s.w[i] = wb.data_ptr<T>();
+      s.out[i] = y.data_ptr<T>() + row(i) * y.stride(0) + g.starts[p];
     }
     linear_each<T>(s.in.data(), s.w.data(), n, rank, g.widths[p], s.out.data(), true);
   }
-  for (int64_t i = 0; i < n; i++) {
-    const size_t j = work[w0 + i];
-    if (g.mag[j]) dora_rows<T>(*g.mag[j], bias, rows[j].data(), 1, y);
-  }
+  for (int64_t w = w0; w < w1; w++)
+    if (g.mag[work[w]]) dora_rows<T>(*g.mag[work[w]], bias, segs.rows.data() + segs.start[work[w]], r, y);
 }
+
 
 }  // namespace
 
-void LoraGroup::apply(const torch::Tensor& x, torch::Tensor& y, const c10::optional<torch::Tensor>& token_adapter,
+LoraRows::LoraRows(const torch::Tensor& token_adapter, int64_t adapters) {
+  TORCH_CHECK(token_adapter.scalar_type() == at::kLong && token_adapter.dim() == 1, "lora: token_adapter must be int64 [T]");
+  TORCH_CHECK(adapters >= 0, "lora: adapters must be >= 0");
+  const torch::Tensor owner = token_adapter.contiguous();
+  const int64_t* ta = owner.data_ptr<int64_t>();
+  tokens = owner.numel();
+  start.assign(adapters + 1, 0);
+  for (int64_t t = 0; t < tokens; t++)
+    if (ta[t] >= 0) {
+      TORCH_CHECK(ta[t] < adapters, "lora: adapter index out of range");
+      start[ta[t] + 1]++;
+    }
+  for (int64_t j = 0; j < adapters; j++) start[j + 1] += start[j];
+  rows.resize(start[adapters]);
+  std::vector<int64_t> next(start.begin(), start.end() - 1);
+  for (int64_t t = 0; t < tokens; t++)
+    if (ta[t] >= 0) rows[next[ta[t]]++] = t;
+}
+
+LoraRows::LoraRows(int64_t tokens_, int64_t adapters) : rows(tokens_), start(adapters + 1, tokens_), tokens(tokens_) {
+  TORCH_CHECK(adapters >= 1, "lora: no adapter");
+  start[0] = 0;
+  for (int64_t t = 0; t < tokens; t++) rows[t] = t;
+}
+
+void LoraGroup::apply(const torch::Tensor& x, torch::Tensor& y, const LoraRows* rows,
                       const c10::optional<torch::Tensor>& bias) const {
   check_rows(x, "x");
   check_rows(y, "y");
@@ -115,39 +155,34 @@ void LoraGroup::apply(const torch::Tensor& x, torch::Tensor& y, const c10::optio
                 "lora: DoRA factors must be contiguous float32 [out]");
   TORCH_CHECK(!bias || (bias->scalar_type() == y.scalar_type() && bias->is_contiguous() && bias->numel() == y.size(1)),
               "lora: bias must be contiguous [out] in y's dtype");
-  const int64_t tokens = x.size(0);
-  // Each adapter's tokens; none given means every token uses adapter 0.
-  std::vector<std::vector<int64_t>> rows(a.size());
-  if (token_adapter) {
-    TORCH_CHECK(token_adapter->scalar_type() == at::kLong && token_adapter->numel() == tokens, "lora: token_adapter");
-    const torch::Tensor owner = token_adapter->contiguous();
-    const int64_t* ta = owner.data_ptr<int64_t>();
-    for (int64_t t = 0; t < tokens; t++)
-      if (ta[t] >= 0) {
-        TORCH_CHECK(ta[t] < static_cast<int64_t>(a.size()), "lora: adapter index out of range");
-        rows[ta[t]].push_back(t);
-      }
-  } else {
-    for (int64_t t = 0; t < tokens; t++) rows[0].push_back(t);
-  }
+  const LoraRows all = rows ? LoraRows(0, 1) : LoraRows(x.size(0), static_cast<int64_t>(a.size()));
+  const LoraRows& segs = rows ? *rows : all;
+  TORCH_CHECK(segs.tokens == x.size(0) && segs.start.size() == a.size() + 1, "lora: rows do not match this batch");
   std::vector<size_t> work;
   for (size_t j = 0; j < a.size(); j++)
-    if (a[j] && !rows[j].empty()) work.push_back(j);
+    if (a[j] && segs.count(j) > 0) work.push_back(j);
+  if (work.empty()) return;
   dispatch(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* b = bias ? bias->data_ptr<T>() : nullptr;
-    if (work.size() == 1) {  // one adapter: its own products may use every thread
-      apply_adapter<T>(*this, work[0], rows[work[0]], x, y, b, true);
-      return;
-    }
-    bool single_tokens = true;
-    for (size_t j : work) single_tokens &= rows[j].size() == 1 && ranks[j] == ranks[work[0]];
-    // Several: the threads split the adapters (each writes only its own tokens' rows of y).
-    parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t w0, int64_t w1) {
-      if (single_tokens)
-        apply_single_tokens<T>(*this, work, rows, w0, w1, x, y, b);
+    auto segment = [&](size_t j, bool may_split) {
+      apply_adapter<T>(*this, j, segs.rows.data() + segs.start[j], segs.count(j), x, y, b, may_split);
+    };
+    if (work.size() == 1) return segment(work[0], true);  // one adapter: its own products may use every thread
+    // Equal segments (same rank, same token count r <= kSideRows: a decode step of distinct adapters) stream
+    // side by side in pieces of up to kPieceRows tokens; any other mix goes adapter by adapter. The threads
+    // take pieces as they come free; each piece writes only its own tokens' rows of y.
+    const int64_t r = segs.count(work[0]), n = static_cast<int64_t>(work.size());
+    bool equal = r <= kSideRows;
+    for (size_t j : work) equal &= segs.count(j) == r && ranks[j] == ranks[work[0]];
+    const int64_t threads = kernel_threads();
+    const int64_t side = equal ? std::max<int64_t>(1, std::min(kPieceRows / r, (n + threads - 1) / threads)) : 1;
+    parallel_pieces((n + side - 1) / side, [&](int64_t p) {
+      const int64_t w0 = p * side, w1 = std::min(n, w0 + side);
+      if (equal)
+        apply_equal<T>(*this, work, segs, w0, w1, x, y, b);
       else
-        for (int64_t w = w0; w < w1; w++) apply_adapter<T>(*this, work[w], rows[work[w]], x, y, b, false);
+        for (int64_t w = w0; w < w1; w++) segment(work[w], false);
     });
   });
 }

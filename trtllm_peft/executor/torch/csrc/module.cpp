@@ -25,6 +25,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("widths"), pybind11::arg("mag"))
       .def("apply", &tp::LoraGroup::apply,
            "y += each token's adapter's LoRA delta, then DoRA adapters' rows y = g*y + bias*(1-g) "
-           "(token_adapter None: all adapter 0)",
-           pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("token_adapter"), pybind11::arg("bias") = c10::nullopt);
+           "(rows None: all adapter 0)",
+           pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("rows").none(true), pybind11::arg("bias") = c10::nullopt);
+  pybind11::class_<tp::LoraRows>(m, "LoraRows", pybind11::module_local())
+      .def(pybind11::init<const torch::Tensor&, int64_t>(), pybind11::arg("token_adapter"), pybind11::arg("adapters"),
+           "each token's adapter index (int64 [T], -1: none) grouped by adapter, once per step")
+      .def_readonly("tokens", &tp::LoraRows::tokens);
 }
