@@ -10,7 +10,10 @@
    then let their last requests finish. Client c draws (adapter, prompt) from its own seeded generator:
    adapters uniform (or Zipf(--zipf) by popularity), prompts uniform. A 429 waits Retry-After and resends.
 3. Stops the server, starts the raw TorchExecutor in this process (the two never share the CPU) and runs
-   the same clients (same draws, concurrency, adapters as packed tensors, prompts, max_tokens) for as long.
+   the same clients (same draws, concurrency, adapters as packed tensors, prompts, max_tokens) for as long,
+   twice: with every adapter packed before the window (in memory, unbounded), then (unless
+   --no-raw-from-disk) with a client that reads, validates and packs an adapter from disk on a miss within
+   the server's host-cache budget, as the server must (load_client_adapters.py): like with like.
 4. Checks every complete answer of both against the reference model teacher-forced (load_check.py), every
    429 against the lease rule and the server's metrics, and prints one table.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import tempfile
@@ -41,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from load_check import Reference, distinct_answers, load_events, parse_metrics  # noqa: E402
+from load_client_adapters import ClientAdapters  # noqa: E402
 from load_report import Phase, cpu_seconds, loadavg, peak_rss_gb, report  # noqa: E402
 
 from tests.integration.conftest import Server, random_adapter, write_adapter  # noqa: E402
@@ -64,6 +69,7 @@ PROMPTS = (
 BASE = "smollm2"
 RETRY_S = 1.0  # the raw executor's "cache full" waits as long as the server's Retry-After
 HANG_S = 120.0  # a request silent this long is reported as a hang
+SETTINGS = {"NIM_MAX_CPU_LORAS": "16", "NIM_MAX_GPU_LORAS": "8"}  # of the server and of the raw executor
 
 
 @dataclass
@@ -210,8 +216,7 @@ async def server_phase(args, wl: Workload, loras: Path, log: Path) -> Phase:
         ENGINE,
         loras,
         log,
-        NIM_MAX_CPU_LORAS="16",
-        NIM_MAX_GPU_LORAS="8",
+        **SETTINGS,
         NIM_SERVED_MODEL_NAME=BASE,
         NIM_LOG_LEVEL="INFO",  # "adapter 'x' loaded" lines, with millisecond times in JSON
         NIM_JSONL_LOGGING="1",
@@ -240,11 +245,11 @@ async def server_phase(args, wl: Workload, loras: Path, log: Path) -> Phase:
 # ---- the raw executor -------------------------------------------------------------------------------------
 
 
-def raw_sender(client: EngineClient, wl: Workload, packed):
+def raw_sender(client: EngineClient, wl: Workload, adapter_of):
     greedy = SamplingConfig(top_k=1, temperature=0.0)
 
     async def send(rec: Record) -> None:
-        p = packed[rec.adapter]
+        p = await adapter_of(rec.adapter)
         request = Request(
             wl.prompt_ids[rec.prompt],
             wl.max_tokens,
@@ -277,11 +282,10 @@ def raw_sender(client: EngineClient, wl: Workload, packed):
     return send
 
 
-async def raw_phase(args, wl: Workload, packed, token_text) -> tuple[Phase, object]:
-    """The same clients straight on a TorchExecutor (through the server's async bridge, nothing else)."""
-    from trtllm_peft.executor.torch import TorchExecutor
-
-    executor = await asyncio.to_thread(TorchExecutor, ENGINE, max_gpu_loras=8, max_cpu_loras=16)
+async def raw_phase(args, wl: Workload, adapters, token_text, name: str = "raw") -> tuple[Phase, object]:
+    """The same clients straight on a TorchExecutor (through the server's async bridge, nothing else), their
+    adapters `adapters(i)`: packed before the window, or from disk (load_client_adapters.py)."""
+    executor = await asyncio.to_thread(raw_executor)
     client = EngineClient(executor, asyncio.get_running_loop())
     loads = _record_loads(executor.cache.host)
     try:
@@ -291,7 +295,7 @@ async def raw_phase(args, wl: Workload, packed, token_text) -> tuple[Phase, obje
             async for _ in warm:
                 pass
         cpu = time.process_time()
-        t0, records = await run_clients(raw_sender(client, wl, packed), wl, args.clients, args.duration)
+        t0, records = await run_clients(raw_sender(client, wl, adapters), wl, args.clients, args.duration)
         cpu = time.process_time() - cpu
     finally:
         await asyncio.to_thread(client.close)
@@ -299,7 +303,7 @@ async def raw_phase(args, wl: Workload, packed, token_text) -> tuple[Phase, obje
         r.texts = [token_text(t) for t in r.ids]
     wall = max(r.t_end for r in records) - t0
     loads = [(task - 1, t) for task, t in loads if task > 0]
-    return Phase("raw", t0, wall, peak_rss_gb(), args.duration, records, cpu, loads), executor.model
+    return Phase(name, t0, wall, peak_rss_gb(), args.duration, records, cpu, loads), executor.model
 
 
 def _record_loads(tier) -> list[tuple[int, float]]:
@@ -315,6 +319,19 @@ def _record_loads(tier) -> list[tuple[int, float]]:
     return events
 
 
+def raw_executor():
+    """The executor the server builds (executor/factory.py) from the same settings: same caches, KV cache
+    config (NIM's default: no block reuse; TensorRT-LLM's KvCacheConfig default would reuse prompt blocks),
+    chunked context, token budgets. Built otherwise, the raw side would run a differently configured engine."""
+    from trtllm_peft.engine.engine_dir import EngineDir
+    from trtllm_peft.executor.factory import create_executor
+    from trtllm_peft.settings import Settings
+
+    env = {**os.environ, **SETTINGS, "TRTLLM_PEFT_ENGINE_DIR": str(ENGINE)}
+    env.pop("NIM_PEFT_SOURCE", None)
+    return create_executor(Settings.from_env(env), EngineDir.open(ENGINE))
+
+
 # ---- main -------------------------------------------------------------------------------------------------
 
 
@@ -328,6 +345,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--zipf", type=float, default=0.0, help="adapter popularity: Zipf exponent (0 = uniform)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-raw-from-disk",
+        dest="raw_from_disk",
+        action="store_false",
+        help="skip the third phase (raw executor, its client loading adapters from disk like the server)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.duration = 20.0
@@ -346,14 +369,21 @@ def main(argv=None) -> int:
     def say(what: str) -> None:
         print(f"[{time.perf_counter() - start:5.0f} s] {what}", file=sys.stderr, flush=True)
 
-    wl, server, packed = run_server(args, spec, tok, say)
-    load["after server"] = loadavg()
-    say(f"raw executor: the same clients for {args.duration:.0f} s")
-    raw, model = asyncio.run(raw_phase(args, wl, packed, tok.token_text))
-    load["after raw"] = loadavg()
+    with tempfile.TemporaryDirectory(prefix="trtllm-peft-load-") as tmp:
+        wl, server, packed, loras = run_server(args, spec, tok, say, Path(tmp))
+        load["after server"] = loadavg()
+        say(f"raw executor, adapters packed before the window: the same clients for {args.duration:.0f} s")
+        raw, model = asyncio.run(raw_phase(args, wl, _preloaded(packed), tok.token_text))
+        load["after raw"] = loadavg()
+        disk = None
+        if args.raw_from_disk:
+            say(f"raw executor, adapters from disk within the host budget: {args.duration:.0f} s")
+            disk = asyncio.run(_disk_phase(args, wl, spec, loras, tok.token_text))
+            load["after raw from disk"] = loadavg()
     say("checking every answer against the reference model")
+    phases = {"server": server.records, "raw": raw.records} | ({"raw-disk": disk.records} if disk else {})
     verdicts = Reference(model, spec, packed, wl.prompt_ids, tok.token_text, args.max_tokens).check(
-        distinct_answers({"server": server.records, "raw": raw.records})
+        distinct_answers(phases)
     )
     say("done")
     print(
@@ -361,26 +391,43 @@ def main(argv=None) -> int:
         f"{args.zipf}), max_tokens {args.max_tokens} greedy ignore_eos, {args.duration:.0f} s per phase, "
         f"NIM_MAX_CPU_LORAS=16 NIM_MAX_GPU_LORAS=8, torch threads {torch.get_num_threads()}\n"
     )
-    ok = report(server, raw, verdicts, tok, wl)
+    ok = report(server, raw, verdicts, tok, wl, disk)
     print(f"load average (1/5/15 min): {'; '.join(f'{k} {v}' for k, v in load.items())}")
     return 0 if ok else 1
 
 
-def run_server(args, spec, tok, say) -> tuple[Workload, Phase, list]:
-    """Adapters in a temp dir, the server phase on them, then the adapters packed for the raw executor."""
-    with tempfile.TemporaryDirectory(prefix="trtllm-peft-load-") as tmp:
-        loras = Path(tmp) / "loras"
-        loras.mkdir()
-        say(f"writing {args.adapters} adapters")
-        names = make_adapters(loras, spec, args.adapters, args.rank, seed=1000 + args.seed)
-        units = args.rank * len(ALL7) * spec.num_layers
-        prompts = [tok.encode(p) for p in PROMPTS]
-        wl = Workload(names, prompts, args.max_tokens, args.zipf, args.seed, units, spec.cache_units(16))
-        say(f"server: {args.clients} clients for {args.duration:.0f} s")
-        server = asyncio.run(server_phase(args, wl, loras, Path(tmp) / "server.log"))
-        say("packing the adapters for the raw executor")
-        packed = [pack(formats.load_for_engine(loras / n, spec), spec.dtype) for n in names]
-    return wl, server, packed
+def _preloaded(packed: list):
+    async def adapter_of(i: int):
+        return packed[i]
+
+    return adapter_of
+
+
+async def _disk_phase(args, wl: Workload, spec, loras: list[Path], token_text) -> Phase:
+    """The raw phase with a client that loads adapters as the server does (load_client_adapters.py)."""
+    adapters = ClientAdapters(loras, spec, wl.capacity_units)
+    try:
+        phase, _ = await raw_phase(args, wl, adapters.get, token_text, name="raw-disk")
+    finally:
+        adapters.close()
+    phase.client_loads = len(adapters.loads)
+    return phase
+
+
+def run_server(args, spec, tok, say, tmp: Path) -> tuple[Workload, Phase, list, list[Path]]:
+    """Adapters in `tmp`, the server phase on them, then the adapters packed for the raw executor."""
+    loras = tmp / "loras"
+    loras.mkdir()
+    say(f"writing {args.adapters} adapters")
+    names = make_adapters(loras, spec, args.adapters, args.rank, seed=1000 + args.seed)
+    units = args.rank * len(ALL7) * spec.num_layers
+    prompts = [tok.encode(p) for p in PROMPTS]
+    wl = Workload(names, prompts, args.max_tokens, args.zipf, args.seed, units, spec.cache_units(16))
+    say(f"server: {args.clients} clients for {args.duration:.0f} s")
+    server = asyncio.run(server_phase(args, wl, loras, tmp / "server.log"))
+    say("packing the adapters for the raw executor")
+    packed = [pack(formats.load_for_engine(loras / n, spec), spec.dtype) for n in names]
+    return wl, server, packed, [loras / n for n in names]
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ class Phase:
     metrics: list = field(default_factory=list)  # the server's /v1/metrics samples
     log: str = ""  # the server's log
     client_cpu_s: float | None = None  # of the clients alone, where they run apart (the server phase)
+    client_loads: int | None = None  # adapters its client read from disk (the raw phase from disk)
 
 
 def failures(records) -> dict[str, list]:
@@ -86,7 +87,7 @@ def summarize(p: Phase, judged: dict[str, int]) -> dict[str, str]:
 
 def judge(verdicts: list[Verdict], tokenizer) -> tuple[dict[str, dict[str, int]], list[str]]:
     """Per phase, how many answers equal the alone request's, differ at a tie, or differ; and notes."""
-    counts = {p: {"same": 0, "tie": 0, "differ": 0} for p in ("server", "raw")}
+    counts = {p: {"same": 0, "tie": 0, "differ": 0} for p in ("server", "raw", "raw-disk")}
     notes, lp_err, text_diff = [], 0.0, 0
     for v in verdicts:
         a, d = v.answer, v.divergence
@@ -163,29 +164,42 @@ def _median_429(p: Phase) -> float:
     return float(np.median([r.t_end - r.t_send for r in p.records if r.status == 429] or [np.nan]))
 
 
-def report(server: Phase, raw: Phase, verdicts: list[Verdict], tokenizer, wl) -> bool:
-    """Print the table and the checks; True when every check passed."""
+def report(
+    server: Phase, raw: Phase, verdicts: list[Verdict], tokenizer, wl, disk: Phase | None = None
+) -> bool:
+    """Print the table and the checks; True when every check passed. `disk`: the raw phase whose client
+    loads adapters from disk within the server's host budget (like with like: see load_client_adapters.py)."""
     counts, notes = judge(verdicts, tokenizer)
-    unused = {p.name: mark_cold(p) for p in (server, raw)}
-    print_table(
-        {
-            "server (HTTP, streaming)": summarize(server, counts["server"]),
-            "raw TorchExecutor": summarize(raw, counts["raw"]),
-        }
-    )
-    ratio, cpu_ratio = throughput(server) / throughput(raw), _per_cpu(server) / _per_cpu(raw)
-    print(
-        f"\nserver / raw tokens/s = {ratio:.2f} (target >= 0.9: {'met' if ratio >= 0.9 else 'NOT met'}); "
-        f"per CPU-second {cpu_ratio:.2f}"
-    )
+    raws = [raw] + ([disk] if disk else [])
+    unused = {p.name: mark_cold(p) for p in (server, *raws)}
+    rows = {"server (HTTP, streaming)": summarize(server, counts["server"])}
+    rows["raw TorchExecutor (adapters packed before)"] = summarize(raw, counts["raw"])
+    if disk:
+        rows["raw TorchExecutor (adapters from disk, host budget)"] = summarize(disk, counts["raw-disk"])
+    print_table(rows)
+    print()
+    for p, what in ((raw, "raw"), (disk, "raw from disk")):
+        if p is None:
+            continue
+        ratio, cpu_ratio = throughput(server) / throughput(p), _per_cpu(server) / _per_cpu(p)
+        print(
+            f"server / {what} tokens/s = {ratio:.2f} (target >= 0.95: {'met' if ratio >= 0.95 else 'NOT met'}); "
+            f"per CPU-second {cpu_ratio:.2f}"
+        )
     ok = check_429s(server, raw, wl.capacity_units, wl.units)
     tokens_agree = print_resources(server, raw, unused)
+    if disk:
+        print(
+            f"raw from disk: its client read {disk.client_loads} adapters, its executor's host tier stored "
+            f"{len(disk.loads)}; wall {disk.wall_s:.0f} s, CPU {disk.cpu_s:.0f} s; "
+            f'"PEFT Cache is full" {sum(r.status == 429 for r in disk.records)}'
+        )
     for note in notes[:25]:
         print("  " + note)
-    failed = print_failures(server) + print_failures(raw)
+    failed = sum(print_failures(p) for p in (server, *raws))
     errors = [ln for ln in server.log.splitlines() if "Traceback" in ln or "ERROR" in ln]
     print(f"server log: {len(errors)} error lines" + "".join(f"\n  {ln[:200]}" for ln in errors[:10]))
-    differ = counts["server"]["differ"] + counts["raw"]["differ"]
+    differ = sum(c["differ"] for c in counts.values())
     return ok and tokens_agree and not (differ or failed or errors)
 
 
