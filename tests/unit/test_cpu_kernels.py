@@ -102,6 +102,73 @@ def test_amx_and_weight_streaming_paths_both_equal_f_linear(amx_paths, m, n, k):
     close(got[amx_paths[0]], got[False], torch.bfloat16)
 
 
+@pytest.fixture
+def streaming():
+    """The weight-streaming kernel alone (no AMX), its knobs restored afterwards."""
+    KERNELS.set_amx(False)
+    yield KERNELS
+    KERNELS.set_streaming()
+    KERNELS.set_amx(True)
+
+
+# (rows, out, in): 1-8 rows in one pass and 9-64 in several, one unit or many with a partial last unit
+# (width 8/6/3 blocks by rows), a masked last block, odd K, and K of one k pair.
+STREAM_SHAPES = [(1, 16 * 8 * 3 + 5, 33), (2, 300, 2), (4, 16 * 6 * 2 + 16, 64), (5, 400, 31), (8, 960, 576),
+                 (9, 200, 48), (16, 100, 129), (17, 3 * 16 * 5, 64), (33, 250, 96), (64, 97, 17)]  # fmt: skip
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("m", "n", "k"), STREAM_SHAPES)
+def test_streaming_prefetch_and_thread_split_change_no_bit(streaming, dtype, m, n, k):
+    """Prefetching (every mode) and splitting small products over threads move no arithmetic: every knob
+    setting gives the same bits, within rounding of F.linear, also accumulating (+ bias) into a column slice."""
+    g = torch.Generator().manual_seed(m * 7 + n + k)
+    w, x, b = (torch.randn(s, generator=g).to(dtype) for s in ((n, k), (m, k), (n,)))
+    linear = KernelOps(KERNELS).linear(w, b)
+    want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    y0 = torch.randn(m, n + 5, generator=g).to(dtype)
+    got = []
+    for mode, split, distance in [(1, 0, 16), (0, 2**40, 16), (2, 2**40, 16), (3, 0, 1), (3, 2**40, 40)]:
+        streaming.set_streaming(mode, split, distance)
+        y = y0.clone()
+        linear.add_to(y[:, 2 : 2 + n], x)
+        got.append((linear(x), y))
+    close(got[0][0], want, dtype)
+    close(got[0][1][:, 2 : 2 + n], y0[:, 2 : 2 + n].float() + want, dtype)
+    assert torch.equal(got[0][1][:, :2], y0[:, :2]) and torch.equal(got[0][1][:, 2 + n :], y0[:, 2 + n :])
+    for out, y in got[1:]:
+        assert torch.equal(out, got[0][0]) and torch.equal(y, got[0][1])
+
+
+@needs_kernels
+def test_streaming_knobs_refuse_what_they_cannot_do():
+    for mode, distance in [(-1, 16), (4, 16), (3, 0)]:
+        with pytest.raises(RuntimeError, match="set_streaming: mode 0-3, distance >= 1"):
+            KERNELS.set_streaming(mode, 32768, distance)
+
+
+def _argmax_cases():
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(5, 49152, generator=g)
+    ties = torch.zeros(3, 37)
+    ties[0, [4, 20]] = 2.0  # the first maximum wins
+    ties[1, 36] = 1.0  # in the masked tail chunk
+    ties[2] = float("-inf")  # a row banned entirely (guided decoding)
+    nan = torch.randn(2, 100, generator=g)
+    nan[0, [70, 90]] = float("nan")  # torch: a NaN is the maximum, the first one wins
+    nan[1, 5] = float("inf")
+    return {"vocab": big, "ties": ties, "nan": nan, "one": torch.tensor([[7.0]]), "slice": big[:, 3:1000]}
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ["vocab", "ties", "nan", "one", "slice"])
+def test_argmax_equals_torch(case):
+    logits = _argmax_cases()[case]
+    got = KernelOps(KERNELS).argmax(logits)
+    assert got.dtype == torch.long and torch.equal(got, torch.argmax(logits, dim=-1))
+
+
 @needs_kernels
 @pytest.mark.parametrize(("m", "n", "k"), [(16, 40, 64), (48, 960, 576), (100, 576, 1536)])
 def test_amx_weight_prefetch_changes_no_result(amx_paths, m, n, k):

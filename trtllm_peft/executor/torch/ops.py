@@ -14,6 +14,7 @@ Semantics shared by both (tests/unit/test_cpu_kernels.py and test_lora_ops.py ho
                                causal within the chunk, over the cached positions before it -> [n, q_dim]
     prepare_lora, lora_batch   an adapter's device-tier form; a batch's adapters with
                                `apply_group(layer, group, x, y, mask)`: y += each token's LoRA delta
+    argmax(logits)             torch.argmax(logits, -1) of float32 [B, V] logits (greedy sampling)
     use_threads(n)             the engine thread's threading
 """
 
@@ -71,6 +72,9 @@ class TorchOps:
     def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
         gate, up = gu.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.max(dim=-1).indices  # = torch.argmax(logits, -1), ~4x faster on CPU
 
     def attend_decode(
         self,
@@ -155,6 +159,12 @@ class KernelOps(TorchOps):
 
     def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
         return self.k.silu_mul(gu)
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        # torch's CPU argmax/max are slow reductions (~1-5 ms at [8-32, 49152] on the engine thread)
+        if logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1] and logits.stride(1) == 1:
+            return self.k.argmax_rows(logits)
+        return torch.argmax(logits, dim=-1)
 
     def attend_decode(self, qkv, cos, sin, positions, cache, layer, shape, tables) -> torch.Tensor:
         return self.k.attend_decode(qkv, cos, sin, positions, cache.k[layer], cache.v[layer], tables, *shape)

@@ -131,12 +131,14 @@ def sample(
     histories: list[list[int]],
     n_generated: list[int],
     want_logprobs: bool,
+    argmax=None,
 ) -> tuple[list[int], list[float] | None]:
-    """Next token per row of logits [B, V] (float32); log-probs when `want_logprobs`."""
+    """Next token per row of logits [B, V] (float32); log-probs when `want_logprobs`. `argmax`: the
+    all-greedy batch's row-wise argmax (ops.argmax: the CPU kernels' where they run), default torch's."""
     logits = _constrain(logits, states, histories)
     if all(s.plain_greedy for s in states):
-        # = torch.argmax (the first maximum, NaN included), which runs ~4x slower on [32, 49152]
-        tokens = logits.max(dim=-1).indices
+        # max().indices = torch.argmax (the first maximum, NaN included), which runs ~4x slower on [32, 49152]
+        tokens = argmax(logits) if argmax is not None else logits.max(dim=-1).indices
         lps = None
         if want_logprobs:
             lps = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0].tolist()

@@ -68,7 +68,7 @@ def run_step(
     for seq in decoding:
         seq.cached += 1
     sampled = [seq for (seq, _), c in zip(chunks, parts, strict=True) if c.logits] + decoding
-    take(logits, sampled, masks)
+    take(logits, sampled, masks, model.ops.argmax)
     for seq in [s for s, _ in chunks] + decoding:
         blocks.store(seq.id, seq.tokens, seq.cached)
 
@@ -82,7 +82,7 @@ def _generation_row(logits: torch.Tensor, i: int, req) -> torch.Tensor | None:
     return logits[i] if req.streaming else logits[i].clone()  # [V]
 
 
-def take(logits: torch.Tensor, seqs: list[Sequence], masks=None) -> None:
+def take(logits: torch.Tensor, seqs: list[Sequence], masks=None, argmax=None) -> None:
     """Sample a token for each of `seqs` from its row of `logits` [len(seqs), V] and append it; guided rows
     keep only what their grammar allows first (guidedDecoder.cpp execute), `masks`: guided.MaskBuffer."""
     guided = [i for i, s in enumerate(seqs) if s.guide is not None]
@@ -95,6 +95,7 @@ def take(logits: torch.Tensor, seqs: list[Sequence], masks=None) -> None:
         [s.tokens for s in seqs],
         [len(s.generated) for s in seqs],
         want,
+        argmax,
     )
     for i, s in enumerate(seqs):
         s.add(tokens[i], lps[i] if lps is not None else None, _generation_row(logits, i, s.request))

@@ -6,6 +6,8 @@
 // Columns past N and the odd k past K are zero. Accumulation is float32; the output is rounded once.
 // Rows are passed as pointers, so a caller can read and write scattered rows (lora.cpp) without copies.
 
+#include <atomic>
+
 #include "kernels.h"
 
 namespace trtllm_peft {
@@ -18,11 +20,28 @@ constexpr int kRows = 8;  // rows per micro-kernel call (at most 8 x 3 = 24 zmm 
 // decode linears at batch 8: 2 blocks 23-29 GB/s, 3 blocks 28-36 GB/s).
 constexpr int64_t unit_blocks(int64_t rows) { return rows <= 2 ? 8 : rows <= 4 ? 6 : 3; }
 
+// The lines of the next unit a pass prefetches into L2, a few each k step. A unit (its blocks are adjacent,
+// so one contiguous range) is read from memory once and then by every 8-row pass from cache: without this,
+// memory is busy only during the first pass and idle while the others compute (a float32 step at batch 32
+// took the sum of both). Spreading the next unit's lines over the current unit's passes overlaps the two.
+struct Ahead {
+  const char* p = nullptr;
+  int64_t lines = 0, per_k = 0;
+  int64_t near = 0;  // > 0: also each stream's line `near` k steps ahead into L1 (set_streaming mode 3)
+  inline void at(int64_t k) const {
+    const int64_t end = std::min(lines, (k + 1) * per_k);
+    for (int64_t i = k * per_k; i < end; i++) _mm_prefetch(p + i * 64, _MM_HINT_T1);
+  }
+};
+
 template <int M, int NB>
-inline void dot_f32(const float* const* x, const float* wp, int64_t K, __m512 (&acc)[M][NB]) {
+inline void dot_f32(const float* const* x, const float* wp, int64_t K, const Ahead& ahead, __m512 (&acc)[M][NB]) {
   for (int64_t k = 0; k < K; k++) {
+    ahead.at(k);
     __m512 w[NB];
     for (int j = 0; j < NB; j++) w[j] = _mm512_loadu_ps(wp + (j * K + k) * kBlock);
+    if (ahead.near)  // prefetches never fault: past the last block is harmless
+      for (int j = 0; j < NB; j++) _mm_prefetch(reinterpret_cast<const char*>(wp + (j * K + k + ahead.near) * kBlock), _MM_HINT_T0);
     for (int m = 0; m < M; m++) {
       const __m512 xb = _mm512_set1_ps(x[m][k]);
       for (int j = 0; j < NB; j++) acc[m][j] = _mm512_fmadd_ps(xb, w[j], acc[m][j]);
@@ -47,10 +66,19 @@ inline void dot_bf16_pair(const bf16* const* x, const bf16* wp, int64_t pairs, i
 }
 
 template <int M, int NB>
-inline void dot_bf16(const bf16* const* x, const bf16* wp, int64_t K, __m512 (&acc)[M][NB]) {
+inline void dot_bf16(const bf16* const* x, const bf16* wp, int64_t K, const Ahead& ahead, __m512 (&acc)[M][NB]) {
   const int64_t pairs = (K + 1) / 2;  // the packed block's k pairs (an odd K padded with a zero k)
-  for (int64_t k = 0; k < K / 2; k++) dot_bf16_pair<M, NB>(x, wp, pairs, k, false, acc);
-  if (K % 2) dot_bf16_pair<M, NB>(x, wp, pairs, K / 2, true, acc);
+  for (int64_t k = 0; k < K / 2; k++) {
+    ahead.at(k);
+    if (ahead.near)
+      for (int j = 0; j < NB; j++)
+        _mm_prefetch(reinterpret_cast<const char*>(wp + (j * pairs + k + ahead.near) * 2 * kBlock), _MM_HINT_T0);
+    dot_bf16_pair<M, NB>(x, wp, pairs, k, false, acc);
+  }
+  if (K % 2) {
+    ahead.at(K / 2);
+    dot_bf16_pair<M, NB>(x, wp, pairs, K / 2, true, acc);
+  }
 }
 
 // acc (+ bias) written (or added) into y's rows at the columns of blocks blk..blk+NB.
@@ -68,16 +96,24 @@ inline void store_tile(const __m512 (&acc)[M][NB], int64_t blk, int64_t N, const
   }
 }
 
+// 64-byte lines of one packed block: a k (float32) or a k pair (bfloat16) of its 16 columns per line.
+template <typename T>
+constexpr int64_t block_lines(int64_t K) {
+  return std::is_same<T, float>::value ? K : (K + 1) / 2;
+}
+
 // Rows x[0..M) against blocks blk..blk+NB of W, written (or added) into y's rows at those columns.
 template <typename T, int M, int NB>
-void tile(const T* const* x, const T* wp, int64_t K, int64_t blk, int64_t N, const T* bias, T* const* y, bool accumulate) {
+void tile(const T* const* x, const T* wp, int64_t K, int64_t blk, int64_t N, const T* bias, T* const* y, bool accumulate,
+          const Ahead& ahead) {
   __m512 acc[M][NB];
   for (int m = 0; m < M; m++)
     for (int j = 0; j < NB; j++) acc[m][j] = _mm512_setzero_ps();
+  const T* w = wp + blk * block_lines<T>(K) * kBlock * (std::is_same<T, float>::value ? 1 : 2);
   if constexpr (std::is_same<T, float>::value)
-    dot_f32<M, NB>(x, wp + blk * K * kBlock, K, acc);
+    dot_f32<M, NB>(x, w, K, ahead, acc);
   else
-    dot_bf16<M, NB>(x, wp + blk * ((K + 1) / 2) * 2 * kBlock, K, acc);
+    dot_bf16<M, NB>(x, w, K, ahead, acc);
   store_tile<T, M, NB>(acc, blk, N, bias, y, accumulate);
 }
 
@@ -116,12 +152,45 @@ void tile_each(const T* const* x, const T* const* w, int64_t K, int64_t blk, int
 // The tile for `nb` blocks (1..NB), chosen at compile time.
 template <typename T, int M, int NB = unit_blocks(M)>
 void tile_rows(const T* const* x, const T* wp, int64_t K, int64_t blk, int64_t nb, int64_t N, const T* bias,
-               T* const* y, bool acc) {
+               T* const* y, bool acc, const Ahead& ahead) {
   if constexpr (NB == 1) {
-    tile<T, M, 1>(x, wp, K, blk, N, bias, y, acc);
+    tile<T, M, 1>(x, wp, K, blk, N, bias, y, acc, ahead);
   } else {
-    if (nb == NB) return tile<T, M, NB>(x, wp, K, blk, N, bias, y, acc);
-    tile_rows<T, M, NB - 1>(x, wp, K, blk, nb, N, bias, y, acc);
+    if (nb == NB) return tile<T, M, NB>(x, wp, K, blk, N, bias, y, acc, ahead);
+    tile_rows<T, M, NB - 1>(x, wp, K, blk, nb, N, bias, y, acc, ahead);
+  }
+}
+
+// set_streaming's knobs. mode 0: no prefetch; 1: the next unit into L2 when a unit takes several passes (more
+// than 8 rows; the default); 2: also with one pass; 3: mode 1 plus each stream `distance` k steps ahead into L1.
+std::atomic<int> prefetch_mode{1};
+std::atomic<int64_t> prefetch_distance{16};
+std::atomic<int64_t> split_min{32768};  // blocks x K below which a product stays on the calling thread
+
+// Units u0..u1 of `width` blocks, every row in passes of kRows, each pass prefetching its share of the next
+// unit (Ahead).
+template <typename T>
+void stream_units(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t N, const T* bias, T* const* yr,
+                  bool accumulate, int64_t width, int64_t u0, int64_t u1) {
+  const int64_t blocks = (N + kBlock - 1) / kBlock, lines = block_lines<T>(K), passes = (M + kRows - 1) / kRows;
+  const int mode = prefetch_mode.load(std::memory_order_relaxed);
+  const bool pf = mode == 2 || (mode != 0 && passes > 1);
+  const int64_t near = mode == 3 ? prefetch_distance.load(std::memory_order_relaxed) : 0;
+  for (int64_t u = u0; u < u1; u++) {
+    const int64_t blk = width * u, nb = std::min<int64_t>(width, blocks - blk);
+    const int64_t next_lines = u + 1 < u1 && pf ? std::min<int64_t>(width, blocks - blk - width) * lines : 0;
+    const int64_t share = (next_lines + passes - 1) / passes;
+    const char* next = reinterpret_cast<const char*>(wp) + (blk + width) * lines * 64;
+    for (int64_t p = 0, m0 = 0; m0 < M; p++, m0 += kRows) {
+      const int64_t first = std::min(next_lines, p * share), count = std::min(next_lines, first + share) - first;
+      const Ahead ahead{next + first * 64, count, (count + lines - 1) / lines, near};
+      switch (std::min<int64_t>(kRows, M - m0)) {
+#define TILE(r) \
+  case r: tile_rows<T, r>(xr + m0, wp, K, blk, nb, N, bias, yr + m0, accumulate, ahead); break;
+        TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8)
+#undef TILE
+      }
+    }
   }
 }
 
@@ -147,25 +216,20 @@ void linear_rows(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t 
   if constexpr (std::is_same<T, bf16>::value)
     if (amx_fits(M, K)) return amx_linear_rows(xr, M, wp, K, N, bias, yr, accumulate, may_split);
   const int64_t width = unit_blocks(M), blocks = (N + kBlock - 1) / kBlock, units = (blocks + width - 1) / width;
-  auto body = [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; u++) {
-      const int64_t blk = width * u, nb = std::min<int64_t>(width, blocks - blk);
-      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-        switch (std::min<int64_t>(kRows, M - m0)) {
-#define TILE(r) \
-  case r: tile_rows<T, r>(xr + m0, wp, K, blk, nb, N, bias, yr + m0, accumulate); break;
-          TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8)
-#undef TILE
-        }
-      }
-    }
-  };
-  // Weights dominate: threads split the output columns, and every 8-row chunk reuses a unit's weights from
+  auto body = [&](int64_t u0, int64_t u1) { stream_units<T>(xr, M, wp, K, N, bias, yr, accumulate, width, u0, u1); };
+  // Weights dominate: threads split the output columns, and every 8-row pass reuses a unit's weights from
   // cache. Small products stay on the calling thread (waking a worker costs more than they do).
-  if (!may_split || blocks * K < 32768)
+  if (!may_split || blocks * K < split_min.load(std::memory_order_relaxed))
     body(0, units);
   else
     parallel_for(0, units, 1, body);
+}
+
+void set_streaming(int64_t mode, int64_t split_min_blocks_k, int64_t distance) {
+  TORCH_CHECK(mode >= 0 && mode <= 3 && distance >= 1, "set_streaming: mode 0-3, distance >= 1");
+  prefetch_mode.store(static_cast<int>(mode));
+  split_min.store(std::max<int64_t>(split_min_blocks_k, 0));
+  prefetch_distance.store(distance);
 }
 
 template void linear_rows<float>(const float* const*, int64_t, const float*, int64_t, int64_t, const float*,
