@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from trtllm_peft.engine.memory import num_module_layers, peft_cache_config, plan_memory, weights_bytes
+from trtllm_peft.engine import memory
+from trtllm_peft.engine.memory import (
+    available_ram,
+    default_budget_bytes,
+    num_module_layers,
+    peft_cache_config,
+    plan_memory,
+    weights_bytes,
+)
 from trtllm_peft.errors import EngineError
 from trtllm_peft.executor.api import KvCacheConfig
 from trtllm_peft.lora import ModelSpec
@@ -113,3 +121,31 @@ def test_kv_cache_is_the_smaller_of_max_tokens_and_the_fraction_and_never_past_t
 def test_kv_cache_config_refuses_bad_values_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
         KvCacheConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("meminfo", "want"),
+    [
+        # MemAvailable counts the page cache the kernel would drop: 20 GB here where MemFree is 3 GB
+        (
+            "MemTotal:       24684032 kB\nMemFree:         3000000 kB\nMemAvailable:   20000000 kB\n",
+            20000000 * 1024,
+        ),
+        ("MemAvailable: 1024 kB\n", 1024 * 1024),
+    ],
+)
+def test_cpu_budget_is_half_of_memavailable_not_of_free_pages(tmp_path, meminfo, want):
+    f = tmp_path / "meminfo"
+    f.write_text(meminfo)
+    assert available_ram(str(f)) == want
+    assert default_budget_bytes("cpu", str(f)) == want // 2
+
+
+@pytest.mark.parametrize("meminfo", [None, "MemTotal: 1 kB\n", "MemAvailable: lots kB\n"])
+def test_cpu_budget_without_memavailable_falls_back_to_free_pages(tmp_path, monkeypatch, meminfo):
+    f = tmp_path / "meminfo"
+    if meminfo is not None:
+        f.write_text(meminfo)
+    pages = {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(memory.os, "sysconf", pages.__getitem__)
+    assert available_ram(str(f)) == 4096 * 1000

@@ -193,15 +193,28 @@ def kv_tokens(free_bytes: int, per_token: int, ceiling: int, config: KvCacheConf
     return min(tokens, ceiling)
 
 
-def default_budget_bytes(device: str = "cpu") -> int:
+def default_budget_bytes(device: str = "cpu", meminfo: str = "/proc/meminfo") -> int:
     """90% of free GPU memory, or half of the available RAM on CPU."""
     if device.startswith("cuda"):
         import torch
 
         free, _ = torch.cuda.mem_get_info()
         return int(free * 0.9)
+    return int(available_ram(meminfo) * 0.5)
+
+
+def available_ram(meminfo: str = "/proc/meminfo") -> int:
+    """Bytes of RAM a new process can take: the kernel's MemAvailable, which counts the page cache it would
+    drop. Free pages alone (sysconf's AVPHYS_PAGES) are a fraction of that on any machine that has read files
+    lately (after reading an engine or a model: 3 of 20 GB here), and a budget from them refused to start."""
     try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # no /proc (not Linux) or no MemAvailable (kernel < 3.14)
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
-        avail = 8 * GIB
-    return int(avail * 0.5)
+        return 8 * GIB
