@@ -60,7 +60,7 @@ class Settings:
     enable_chunked_context: bool = True  # TRTLLM_PEFT_ENABLE_CHUNKED_CONTEXT: prefill long prompts in chunks
     max_num_tokens: int | None = None  # TRTLLM_PEFT_MAX_NUM_TOKENS: tokens per engine iteration (engine's)
     # TRTLLM_PEFT_CHUNK_TOKENS_WHILE_DECODING: prompt-chunk tokens per iteration while streams decode
-    # (reference engine; None: its device's default, 32 on CPU; 0: only max_num_tokens)
+    # (reference engine; None: its device's default, 24 on CPU; 0: only max_num_tokens)
     chunk_tokens_while_decoding: int | None = None
     tool_call_parser: str = "auto"  # TRTLLM_PEFT_TOOL_CALL_PARSER: hermes | llama3_json | mistral | auto
     # `trtllm-peft pull`. Secrets are kept out of repr() so that logging a Settings never leaks them.

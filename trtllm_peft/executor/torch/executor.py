@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 # Prompt-chunk tokens per iteration while sequences decode, on CPU (schedule.py; bench/README.md "Paged KV
 # cache": the streams' worst interval 0.18 s instead of a multi-second stall, the long prompt's TTFT longer).
-CPU_CHUNK_TOKENS_WHILE_DECODING = 32  # 16 vs 32 vs 64: bench/README.md "Paged KV cache" (03:30 run)
+CPU_CHUNK_TOKENS_WHILE_DECODING = 24  # 16 / 24 / 32: bench/README.md "Paged KV cache" (quiet sweep, 06:25)
 
 
 def pick_device() -> torch.device:
