@@ -67,6 +67,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from trtllm_peft.engine.engine_dir import EngineDir
+    from trtllm_peft.engine.host_malloc import tune_for_server
     from trtllm_peft.executor.factory import create_executor
     from trtllm_peft.server.app import create_app
     from trtllm_peft.server.drain import GracefulServer
@@ -80,6 +81,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         settings.engine_dir,
         settings.peft_source or "(none: NIM_PEFT_SOURCE unset)",
     )
+    tune_for_server()  # before the engine's threads start (engine/host_malloc.py: RSS of a long-running server)
     # the engine starts before the port opens: a bad engine or memory plan is one line and exit 2
     executor = create_executor(settings, EngineDir.open(settings.engine_dir))
     app = create_app(settings, lambda *_: executor, host=args.host)
