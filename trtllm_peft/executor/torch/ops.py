@@ -30,6 +30,7 @@ from trtllm_peft.executor.torch.kv import PagedKVCache
 from trtllm_peft.executor.torch.linear import KernelLinear, Linear, single_thread_except_big_matmuls
 from trtllm_peft.executor.torch.lora_grouped import GroupedLoraBatch, prepare_packed
 from trtllm_peft.executor.torch.lora_ops import AdapterTensors, LoraBatch, prepare
+from trtllm_peft.executor.torch.sampler import greedy_argmax
 from trtllm_peft.lora.adapter import LoraAdapter
 from trtllm_peft.lora.spec import ModelSpec
 
@@ -74,7 +75,7 @@ class TorchOps:
         return F.silu(gate) * up
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.max(dim=-1).indices  # = torch.argmax(logits, -1), ~4x faster on CPU
+        return greedy_argmax(logits)
 
     def attend_decode(
         self,

@@ -125,6 +125,11 @@ def _one(
     return token, float(logprobs[token])
 
 
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits, -1) (the first maximum, NaN included) as max().indices: ~4x faster on [32, 49152]."""
+    return logits.max(dim=-1).indices
+
+
 def sample(
     logits: torch.Tensor,
     states: list[SamplingState],
@@ -137,8 +142,7 @@ def sample(
     all-greedy batch's row-wise argmax (ops.argmax: the CPU kernels' where they run), default torch's."""
     logits = _constrain(logits, states, histories)
     if all(s.plain_greedy for s in states):
-        # max().indices = torch.argmax (the first maximum, NaN included), which runs ~4x slower on [32, 49152]
-        tokens = argmax(logits) if argmax is not None else logits.max(dim=-1).indices
+        tokens = (argmax or greedy_argmax)(logits)
         lps = None
         if want_logprobs:
             lps = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0].tolist()
