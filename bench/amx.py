@@ -56,7 +56,7 @@ def linears(kernels, dtypes: list[str], rows: list[int]) -> None:
             print(f"  {dt:<8} {k:>4}→{n:<5} " + "  ".join(cells), flush=True)
 
 
-def toggled(kernels, run, on: bool, min_rows: int = 16):
+def toggled(kernels, run, on: bool, min_rows: int = 5):
     def go(tokens: int) -> None:
         kernels.set_amx(on, min_rows)
         try:
@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--min-rows", type=int, default=16, help="fewest rows the AMX case puts on AMX tiles")
+    ap.add_argument("--min-rows", type=int, default=5, help="fewest rows the AMX case puts on AMX tiles")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     kernels = cpu_kernels.load()

@@ -75,11 +75,11 @@ def amx_paths():
 @needs_kernels
 @pytest.mark.parametrize(
     ("m", "n", "k"),
-    [(16, 48, 32), (17, 40, 64), (33, 49, 96), (64, 960, 576), (65, 80, 96), (129, 33, 32), (300, 576, 1536),
+    [(5, 40, 64), (8, 960, 576), (16, 48, 32), (17, 40, 64), (33, 49, 96), (64, 960, 576), (65, 80, 96), (129, 33, 32), (300, 576, 1536),
      (40, 33, 129)],
 )  # fmt: skip
 def test_amx_and_weight_streaming_paths_both_equal_f_linear(amx_paths, m, n, k):
-    """Rows >= 16 with K a multiple of 32 take AMX tiles where available (partial row blocks, an odd
+    """Rows >= 5 with K a multiple of 32 take AMX tiles where available (partial row blocks, an odd
     number of 16-column blocks, a masked last block; more than 64 rows load x with the streaming hint);
     K = 129 always streams. Both paths stay within one bfloat16 rounding of the float32 product, and of
     each other."""

@@ -1,5 +1,5 @@
-// bfloat16 y (+)= x · Wᵀ (+ b) on AMX tiles, for products with many rows (decode at batch >= 16, prefill, the
-// lm_head): the weight-streaming kernel of linear.cpp does 32 bf16 MACs per vdpbf16ps, a tile multiply does
+// bfloat16 y (+)= x · Wᵀ (+ b) on AMX tiles, for products of more than a few rows (decode at batch >= 5, prefill,
+// the lm_head): the weight-streaming kernel of linear.cpp does 32 bf16 MACs per vdpbf16ps, a tile multiply does
 // 16·16·32, so once a product has enough rows to reuse each weight tile it is compute-bound there and not here.
 //
 // No repacking: linear.cpp's bfloat16 layout [ceil(N/16), ceil(K/2), 16, 2] already is the VNNI layout of
@@ -49,7 +49,7 @@ bool amx_here() {
 std::atomic<bool> amx_on{true};
 std::atomic<int64_t> products{0};  // AMX products since load (tests check which path ran)
 constexpr int64_t kPieceUnits = 2, kPiecesPerThread = 4;
-std::atomic<int64_t> amx_min_rows{16};  // measured (bench/amx.py): below 16 rows the streaming kernel wins
+std::atomic<int64_t> amx_min_rows{kAmxMinRows};
 std::atomic<bool> amx_prefetch{true};   // software prefetch of the next unit's weights (bench/amx.py compares)
 
 // Tile configuration: palette 1, tiles 0-3 C (16 × 64 B), 4-5 A (16 × 64 B), 6-7 B (16 × 64 B).

@@ -94,6 +94,10 @@ void linear_into(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, con
 // bfloat16 products of at least `min_rows` rows (and K a multiple of 32) go to AMX tiles where the CPU has
 // them (amx.cpp); fewer rows stream the weights (linear.cpp).
 bool amx_available();  // AMX-BF16 here and granted to this process
+// Fewest rows a bf16 product runs on AMX by default. Measured in the engine (bf16 base-model decode, quiet, one
+// process, alternating): AMX / streaming tokens/s at batch 4: 0.90, 5: 1.09, 6: 1.18, 7: 1.30, 8: 1.46 — the
+// streaming kernel's vdpbf16ps is compute-bound from ~4 rows on, a tile multiply is not.
+constexpr int64_t kAmxMinRows = 5;
 bool set_amx(bool on, int64_t min_rows, bool prefetch);  // use AMX where it fits (default on); returns whether used
 bool amx_fits(int64_t M, int64_t K);
 int64_t amx_products();  // products run on AMX since the module loaded

@@ -8,7 +8,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_num_threads", &tp::set_num_threads, "threads the kernels use (0: torch's count)");
   m.def("amx_available", &tp::amx_available, "AMX-BF16 on this CPU and granted to this process");
   m.def("set_amx", &tp::set_amx, "bf16 products of >= min_rows rows on AMX tiles (default on); returns whether used",
-        pybind11::arg("on"), pybind11::arg("min_rows") = 16, pybind11::arg("prefetch") = true);
+        pybind11::arg("on"), pybind11::arg("min_rows") = tp::kAmxMinRows, pybind11::arg("prefetch") = true);
   m.def("amx_products", &tp::amx_products, "products run on AMX tiles since load (which path ran)");
   m.def("set_streaming", &tp::set_streaming, "weight streaming knobs: prefetch mode 0-3 (default 1), smallest product "
         "(blocks x k) split over threads, mode 3's L1 distance", pybind11::arg("mode") = 1,
