@@ -39,32 +39,21 @@ from trtllm_peft.executor.torch import model as model_mod
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
 NESTED = "  ↳ "  # timed inside the line above it: not added to the ops' sum
 # LlamaModel.fresh_kernel: RoPE + KV put in one kernel call (fresh_qkv) before torch's SDPA, or torch ops;
-# "attend_chunk": the whole fresh chunk through the chunk-attention kernel instead (RoPE, KV put, attention)
-FRESH = ("kernel", "torch", "attend_chunk")
+# "attend_chunk": fresh chunks like the others through the chunk-attention kernel (LlamaModel.fresh_sdpa off);
+# "sdpa 1 thread": fresh_qkv, then torch's SDPA on one OpenMP thread (no OpenMP team beside the kernels' pool)
+FRESH = ("kernel", "torch", "attend_chunk", "sdpa 1 thread")
 
 
-def through_attend_chunk(model):
-    """_attend_fresh as one attend_chunk kernel call per fresh chunk (start 0: nothing cached before it)."""
+def one_thread(fn):
+    def run(*a, **kw):
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*a, **kw)
+        finally:
+            torch.set_num_threads(n)
 
-    def attend(layer, qkv, positions, fresh, cache):
-        shape, outs, off = model._shape, [], 0
-        for n, g in fresh.groups:
-            for i in range(g):
-                rows = slice(off + i * n, off + (i + 1) * n)
-                table = fresh_table(cache, fresh.rows[rows.start * shape[1] : rows.stop * shape[1]])
-                outs.append(model.ops.attend_chunk(qkv[rows], model.cos, model.sin, positions[rows], cache, layer,
-                                                   shape, table))  # fmt: skip
-            off += n * g
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-    return attend
-
-
-def fresh_table(cache, rows: torch.Tensor) -> torch.Tensor:
-    """The block table [W] int32 of a chunk at positions 0.. from its cache rows (PagedKVCache._slots)."""
-    kv, tpb = cache.k.shape[2], cache.tokens_per_block
-    first = rows.view(-1, kv)[::tpb, 0]  # the first position of each block, head 0
-    return (first // (kv * tpb)).to(torch.int32)
+    return run
 
 
 class Clock:
@@ -164,16 +153,17 @@ def ab(ex: TorchExecutor, flops: float, m: dict, dt: str, rounds: int) -> None:
     """Prefill tokens/s of each FRESH variant, alternating within each round; best round of each."""
     run, best = ours_prefill(ex), dict.fromkeys(FRESH, float("inf"))
     model = ex.model
-    kernel, sdpa, chunk = model.fresh_kernel, model._attend_fresh, through_attend_chunk(model)
+    kernel, sdpa, default = model.fresh_kernel, model._attend_fresh, model.fresh_sdpa
     assert kernel is not None, "the kernels module has no fresh_qkv"
     for _ in range(rounds):
         for name in FRESH:
             model.fresh_kernel = None if name == "torch" else kernel
-            model._attend_fresh = chunk if name == "attend_chunk" else sdpa
+            model._attend_fresh = one_thread(sdpa) if name == "sdpa 1 thread" else sdpa
+            model.fresh_sdpa = name != "attend_chunk"
             t = time.perf_counter()
             run(1)
             best[name] = min(best[name], time.perf_counter() - t)
-    model.fresh_kernel, model._attend_fresh = kernel, sdpa
+    model.fresh_kernel, model._attend_fresh, model.fresh_sdpa = kernel, sdpa, default
     for name, t in best.items():
         print(f"  {dt:<8} fresh attention {name:<12} {PREFILL_LEN / t:7.0f} tok/s  {flops / t / 1e9:6.0f} GFLOP/s "
               f"({flops / t / 1e9 / m['mm_' + dt]:.0%})  {t / best['torch']:.2f}x the time of torch")  # fmt: skip

@@ -113,9 +113,14 @@ def _bad(**change):
         (_bad(rows=torch.arange(5)), "rows must be int64"),
         (_bad(kc=torch.zeros(3, 2, 4, 8), vc=torch.zeros(3, 2, 4, 8)), "cache must be"),
         (_bad(qkv=torch.randn(4, 32, dtype=torch.bfloat16)), "must have one dtype"),
-        (_bad(**{k: torch.zeros(3, 1, 4, 8, dtype=torch.float64) for k in ("kc", "vc")},
-              **{k: torch.randn(16, 8, dtype=torch.float64) for k in ("cos", "sin")},
-              qkv=torch.randn(4, 32, dtype=torch.float64)), "float32 or bfloat16"),  # fmt: skip
+        (
+            _bad(
+                **{k: torch.zeros(3, 1, 4, 8, dtype=torch.float64) for k in ("kc", "vc")},
+                **{k: torch.randn(16, 8, dtype=torch.float64) for k in ("cos", "sin")},
+                qkv=torch.randn(4, 32, dtype=torch.float64),
+            ),
+            "float32 or bfloat16",
+        ),  # fmt: skip
     ],
 )
 def test_fresh_qkv_refuses_bad_arguments(args, message):
@@ -161,21 +166,27 @@ def prefill(model: LlamaModel, lengths: list[int], tpb: int = 4) -> tuple[torch.
     ("lengths", "whole"),
     [([1], True), ([37], True), ([9, 9], True), ([5, 12, 5], False), ([12, 5], False)],
 )
-def test_model_prefill_through_fresh_qkv_equals_torch_path(dtype, lengths, whole):
-    """Same logits and cache with the kernel and with the torch ops it replaces (one prompt or several, one
-    length or mixed: the gather/scatter path), and within tolerance of plain TorchOps."""
+def test_model_prefill_routes_agree(dtype, lengths, whole):
+    """Fresh chunks through SDPA after the fresh_qkv kernel, through SDPA after the torch ops it replaces, and
+    through the chunk-attention kernel (float32's default): the same logits and cache, and within tolerance of
+    plain TorchOps. One prompt or several, one length (no gather) or mixed lengths (gather and scatter)."""
     g = torch.Generator().manual_seed(0)
     tables = tables_for(lengths, 4, g)
     assert plan_fresh([Chunk(t, 0, n) for t, n in zip(tables, lengths, strict=True)], PagedKVCache(
         1, 64, 4, 1, 2, torch.float32, "cpu")).whole is whole  # fmt: skip
     model = tiny_model(dtype, KernelOps(KERNELS))
-    assert model.fresh_kernel is not None
-    got, cache = prefill(model, lengths)
-    model.fresh_kernel = None
-    want, want_cache = prefill(model, lengths)
-    tol = 2e-5 if dtype == torch.float32 else 5e-2
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-    torch.testing.assert_close(cache.k, want_cache.k, rtol=tol, atol=tol)
-    torch.testing.assert_close(cache.v, want_cache.v, rtol=tol, atol=tol)
+    kernel = model.fresh_kernel
+    assert kernel is not None and model.fresh_sdpa is (dtype != torch.float32)
+    results = {}
+    for route, sdpa, fresh_kernel in [("kernel+sdpa", True, kernel), ("torch+sdpa", True, None),
+                                      ("attend_chunk", False, kernel)]:  # fmt: skip
+        model.fresh_sdpa, model.fresh_kernel = sdpa, fresh_kernel
+        results[route] = prefill(model, lengths)
     plain, _ = prefill(tiny_model(dtype, TorchOps()), lengths)
-    torch.testing.assert_close(got, plain, rtol=tol, atol=tol)
+    tol = 2e-5 if dtype == torch.float32 else 5e-2
+    want, want_cache = results["torch+sdpa"]
+    for route, (got, cache) in results.items():
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=route)
+        torch.testing.assert_close(cache.k, want_cache.k, rtol=tol, atol=tol, msg=route)
+        torch.testing.assert_close(cache.v, want_cache.v, rtol=tol, atol=tol, msg=route)
+        torch.testing.assert_close(got, plain, rtol=tol, atol=tol, msg=route)

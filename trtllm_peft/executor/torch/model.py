@@ -112,6 +112,10 @@ class LlamaModel:
         self.sin = emb.sin().to(device=self.device, dtype=dtype)
         # a fresh chunk's RoPE + KV put in one call (csrc/attend_chunk.cpp), or None: torch ops (and for A/B)
         self.fresh_kernel = getattr(getattr(self.ops, "k", None), "fresh_qkv", None)
+        # Fresh chunks through torch's SDPA, or like every other chunk through ops.attend_chunk. On the CPU
+        # kernels float32 takes the kernel: torch's float32 SDPA ran the 512-token prefill 1.14x slower
+        # (bench/prefill_profile.py --ab); bfloat16 keeps SDPA (oneDNN's AMX products: 1.11x faster).
+        self.fresh_sdpa = self.fresh_kernel is None or dtype != torch.float32
 
     def _layer(self, w: dict[str, torch.Tensor], i: int) -> Layer:
         p = f"model.layers.{i}."
@@ -202,7 +206,7 @@ class LlamaModel:
         a = self.arch
         shape = (a.num_heads, a.num_kv_heads, a.head_dim)
 
-        fresh = plan_fresh(chunks, cache)
+        fresh = plan_fresh(chunks, cache) if self.fresh_sdpa else None
 
         def attend(layer, qkv):
             if not tc:  # decode only (the common step): the kernel's output is the layer's
@@ -234,13 +238,15 @@ class LlamaModel:
         if fresh is not None:
             picked = self._attend_fresh(layer, qkv[fresh.tokens], positions[fresh.tokens], fresh, cache)
             out.index_copy_(0, fresh.tokens, picked)
+        if fresh is None and len(chunks) == 1:  # one chunk through the kernel: its output is the layer's
+            return self.ops.attend_chunk(
+                qkv, self.cos, self.sin, positions, cache, layer, shape, chunks[0].table
+            )
         off = 0
         for c in chunks:
             span = slice(off, off + c.length)
             off += c.length
-            if (
-                c.start
-            ):  # after reused blocks or earlier chunks: over the cache, query i sees positions <= start+i
+            if c.start or fresh is None:  # over the cache (and itself): query i sees positions <= start+i
                 out[span] = self.ops.attend_chunk(
                     qkv[span], self.cos, self.sin, positions[span], cache, layer, shape, c.table
                 )
