@@ -293,37 +293,6 @@ def test_attend_decode_equals_torch_and_writes_the_same_cache(
         assert torch.equal(caches[1].v[1, tables[b, p // tpb], :, p % tpb], v_in)
 
 
-@needs_kernels
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tpb", [4, 32])
-@pytest.mark.parametrize(("start", "n"), [(32, 1), (37, 24), (5, 60), (0, 9), (700, 17)])
-def test_attend_chunk_equals_torch_causal_over_the_cached_prefix(dtype, tpb, start, n):
-    """A prompt chunk after cached positions (reuse, chunked prefill): the blocked kernel (tiles of rows per
-    kv head, several tiles and partial blocks here) against SDPA over the gathered blocks."""
-    heads, kv_heads, head_dim = 9, 3, 64
-    g = torch.Generator().manual_seed(start * 100 + n)
-    width = -(-(start + n) // tpb)
-    table = torch.randperm(width + 4, generator=g)[:width].to(torch.int32)
-    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
-    angles = torch.outer(torch.arange(start + n).float(), torch.rand(head_dim // 2, generator=g))
-    cos, sin = (
-        torch.cat([angles, angles], -1).cos().to(dtype),
-        torch.cat([angles, angles], -1).sin().to(dtype),
-    )
-    caches = [PagedKVCache(1, width + 4, tpb, kv_heads, head_dim, dtype, "cpu") for _ in range(2)]
-    caches[0].k.copy_(torch.randn(caches[0].k.shape, generator=g))  # the cached prefix (and stale slots)
-    caches[0].v.copy_(torch.randn(caches[0].v.shape, generator=g))
-    caches[1].k.copy_(caches[0].k)
-    caches[1].v.copy_(caches[0].v)
-    positions = torch.arange(start, start + n)
-    shape = (heads, kv_heads, head_dim)
-    want = TorchOps().attend_chunk(qkv, cos, sin, positions, caches[0], 0, shape, table)
-    got = KernelOps(KERNELS).attend_chunk(qkv, cos, sin, positions, caches[1], 0, shape, table)
-    close(got, want, dtype)
-    close(caches[1].k, caches[0].k, dtype)
-    assert torch.equal(caches[1].v, caches[0].v)
-
-
 def test_module_name_differs_per_checkout(tmp_path):
     """Two checkouts of the same sources get two modules (two build dirs): neither rebuilds the other's."""
     copy = tmp_path / "csrc"

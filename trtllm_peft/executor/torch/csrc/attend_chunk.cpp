@@ -4,9 +4,14 @@
 // The decode kernel would read each K/V block once per token; here a unit of work is (kv head, tile of up to
 // kTileRows rows), and each K/V block is read once for all the unit's queries (its rows × the kv head's g query
 // heads): K is transposed (register shuffles) into a [hd, 16·k] tile in L1 so that sixteen scores come out of
-// one register per query with no horizontal sums, then V is accumulated block by block. Two passes as the decode kernel (exact
-// max, then exp and the weighted sum), so the numbers match it. Units spread over the kernels' threads.
+// one register per query with no horizontal sums, then V is accumulated block by block. Two passes as the decode
+// kernel (exact max, then exp and the weighted sum). Units spread over the kernels' threads.
+//
+// bfloat16 runs both products on vdpbf16ps (two head dims, or two keys, per 32-bit lane: twice the MACs of an
+// FMA): q·k exactly as in float32 lanes (bf16 products are exact, float32 sums), the weights rounded to bf16
+// before the weighted sum of V, as torch's bf16 SDPA does (their sum, the softmax's denominator, is not).
 
+#include "attend_pairs.h"
 #include "rope.h"
 
 namespace trtllm_peft {
@@ -14,51 +19,58 @@ namespace {
 
 constexpr int64_t kTileRows = 8;  // rows per unit: enough queries per K/V block, enough units for two threads
 
-// Per-thread buffers of one unit, reused across units and calls.
+// Per-thread buffers of one unit, reused across units and calls. Lanes E of the products: float (float32
+// caches) or uint32_t (bfloat16: a pair of bf16 in each 32-bit lane).
 struct ChunkScratch {
   std::vector<float> q, kt, scores, acc;  // q [Q, hd], kt [hd, tpb16], scores [Q, L16], acc [Q, hd]
+  std::vector<uint32_t> qp, ktp, vp, wp;  // bf16 pairs: q [Q, hd/2], kt [hd/2, tpb16], v [tpb/2, hd], w [Q, tpb/2]
+  template <typename E>
+  E* qs() { if constexpr (std::is_same<E, float>::value) return q.data(); else return qp.data(); }
+  template <typename E>
+  E* kts() { if constexpr (std::is_same<E, float>::value) return kt.data(); else return ktp.data(); }
 };
 
 // scores[q][t] = scale · q · k_t for Q queries and V·16 keys at once: Q·V independent accumulators keep both FMA
 // ports busy (a chain per register would wait on the FMA latency), and each K vector loaded serves Q queries.
-template <int Q, int V>
-inline void scores_tile(const float* q, int64_t hd, const float* kt, int64_t ld, __m512 sc, float* scores,
-                        int64_t lds) {
+// `steps` lanes per query (hd, or hd/2 bf16 pairs).
+template <typename E, int Q, int V>
+inline void scores_tile(const E* q, int64_t steps, const E* kt, int64_t ld, __m512 sc, float* scores, int64_t lds) {
   __m512 acc[Q][V];
   for (int i = 0; i < Q; i++)
     for (int j = 0; j < V; j++) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < hd; d++) {
+  for (int64_t d = 0; d < steps; d++) {
     __m512 k[V];
-    for (int j = 0; j < V; j++) k[j] = _mm512_loadu_ps(kt + d * ld + j * kBlock);
-    for (int i = 0; i < Q; i++) {
-      const __m512 b = _mm512_set1_ps(q[i * hd + d]);
-      for (int j = 0; j < V; j++) acc[i][j] = _mm512_fmadd_ps(b, k[j], acc[i][j]);
-    }
+    for (int j = 0; j < V; j++) k[j] = load_lanes(kt + d * ld + j * kBlock);
+    for (int i = 0; i < Q; i++)
+      for (int j = 0; j < V; j++) acc[i][j] = mac(acc[i][j], q[i * steps + d], k[j]);
   }
   for (int i = 0; i < Q; i++)
     for (int j = 0; j < V; j++) _mm512_storeu_ps(scores + i * lds + j * kBlock, _mm512_mul_ps(acc[i][j], sc));
 }
 
 // Q queries (Q < kScoreQ) against the block's keys, two vectors at a time (kt is zero-padded to ld).
-template <int Q>
-void scores_rows(const float* q, int64_t hd, const float* kt, int64_t ld, int64_t n, __m512 sc, float* scores,
+template <typename E, int Q>
+void scores_rows(const E* q, int64_t steps, const E* kt, int64_t ld, int64_t n, __m512 sc, float* scores,
                  int64_t lds) {
   int64_t c = 0;
-  for (; c + 2 * kBlock <= ld && c < n; c += 2 * kBlock) scores_tile<Q, 2>(q, hd, kt + c, ld, sc, scores + c, lds);
-  for (; c < n; c += kBlock) scores_tile<Q, 1>(q, hd, kt + c, ld, sc, scores + c, lds);
+  for (; c + 2 * kBlock <= ld && c < n; c += 2 * kBlock)
+    scores_tile<E, Q, 2>(q, steps, kt + c, ld, sc, scores + c, lds);
+  for (; c < n; c += kBlock) scores_tile<E, Q, 1>(q, steps, kt + c, ld, sc, scores + c, lds);
 }
 
 constexpr int kScoreQ = 6;  // queries per score tile: 6 × 2 accumulators + 2 K vectors + a broadcast
 
-// scores[q][t] = scale · q · k_t for the block's n keys (kt: K transposed, [hd, ld]) and all nq queries.
-void block_scores(const float* q, int64_t nq, int64_t hd, const float* kt, int64_t ld, int64_t n, float scale,
+// scores[q][t] = scale · q · k_t for the block's n keys (kt: K transposed, [steps, ld]) and all nq queries.
+template <typename E>
+void block_scores(const E* q, int64_t nq, int64_t steps, const E* kt, int64_t ld, int64_t n, float scale,
                   float* scores, int64_t lds) {
   const __m512 sc = _mm512_set1_ps(scale);
   int64_t r = 0;
-  for (; r + kScoreQ <= nq; r += kScoreQ) scores_rows<kScoreQ>(q + r * hd, hd, kt, ld, n, sc, scores + r * lds, lds);
+  for (; r + kScoreQ <= nq; r += kScoreQ)
+    scores_rows<E, kScoreQ>(q + r * steps, steps, kt, ld, n, sc, scores + r * lds, lds);
   switch (nq - r) {
 #define ROWS(k) \
-  case k: return scores_rows<k>(q + r * hd, hd, kt, ld, n, sc, scores + r * lds, lds);
+  case k: return scores_rows<E, k>(q + r * steps, steps, kt, ld, n, sc, scores + r * lds, lds);
     ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5)
 #undef ROWS
   }
@@ -89,16 +101,28 @@ inline void transpose16x16(__m512 r[16]) {
     r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
   }
 }
-// K tile [n, hd] -> kt [hd, ld] float32 (columns n..ld-1 zero), 16 keys × 16 dims per register transpose.
-template <typename T>
-inline void transpose_keys(const T* k, int64_t n, int64_t hd, float* kt, int64_t ld) {
+// 16 lanes E of key row `row` from lane i: float32 head dims, or bf16 pairs of head dims as they lie in the row.
+template <typename E, typename T>
+inline __m512 key_lanes(const T* row, int64_t i, __mmask16 m) {
+  if constexpr (std::is_same<E, float>::value)
+    return load16(row + i, m);
+  else
+    return _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(m, reinterpret_cast<const uint32_t*>(row) + i));
+}
+
+// K tile [n, hd] -> kt [steps, ld] of lanes E (columns n..ld-1 zero), 16 keys × 16 lanes per register transpose
+// (the shuffles move bits: a bf16 pair goes through as one float32 lane).
+template <typename E, typename T>
+inline void transpose_keys(const T* k, int64_t n, int64_t hd, E* kt, int64_t ld) {
+  const int64_t steps = lanes<E>(hd);
   for (int64_t c = 0; c < ld; c += kBlock) {
-    for (int64_t d0 = 0; d0 < hd; d0 += kBlock) {
-      const __mmask16 m = tail_mask(hd, d0);
+    for (int64_t d0 = 0; d0 < steps; d0 += kBlock) {
+      const __mmask16 m = tail_mask(steps, d0);
       __m512 r[kBlock];
-      for (int i = 0; i < kBlock; i++) r[i] = c + i < n ? load16(k + (c + i) * hd + d0, m) : _mm512_setzero_ps();
+      for (int i = 0; i < kBlock; i++) r[i] = c + i < n ? key_lanes<E>(k + (c + i) * hd, d0, m) : _mm512_setzero_ps();
       transpose16x16(r);
-      for (int64_t i = 0; i < std::min(kBlock, hd - d0); i++) _mm512_storeu_ps(kt + (d0 + i) * ld + c, r[i]);
+      for (int64_t i = 0; i < std::min(kBlock, steps - d0); i++)
+        _mm512_storeu_ps(reinterpret_cast<float*>(kt + (d0 + i) * ld + c), r[i]);
     }
   }
 }
@@ -176,48 +200,93 @@ struct ChunkShape {
   int64_t nh, nkv, hd, tpb, start, n, ld;
 };
 
+// One unit's geometry: kv head h, rows r0..r1-1 of the chunk, nq = their g query heads each.
+struct Unit {
+  int64_t h, r0, r1, g, nq, len, nb, ldk, lds;
+  Unit(const ChunkShape& s, int64_t h_, int64_t r0_, int64_t r1_)
+      : h(h_), r0(r0_), r1(r1_), g(s.nh / s.nkv), nq((r1_ - r0_) * g), len(s.start + r1_),
+        nb((len + s.tpb - 1) / s.tpb), ldk((s.tpb + kBlock - 1) / kBlock * kBlock), lds(nb * s.tpb + kBlock) {}
+  int64_t tile(const ChunkShape& s, const int32_t* table, int64_t j) const {  // block j's K (or V) of head h
+    return (static_cast<int64_t>(table[j]) * s.nkv + h) * s.tpb * s.hd;
+  }
+  int64_t keys(int64_t start, int64_t r) const { return start + r0 + r / g + 1; }  // query r sees 0..keys-1
+};
+
+// The blocks are scattered in the pool and a long context's K/V is not in cache (each layer's weights stream
+// through it between two layers' attention): the next block is fetched while this one is computed, or each
+// block's first lines would wait on DRAM with one stream per thread.
+template <typename T>
+inline void prefetch_block(const T* c, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(c) + o, _MM_HINT_T0);
+}
+
+// Pass 1: the unit's queries rotated into lanes E, then every query's scores, each K block transposed once.
+template <typename T, typename E = LanesOf<T>>
+void unit_scores(const ChunkShape& s, const T* qkv, const T* cos, const T* sin, const int32_t* table, const T* kc,
+                 const Unit& u, ChunkScratch& w) {
+  const int64_t hd = s.hd, steps = lanes<E>(hd), bytes = s.tpb * hd * static_cast<int64_t>(sizeof(T));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  if constexpr (std::is_same<E, float>::value)
+    w.q.resize(u.nq * hd), w.kt.resize(hd * u.ldk);
+  else
+    w.qp.resize(u.nq * steps), w.ktp.resize(steps * u.ldk);
+  for (int64_t r = u.r0; r < u.r1; r++) {
+    const int64_t p = s.start + r;
+    for (int64_t j = 0; j < u.g; j++) {
+      const T* x = qkv + r * s.ld + (u.h * u.g + j) * hd;
+      const int64_t at = ((r - u.r0) * u.g + j) * hd;
+      if constexpr (std::is_same<E, float>::value)
+        rope(x, cos + p * hd, sin + p * hd, hd, w.q.data() + at);
+      else  // bf16 q (rope rounds it to bf16 anyway), read as pairs
+        rope(x, cos + p * hd, sin + p * hd, hd, reinterpret_cast<T*>(w.qp.data()) + at);
+    }
+  }
+  prefetch_block(kc + u.tile(s, table, 0), bytes);
+  for (int64_t j = 0; j < u.nb; j++) {
+    const int64_t n = std::min(s.tpb, u.len - j * s.tpb);
+    if (j + 1 < u.nb) prefetch_block(kc + u.tile(s, table, j + 1), bytes);
+    transpose_keys(kc + u.tile(s, table, j), n, hd, w.kts<E>(), u.ldk);
+    block_scores(w.qs<E>(), u.nq, steps, w.kts<E>(), u.ldk, n, scale, w.scores.data() + j * s.tpb, u.lds);
+  }
+}
+
+// Pass 2: the weighted values, each V block read once (bf16: interleaved into key pairs once for all queries).
+template <typename T>
+void unit_values(const ChunkShape& s, const int32_t* table, const T* vc, const Unit& u, ChunkScratch& w) {
+  const int64_t hd = s.hd, tpb = s.tpb, bytes = tpb * hd * static_cast<int64_t>(sizeof(T)), ldw = (tpb + 1) / 2;
+  std::vector<int64_t> seen(u.nq);  // keys query r sees in the current block
+  if constexpr (!std::is_same<T, float>::value) w.vp.resize(ldw * hd), w.wp.resize(u.nq * ldw);
+  for (int64_t j = 0; j < u.nb; j++) {
+    if (j + 1 < u.nb) prefetch_block(vc + u.tile(s, table, j + 1), bytes);
+    for (int64_t r = 0; r < u.nq; r++) seen[r] = std::clamp<int64_t>(u.keys(s.start, r) - j * tpb, 0, tpb);
+    const T* v = vc + u.tile(s, table, j);
+    const float* sc = w.scores.data() + j * tpb;
+    if constexpr (std::is_same<T, float>::value) {
+      block_values_any(v, hd, sc, u.lds, seen.data(), u.nq, w.acc.data());
+    } else {
+      const int64_t n = std::min(tpb, u.len - j * tpb), pairs = (n + 1) / 2;
+      pair_values(v, n, hd, w.vp.data());
+      for (int64_t r = 0; r < u.nq; r++) pair_weights(sc + r * u.lds, seen[r], pairs, w.wp.data() + r * ldw);
+      block_values_pairs_any(w.vp.data(), hd, w.wp.data(), ldw, seen.data(), u.nq, w.acc.data());
+    }
+  }
+}
+
 // One unit: kv head h, rows r0..r1-1 of the chunk (their g query heads each) -> out rows [r, h·g·hd ...).
 template <typename T>
 void chunk_unit(const ChunkShape& s, const T* qkv, const T* cos, const T* sin, const int32_t* table, const T* kc,
                 const T* vc, T* out, int64_t h, int64_t r0, int64_t r1, ChunkScratch& w) {
-  const int64_t g = s.nh / s.nkv, hd = s.hd, tpb = s.tpb, nq = (r1 - r0) * g;
-  const int64_t len = s.start + r1, nb = (len + tpb - 1) / tpb;  // the last row sees positions 0..len-1
-  const int64_t ldk = (tpb + kBlock - 1) / kBlock * kBlock, lds = nb * tpb + kBlock;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  w.q.resize(nq * hd), w.kt.resize(hd * ldk), w.scores.resize(nq * lds), w.acc.assign(nq * hd, 0.0f);
-  std::vector<int64_t> seen(nq);  // keys query r sees in the current block
-  for (int64_t r = r0; r < r1; r++) {
-    const int64_t p = s.start + r;
-    for (int64_t j = 0; j < g; j++)
-      rope(qkv + r * s.ld + (h * g + j) * hd, cos + p * hd, sin + p * hd, hd, w.q.data() + ((r - r0) * g + j) * hd);
-  }
-  auto tile = [&](int64_t j) { return (static_cast<int64_t>(table[j]) * s.nkv + h) * tpb * hd; };
-  // The blocks are scattered in the pool and a long context's K/V is not in cache (each layer's weights stream
-  // through it between two layers' attention): the next block is fetched while this one is computed, or each
-  // block's first lines would wait on DRAM with one stream per thread.
-  auto prefetch = [&](const T* c, int64_t j) {
-    if (j >= nb) return;
-    const char* b = reinterpret_cast<const char*>(c + tile(j));
-    for (int64_t o = 0; o < tpb * hd * static_cast<int64_t>(sizeof(T)); o += 64) _mm_prefetch(b + o, _MM_HINT_T0);
-  };
-  prefetch(kc, 0);
-  for (int64_t j = 0; j < nb; j++) {  // pass 1: every query's scores, each K block transposed once
-    const int64_t n = std::min(tpb, len - j * tpb);
-    prefetch(kc, j + 1);
-    transpose_keys(kc + tile(j), n, hd, w.kt.data(), ldk);
-    block_scores(w.q.data(), nq, hd, w.kt.data(), ldk, n, scale, w.scores.data() + j * tpb, lds);
-  }
-  prefetch(vc, 0);  // while the exponentials are computed
+  const Unit u(s, h, r0, r1);
+  const int64_t hd = s.hd, nq = u.nq;
+  w.scores.resize(nq * u.lds), w.acc.assign(nq * hd, 0.0f);
+  unit_scores(s, qkv, cos, sin, table, kc, u, w);
+  prefetch_block(vc + u.tile(s, table, 0), s.tpb * hd * static_cast<int64_t>(sizeof(T)));  // during the exps
   std::vector<float> sums(nq);
-  for (int64_t r = 0; r < nq; r++) sums[r] = exp_in_place(w.scores.data() + r * lds, s.start + r0 + r / g + 1);
-  for (int64_t j = 0; j < nb; j++) {  // pass 2: the weighted values, each V block read once
-    prefetch(vc, j + 1);
-    for (int64_t r = 0; r < nq; r++) seen[r] = std::clamp<int64_t>(s.start + r0 + r / g + 1 - j * tpb, 0, tpb);
-    block_values_any(vc + tile(j), hd, w.scores.data() + j * tpb, lds, seen.data(), nq, w.acc.data());
-  }
+  for (int64_t r = 0; r < nq; r++) sums[r] = exp_in_place(w.scores.data() + r * u.lds, u.keys(s.start, r));
+  unit_values(s, table, vc, u, w);
   for (int64_t r = 0; r < nq; r++) {
     const __m512 inv = _mm512_set1_ps(1.0f / sums[r]);
-    T* o = out + (r0 + r / g) * s.nh * hd + (h * g + r % g) * hd;
+    T* o = out + (r0 + r / u.g) * s.nh * hd + (h * u.g + r % u.g) * hd;
     for (int64_t i = 0; i < hd; i += kBlock)
       store16(o + i, _mm512_mul_ps(load16(w.acc.data() + r * hd + i, tail_mask(hd, i)), inv), tail_mask(hd, i));
   }
@@ -281,57 +350,6 @@ torch::Tensor attend_chunk(const torch::Tensor& qkv, const torch::Tensor& cos, c
                   out.data_ptr<T>());
   });
   return out;
-}
-
-// A prefill's fresh chunks (nothing cached before them): qkv [F, q + 2kv] at positions [F] -> q and k rotated
-// into qk [F, heads + kv, hd] (what model.py's torch SDPA reads), and k (rotated) and v stored at the cache
-// rows [F·kv] of this layer viewed as [num_blocks·kv·tpb, hd] (PagedKVCache.rows): one pass over the rows
-// instead of torch's gather of the cos/sin rows, cat, two products, a sum and two index_copy_ (~1 ms a layer
-// at 512 tokens). Same rounding as model.py's rope (rope.h), so the same bits.
-torch::Tensor fresh_qkv(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
-                        const torch::Tensor& positions, torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& rows,
-                        int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
-  check_rows(qkv, "qkv");
-  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(),
-              "fresh_qkv: cache and tables must be contiguous");
-  TORCH_CHECK(cos.scalar_type() == qkv.scalar_type() && sin.scalar_type() == qkv.scalar_type() &&
-                  kc.scalar_type() == qkv.scalar_type() && vc.scalar_type() == qkv.scalar_type(),
-              "fresh_qkv: qkv, cos, sin and the cache must have one dtype");
-  TORCH_CHECK(head_dim % 2 == 0 && head_dim <= kMaxHeadDim, "fresh_qkv: head_dim must be even, at most 256");
-  TORCH_CHECK(qkv.size(1) == (num_heads + 2 * num_kv_heads) * head_dim && cos.size(1) == head_dim,
-              "fresh_qkv: qkv must be [F, (heads + 2 kv_heads) · head_dim]");
-  TORCH_CHECK(kc.dim() == 4 && kc.size(1) == num_kv_heads && kc.size(3) == head_dim && vc.sizes() == kc.sizes(),
-              "fresh_qkv: cache must be [num_blocks, kv_heads, tokens_per_block, head_dim]");
-  const int64_t n = qkv.size(0), slots = kc.numel() / head_dim;
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == n,
-              "fresh_qkv: positions must be int64 [F]");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.numel() == n * num_kv_heads,
-              "fresh_qkv: rows must be int64 [F · kv_heads]");
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  const int64_t* slot = rows.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; i++) TORCH_CHECK(pos[i] >= 0 && pos[i] < cos.size(0), "fresh_qkv: bad position");
-  for (int64_t i = 0; i < n * num_kv_heads; i++) TORCH_CHECK(slot[i] >= 0 && slot[i] < slots, "fresh_qkv: bad row");
-  const int64_t nh = num_heads, nkv = num_kv_heads, hd = head_dim, heads = nh + nkv;
-  auto qk = torch::empty({n, heads, hd}, qkv.options());
-  dispatch(qkv.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    const T *x = qkv.data_ptr<T>(), *c = cos.data_ptr<T>(), *s = sin.data_ptr<T>();
-    T *o = qk.data_ptr<T>(), *k = kc.data_ptr<T>(), *v = vc.data_ptr<T>();
-    const int64_t ld = qkv.stride(0);
-    parallel_for(0, n, row_grain(n, (heads + nkv) * hd), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; r++) {
-        const T* row = x + r * ld;
-        T* out = o + r * heads * hd;
-        for (int64_t h = 0; h < heads; h++) rope(row + h * hd, c + pos[r] * hd, s + pos[r] * hd, hd, out + h * hd);
-        for (int64_t h = 0; h < nkv; h++) {
-          const int64_t at = slot[r * nkv + h] * hd;
-          std::memcpy(k + at, out + (nh + h) * hd, hd * sizeof(T));
-          std::memcpy(v + at, row + (heads + h) * hd, hd * sizeof(T));
-        }
-      }
-    });
-  });
-  return qk;
 }
 
 }  // namespace trtllm_peft
