@@ -1,10 +1,35 @@
 // Decode attention over the paged KV cache: one token per row, each row with its own block table.
 // RoPE on q and k, k and v stored at the row's position, then attention over positions 0..pos.
 
+#include <atomic>
+
 #include "rope.h"
 
 namespace trtllm_peft {
 namespace {
+
+// Attention work (positions x query dims over the rows) below which a step's attention stays on the calling
+// thread (short contexts: a worker's wake-up costs more than it saves); set_streaming's attend_split.
+std::atomic<int64_t> attend_split{262144};
+std::atomic<bool> attend_prefetch{true};  // set_streaming's attend_prefetch: see prefetch_kv
+
+// Every line of one (row, kv head)'s keys and values at positions 0..len-1 into L1 (T0), issued together: the
+// cache was evicted by the step's weight streaming since the last layer read it, and the attention loops'
+// dependent chains would otherwise take those misses a few at a time (a unit is ~2·len·hd·sizeof(T) bytes).
+template <typename T>
+void prefetch_kv(const T* kc, const T* vc, const int32_t* table, int64_t h, int64_t nkv, int64_t tpb, int64_t hd,
+                 int64_t len) {
+  for (int64_t j = 0; j * tpb < len; j++) {
+    const int64_t tile = (static_cast<int64_t>(table[j]) * nkv + h) * tpb * hd;
+    const int64_t bytes = std::min(tpb, len - j * tpb) * hd * static_cast<int64_t>(sizeof(T));
+    const char* k = reinterpret_cast<const char*>(kc + tile);
+    const char* v = reinterpret_cast<const char*>(vc + tile);
+    for (int64_t off = 0; off < bytes; off += 64) {
+      _mm_prefetch(k + off, _MM_HINT_T0);
+      _mm_prefetch(v + off, _MM_HINT_T0);
+    }
+  }
+}
 
 // scores[l] = scale · q·keys[l] for l in [0, len), C = ceil(hd/16) chunks known at compile time (so the
 // accumulators stay in registers); four keys at a time keep four dot products and their horizontal sums in
@@ -97,7 +122,7 @@ void attend_rows(const T* qkv, int64_t ld, const T* cos, const T* sin, const int
       TORCH_CHECK(tables[b * width + j] >= 0 && tables[b * width + j] < num_blocks, "attend_decode: bad block id");
     work += (pos[b] + 1) * nh * hd;
   }
-  const int64_t units = B * nkv, grain = work < 262144 ? units : 1;  // short contexts: one thread
+  const int64_t units = B * nkv, grain = work < attend_split.load(std::memory_order_relaxed) ? units : 1;
   // this token's slot: offset p % tpb of block table[b][p / tpb], kv head h
   auto slot = [&](int64_t b, int64_t h) {
     const int64_t p = pos[b];
@@ -114,8 +139,12 @@ void attend_rows(const T* qkv, int64_t ld, const T* cos, const T* sin, const int
     thread_local std::vector<float> scores, q;  // per thread, reused: a step allocates nothing here
     thread_local std::vector<const T*> kb, vb;
     q.resize(g * hd);
+    const bool pf = attend_prefetch.load(std::memory_order_relaxed);
     for (int64_t u = u0; u < u1; u++) {
       const int64_t b = u / nkv, h = u % nkv, p = pos[b], nb = p / tpb + 1;
+      if (pf)  // this unit's keys and values when it is the first, and the next unit's while this one computes
+        for (int64_t n = u == u0 ? u : u + 1; n <= u + 1 && n < u1; n++)
+          prefetch_kv(kc, vc, tables + (n / nkv) * width, n % nkv, nkv, tpb, hd, pos[n / nkv] + 1);
       const T* row = qkv + b * ld;
       store(b, h);
       kb.resize(nb), vb.resize(nb);
@@ -130,6 +159,11 @@ void attend_rows(const T* qkv, int64_t ld, const T* cos, const T* sin, const int
 }
 
 }  // namespace
+
+void set_attend_split(int64_t work, bool prefetch) {
+  attend_split.store(std::max<int64_t>(work, 0));
+  attend_prefetch.store(prefetch);
+}
 
 // qkv [B, q + 2kv] (this step's projections), cos/sin [L, hd], positions [B], kc/vc this layer's paged cache
 // [num_blocks, kv, tpb, hd], tables [B, W] int32 block tables: rotates q and k, stores k and v at each row's
