@@ -223,13 +223,17 @@ def _record_loads(tier) -> list[tuple[int, float]]:
 def raw_executor():
     """The executor the server builds (executor/factory.py) from the same settings: same caches, KV cache
     config (NIM's default: no block reuse; TensorRT-LLM's KvCacheConfig default would reuse prompt blocks),
-    chunked context, token budgets. Built otherwise, the raw side would run a differently configured engine."""
+    chunked context, token budgets. Built otherwise, the raw side would run a differently configured engine.
+    This process takes `serve`'s malloc settings too (engine/host_malloc.py): glibc's defaults would give
+    the raw side other costs for a step's logits."""
     from trtllm_peft.engine.engine_dir import EngineDir
+    from trtllm_peft.engine.host_malloc import tune_for_server
     from trtllm_peft.executor.factory import create_executor
     from trtllm_peft.settings import Settings
 
     env = {**os.environ, **SETTINGS, "TRTLLM_PEFT_ENGINE_DIR": str(ENGINE)}
     env.pop("NIM_PEFT_SOURCE", None)
+    tune_for_server()
     return create_executor(Settings.from_env(env), EngineDir.open(ENGINE))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trtllm_peft.serving.logprobs import RowsToScore, score_batch, token_logprobs
+from trtllm_peft.serving.logprobs import BLOCK_ROWS, RowsToScore, score_batch, token_logprobs
 
 VOCAB = 1000
 
@@ -68,6 +68,24 @@ def test_batch_equals_one_call_per_item():
     got = score_batch(items)
     for item, entries in zip(items, got, strict=True):
         assert entries == token_logprobs(item.logits, item.token_ids, item.k, item.vocab)
+
+
+def test_batch_across_blocks_equals_one_call_per_item():
+    """More rows than one block (BLOCK_ROWS): an item's rows may straddle two blocks, a bf16 item is
+    widened on the way, the last block is partial."""
+    items = [
+        RowsToScore(logits_with_ties(rows, VOCAB, seed=10 + i).to(dtype), list(range(i, i + rows)), k, VOCAB)
+        for i, (rows, k, dtype) in enumerate(
+            [(1, 1, torch.float32)] * 6
+            + [(3, 2, torch.float32), (2, 1, torch.bfloat16), (1, 0, torch.float32)]
+            + [(1, 5, torch.float32)] * (2 * BLOCK_ROWS - 5)
+        )
+    ]
+    assert sum(len(i.token_ids) for i in items) > 2 * BLOCK_ROWS
+    got = score_batch(items)
+    for item, entries in zip(items, got, strict=True):
+        assert entries == token_logprobs(item.logits, item.token_ids, item.k, item.vocab)
+    assert items[0].logits.equal(logits_with_ties(1, VOCAB, seed=10))  # the engine's rows are not written
 
 
 @pytest.mark.parametrize(

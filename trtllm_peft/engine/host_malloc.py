@@ -6,6 +6,17 @@ tensors of a few MiB, such as the adapters a server loads, packs and drops all d
 the threads that allocate them, and freeing them seldom shrinks those heaps. The server's RSS then tracks the
 high-water mark of every thread's arena (engine, poller, adapter loaders, event loop), not what it holds.
 A fixed threshold turns the adjustment off, and two arenas bound the per-thread heaps.
+
+The threshold sits between what recurs every engine step and what an adapter load allocates: a step's logits
+[B, V] (float32, V = 49,152: 6 MiB at batch 32, 12 MiB at 64) and the log-prob temporaries the server
+computes from them must come from the heap, where the next step reuses them. Above the threshold each step
+mapped, faulted in (zeroed) and unmapped them again: 3-4x the CPU of the same step's scoring with heap memory
+(bench/README.md "The server's own cost per token"), a large part of the server's 12% fewer tokens/s than
+the bare executor with a 4 MiB threshold. A rank-16 adapter's packed rows (27 MiB, one tensor) and its
+device copy (18.6 MiB) stay above it, mapped and returned to the OS when dropped. A fixed threshold also
+fixes the trim threshold (free memory at a heap's top given back) at its 128 KiB default: freeing a step's
+logits then gave their pages back and the next step faulted them in again, so it is set to twice the
+threshold, as glibc's own adjustment does (at most 3 x 32 MiB kept free: the main heap and two arenas).
 """
 
 from __future__ import annotations
@@ -15,16 +26,22 @@ import ctypes.util
 
 M_MMAP_THRESHOLD = -3  # glibc malloc.h
 M_ARENA_MAX = -8
-MMAP_THRESHOLD = 4 << 20  # bench/README.md "Paged KV cache": server peak RSS 3.67 -> 2.63 GB in bench/load.py
+M_TRIM_THRESHOLD = -1
+MMAP_THRESHOLD = 16 << 20  # above a step's logits, below an adapter (module docstring)
 ARENAS = 2
 
 
 def tune_for_server() -> bool:
-    """Set the threshold and the arena limit (before the server's threads start); False where libc is not
-    glibc or refuses (nothing changes then)."""
+    """Set the thresholds and the arena limit (before the server's threads start); False where libc is not
+    glibc or refuses."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_ARENA_MAX, ARENAS) == 1
+    settings = (
+        (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        (M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD),
+        (M_ARENA_MAX, ARENAS),
+    )
+    return all(mallopt(option, value) == 1 for option, value in settings)

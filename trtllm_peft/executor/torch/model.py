@@ -35,6 +35,7 @@ class FreshChunks:
     tokens: torch.Tensor  # [F] long: their tokens' indices in the iteration, grouped by chunk length
     rows: torch.Tensor  # [F·kv] long: the cache rows their K and V go to (PagedKVCache.rows)
     groups: list[tuple[int, int]]  # (chunk length, number of chunks) per group, in `tokens` order
+    whole: bool = False  # `tokens` are all the iteration's chunk tokens in order (0..F-1): no gather needed
 
 
 @dataclass
@@ -103,11 +104,18 @@ class LlamaModel:
         self.norm = w["model.norm.weight"]
         self.layers = [self._layer(w, i) for i in range(arch.num_layers)]
         self.q_dim, self.kv_dim = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+        self._shape = (arch.num_heads, arch.num_kv_heads, arch.head_dim)
         pos = torch.arange(max_seq_len, dtype=torch.float32)
         freqs = torch.outer(pos, rope_inv_freq(arch))  # [L, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos = emb.cos().to(device=self.device, dtype=dtype)  # [L, hd]
         self.sin = emb.sin().to(device=self.device, dtype=dtype)
+        # a fresh chunk's RoPE + KV put in one call (csrc/attend_chunk.cpp), or None: torch ops (and for A/B)
+        self.fresh_kernel = getattr(getattr(self.ops, "k", None), "fresh_qkv", None)
+        # Fresh chunks through torch's SDPA, or like every other chunk through ops.attend_chunk. On the CPU
+        # kernels float32 takes the kernel: torch's float32 SDPA ran the 512-token prefill 1.14x slower
+        # (bench/prefill_profile.py --ab); bfloat16 keeps SDPA (oneDNN's AMX products: 1.11x faster).
+        self.fresh_sdpa = self.fresh_kernel is None or dtype != torch.float32
 
     def _layer(self, w: dict[str, torch.Tensor], i: int) -> Layer:
         p = f"model.layers.{i}."
@@ -198,7 +206,7 @@ class LlamaModel:
         a = self.arch
         shape = (a.num_heads, a.num_kv_heads, a.head_dim)
 
-        fresh = plan_fresh(chunks, cache)
+        fresh = plan_fresh(chunks, cache) if self.fresh_sdpa else None
 
         def attend(layer, qkv):
             if not tc:  # decode only (the common step): the kernel's output is the layer's
@@ -224,17 +232,21 @@ class LlamaModel:
         """Causal attention of each chunk over its sequence's cache positions 0..start+length-1 -> [Tc, q]."""
         a = self.arch
         shape = (a.num_heads, a.num_kv_heads, a.head_dim)
+        if fresh is not None and fresh.whole:  # one prompt's prefill: no gather of its rows, no scatter back
+            return self._attend_fresh(layer, qkv, positions, fresh, cache)
         out = torch.empty(qkv.shape[0], self.q_dim, dtype=qkv.dtype, device=qkv.device)
         if fresh is not None:
             picked = self._attend_fresh(layer, qkv[fresh.tokens], positions[fresh.tokens], fresh, cache)
             out.index_copy_(0, fresh.tokens, picked)
+        if fresh is None and len(chunks) == 1:  # one chunk through the kernel: its output is the layer's
+            return self.ops.attend_chunk(
+                qkv, self.cos, self.sin, positions, cache, layer, shape, chunks[0].table
+            )
         off = 0
         for c in chunks:
             span = slice(off, off + c.length)
             off += c.length
-            if (
-                c.start
-            ):  # after reused blocks or earlier chunks: over the cache, query i sees positions <= start+i
+            if c.start or fresh is None:  # over the cache (and itself): query i sees positions <= start+i
                 out[span] = self.ops.attend_chunk(
                     qkv[span], self.cos, self.sin, positions[span], cache, layer, shape, c.table
                 )
@@ -244,8 +256,15 @@ class LlamaModel:
         """The fresh chunks' tokens `qkv` [F, q + 2kv]: K and V stored with one copy, then one causal SDPA per
         group of equal lengths (the whole prefix is the chunk: no need to read the cache) -> [F, q]."""
         a = self.arch
-        q, k, v = self._split_rope(qkv, positions)  # [F, heads, hd], [F, kv, hd] x2
-        cache.put(layer, fresh.rows, k, v)
+        if self.fresh_kernel is not None:
+            qk = self.fresh_kernel(
+                qkv, self.cos, self.sin, positions, cache.k[layer], cache.v[layer], fresh.rows, *self._shape
+            )  # [F, heads + kv, hd], k and v stored
+            q, k = qk[:, : a.num_heads], qk[:, a.num_heads :]
+            v = qkv[:, self.q_dim + self.kv_dim :].view(-1, a.num_kv_heads, a.head_dim)
+        else:
+            q, k, v = self._split_rope(qkv, positions)  # [F, heads, hd], [F, kv, hd] x2
+            cache.put(layer, fresh.rows, k, v)
         outs, off = [], 0
         for n, g in fresh.groups:
             span = slice(off, off + n * g)
@@ -277,4 +296,5 @@ def plan_fresh(chunks: list[Chunk], cache: PagedKVCache) -> FreshChunks | None:
             tokens.append(torch.arange(o, o + n, device=cache.device))
             rows.append(cache.rows(c.table, 0, n))
     groups = [(n, len(group)) for n, group in by_length.items()]
-    return FreshChunks(torch.cat(tokens), torch.cat(rows), groups)
+    whole = len(groups) == 1 and groups[0][1] == len(chunks)  # every chunk fresh, one length: tokens in order
+    return FreshChunks(torch.cat(tokens), torch.cat(rows), groups, whole)

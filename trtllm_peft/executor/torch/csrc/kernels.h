@@ -152,5 +152,8 @@ torch::Tensor attend_decode(const torch::Tensor& qkv, const torch::Tensor& cos, 
 torch::Tensor attend_chunk(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                            int64_t start, torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& table,
                            int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
+torch::Tensor fresh_qkv(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                        const torch::Tensor& positions, torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& rows,
+                        int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
 
 }  // namespace trtllm_peft

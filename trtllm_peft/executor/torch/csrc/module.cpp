@@ -24,6 +24,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &tp::silu_mul, "silu(gate) · up of [gate | up]");
   m.def("attend_decode", &tp::attend_decode, "RoPE + KV write + attention, one token per row");
   m.def("attend_chunk", &tp::attend_chunk, "RoPE + KV write + causal attention of one sequence's prompt chunk");
+  m.def("fresh_qkv", &tp::fresh_qkv, "RoPE of q and k + KV write of a prefill's fresh chunks -> qk [F, heads + kv, hd]");
   pybind11::class_<tp::LoraGroup>(m, "LoraGroup", pybind11::module_local())
       .def(pybind11::init<std::vector<c10::optional<torch::Tensor>>, std::vector<std::vector<torch::Tensor>>,
                           std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
