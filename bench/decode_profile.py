@@ -12,8 +12,8 @@ executor's own iteration work (responses, stats). Projections are reported as ac
 bytes read per second) beside the machine's read bandwidth measured the way bench/engine.py measures it,
 and as GFLOP/s beside its float32/bfloat16 matmul rate. The timers cost ~0.3 µs a call (a few % of a step).
 
-`--ab B..`: decode tokens/s (bench/engine.py's formula) of the kernels' variants (VARIANTS: `set_streaming` and
-`set_amx_streaming` settings, "before" = no prefetch, as the kernel was), alternating within each round.
+`--ab B..`: decode tokens/s (bench/engine.py's formula) of the weight-streaming kernel's variants (VARIANTS:
+`set_streaming` settings, "before" = no prefetch, as the kernel was), alternating within each round.
 """
 
 from __future__ import annotations
@@ -126,59 +126,43 @@ def report(steps: list[dict[str, float]], nbytes: dict[str, int], batch: int, m:
           f"{2 * batch * all_bytes / size / mm / 1e6:.0f} GFLOP/s; outside them {total - mm:.2f} ms")  # fmt: skip
 
 
-# Knobs per variant (csrc/linear.cpp set_streaming(mode, split_min, distance, attend_split, attend_prefetch), amx.cpp
-# set_amx_streaming(mode, distance, pieces)): "before" is the streaming kernel before its knobs (no prefetch);
-# "default" the defaults; "amx ..." the AMX kernel's weight prefetch (next unit / k steps ahead into L1 or L2)
-# and pieces per thread; "attn 2t" splits every decode attention over the threads, "no-pf" without prefetching
-# the K/V cache (attend_decode.cpp prefetch_kv).
-STREAMING = (1, 32768, 16, 262144, True)
+# set_streaming(mode, split_min, distance) per variant (csrc/linear.cpp): "before" is the kernel before the
+# knobs (no prefetch); the default prefetches the next unit into L2 when a unit takes several passes.
 VARIANTS = {
-    "before": {"streaming": (0, 32768, 16, 262144, True)},
-    "default": {},
-    "+1-pass": {"streaming": (2, 32768, 16, 262144, True)},
-    "+L1 d8": {"streaming": (3, 32768, 8, 262144, True)},
-    "+L1 d16": {"streaming": (3, 32768, 16, 262144, True)},
-    "+L1 d32": {"streaming": (3, 32768, 32, 262144, True)},
-    "+split o": {"streaming": (1, 16384, 16, 262144, True)},
-    "attn 2t": {"streaming": (1, 32768, 16, 0, True)},
-    "attn no-pf": {"streaming": (1, 32768, 16, 262144, False)},
-    "attn 2t no-pf": {"streaming": (1, 32768, 16, 0, False)},
-    "amx d2": {"amx": (2, 2, 4)},
-    "amx d4": {"amx": (2, 4, 4)},
-    "amx d8": {"amx": (2, 8, 4)},
-    "amx L2 d4": {"amx": (3, 4, 4)},
-    "amx L2 d8": {"amx": (3, 8, 4)},
-    "amx 1 piece": {"amx": (1, 4, 1)},
-    "amx d4 1 piece": {"amx": (2, 4, 1)},
+    "before": (0, 32768, 16),
+    "default": (1, 32768, 16),
+    "+1-pass": (2, 32768, 16),
+    "+L1 d8": (3, 32768, 8),
+    "+L1 d16": (3, 32768, 16),
+    "+L1 d32": (3, 32768, 32),
+    "+split o": (1, 16384, 16),
 }
 
 
 def ab(ex: TorchExecutor, dt: str, batches: list[int], tokens: int, repeats: int, m: dict, names) -> None:
-    """Decode tokens/s of each variant, the variants alternating in each round."""
+    """Decode tokens/s of each streaming variant, the variants alternating in each round."""
     k = ex.ops.k
     layers = ex.model.layers  # the floor's parameters: the embedding (= LM head) and every projection
     params = ex.model.embed.numel() + sum(
         lin.packed.numel() for ly in layers for lin in (ly.qkv, ly.o, ly.gate_up, ly.down)
     )
 
-    def knobs(run, knob: dict):
+    def knobs(run, knob: tuple[int, int, int]):
         def go(n: int) -> None:
-            k.set_streaming(*knob.get("streaming", STREAMING))
-            k.set_amx_streaming(*knob.get("amx", (1, 4, 4)))
+            k.set_streaming(*knob)
             try:
                 run(n)
             finally:
                 k.set_streaming()
-                k.set_amx_streaming()
 
         return go
 
     for b in batches:
         run = ours_runner(ex, [], b, 0)
-        chosen = {v: knobs(run, VARIANTS[v]) for v in ["default", *[n for n in names if n != "default"]]}
+        chosen = {v: knobs(run, VARIANTS[v]) for v in ["before", *[n for n in names if n != "before"]]}
         rates = interleaved_rates(chosen, b, tokens, repeats)
         floor = b / floor_ms(params, dt, b, m) * 1e3
-        cells = "  ".join(f"{v} {r:6.1f} ({r / rates['default']:.2f}x)" for v, r in rates.items())
+        cells = "  ".join(f"{v} {r:6.1f} ({r / rates['before']:.2f}x)" for v, r in rates.items())
         print(f"  {dt:<8} batch {b:<3} floor {floor:6.0f}  {cells} tok/s", flush=True)
 
 
@@ -209,7 +193,7 @@ def main() -> None:
             ab(ex, args.dtype, args.ab, args.tokens, args.rounds, m, args.variants)
             return
         if args.before:
-            ex.ops.k.set_streaming(*VARIANTS["before"]["streaming"])
+            ex.ops.k.set_streaming(*VARIANTS["before"])
         clock = Clock()
         nbytes = instrument(ex, clock)
         run = ours_runner(ex, [], args.batch, 0)

@@ -186,62 +186,6 @@ def test_amx_weight_prefetch_changes_no_result(amx_paths, m, n, k):
     assert torch.equal(got[0], got[1])
 
 
-# (rows, out, in): one A tile (5-16 rows) or two (17-32), two row blocks (33-64), x streamed (65+); an odd
-# number of 16-column blocks and a masked last one; K of one 32-k step (the distance clamps to it), K = 576
-# (18 steps) and 1536; units enough for several pieces per thread.
-AMX_SHAPES = [(5, 40, 64), (8, 960, 576), (8, 33, 32), (16, 576, 1536), (17, 3072, 576), (32, 49, 96),
-              (33, 200, 576), (64, 960, 576), (65, 80, 96)]  # fmt: skip
-# set_amx_streaming(mode, distance, pieces): the next unit (default), k steps ahead into L1 or L2 (from 1 to
-# past the unit's end), one or many pieces per thread.
-AMX_KNOBS = [(1, 4, 4), (2, 1, 4), (2, 4, 1), (2, 8, 8), (3, 4, 2), (3, 100, 4), (1, 4, 1)]
-
-
-@pytest.fixture
-def amx_streaming():
-    yield KERNELS
-    KERNELS.set_amx_streaming()
-    KERNELS.set_amx(True)
-
-
-@needs_kernels
-@pytest.mark.parametrize(("m", "n", "k"), AMX_SHAPES)
-def test_amx_prefetch_and_pieces_change_no_bit(amx_streaming, m, n, k):
-    """The AMX kernel's weight prefetch (mode, distance) and piece size move no arithmetic: every setting gives
-    the same bits, within rounding of F.linear, also accumulating (+ bias) into a column slice; without AMX
-    (set_amx(False)) the knobs are inert and the streaming kernel agrees."""
-    g = torch.Generator().manual_seed(m * 5 + n + k)
-    w, x, b = (torch.randn(s, generator=g).bfloat16() for s in ((n, k), (m, k), (n,)))
-    linear = KernelOps(KERNELS).linear(w, b)
-    want = torch.nn.functional.linear(x.float(), w.float(), b.float())
-    y0 = torch.randn(m, n + 5, generator=g).bfloat16()
-    got = {}
-    for on in [True, False] if KERNELS.amx_available() else [False]:
-        KERNELS.set_amx(on)
-        for knobs in AMX_KNOBS:
-            amx_streaming.set_amx_streaming(*knobs)
-            before = KERNELS.amx_products()
-            y = y0.clone()
-            linear.add_to(y[:, 1 : 1 + n], x)
-            got[on, knobs] = (linear(x), y)
-            assert KERNELS.amx_products() - before == 2 * on
-    first = got[next(iter(got))]
-    close(first[0], want, torch.bfloat16)
-    close(first[1][:, 1 : 1 + n], y0[:, 1 : 1 + n].float() + want, torch.bfloat16)
-    assert torch.equal(first[1][:, :1], y0[:, :1]) and torch.equal(first[1][:, 1 + n :], y0[:, 1 + n :])
-    for (on, _), (out, y) in got.items():
-        if on == next(iter(got))[0]:
-            assert torch.equal(out, first[0]) and torch.equal(y, first[1])
-        else:
-            close(out, first[0], torch.bfloat16)
-
-
-@needs_kernels
-@pytest.mark.parametrize(("mode", "distance", "pieces"), [(0, 4, 4), (4, 4, 4), (2, 0, 4), (2, 4, 0)])
-def test_amx_streaming_knobs_refuse_what_they_cannot_do(mode, distance, pieces):
-    with pytest.raises(RuntimeError, match="set_amx_streaming: mode 1-3, distance >= 1, pieces >= 1"):
-        KERNELS.set_amx_streaming(mode, distance, pieces)
-
-
 @needs_kernels
 def test_amx_is_used_only_where_the_cpu_has_it():
     flags = cpu_kernels.cpu_flags()
@@ -316,10 +260,15 @@ def attend_split(request):
     KERNELS.set_streaming()
 
 
+# (heads, kv heads, head dim): bfloat16 takes a kv head's query heads in groups of 4 (hd ≤ 32), 3 (≤ 64), 2 (≤ 96)
+# or 1 (float32: 1): whole groups, a short last one (5 = 4 + 1, 8 = 3 + 3 + 2), one head per kv head.
+ATTEND_SHAPES = [(9, 3, 64), (4, 2, 4), (4, 4, 8), (8, 1, 40), (10, 2, 16), (6, 1, 96), (3, 1, 128)]
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens_per_block", [4, 32])
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 2, 4), (4, 4, 8), (8, 1, 40)])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), ATTEND_SHAPES)
 def test_attend_decode_equals_torch_and_writes_the_same_cache(
     attend_split, dtype, tokens_per_block, heads, kv_heads, head_dim
 ):

@@ -48,52 +48,9 @@ bool amx_here() {
 
 std::atomic<bool> amx_on{true};
 std::atomic<int64_t> products{0};  // AMX products since load (tests check which path ran)
-constexpr int64_t kPieceUnits = 2;
+constexpr int64_t kPieceUnits = 2, kPiecesPerThread = 4;
 std::atomic<int64_t> amx_min_rows{kAmxMinRows};
-std::atomic<bool> amx_prefetch{true};   // software prefetch of the weights (bench/amx.py compares)
-// set_amx_streaming's knobs: how the weights are prefetched (kAheadUnit: the next unit at the same k into L1;
-// kAheadSteps / kAheadStepsL2: `distance` k steps of 32 ahead, across the unit's end, into L1 / L2) and about
-// how many dynamic pieces each thread takes.
-enum Ahead : int { kAheadUnit = 1, kAheadSteps = 2, kAheadStepsL2 = 3 };
-std::atomic<int> ahead_mode{kAheadUnit};
-std::atomic<int64_t> ahead_distance{4}, pieces_per_thread{4};
-
-// Where a unit's weights are prefetched from while it computes (tile_block): `unit` is its first block's
-// k-step-0 tile; both blocks' tiles `distance` k steps ahead are prefetched each step, continuing into the
-// next unit (contiguous after this one) unless this is the piece's last unit.
-struct Prefetch {
-  int mode = 0;  // 0: none
-  const bf16* next = nullptr;  // kAheadUnit: the next unit (null: none)
-  const bf16* unit = nullptr;
-  int64_t distance = 0;
-  bool last = true;
-};
-
-// Both 1 KiB tiles (block 0 and 1) of the unit starting at `u`, k step `s` (of 32 k), as 32 line prefetches.
-template <_mm_hint Hint>
-inline void prefetch_tiles(const bf16* u, int64_t K, int64_t s) {
-  const char* t0 = reinterpret_cast<const char*>(u + s * kTileK * kBlock);
-  const char* t1 = t0 + K * kBlock * sizeof(bf16);
-  for (int64_t line = 0; line < 1024; line += 64) {
-    _mm_prefetch(t0 + line, Hint);
-    _mm_prefetch(t1 + line, Hint);
-  }
-}
-
-// The prefetches of k step `s` (of 32 k) of a unit.
-inline void prefetch_step(const Prefetch& pf, int64_t K, int64_t s) {
-  if (pf.mode == kAheadUnit) {
-    if (pf.next) prefetch_tiles<_MM_HINT_T0>(pf.next, K, s);
-    return;
-  }
-  const int64_t steps = K / kTileK, t = s + pf.distance;
-  if (t >= steps && pf.last) return;
-  const bf16* u = t < steps ? pf.unit : pf.unit + 2 * K * kBlock;  // the next unit follows this one
-  if (pf.mode == kAheadSteps)
-    prefetch_tiles<_MM_HINT_T0>(u, K, t % steps);
-  else
-    prefetch_tiles<_MM_HINT_T1>(u, K, t % steps);
-}
+std::atomic<bool> amx_prefetch{true};   // software prefetch of the next unit's weights (bench/amx.py compares)
 
 // Tile configuration: palette 1, tiles 0-3 C (16 × 64 B), 4-5 A (16 × 64 B), 6-7 B (16 × 64 B).
 struct alignas(64) TileConfig {
@@ -120,15 +77,16 @@ void store_c(const float* buf, int64_t rows, int64_t col, int64_t N, const bf16*
 }
 
 // Rows m0.. (MA A tiles) of the padded x against column blocks blk.. (NB B tiles), all of K.
-// `pf`: the weights ahead (Prefetch), prefetched tile by tile while this unit computes — a tile load that
-// misses to DRAM stalls the multiplies behind it (measured in the engine: 4-5 GB/s from DRAM without it). SA: x's tiles are loaded with the streaming hint (tileloaddt1), for products of more than
+// `ahead`: the next unit's weights (or null), prefetched tile by tile while this unit computes — a tile
+// load that misses to DRAM stalls the multiplies behind it (measured in the engine: 4-5 GB/s from DRAM
+// without it). SA: x's tiles are loaded with the streaming hint (tileloaddt1), for products of more than
 // kStreamRows rows (prefill): there x is re-read once per unit from L2 while the unit's weights serve every
 // row block, so x must not evict them from L1 (measured, weights in cache, 1 thread: 512 rows 1.2-1.6x,
 // 128 rows 1.1x; at 64 rows with the weights streamed from DRAM (decode) it was 15% slower).
 template <int MA, int NB, bool SA>
 __attribute__((target("amx-tile,amx-bf16"))) void tile_block(const bf16* xa, int64_t K, const bf16* wp, int64_t blk,
                                                              int64_t rows, int64_t N, const bf16* bias,
-                                                             bf16* const* y, bool accumulate, const Prefetch& pf) {
+                                                             bf16* const* y, bool accumulate, const bf16* ahead) {
   const int64_t pairs = K / 2, xstride = K * sizeof(bf16);
   _tile_zero(0);
   _tile_zero(1);
@@ -137,7 +95,10 @@ __attribute__((target("amx-tile,amx-bf16"))) void tile_block(const bf16* xa, int
   const bf16* b0 = wp + blk * pairs * 2 * kBlock;
   const bf16* b1 = b0 + pairs * 2 * kBlock;
   for (int64_t k = 0; k < K; k += kTileK) {
-    if (pf.mode) prefetch_step(pf, K, k / kTileK);
+    if (ahead)
+      for (int64_t line = 0; line < 2 * kTileM * 64; line += 64)  // both tiles of the next unit at this k
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + k * kBlock) + (line & 1023) + (line >> 10) * pairs * 64,
+                     _MM_HINT_T0);
     if constexpr (SA) {
       _tile_stream_loadd(4, xa + k, xstride);
       if (MA == 2) _tile_stream_loadd(5, xa + kTileM * K + k, xstride);
@@ -167,16 +128,16 @@ __attribute__((target("amx-tile,amx-bf16"))) void tile_block(const bf16* xa, int
 // The tile_block for `rows` (1..32) and one or two column blocks.
 template <bool SA>
 __attribute__((target("amx-tile,amx-bf16"))) void row_block(const bf16* x, int64_t K, const bf16* wp, int64_t blk, bool two, int64_t rows, int64_t N,
-               const bf16* bias, bf16* const* y, bool accumulate, const Prefetch& pf) {
+               const bf16* bias, bf16* const* y, bool accumulate, const bf16* ahead) {
   if (rows > kTileM) {
     if (two)
-      tile_block<2, 2, SA>(x, K, wp, blk, rows, N, bias, y, accumulate, pf);
+      tile_block<2, 2, SA>(x, K, wp, blk, rows, N, bias, y, accumulate, ahead);
     else
-      tile_block<2, 1, SA>(x, K, wp, blk, rows, N, bias, y, accumulate, pf);
+      tile_block<2, 1, SA>(x, K, wp, blk, rows, N, bias, y, accumulate, ahead);
   } else if (two) {
-    tile_block<1, 2, SA>(x, K, wp, blk, rows, N, bias, y, accumulate, pf);
+    tile_block<1, 2, SA>(x, K, wp, blk, rows, N, bias, y, accumulate, ahead);
   } else {
-    tile_block<1, 1, SA>(x, K, wp, blk, rows, N, bias, y, accumulate, pf);
+    tile_block<1, 1, SA>(x, K, wp, blk, rows, N, bias, y, accumulate, ahead);
   }
 }
 
@@ -187,22 +148,15 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_units(const bf16* xa, int6
   static const TileConfig config;
   _tile_loadconfig(&config);  // per thread: the tile state is per thread
   const int64_t blocks = (N + kBlock - 1) / kBlock;
-  const int mode = amx_prefetch.load(std::memory_order_relaxed) ? ahead_mode.load(std::memory_order_relaxed) : 0;
-  const int64_t distance = std::min(ahead_distance.load(std::memory_order_relaxed), K / kTileK);
-  const Prefetch none;
-  if (mode >= kAheadSteps)  // the piece's first unit: its first `distance` steps, before the first tile load
-    for (int64_t s = 0; s < distance; s++)
-      prefetch_tiles<_MM_HINT_T0>(wp + 2 * u0 * (K / 2) * 2 * kBlock, K, s);
+  const bool prefetch = amx_prefetch.load(std::memory_order_relaxed);
   for (int64_t u = u0; u < u1; u++) {
     const int64_t blk = 2 * u;
     const bool two = blocks - blk >= 2;
-    const bf16* unit = wp + blk * (K / 2) * 2 * kBlock;
-    Prefetch pf{mode, nullptr, unit, distance, u + 1 >= u1};
-    if (mode == kAheadUnit && u + 1 < u1) pf.next = unit + 2 * K * kBlock;
+    const bf16* next = u + 1 < u1 && prefetch ? wp + (blk + 2) * (K / 2) * 2 * kBlock : nullptr;
     for (int64_t m0 = 0; m0 < M; m0 += 2 * kTileM) {
       const int64_t rows = std::min<int64_t>(2 * kTileM, M - m0);
       const bf16* x = xa + m0 * K;
-      const Prefetch& ahead = m0 == 0 ? pf : none;  // once per unit
+      const bf16* ahead = m0 == 0 ? next : nullptr;  // once per unit
       if (M > kStreamRows)
         row_block<true>(x, K, wp, blk, two, rows, N, bias, yr + m0, accumulate, ahead);
       else
@@ -241,20 +195,12 @@ void amx_linear_rows(const bf16* const* xr, int64_t M, const bf16* wp, int64_t K
   products.fetch_add(1, std::memory_order_relaxed);
   if (!may_split || kernel_threads() == 1) return amx_units(xa, M, K, wp, N, bias, yr, accumulate, 0, units);
   // Pieces of at least kPieceUnits units, about kPiecesPerThread per thread, handed out dynamically.
-  const int64_t per = std::max<int64_t>(kPieceUnits, units / (pieces_per_thread.load() * kernel_threads()));
+  const int64_t per = std::max<int64_t>(kPieceUnits, units / (kPiecesPerThread * kernel_threads()));
   parallel_pieces((units + per - 1) / per, [&](int64_t p) {
     amx_units(xa, M, K, wp, N, bias, yr, accumulate, p * per, std::min(units, (p + 1) * per));
   });
 }
 
 int64_t amx_products() { return products.load(); }
-
-void set_amx_streaming(int64_t mode, int64_t distance, int64_t pieces) {
-  TORCH_CHECK(mode >= kAheadUnit && mode <= kAheadStepsL2 && distance >= 1 && pieces >= 1,
-              "set_amx_streaming: mode 1-3, distance >= 1, pieces >= 1");
-  ahead_mode.store(static_cast<int>(mode));
-  ahead_distance.store(distance);
-  pieces_per_thread.store(pieces);
-}
 
 }  // namespace trtllm_peft
