@@ -59,18 +59,19 @@ def one_thread(fn):
 class Clock:
     """Seconds per category for the iteration in progress; iterations that prefill a chunk are kept."""
 
-    def __init__(self) -> None:
+    def __init__(self, timer=time.perf_counter) -> None:
+        self.timer = timer  # time.thread_time with --cpu-time: the engine thread's CPU seconds
         self.now: dict[str, float] = defaultdict(float)
         self.prefill = False
         self.steps: list[dict[str, float]] = []
 
     def timed(self, name: str, fn):
         def run(*a, **kw):
-            t = time.perf_counter()
+            t = self.timer()
             try:
                 return fn(*a, **kw)
             finally:
-                self.now[name] += time.perf_counter() - t
+                self.now[name] += self.timer() - t
 
         return run
 
@@ -149,8 +150,9 @@ def op_flops(ex: TorchExecutor) -> dict[str, float]:
     return out
 
 
-def ab(ex: TorchExecutor, flops: float, m: dict, dt: str, rounds: int) -> None:
-    """Prefill tokens/s of each FRESH variant, alternating within each round; best round of each."""
+def ab(ex: TorchExecutor, flops: float, m: dict, dt: str, rounds: int, timer=time.perf_counter) -> None:
+    """Prefill tokens/s of each FRESH variant, alternating within each round; best round of each (timer:
+    wall seconds, or with --cpu-time the process's CPU seconds, every thread's)."""
     run, best = ours_prefill(ex), dict.fromkeys(FRESH, float("inf"))
     model = ex.model
     kernel, sdpa, default = model.fresh_kernel, model._attend_fresh, model.fresh_sdpa
@@ -160,9 +162,9 @@ def ab(ex: TorchExecutor, flops: float, m: dict, dt: str, rounds: int) -> None:
             model.fresh_kernel = None if name == "torch" else kernel
             model._attend_fresh = one_thread(sdpa) if name == "sdpa 1 thread" else sdpa
             model.fresh_sdpa = name != "attend_chunk"
-            t = time.perf_counter()
+            t = timer()
             run(1)
-            best[name] = min(best[name], time.perf_counter() - t)
+            best[name] = min(best[name], timer() - t)
     model.fresh_kernel, model._attend_fresh, model.fresh_sdpa = kernel, sdpa, default
     for name, t in best.items():
         print(f"  {dt:<8} fresh attention {name:<12} {PREFILL_LEN / t:7.0f} tok/s  {flops / t / 1e9:6.0f} GFLOP/s "
@@ -175,6 +177,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="prefills run; the first is a warm-up")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ab", action="store_true", help="fresh-attention variants instead (FRESH)")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="CPU seconds (the engine thread's per op; --ab: the process's), robust under load",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print("load average {:.1f} / {:.1f} / {:.1f}".format(*os.getloadavg()))
@@ -188,10 +195,11 @@ def main() -> None:
     with TorchExecutor(ENGINES[args.dtype], **sizes) as ex:
         total = prefill_flops(e.load_weights(), e.hf_config)
         if args.ab:
-            ab(ex, total, m, args.dtype, args.rounds)
+            timer = time.process_time if args.cpu_time else time.perf_counter
+            ab(ex, total, m, args.dtype, args.rounds, timer)
         else:
             flops = {**op_flops(ex), "all": total}  # before the projections are wrapped
-            clock = Clock()
+            clock = Clock(time.thread_time if args.cpu_time else time.perf_counter)
             instrument(ex, clock)
             run = ours_prefill(ex)  # one warm-up prefill inside
             clock.steps.clear()

@@ -168,15 +168,17 @@ def prefill(model: LlamaModel, lengths: list[int], tpb: int = 4) -> tuple[torch.
 )
 def test_model_prefill_routes_agree(dtype, lengths, whole):
     """Fresh chunks through SDPA after the fresh_qkv kernel, through SDPA after the torch ops it replaces, and
-    through the chunk-attention kernel (float32's default): the same logits and cache, and within tolerance of
-    plain TorchOps. One prompt or several, one length (no gather) or mixed lengths (gather and scatter)."""
+    through the chunk-attention kernel (the default, but for bfloat16 on AMX): the same logits and cache, and
+    within tolerance of plain TorchOps. One prompt or several, one length (no gather) or mixed lengths (gather
+    and scatter)."""
     g = torch.Generator().manual_seed(0)
     tables = tables_for(lengths, 4, g)
     assert plan_fresh([Chunk(t, 0, n) for t, n in zip(tables, lengths, strict=True)], PagedKVCache(
         1, 64, 4, 1, 2, torch.float32, "cpu")).whole is whole  # fmt: skip
     model = tiny_model(dtype, KernelOps(KERNELS))
     kernel = model.fresh_kernel
-    assert kernel is not None and model.fresh_sdpa is (dtype != torch.float32)
+    assert kernel is not None
+    assert model.fresh_sdpa is (dtype == torch.bfloat16 and KERNELS.amx_available())
     results = {}
     for route, sdpa, fresh_kernel in [("kernel+sdpa", True, kernel), ("torch+sdpa", True, None),
                                       ("attend_chunk", False, kernel)]:  # fmt: skip

@@ -114,8 +114,12 @@ class LlamaModel:
         self.fresh_kernel = getattr(getattr(self.ops, "k", None), "fresh_qkv", None)
         # Fresh chunks through torch's SDPA, or like every other chunk through ops.attend_chunk. On the CPU
         # kernels float32 takes the kernel: torch's float32 SDPA ran the 512-token prefill 1.14x slower
-        # (bench/prefill_profile.py --ab); bfloat16 keeps SDPA (oneDNN's AMX products: 1.11x faster).
-        self.fresh_sdpa = self.fresh_kernel is None or dtype != torch.float32
+        # (bench/prefill_profile.py --ab). bfloat16 keeps SDPA only where oneDNN has AMX (its tile products:
+        # 1.11x faster); without AMX torch's bf16 SDPA is the slower one (AVX-512-BF16, 2 threads: 0.84x the
+        # prefill's time through the kernel).
+        self.fresh_sdpa = self.fresh_kernel is None or (
+            dtype == torch.bfloat16 and self.ops.k.amx_available()
+        )
 
     def _layer(self, w: dict[str, torch.Tensor], i: int) -> Layer:
         p = f"model.layers.{i}."
