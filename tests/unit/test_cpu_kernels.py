@@ -252,14 +252,28 @@ def test_rms_norm_and_silu_mul_equal_torch(dtype, rows):
     close(ker.silu_mul(gu), ref.silu_mul(gu), dtype)
 
 
+@pytest.fixture(params=[262144, 0], ids=["attn-default", "attn-split"])
+def attend_split(request):
+    """Decode attention on the calling thread for short contexts (default), or always split over the threads."""
+    KERNELS.set_streaming(attend_split=request.param)
+    yield request.param
+    KERNELS.set_streaming()
+
+
+# (heads, kv heads, head dim): bfloat16 takes a kv head's query heads in groups of 4 (hd ≤ 32), 3 (≤ 64), 2 (≤ 96)
+# or 1 (float32: 1): whole groups, a short last one (5 = 4 + 1, 8 = 3 + 3 + 2), one head per kv head.
+ATTEND_SHAPES = [(9, 3, 64), (4, 2, 4), (4, 4, 8), (8, 1, 40), (10, 2, 16), (6, 1, 96), (3, 1, 128)]
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens_per_block", [4, 32])
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 2, 4), (4, 4, 8), (8, 1, 40)])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), ATTEND_SHAPES)
 def test_attend_decode_equals_torch_and_writes_the_same_cache(
-    dtype, tokens_per_block, heads, kv_heads, head_dim
+    attend_split, dtype, tokens_per_block, heads, kv_heads, head_dim
 ):
-    """Through shuffled block tables (paged: a row's blocks anywhere in the pool), kernel == torch ops."""
+    """Through shuffled block tables (paged: a row's blocks anywhere in the pool), kernel == torch ops, on one
+    thread or split over the threads."""
     g = torch.Generator().manual_seed(heads * head_dim + tokens_per_block)
     rows, max_len, tpb = 5, 96, tokens_per_block
     positions = torch.tensor([0, 7, 31, 3, 95])  # each row at its own position, one at the last slot

@@ -1,7 +1,7 @@
 """Mixed-adapter LoRA in the CPU kernels (csrc/lora.cpp, per adapter segment) against the pure-torch LoraBatch
 (lora_ops.py, itself held to a naive per-token loop in test_lora_ops.py), over the shapes of batch the kernels
 take different paths for: one token per adapter (streamed side by side), segments of several rows (AMX for
-LoRA-A from 16 rows in bfloat16), ranks that differ, adapters lacking a module or a layer, base tokens in
+LoRA-A from 8 rows in bfloat16), ranks that differ, adapters lacking a module or a layer, base tokens in
 between, DoRA rows, one or two threads. Tolerances as tests/unit/test_cpu_kernels.py.
 """
 
@@ -141,3 +141,29 @@ def test_rows_of_another_batch_are_refused():
     )
     with pytest.raises(RuntimeError, match="rows do not match this batch"):
         three.apply_group(0, "qkv", torch.randn(3, 64), torch.zeros(3, 128), rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rank", [2, 6, 16, 32])
+@pytest.mark.parametrize("rows", [1, 5, 16, 21])
+def test_group_with_partial_column_blocks(kernel_paths, dtype, rank, rows):
+    """One adapter's group straight through kernels.LoraGroup: parts of 40 and 24 columns (partial 16-column
+    blocks, a part starting mid-block), ranks 2-32, row counts on both sides of the AMX LoRA-A threshold."""
+    g = torch.Generator().manual_seed(rank * 100 + rows)
+    widths, k_in = [40, 24], 64
+    a = torch.randn(2 * rank, k_in, generator=g).to(dtype)  # [P·R, in]
+    bs = [(torch.randn(w, rank, generator=g) * 0.1).to(dtype) for w in widths]  # B_p [out_p, R]
+    x = torch.randn(rows, k_in, generator=g).to(dtype)
+    y0 = torch.randn(rows, sum(widths), generator=g).to(dtype)
+    xa = (x.float() @ a.float().T).to(dtype).float()  # rounded to the dtype between A and B, as PEFT
+    delta = torch.cat([xa[:, p * rank : (p + 1) * rank] @ b.float().T for p, b in enumerate(bs)], dim=1)
+    want = (y0.float() + delta).to(dtype)
+    group = KERNELS.LoraGroup(a=[KERNELS.pack(a)], b=[[KERNELS.pack(b) for b in bs]], ranks=[rank],
+                              starts=[0, widths[0]], widths=widths, mag=[None])  # fmt: skip
+    for threads, amx in kernel_paths:
+        KERNELS.set_num_threads(threads)
+        KERNELS.set_amx(amx)
+        y = y0.clone()
+        group.apply(x, y, None, None)
+        err = float((y.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1.0))
+        assert err <= REL[dtype], f"threads {threads}, amx {amx}: relative error {err:.2e}"

@@ -104,8 +104,10 @@ int64_t amx_products();  // products run on AMX since the module loaded
 void amx_linear_rows(const bf16* const* xr, int64_t M, const bf16* wp, int64_t K, int64_t N, const bf16* bias,
                      bf16* const* yr, bool accumulate, bool may_split);
 // The weight-streaming kernel's knobs (linear.cpp; bench and tests A/B them): the prefetch mode, the smallest
-// product (blocks x k) split over threads, the L1 prefetch distance (k steps) of mode 3.
-void set_streaming(int64_t mode, int64_t split_min_blocks_k, int64_t distance);
+// product (blocks x k) split over threads, the L1 prefetch distance (k steps) of mode 3; and the smallest
+// decode attention work split over threads (attend_decode.cpp; tests reach the split path with 0).
+void set_streaming(int64_t mode, int64_t split_min_blocks_k, int64_t distance, int64_t attend_split);
+void set_attend_split(int64_t work);
 // Row-wise argmax of float32 [B, V] logits, as torch.argmax(dim=-1): the first maximum, a NaN wins (layer_ops.cpp).
 torch::Tensor argmax_rows(const torch::Tensor& logits);
 template <typename T>

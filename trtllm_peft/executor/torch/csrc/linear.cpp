@@ -225,8 +225,9 @@ void linear_rows(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t 
     parallel_for(0, units, 1, body);
 }
 
-void set_streaming(int64_t mode, int64_t split_min_blocks_k, int64_t distance) {
+void set_streaming(int64_t mode, int64_t split_min_blocks_k, int64_t distance, int64_t attend_split) {
   TORCH_CHECK(mode >= 0 && mode <= 3 && distance >= 1, "set_streaming: mode 0-3, distance >= 1");
+  set_attend_split(attend_split);
   prefetch_mode.store(static_cast<int>(mode));
   split_min.store(std::max<int64_t>(split_min_blocks_k, 0));
   prefetch_distance.store(distance);

@@ -1,0 +1,100 @@
+"""LoRA decode cost against our own base, one process, cases alternating per round (issue #15).
+
+    .venv/bin/python bench/lora_ab.py --dtypes bfloat16 float32 --batches 8 32
+    .venv/bin/python bench/lora_ab.py --skip      # + 8 distinct with the LoRA products skipped (what is left)
+    .venv/bin/python bench/lora_ab.py --no-amx    # + every case again with set_amx(False)
+
+Cases: base, 1 adapter, 8 distinct adapters (bench/engine.py's adapters: rank 16, all seven modules), and
+with --skip the 8-distinct batch with `GroupedLoraBatch.apply_group` a no-op: the step's cost apart from the
+LoRA products (grouping, the executor's per-adapter work). Decode tokens/s as bench/engine.py computes them;
+ratios to base printed per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine import ENGINES, MAX_SEQ, ensure_engines, interleaved_rates  # noqa: E402
+from engine_cases import N_ADAPTERS, make_adapters, ours_runner  # noqa: E402
+
+from trtllm_peft import formats  # noqa: E402
+from trtllm_peft.executor.torch import TorchExecutor  # noqa: E402
+from trtllm_peft.executor.torch.cpu_kernels import load as load_kernels  # noqa: E402
+from trtllm_peft.executor.torch.lora_grouped import GroupedLoraBatch  # noqa: E402
+from trtllm_peft.lora import load_spec, pack  # noqa: E402
+
+_apply = GroupedLoraBatch.apply_group
+
+
+def _with(run, skip: bool = False, amx: bool = True):
+    """run with the LoRA products skipped and/or AMX off for its duration."""
+    k = load_kernels()
+
+    def go(n: int) -> None:
+        if skip:
+            GroupedLoraBatch.apply_group = lambda *a, **kw: None
+        if not amx:
+            k.set_amx(False)
+        try:
+            run(n)
+        finally:
+            GroupedLoraBatch.apply_group = _apply
+            k.set_amx(True)
+
+    return go
+
+
+def bench(dt: str, dirs: list[Path], args) -> None:
+    engine = ENGINES[dt]
+    spec = load_spec(engine)
+    packed = [pack(formats.load_for_engine(d, spec), getattr(torch, dt)) for d in dirs]
+    sizes = dict(max_batch_size=max(args.batches), max_seq_len=MAX_SEQ, memory_budget_bytes=6 * 2**30)
+    with TorchExecutor(engine, **sizes) as ex:
+        for b in args.batches:
+            runs = {
+                "base": ours_runner(ex, packed, b, 0),
+                "1 adapter": ours_runner(ex, packed, b, 1),
+                "8 distinct": ours_runner(ex, packed, b, N_ADAPTERS),
+            }
+            if args.skip:
+                runs["8 distinct, LoRA skipped"] = _with(runs["8 distinct"], skip=True)
+            if args.no_amx:
+                runs.update({f"{k}, no AMX": _with(r, amx=False) for k, r in list(runs.items())})
+            rates = interleaved_rates(runs, b, args.tokens, args.repeats)
+            load = os.getloadavg()[0]
+            for case, r in rates.items():
+                base = rates["base, no AMX" if case.endswith("no AMX") else "base"]
+                print(f"{dt:<9} b{b:<3} {case:<32} {r:8.1f} tok/s  {r / base:5.3f}x base  load {load:.1f}",
+                      flush=True)  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(ENGINES))
+    ap.add_argument("--batches", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip", action="store_true")
+    ap.add_argument("--no-amx", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"load average {os.getloadavg()}")
+    ensure_engines(args.dtypes)
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = make_adapters(ENGINES[args.dtypes[0]], Path(tmp))
+        for dt in args.dtypes:
+            bench(dt, dirs, args)
+
+
+if __name__ == "__main__":
+    main()
