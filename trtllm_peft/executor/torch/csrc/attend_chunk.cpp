@@ -308,13 +308,19 @@ void chunk_rows(const ChunkShape& s, const T* qkv, const T* cos, const T* sin, c
   });
   const int64_t tiles = (s.n + kTileRows - 1) / kTileRows, units = tiles * s.nkv;
   const int64_t work = (s.start + s.n) * s.n * s.nh * hd;
-  parallel_for(0, units, work < 262144 ? units : 1, [&](int64_t u0, int64_t u1) {
+  auto unit = [&](int64_t u) {
     thread_local ChunkScratch scratch;
-    for (int64_t u = u0; u < u1; u++) {
-      const int64_t h = u % s.nkv, r0 = u / s.nkv * kTileRows;
-      chunk_unit<T>(s, qkv, cos, sin, table, kc, vc, out, h, r0, std::min(r0 + kTileRows, s.n), scratch);
-    }
-  });
+    const int64_t h = u % s.nkv, r0 = u / s.nkv * kTileRows;
+    chunk_unit<T>(s, qkv, cos, sin, table, kc, vc, out, h, r0, std::min(r0 + kTileRows, s.n), scratch);
+  };
+  if (work < 262144) {
+    for (int64_t u = 0; u < units; u++) unit(u);
+    return;
+  }
+  // Units handed out one at a time, the last rows (the most keys) first: a unit's cost grows with its rows'
+  // positions, so halves of the rows in order gave a fresh 512-token chunk's second thread 3/4 of the work
+  // (2 threads ran it 1.07x faster than one).
+  parallel_pieces(units, [&](int64_t p) { unit(units - 1 - p); });
 }
 
 }  // namespace

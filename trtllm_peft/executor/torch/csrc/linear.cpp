@@ -166,6 +166,9 @@ void tile_rows(const T* const* x, const T* wp, int64_t K, int64_t blk, int64_t n
 std::atomic<int> prefetch_mode{1};
 std::atomic<int64_t> prefetch_distance{16};
 std::atomic<int64_t> split_min{32768};  // blocks x K below which a product stays on the calling thread
+// ... unless rows x blocks x K reaches this: products of ~100 rows and more (prefill) split whatever their
+// weights (decode at batch <= 64 unchanged: its products under split_min stay below this too)
+constexpr int64_t kSplitRowsWork = int64_t{1} << 21;
 
 // Units u0..u1 of `width` blocks, every row in passes of kRows, each pass prefetching its share of the next
 // unit (Ahead).
@@ -218,8 +221,10 @@ void linear_rows(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t 
   const int64_t width = unit_blocks(M), blocks = (N + kBlock - 1) / kBlock, units = (blocks + width - 1) / width;
   auto body = [&](int64_t u0, int64_t u1) { stream_units<T>(xr, M, wp, K, N, bias, yr, accumulate, width, u0, u1); };
   // Weights dominate: threads split the output columns, and every 8-row pass reuses a unit's weights from
-  // cache. Small products stay on the calling thread (waking a worker costs more than they do).
-  if (!may_split || blocks * K < split_min.load(std::memory_order_relaxed))
+  // cache. Small products stay on the calling thread (waking a worker costs more than they do): few weights
+  // and few rows (a prefill's 512-row o-proj, 36 blocks × 576, ran on one thread: 13% of a bf16 prefill).
+  const int64_t weights = blocks * K;
+  if (!may_split || (weights < split_min.load(std::memory_order_relaxed) && M * weights < kSplitRowsWork))
     body(0, units);
   else
     parallel_for(0, units, 1, body);
