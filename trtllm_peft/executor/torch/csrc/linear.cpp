@@ -169,6 +169,9 @@ std::atomic<int64_t> split_min{32768};  // blocks x K below which a product stay
 // ... unless rows x blocks x K reaches this: products of ~100 rows and more (prefill) split whatever their
 // weights (decode at batch <= 64 unchanged: its products under split_min stay below this too)
 constexpr int64_t kSplitRowsWork = int64_t{1} << 21;
+// Products of more rows than a decode batch (prefill) go to the threads in pieces of kPieceUnits units
+// (512-row gate|up: 32 pieces, o: 6); decode keeps contiguous halves (the next unit prefetched across them).
+constexpr int64_t kPieceMinRows = 64, kPieceUnits = 2;
 
 // Units u0..u1 of `width` blocks, every row in passes of kRows, each pass prefetching its share of the next
 // unit (Ahead).
@@ -226,8 +229,12 @@ void linear_rows(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t 
   const int64_t weights = blocks * K;
   if (!may_split || (weights < split_min.load(std::memory_order_relaxed) && M * weights < kSplitRowsWork))
     body(0, units);
-  else
+  else if (M <= kPieceMinRows)
     parallel_for(0, units, 1, body);
+  else  // prefill-sized: pieces of units handed out as threads free up (a descheduled thread holds up one piece)
+    parallel_pieces((units + kPieceUnits - 1) / kPieceUnits, [&](int64_t p) {
+      body(p * kPieceUnits, std::min(units, (p + 1) * kPieceUnits));
+    });
 }
 
 void set_streaming(int64_t mode, int64_t split_min_blocks_k, int64_t distance, int64_t attend_split) {
