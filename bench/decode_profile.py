@@ -130,12 +130,12 @@ def report(steps: list[dict[str, float]], nbytes: dict[str, int], batch: int, m:
 # knobs (no prefetch); the default prefetches the next unit into L2 when a unit takes several passes.
 VARIANTS = {
     "before": (0, 32768, 16),
-    "default": (1, 32768, 16),
-    "+1-pass": (2, 32768, 16),
-    "+L1 d8": (3, 32768, 8),
-    "+L1 d16": (3, 32768, 16),
-    "+L1 d32": (3, 32768, 32),
-    "+split o": (1, 16384, 16),
+    "default": (1, 16384, 16),
+    "+1-pass": (2, 16384, 16),
+    "+L1 d8": (3, 16384, 8),
+    "+L1 d16": (3, 16384, 16),
+    "+L1 d32": (3, 16384, 32),
+    "o on one thread": (1, 32768, 16),
 }
 
 

@@ -113,7 +113,7 @@ def streaming():
 
 # (rows, out, in): 1-8 rows in one pass and 9-64 in several, one unit or many with a partial last unit
 # (width 8/6/3 blocks by rows), a masked last block, odd K, and K of one k pair; a prefill-sized product
-# (200 rows of o-proj: split by its rows although its weights are under split_min, in pieces of units).
+# (200 rows of o-proj: split by its rows whatever split_min, in pieces of units).
 STREAM_SHAPES = [(1, 16 * 8 * 3 + 5, 33), (2, 300, 2), (4, 16 * 6 * 2 + 16, 64), (5, 400, 31), (8, 960, 576),
                  (9, 200, 48), (16, 100, 129), (17, 3 * 16 * 5, 64), (33, 250, 96), (64, 97, 17),
                  (200, 576, 576)]  # fmt: skip

@@ -165,9 +165,13 @@ void tile_rows(const T* const* x, const T* wp, int64_t K, int64_t blk, int64_t n
 // than 8 rows; the default); 2: also with one pass; 3: mode 1 plus each stream `distance` k steps ahead into L1.
 std::atomic<int> prefetch_mode{1};
 std::atomic<int64_t> prefetch_distance{16};
-std::atomic<int64_t> split_min{32768};  // blocks x K below which a product stays on the calling thread
+// blocks x K below which a product stays on the calling thread: LoRA's A and B (rank 16: 576), not SmolLM2's
+// o-proj (36 x 576 = 20736; it stayed on one thread at 32768, but two threads win at every batch here:
+// bench/decode_profile.py --ab, variant "o on one thread", 2-core AMD EPYC without AMX, load 2.0: engine
+// decode 1.00-1.10x at batch 1-64, both dtypes)
+std::atomic<int64_t> split_min{16384};
 // ... unless rows x blocks x K reaches this: products of ~100 rows and more (prefill) split whatever their
-// weights (decode at batch <= 64 unchanged: its products under split_min stay below this too)
+// weights
 constexpr int64_t kSplitRowsWork = int64_t{1} << 21;
 // Products of more rows than a decode batch (prefill) go to the threads in pieces of kPieceUnits units
 // (512-row gate|up: 32 pieces, o: 6); decode keeps contiguous halves (the next unit prefetched across them).
