@@ -8,21 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trtllm_peft.executor.torch import cpu_kernels
+from tests.kernel_checks import DTYPES, KERNELS, close, needs_kernels
 from trtllm_peft.executor.torch.kv import PagedKVCache
 from trtllm_peft.executor.torch.ops import KernelOps, TorchOps
-
-KERNELS = cpu_kernels.load()
-needs_kernels = pytest.mark.skipif(KERNELS is None, reason=f"CPU kernels: {cpu_kernels.why_unavailable()}")
-DTYPES = [torch.float32, torch.bfloat16]
-# float32 to float32 rounding (another order of sums); bfloat16 to one rounding step of the output
-REL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}
-
-
-def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    scale = want.float().abs().max().clamp(min=1.0)
-    err = (got.float() - want.float()).abs().max() / scale
-    assert err <= REL[dtype], f"relative error {err:.2e} > {REL[dtype]:.0e}"
 
 
 def poison_outside(cache: PagedKVCache, table: torch.Tensor, end: int) -> None:

@@ -1,28 +1,15 @@
-"""The CPU kernels (csrc/) against the pure-torch ops (ops.TorchOps) they replace: same math, float32 and bfloat16.
-
-Tolerances: float32 agrees to float32 rounding (the kernels accumulate in another order); bfloat16 to one
-bfloat16 rounding step of the output (2^-8 relative), as two correct bfloat16 implementations do.
-"""
+"""The CPU kernels (csrc/) against the pure-torch ops (ops.TorchOps) they replace: same math, float32 and bfloat16,
+within tests/kernel_checks.py's tolerances."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from tests.kernel_checks import DTYPES, KERNELS, close, needs_kernels
 from trtllm_peft.executor.torch import cpu_kernels
 from trtllm_peft.executor.torch.kv import PagedKVCache
 from trtllm_peft.executor.torch.ops import KernelOps, TorchOps
-
-KERNELS = cpu_kernels.load()
-needs_kernels = pytest.mark.skipif(KERNELS is None, reason=f"CPU kernels: {cpu_kernels.why_unavailable()}")
-DTYPES = [torch.float32, torch.bfloat16]
-REL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}
-
-
-def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    scale = want.float().abs().max().clamp(min=1.0)
-    err = (got.float() - want.float()).abs().max() / scale
-    assert err <= REL[dtype], f"relative error {err:.2e} > {REL[dtype]:.0e}"
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.kernel_checks import REL
 from trtllm_peft.executor.torch import cpu_kernels
 from trtllm_peft.executor.torch.lora_ops import GROUPS
 from trtllm_peft.executor.torch.ops import KernelOps, TorchOps
@@ -18,7 +19,6 @@ from trtllm_peft.lora.modules import DEFAULT_TARGET_MODULES
 
 KERNELS = cpu_kernels.load()
 pytestmark = pytest.mark.skipif(KERNELS is None, reason=f"CPU kernels: {cpu_kernels.why_unavailable()}")
-REL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}
 # hidden 64 / intermediate 96: K a multiple of 32, so bfloat16 segments of >= 16 rows take AMX where present
 SPEC = ModelSpec(
     num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
