@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_LLAMA, tiny_llama_model
 
+from tests.conftest import TINY_LLAMA, tiny_llama_model
 from trtllm_peft.engine.engine_dir import ArchConfig
 from trtllm_peft.executor.torch import cpu_kernels
 from trtllm_peft.executor.torch.kv import PagedKVCache
