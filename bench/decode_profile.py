@@ -21,49 +21,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from collections import defaultdict
 
 import torch
 from engine import ENGINES, MAX_SEQ, ensure_engines, floor_ms, interleaved_rates, machine
 from engine_cases import ours_runner
+from step_clock import Clock, TimedLinear, time_iterations
 
-import trtllm_peft.executor.torch.executor as executor_mod
-import trtllm_peft.executor.torch.step as step_mod
 from trtllm_peft.executor.torch import TorchExecutor
 
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
-
-
-class Clock:
-    """Seconds per category for the iteration in progress; decode-only iterations are kept."""
-
-    def __init__(self) -> None:
-        self.now: dict[str, float] = defaultdict(float)
-        self.decode = False
-        self.steps: list[dict[str, float]] = []
-
-    def timed(self, name: str, fn):
-        def run(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                self.now[name] += time.perf_counter() - t
-
-        return run
-
-
-class TimedLinear:
-    """A KernelLinear whose calls are timed under `name` (the model reads .bias; LoRA is off here)."""
-
-    def __init__(self, inner, name: str, clock: Clock) -> None:
-        self.bias = inner.bias
-        self.call = clock.timed(name, inner.__call__)
-        self.add_to = clock.timed(name, inner.add_to)
-
-    def __call__(self, x):
-        return self.call(x)
 
 
 def instrument(ex: TorchExecutor, clock: Clock) -> dict[str, int]:
@@ -78,25 +45,7 @@ def instrument(ex: TorchExecutor, clock: Clock) -> dict[str, int]:
     model.lm_head = TimedLinear(model.lm_head, "lm_head", clock)
     for name in ("rms_norm", "silu_mul", "attend_decode"):
         setattr(ex.ops, name, clock.timed(name, getattr(ex.ops, name)))
-    step = model.step
-
-    def model_step(ids, positions, chunks, *a, **kw):
-        clock.decode = not chunks
-        return clock.timed("forward", step)(ids, positions, chunks, *a, **kw)
-
-    model.step = model_step
-    step_mod.take = clock.timed("sampling", step_mod.take)
-    executor_mod.run_step = clock.timed("run_step", executor_mod.run_step)
-    iteration = ex._iteration
-
-    def timed_iteration(new, cancel):
-        clock.now.clear()
-        clock.decode = False
-        clock.timed("iteration", iteration)(new, cancel)
-        if clock.decode:
-            clock.steps.append(dict(clock.now))
-
-    ex._iteration = timed_iteration
+    time_iterations(ex, clock)
     return dict(nbytes)
 
 
@@ -194,7 +143,7 @@ def main() -> None:
             return
         if args.before:
             ex.ops.k.set_streaming(*VARIANTS["before"])
-        clock = Clock()
+        clock = Clock(prefill=False)
         nbytes = instrument(ex, clock)
         run = ours_runner(ex, [], args.batch, 0)
         for i in range(args.rounds):

@@ -23,15 +23,12 @@ import argparse
 import os
 import statistics
 import time
-from collections import defaultdict
 
 import torch
-from decode_profile import TimedLinear
 from engine import ENGINES, MAX_SEQ, ensure_engines, machine
 from engine_cases import PREFILL_LEN, ours_prefill, prefill_flops
+from step_clock import Clock, TimedLinear, time_iterations
 
-import trtllm_peft.executor.torch.executor as executor_mod
-import trtllm_peft.executor.torch.step as step_mod
 from trtllm_peft.engine.engine_dir import EngineDir
 from trtllm_peft.executor.torch import TorchExecutor
 from trtllm_peft.executor.torch import model as model_mod
@@ -56,26 +53,6 @@ def one_thread(fn):
     return run
 
 
-class Clock:
-    """Seconds per category for the iteration in progress; iterations that prefill a chunk are kept."""
-
-    def __init__(self, timer=time.perf_counter) -> None:
-        self.timer = timer  # time.thread_time with --cpu-time: the engine thread's CPU seconds
-        self.now: dict[str, float] = defaultdict(float)
-        self.prefill = False
-        self.steps: list[dict[str, float]] = []
-
-    def timed(self, name: str, fn):
-        def run(*a, **kw):
-            t = self.timer()
-            try:
-                return fn(*a, **kw)
-            finally:
-                self.now[name] += self.timer() - t
-
-        return run
-
-
 def instrument(ex: TorchExecutor, clock: Clock) -> None:
     """Wrap the engine's ops (this executor's model and ops; module functions for the nested parts)."""
     model = ex.model
@@ -93,25 +70,7 @@ def instrument(ex: TorchExecutor, clock: Clock) -> None:
         NESTED + "SDPA", torch.nn.functional.scaled_dot_product_attention
     )
     ex.kv.put = clock.timed(NESTED + "KV put (torch)", ex.kv.put)
-    step = model.step
-
-    def model_step(ids, positions, chunks, *a, **kw):
-        clock.prefill = bool(chunks)
-        return clock.timed("forward", step)(ids, positions, chunks, *a, **kw)
-
-    model.step = model_step
-    step_mod.take = clock.timed("sampling", step_mod.take)
-    executor_mod.run_step = clock.timed("run_step", executor_mod.run_step)
-    iteration = ex._iteration
-
-    def timed_iteration(new, cancel):
-        clock.now.clear()
-        clock.prefill = False
-        clock.timed("iteration", iteration)(new, cancel)
-        if clock.prefill:
-            clock.steps.append(dict(clock.now))
-
-    ex._iteration = timed_iteration
+    time_iterations(ex, clock)
 
 
 def report(steps: list[dict[str, float]], flops: dict[str, float], m: dict, dt: str) -> None:
@@ -199,7 +158,7 @@ def main() -> None:
             ab(ex, total, m, args.dtype, args.rounds, timer)
         else:
             flops = {**op_flops(ex), "all": total}  # before the projections are wrapped
-            clock = Clock(time.thread_time if args.cpu_time else time.perf_counter)
+            clock = Clock(prefill=True, timer=time.thread_time if args.cpu_time else time.perf_counter)
             instrument(ex, clock)
             run = ours_prefill(ex)  # one warm-up prefill inside
             clock.steps.clear()
