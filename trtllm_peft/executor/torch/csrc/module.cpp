@@ -5,6 +5,9 @@
 namespace tp = trtllm_peft;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The kernels take tensors and numbers only: without the GIL while they run, the server's event loop and
+  // poller run beside a kernel instead of waiting for the engine's Python gaps between kernels.
+  const pybind11::call_guard<pybind11::gil_scoped_release> nogil;
   m.def("set_num_threads", &tp::set_num_threads, "threads the kernels use (0: torch's count)");
   m.def("amx_available", &tp::amx_available, "AMX-BF16 on this CPU and granted to this process");
   m.def("set_amx", &tp::set_amx, "bf16 products of >= min_rows rows on AMX tiles (default on); returns whether used",
@@ -13,22 +16,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_streaming", &tp::set_streaming, "weight streaming knobs: prefetch mode 0-3 (default 1), smallest product "
         "(blocks x k) split over threads, mode 3's L1 distance, smallest decode attention split", pybind11::arg("mode") = 1,
         pybind11::arg("split_min") = 16384, pybind11::arg("distance") = 16, pybind11::arg("attend_split") = tp::kAttendSplit);
-  m.def("argmax_rows", &tp::argmax_rows, "torch.argmax(logits, -1) of float32 [B, V] logits");
-  m.def("pack", &tp::pack, "W [N, K] -> packed 16-column blocks (linear.cpp)");
-  m.def("linear", &tp::linear, "x · Wᵀ (+ b) from a packed W");
-  m.def("linear_into", &tp::linear_into, "y (+)= x · Wᵀ (+ b); y may be a column slice");
-  m.def("rms_norm", &tp::rms_norm, "RMSNorm as transformers computes it");
-  m.def("silu_mul", &tp::silu_mul, "silu(gate) · up of [gate | up]");
-  m.def("attend_decode", &tp::attend_decode, "RoPE + KV write + attention, one token per row");
-  m.def("attend_chunk", &tp::attend_chunk, "RoPE + KV write + causal attention of one sequence's prompt chunk");
-  m.def("fresh_qkv", &tp::fresh_qkv, "RoPE of q and k + KV write of a prefill's fresh chunks -> qk [F, heads + kv, hd]");
+  m.def("argmax_rows", &tp::argmax_rows, nogil, "torch.argmax(logits, -1) of float32 [B, V] logits");
+  m.def("pack", &tp::pack, nogil, "W [N, K] -> packed 16-column blocks (linear.cpp)");
+  m.def("linear", &tp::linear, nogil, "x · Wᵀ (+ b) from a packed W");
+  m.def("linear_into", &tp::linear_into, nogil, "y (+)= x · Wᵀ (+ b); y may be a column slice");
+  m.def("rms_norm", &tp::rms_norm, nogil, "RMSNorm as transformers computes it");
+  m.def("silu_mul", &tp::silu_mul, nogil, "silu(gate) · up of [gate | up]");
+  m.def("attend_decode", &tp::attend_decode, nogil, "RoPE + KV write + attention, one token per row");
+  m.def("attend_chunk", &tp::attend_chunk, nogil,
+        "RoPE + KV write + causal attention of one sequence's prompt chunk");
+  m.def("fresh_qkv", &tp::fresh_qkv, nogil,
+        "RoPE of q and k + KV write of a prefill's fresh chunks -> qk [F, heads + kv, hd]");
   pybind11::class_<tp::LoraGroup>(m, "LoraGroup", pybind11::module_local())
       .def(pybind11::init<std::vector<c10::optional<torch::Tensor>>, std::vector<std::vector<torch::Tensor>>,
                           std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
                           std::vector<c10::optional<torch::Tensor>>>(),
            pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("ranks"), pybind11::arg("starts"),
            pybind11::arg("widths"), pybind11::arg("mag"))
-      .def("apply", &tp::LoraGroup::apply,
+      .def("apply", &tp::LoraGroup::apply, nogil,
            "y += each token's adapter's LoRA delta, then DoRA adapters' rows y = g*y + bias*(1-g) "
            "(rows None: all adapter 0)",
            pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("rows").none(true), pybind11::arg("bias") = c10::nullopt);
