@@ -111,13 +111,15 @@ def http_sender(http: httpx.AsyncClient, wl: Workload):
     return send
 
 
-async def server_phase(args, wl: Workload, loras: Path, log: Path) -> Phase:
-    """Start the server, warm it (one base request), run the clients, scrape /v1/metrics, stop it."""
+async def server_phase(args, wl: Workload, loras: Path, log: Path, name="server", env=None) -> Phase:
+    """Start the server (`env`: more variables), warm it (one base request), run the clients, scrape
+    /v1/metrics, stop it."""
     server = Server(
         ENGINE,
         loras,
         log,
         **SETTINGS,
+        **(env or {}),
         NIM_SERVED_MODEL_NAME=BASE,
         NIM_LOG_LEVEL="INFO",  # "adapter 'x' loaded" lines, with millisecond times in JSON
         NIM_JSONL_LOGGING="1",
@@ -140,7 +142,7 @@ async def server_phase(args, wl: Workload, loras: Path, log: Path) -> Phase:
     text = log.read_text()
     loads = [(wl.names.index(name), t - clock) for name, t in load_events(text) if name in wl.names]
     wall = max(r.t_end for r in records) - t0
-    return Phase("server", t0, wall, rss, args.duration, records, cpu, loads, metrics, text, clients_cpu)
+    return Phase(name, t0, wall, rss, args.duration, records, cpu, loads, metrics, text, clients_cpu)
 
 
 # ---- the raw executor -------------------------------------------------------------------------------------
@@ -256,7 +258,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_false",
         help="skip the third phase (raw executor, its client loading adapters from disk like the server)",
     )
+    p.add_argument(
+        "--server-b",
+        metavar="NAME=VALUE",
+        action="append",
+        default=[],
+        help="also run the server with these variables set (an A/B of server settings in one run; repeatable)",
+    )
     args = p.parse_args(argv)
+    args.server_b = dict(kv.split("=", 1) for kv in args.server_b)
     if args.quick:
         args.duration = 20.0
     return args
@@ -275,7 +285,7 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - start:5.0f} s] {what}", file=sys.stderr, flush=True)
 
     with tempfile.TemporaryDirectory(prefix="trtllm-peft-load-") as tmp:
-        wl, server, packed, loras = run_server(args, spec, tok, say, Path(tmp))
+        wl, server, packed, loras, server_b = run_server(args, spec, tok, say, Path(tmp))
         load["after server"] = loadavg()
         say(f"raw executor, adapters packed before the window: the same clients for {args.duration:.0f} s")
         raw, model = asyncio.run(raw_phase(args, wl, _preloaded(packed), tok.token_text))
@@ -287,6 +297,7 @@ def main(argv=None) -> int:
             load["after raw from disk"] = loadavg()
     say("checking every answer against the reference model")
     phases = {"server": server.records, "raw": raw.records} | ({"raw-disk": disk.records} if disk else {})
+    phases |= {"server-b": server_b.records} if server_b else {}
     verdicts = Reference(model, spec, packed, wl.prompt_ids, tok.token_text, args.max_tokens).check(
         distinct_answers(phases)
     )
@@ -296,7 +307,7 @@ def main(argv=None) -> int:
         f"{args.zipf}), max_tokens {args.max_tokens} greedy ignore_eos, {args.duration:.0f} s per phase, "
         f"NIM_MAX_CPU_LORAS=16 NIM_MAX_GPU_LORAS=8, torch threads {torch.get_num_threads()}\n"
     )
-    ok = report(server, raw, verdicts, tok, wl, disk)
+    ok = report(server, raw, verdicts, tok, wl, disk, server_b)
     print(f"load average (1/5/15 min): {'; '.join(f'{k} {v}' for k, v in load.items())}")
     return 0 if ok else 1
 
@@ -319,8 +330,9 @@ async def _disk_phase(args, wl: Workload, spec, loras: list[Path], token_text) -
     return phase
 
 
-def run_server(args, spec, tok, say, tmp: Path) -> tuple[Workload, Phase, list, list[Path]]:
-    """Adapters in `tmp`, the server phase on them, then the adapters packed for the raw executor."""
+def run_server(args, spec, tok, say, tmp: Path) -> tuple[Workload, Phase, list, list[Path], Phase | None]:
+    """Adapters in `tmp`, the server phase on them (and the B server's, --server-b), then the adapters
+    packed for the raw executor."""
     loras = tmp / "loras"
     loras.mkdir()
     say(f"writing {args.adapters} adapters")
@@ -330,9 +342,13 @@ def run_server(args, spec, tok, say, tmp: Path) -> tuple[Workload, Phase, list, 
     wl = Workload(names, prompts, args.max_tokens, args.zipf, args.seed, units, spec.cache_units(16))
     say(f"server: {args.clients} clients for {args.duration:.0f} s")
     server = asyncio.run(server_phase(args, wl, loras, tmp / "server.log"))
+    server_b = None
+    if args.server_b:
+        say(f"server with {args.server_b}: {args.clients} clients for {args.duration:.0f} s")
+        server_b = asyncio.run(server_phase(args, wl, loras, tmp / "server-b.log", "server-b", args.server_b))
     say("packing the adapters for the raw executor")
     packed = [pack(formats.load_for_engine(loras / n, spec), spec.dtype) for n in names]
-    return wl, server, packed, [loras / n for n in names]
+    return wl, server, packed, [loras / n for n in names], server_b
 
 
 if __name__ == "__main__":

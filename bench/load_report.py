@@ -87,7 +87,7 @@ def summarize(p: Phase, judged: dict[str, int]) -> dict[str, str]:
 
 def judge(verdicts: list[Verdict], tokenizer) -> tuple[dict[str, dict[str, int]], list[str]]:
     """Per phase, how many answers equal the alone request's, differ at a tie, or differ; and notes."""
-    counts = {p: {"same": 0, "tie": 0, "differ": 0} for p in ("server", "raw", "raw-disk")}
+    counts = {p: {"same": 0, "tie": 0, "differ": 0} for p in ("server", "server-b", "raw", "raw-disk")}
     notes, lp_err, text_diff = [], 0.0, 0
     for v in verdicts:
         a, d = v.answer, v.divergence
@@ -165,29 +165,40 @@ def _median_429(p: Phase) -> float:
 
 
 def report(
-    server: Phase, raw: Phase, verdicts: list[Verdict], tokenizer, wl, disk: Phase | None = None
+    server: Phase,
+    raw: Phase,
+    verdicts: list[Verdict],
+    tokenizer,
+    wl,
+    disk: Phase | None = None,
+    server_b: Phase | None = None,
 ) -> bool:
     """Print the table and the checks; True when every check passed. `disk`: the raw phase whose client
-    loads adapters from disk within the server's host budget (like with like: see load_client_adapters.py)."""
+    loads adapters from disk within the server's host budget (like with like: see load_client_adapters.py);
+    `server_b`: the server again with other settings (bench/load.py --server-b)."""
     counts, notes = judge(verdicts, tokenizer)
     raws = [raw] + ([disk] if disk else [])
-    unused = {p.name: mark_cold(p) for p in (server, *raws)}
+    servers = [server] + ([server_b] if server_b else [])
+    unused = {p.name: mark_cold(p) for p in (*servers, *raws)}
     rows = {"server (HTTP, streaming)": summarize(server, counts["server"])}
+    if server_b:
+        rows["server B (--server-b)"] = summarize(server_b, counts["server-b"])
     rows["raw TorchExecutor (adapters packed before)"] = summarize(raw, counts["raw"])
     if disk:
         rows["raw TorchExecutor (adapters from disk, host budget)"] = summarize(disk, counts["raw-disk"])
     print_table(rows)
     print()
-    for p, what in ((raw, "raw"), (disk, "raw from disk")):
-        if p is None:
-            continue
-        ratio, cpu_ratio = throughput(server) / throughput(p), _per_cpu(server) / _per_cpu(p)
-        print(
-            f"server / {what} tokens/s = {ratio:.2f} (target >= 0.95: {'met' if ratio >= 0.95 else 'NOT met'}); "
-            f"per CPU-second {cpu_ratio:.2f}"
-        )
-    ok = check_429s(server, raw, wl.capacity_units, wl.units)
-    tokens_agree = print_resources(server, raw, unused)
+    for s in servers:
+        for p, what in ((raw, "raw"), (disk, "raw from disk")):
+            if p is None:
+                continue
+            ratio, cpu_ratio = throughput(s) / throughput(p), _per_cpu(s) / _per_cpu(p)
+            print(
+                f"{s.name} / {what} tokens/s = {ratio:.2f} (target >= 0.95: "
+                f"{'met' if ratio >= 0.95 else 'NOT met'}); per CPU-second {cpu_ratio:.2f}"
+            )
+    ok = all([check_429s(s, raw, wl.capacity_units, wl.units) for s in servers])
+    tokens_agree = all([print_resources(s, raw, unused) for s in servers])
     if disk:
         print(
             f"raw from disk: its client read {disk.client_loads} adapters, its executor's host tier stored "
@@ -196,8 +207,8 @@ def report(
         )
     for note in notes[:25]:
         print("  " + note)
-    failed = sum(print_failures(p) for p in (server, *raws))
-    errors = [ln for ln in server.log.splitlines() if "Traceback" in ln or "ERROR" in ln]
+    failed = sum(print_failures(p) for p in (*servers, *raws))
+    errors = [ln for s in servers for ln in s.log.splitlines() if "Traceback" in ln or "ERROR" in ln]
     print(f"server log: {len(errors)} error lines" + "".join(f"\n  {ln[:200]}" for ln in errors[:10]))
     differ = sum(c["differ"] for c in counts.values())
     return ok and tokens_agree and not (differ or failed or errors)
@@ -208,19 +219,19 @@ def print_resources(server: Phase, raw: Phase, unused: dict[str, int]) -> bool:
     n = metric_sum(server.metrics, "trtllm_peft_adapter_load_seconds_count")
     mean = metric_sum(server.metrics, "trtllm_peft_adapter_load_seconds_sum") / n if n else float("nan")
     print(
-        f"adapter loads into the host cache: server {len(server.loads)} (its trtllm_peft_adapter_load_seconds_count "
-        f"{n:.0f}), {unused['server']} of them waited for by no answer (their requests got 429), mean {mean:.2f} s "
+        f"adapter loads into the host cache: {server.name} {len(server.loads)} (its "
+        f"trtllm_peft_adapter_load_seconds_count {n:.0f}), {unused[server.name]} of them waited for by no answer (their requests got 429), mean {mean:.2f} s "
         f"each; raw executor {len(raw.loads)}, {unused['raw']} unused"
     )
     print(
-        f"wall time from first request to last answer: server {server.wall_s:.0f} s, raw {raw.wall_s:.0f} s; "
+        f"wall time from first request to last answer: {server.name} {server.wall_s:.0f} s, raw {raw.wall_s:.0f} s; "
         f"CPU: server + clients {server.cpu_s:.0f} s (the HTTP clients alone {server.client_cpu_s or 0:.0f} s), "
         f"raw + clients {raw.cpu_s:.0f} s; peak RSS: server "
         f"{server.peak_rss_gb:.2f} GB, this process (clients, raw executor) {raw.peak_rss_gb:.2f} GB"
     )
     gen = metric_sum(server.metrics, "generation_tokens_total") - 2  # minus the warm-up request's
     got = sum(len(r.times) for r in server.records if r.status == 200)
-    print(f"server generation_tokens_total {gen:.0f}, tokens its clients received {got}")
+    print(f"{server.name} generation_tokens_total {gen:.0f}, tokens its clients received {got}")
     return gen == got
 
 

@@ -51,6 +51,9 @@ class Settings:
     drain_timeout: float = 30.0  # TRTLLM_PEFT_DRAIN_TIMEOUT: s running requests get to finish on SIGTERM
     lora_queue_timeout: float = 30.0  # TRTLLM_PEFT_LORA_QUEUE_TIMEOUT: s to wait for host-cache room (429)
     lora_queue_size: int = 1024  # TRTLLM_PEFT_LORA_QUEUE_SIZE: requests waiting for host-cache room at most
+    # TRTLLM_PEFT_DISK_LORAS: packed adapters kept on local disk (NIM_CACHE_PATH, else the temp dir) for
+    # host-cache misses, in adapters of max rank (None: 2 x NIM_MAX_CPU_LORAS; 0: none)
+    disk_loras: int | None = None
     enable_kv_cache_reuse: bool = (
         False  # NIM_ENABLE_KV_CACHE_REUSE: reuse cached prompt prefixes (per adapter)
     )
@@ -108,6 +111,7 @@ class Settings:
             drain_timeout=reader.seconds("TRTLLM_PEFT_DRAIN_TIMEOUT", 30.0, minimum=0),
             lora_queue_timeout=reader.seconds("TRTLLM_PEFT_LORA_QUEUE_TIMEOUT", 30.0, minimum=0),
             lora_queue_size=reader.integer("TRTLLM_PEFT_LORA_QUEUE_SIZE", 1024, minimum=0),
+            disk_loras=reader.integer("TRTLLM_PEFT_DISK_LORAS", None, minimum=0),
             enable_kv_cache_reuse=reader.boolean("NIM_ENABLE_KV_CACHE_REUSE"),
             kv_cache_percent=reader.fraction("NIM_KVCACHE_PERCENT"),
             enable_chunked_context=reader.boolean("TRTLLM_PEFT_ENABLE_CHUNKED_CONTEXT", default=True),

@@ -77,21 +77,23 @@ def greedy_kw(**kw):
 # ---- completions: logprobs, echo, streaming --------------------------------------------------------------
 
 
+# k = 1, greedy: from the engine's own log-probs (Orchestrator.greedy_logprobs_are_raw); k = 3: from its logits
+@pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("model", ["smollm2", "lora-hf"])
-def test_completion_logprobs_are_pefts_top_k(client, oracle, model):
-    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, logprobs=3, **greedy_kw())
+def test_completion_logprobs_are_pefts_top_k(client, oracle, model, k):
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, logprobs=k, **greedy_kw())
     lp = r.choices[0].logprobs
     prompt_ids = oracle.tokenizer(PROMPT)["input_ids"]
     ids = list(prompt_ids)
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
     for i in range(6):
         ref = oracle(model, ids)[-1]  # [V]
-        top = torch.topk(ref, 3)
+        top = torch.topk(ref, k)
         tok = int(ref.argmax())
         assert lp.tokens[i] == oracle.tokenizer.decode([tok])
         assert abs(lp.token_logprobs[i] - float(ref[tok])) < TOL
-        assert 3 <= len(lp.top_logprobs[i]) <= 4 and lp.tokens[i] in lp.top_logprobs[i]  # vLLM's bounds
-        got = sorted(lp.top_logprobs[i].values(), reverse=True)[:3]
+        assert k <= len(lp.top_logprobs[i]) <= k + 1 and lp.tokens[i] in lp.top_logprobs[i]  # vLLM's bounds
+        got = sorted(lp.top_logprobs[i].values(), reverse=True)[:k]
         assert all(abs(a - float(b)) < TOL for a, b in zip(got, top.values, strict=True))
         ids.append(tok)
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0

@@ -116,6 +116,14 @@ def test_health_version_metrics(server, client):
 # ---- completions and chat --------------------------------------------------------------------------------
 
 
+def test_adapters_present_at_start_are_packed_ahead_and_mapped_back(server, client):
+    """serving/packed_store.py: the first use of an adapter packed at start maps its packed file back (no read,
+    validation or pack on the engine's cores). The store (twice the host budget) holds all six."""
+    assert "6 adapters packed ahead of their first use" in server.log.read_text()
+    assert greedy(client, "big-0", n=4).choices[0].text
+    assert "adapter 'big-0' loaded (packed file" in server.log.read_text()
+
+
 def test_three_formats_of_one_adapter_answer_the_same(client):
     texts = {fmt: greedy(client, f"small-{fmt}").choices[0].text for fmt in ("hf", "nemo", "trtllm")}
     assert texts["hf"] == texts["nemo"] == texts["trtllm"], texts

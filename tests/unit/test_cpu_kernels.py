@@ -241,22 +241,33 @@ def test_rms_norm_and_silu_mul_equal_torch(dtype, rows):
     close(ker.silu_mul(gu), ref.silu_mul(gu), dtype)
 
 
-@pytest.fixture(params=[262144, 0], ids=["attn-default", "attn-split"])
+@pytest.fixture(params=[1 << 40, 0], ids=["attn-one-thread", "attn-split"])
 def attend_split(request):
-    """Decode attention on the calling thread for short contexts (default), or always split over the threads."""
+    """Decode attention on the calling thread, or split over the threads."""
     KERNELS.set_streaming(attend_split=request.param)
     yield request.param
     KERNELS.set_streaming()
 
 
-# (heads, kv heads, head dim): bfloat16 takes a kv head's query heads in groups of 4 (hd ≤ 32), 3 (≤ 64), 2 (≤ 96)
-# or 1 (float32: 1): whole groups, a short last one (5 = 4 + 1, 8 = 3 + 3 + 2), one head per kv head.
-ATTEND_SHAPES = [(9, 3, 64), (4, 2, 4), (4, 4, 8), (8, 1, 40), (10, 2, 16), (6, 1, 96), (3, 1, 128)]
+# (heads, kv heads, head dim): a kv head's query heads go in groups of 3 (bfloat16 hd <= 64, float32 hd <= 32),
+# 2 (bfloat16 hd <= 128) or 1: whole groups, short last ones (8 = 3 + 3 + 2, 5 = 3 + 2, 4 = 3 + 1), head dims
+# that end inside a register step (4, 8, 34, 40, 200) and long ones (float32 up to 13 steps of 16).
+ATTEND_SHAPES = [
+    (9, 3, 64),
+    (4, 2, 4),
+    (4, 4, 8),
+    (8, 1, 40),
+    (10, 2, 16),
+    (6, 1, 96),
+    (3, 1, 128),
+    (4, 1, 34),
+    (2, 1, 200),
+]
 
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens_per_block", [4, 32])
+@pytest.mark.parametrize("tokens_per_block", [4, 12, 32])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), ATTEND_SHAPES)
 def test_attend_decode_equals_torch_and_writes_the_same_cache(
     attend_split, dtype, tokens_per_block, heads, kv_heads, head_dim
@@ -282,14 +293,21 @@ def test_attend_decode_equals_torch_and_writes_the_same_cache(
         c.k.copy_(torch.randn(c.k.shape, generator=g))  # stale values beyond each position must be ignored
         c.v.copy_(torch.randn(c.v.shape, generator=g))
         caches.append(c)
-    caches[1].k.copy_(caches[0].k)
-    caches[1].v.copy_(caches[0].v)
+    # the kernel's cache: NaN in every slot outside the sequences (the torch ops' gather would read some)
+    stale = torch.ones(num_blocks, tpb, dtype=torch.bool)
+    for b, p in enumerate(positions.tolist()):
+        for t in range(p + 1):
+            stale[tables[b, t // tpb], t % tpb] = False
+    stale = stale[None, :, None, :, None].expand_as(caches[0].k)  # [layers, blocks, kv, tpb, hd]
+    caches[1].k.copy_(caches[0].k.masked_fill(stale, float("nan")))
+    caches[1].v.copy_(caches[0].v.masked_fill(stale, float("nan")))
     shape = (heads, kv_heads, head_dim)
     want = TorchOps().attend_decode(qkv, cos, sin, positions, caches[0], 1, shape, tables)
     got = KernelOps(KERNELS).attend_decode(qkv, cos, sin, positions, caches[1], 1, shape, tables)
     close(got, want, dtype)
-    close(caches[1].k, caches[0].k, dtype)
-    assert torch.equal(caches[1].v, caches[0].v)
+    assert torch.equal(caches[1].k.isnan(), stale) and torch.equal(caches[1].v.isnan(), stale)
+    close(caches[1].k.nan_to_num(), caches[0].k.masked_fill(stale, 0), dtype)
+    assert torch.equal(caches[1].v.nan_to_num(), caches[0].v.masked_fill(stale, 0))
     # the written slots are where the block tables say
     for b, p in enumerate(positions.tolist()):
         v_in = qkv[b, (heads + kv_heads) * head_dim :].view(kv_heads, head_dim)

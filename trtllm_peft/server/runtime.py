@@ -12,12 +12,14 @@ from pathlib import Path
 from trtllm_peft.engine.base_weights import BaseWeights
 from trtllm_peft.engine.engine_dir import EngineDir
 from trtllm_peft.executor.api import Executor
+from trtllm_peft.executor.torch.executor import TorchExecutor
 from trtllm_peft.lora import ModelSpec
 from trtllm_peft.server.metrics import Metrics
 from trtllm_peft.serving.catalog import Catalog
 from trtllm_peft.serving.engine_client import EngineClient
 from trtllm_peft.serving.host_cache import HostCache
 from trtllm_peft.serving.orchestrator import Orchestrator
+from trtllm_peft.serving.packed_store import PackedStore
 from trtllm_peft.serving.tokenizer import Tokenizer
 from trtllm_peft.settings import Settings
 
@@ -76,7 +78,10 @@ class Runtime:
             base_weights=await asyncio.to_thread(BaseWeights.open, engine.path),
             queue_timeout=settings.lora_queue_timeout,
             queue_size=settings.lora_queue_size,
+            store=packed_store(settings, spec),
+            greedy_logprobs_are_raw=isinstance(executor, TorchExecutor),
         )
+        await orch.leases.prepack(list(catalog))
         engine_len = int(engine.build_config.get("max_seq_len", 2048))
         rt = cls(
             settings=settings,
@@ -109,6 +114,7 @@ class Runtime:
         live = {e.task_id for e in self.catalog}
         for task_id in set(before.values()) - live:
             self.host_cache.discard(task_id)
+            self.orchestrator.leases.forget(task_id)
         if result.any:
             log.info("adapters: +%d -%d ~%d", len(result.added), len(result.removed), len(result.changed))
 
@@ -154,6 +160,12 @@ class Runtime:
                 await self._refresher
         self.orchestrator.close()
         await asyncio.to_thread(self.client.close)
+
+
+def packed_store(settings: Settings, spec: ModelSpec) -> PackedStore | None:
+    """Packed adapters on disk for host-cache misses (TRTLLM_PEFT_DISK_LORAS; default twice the host budget)."""
+    n = 2 * settings.max_cpu_loras if settings.disk_loras is None else settings.disk_loras
+    return PackedStore(spec.cache_units(n), settings.cache_path) if n else None
 
 
 def m_labels(m: Metrics) -> set[str]:

@@ -1,7 +1,8 @@
 """Adapters leased from the host cache for requests: a hit, or one shared load of a cold adapter.
 
-A cold adapter is loaded once off the event loop (a worker thread: read, validate, pack), however many
-requests wait for it, and inserted with one lease per waiter; requests that find the host cache full of
+A cold adapter is loaded once off the event loop (a worker thread: read, validate, pack; or, when this
+process has packed it before, or packed ahead at start, mapped back from its packed file:
+serving/packed_store.py), however many requests wait for it, and inserted with one lease per waiter; requests that find the host cache full of
 adapters in use wait their turn in a bounded FIFO (serving/lease_queue.py). 429 only past the queue's
 bounds, and before anything is read, so a retry after a 429 does not cost a load.
 """
@@ -23,10 +24,12 @@ from trtllm_peft.lora import ModelSpec, PackedLora, pack
 from trtllm_peft.serving.catalog import AdapterEntry, Catalog
 from trtllm_peft.serving.host_cache import HostCache
 from trtllm_peft.serving.lease_queue import Grant, LeaseQueue
+from trtllm_peft.serving.packed_store import PackedStore
 
 log = logging.getLogger(__name__)
 
 UNITS_REMEMBERED = 100_000  # a few MB at most: ints per task id
+PREPACK_S = 30.0  # packing ahead delays readiness by at most about this much; the rest loads on first use
 
 
 class AdapterUnavailableError(TrtllmPeftError):
@@ -58,10 +61,13 @@ class AdapterLeases:
         base_weights: Callable[[int, str], torch.Tensor] | None = None,
         queue_timeout: float = 0.0,
         queue_size: int = 0,
+        store: PackedStore | None = None,
     ):
         self.spec, self.catalog, self.host_cache = spec, catalog, host_cache
+        self.store = store  # packed adapters on disk: a miss of an adapter packed before maps it back
         self.base_weights = base_weights  # W per (layer, module): DoRA's norms, once per adapter load
         self._pool = ThreadPoolExecutor(max_workers=loaders, thread_name_prefix="adapter-load")
+        self._loaders = loaders
         self._loading: dict[int, _Load] = {}
         self.queue = LeaseQueue(host_cache, max_waiters=queue_size, timeout=queue_timeout)
         self._max_units = spec.cache_units(1)  # an adapter not loaded yet may need up to this much
@@ -134,22 +140,79 @@ class AdapterLeases:
             del self._units[next(iter(self._units))]  # oldest first (dicts keep insertion order)
 
     def _load(self, entry: AdapterEntry) -> PackedLora:
-        """Read, validate and pack one adapter (in a worker thread)."""
+        """Read, validate and pack one adapter, or map back its packed file (in a worker thread)."""
         start = time.perf_counter()
-        adapter = formats.load_for_engine(entry.path, self.spec, self.base_weights)
-        packed = pack(adapter, self.spec.dtype)
+        packed = self.store.get(entry.task_id) if self.store else None
+        source = "packed file" if packed is not None else entry.format
+        if packed is None:
+            packed = pack(formats.load_for_engine(entry.path, self.spec, self.base_weights), self.spec.dtype)
+            if self.store:
+                packed = self.store.put(entry.task_id, packed)
         elapsed = time.perf_counter() - start
         log.info(
             "adapter %r loaded (%s, %d rows, max rank %d) in %.3f s",
             entry.name,
-            entry.format,
+            source,
             packed.num_rows,
-            adapter.max_rank,
+            int(packed.config[:, 2].max()) if packed.num_rows else 0,
             elapsed,
         )
         if self._on_load:
             self._on_load(elapsed)
         return packed
 
+    async def prepack(self, entries: list[AdapterEntry]) -> int:
+        """Read, validate and pack adapters into the store before any request asks for them (at start), as
+        many as it holds, in catalog order, on the loader threads: a first request then maps its adapter
+        back instead of paying the load on the engine's cores. One that fails is marked invalid, as on a
+        first use. Returns how many were packed."""
+        if self.store is None:
+            return 0
+        # a catalog of many broken adapters must not hold the start up: tries are bounded too
+        tries = 4 * (self.store.capacity_units // self._max_units + 1)
+        todo, packed = iter(entries[:tries]), 0
+        loop, started = asyncio.get_running_loop(), time.perf_counter()
+
+        async def lane() -> None:
+            nonlocal packed
+            for entry in todo:
+                if self.store.used_units + self._max_units > self.store.capacity_units:
+                    return  # full: what is left loads on first use
+                if time.perf_counter() - started > PREPACK_S:
+                    return
+                units = await loop.run_in_executor(self._pool, self._prepack_one, entry)
+                if isinstance(units, AdapterError):
+                    self.catalog.mark_invalid(entry, "; ".join(units.problems))
+                elif units is not None:
+                    self._remember_units(entry.task_id, units)
+                    packed += 1
+
+        await asyncio.gather(*(lane() for _ in range(self._loaders)))
+        if packed:
+            log.info(
+                "%d adapters packed ahead of their first use in %.1f s", packed, time.perf_counter() - started
+            )
+        return packed
+
+    def forget(self, task_id: int) -> None:
+        """The task's content is stale (its adapter changed or vanished): drop its packed file."""
+        if self.store:
+            self.store.discard(task_id)
+
+    def _prepack_one(self, entry: AdapterEntry) -> int | AdapterError | None:
+        """Rank-units of the adapter packed into the store, or why it cannot be served (a worker thread);
+        None for anything else (left to its first use, which reports it)."""
+        try:
+            packed = pack(formats.load_for_engine(entry.path, self.spec, self.base_weights), self.spec.dtype)
+        except AdapterError as e:
+            return e
+        except Exception:
+            log.warning("packing adapter %r ahead failed; it loads on first use", entry.name, exc_info=True)
+            return None
+        self.store.put(entry.task_id, packed)
+        return packed.rank_units
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.store:
+            self.store.close()

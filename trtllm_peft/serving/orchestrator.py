@@ -31,6 +31,7 @@ from trtllm_peft.serving.catalog import AdapterEntry, Catalog
 from trtllm_peft.serving.engine_client import EngineClient, Scores, ScoreSpec
 from trtllm_peft.serving.host_cache import HostCache
 from trtllm_peft.serving.logprobs import TokenLogprob, prompt_logprobs
+from trtllm_peft.serving.packed_store import PackedStore
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +75,32 @@ class GenerationParams:
     embedding_bias: torch.Tensor | None = None  # [vocab] float32, added to the logits
     guided: GuidedDecodingParams | None = None  # structured output / forced tool calls (executor/guided.py)
 
-    def output_config(self) -> OutputConfig:
+    def output_config(self, engine_scores: bool = False) -> OutputConfig:
+        """`engine_scores`: the OpenAI log-probs come from the engine's log-probs (`engine_scorable`), not
+        from its generation logits."""
         return OutputConfig(
-            return_log_probs=self.logprobs,
+            return_log_probs=self.logprobs or engine_scores,
             return_context_logits=self.prompt_logprobs is not None,
-            return_generation_logits=self.top_logprobs is not None,
+            return_generation_logits=self.top_logprobs is not None and not engine_scores,
             exclude_input_from_output=True,
+        )
+
+    def engine_scorable(self) -> bool:
+        """Whether OpenAI's log-probs of this request equal the engine's log-probs of its sampled tokens
+        (on an engine whose greedy log-probs are of the raw logits): greedy, nothing that changes the logits
+        before the argmax, at most the top 1 alternative (which then is the sampled token itself, the
+        first maximum, as serving/logprobs.py breaks ties)."""
+        return (
+            self.top_logprobs is not None
+            and self.top_logprobs <= 1
+            and self.temperature == 0.0
+            and self.repetition_penalty in (None, 1.0)
+            and not self.presence_penalty
+            and not self.frequency_penalty
+            and not self.min_tokens
+            and self.embedding_bias is None
+            and not self.bad_words
+            and self.guided is None
         )
 
     def sampling_config(self) -> SamplingConfig:
@@ -129,6 +150,14 @@ class OrchestratorStats:
     engine_misses: int = 0  # weights sent (believed absent) or resent after "not found in cache"
 
 
+def _engine_scored(token_ids: list[int], log_probs: list[list[float]] | None, k: int) -> Scores:
+    """OpenAI log-probs of greedy tokens from the engine's log-probs (`GenerationParams.engine_scorable`): the
+    only alternative asked for (k <= 1) is the sampled token itself."""
+    if log_probs is None or len(log_probs[0]) != len(token_ids):
+        return ValueError(f"the engine returned no log-probs for {len(token_ids)} tokens")
+    return [TokenLogprob(t, lp, [(t, lp)][:k]) for t, lp in zip(token_ids, log_probs[0], strict=True)]
+
+
 class Orchestrator:
     """Turns (model, prompt ids, params) into a stream of Steps from the engine."""
 
@@ -147,8 +176,14 @@ class Orchestrator:
         base_weights: Callable[[int, str], torch.Tensor] | None = None,
         queue_timeout: float = 0.0,
         queue_size: int = 0,
+        store: PackedStore | None = None,
+        greedy_logprobs_are_raw: bool = False,
     ):
         self.spec, self.base_model_id, self.catalog = spec, base_model_id, catalog
+        # The executor's log-prob of a plain greedy token is log-softmax of the raw logits (TorchExecutor,
+        # executor/torch/sampler.py): then OpenAI's log-probs with <= 1 alternative come from the engine's
+        # sampling step, which has the logits at hand, instead of a copy of every [V] row scored here.
+        self.greedy_logprobs_are_raw = greedy_logprobs_are_raw
         self.host_cache, self.client = host_cache, client
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self.leases = AdapterLeases(
@@ -160,6 +195,7 @@ class Orchestrator:
             base_weights=base_weights,
             queue_timeout=queue_timeout,
             queue_size=queue_size,
+            store=store,
         )
         self.lease_queue = self.leases.queue
         self._engine_has: OrderedDict[int, None] = OrderedDict()  # belief: task ids the engine holds
@@ -218,12 +254,13 @@ class Orchestrator:
             self.host_cache.release(task.task_id)
 
     async def _run(self, entry, packed, prompt_ids, params) -> AsyncIterator[Step]:
+        engine_scores = self.greedy_logprobs_are_raw and params.engine_scorable()
         request = Request(
             list(prompt_ids),
             params.max_tokens,
             streaming=True,
             sampling_config=params.sampling_config(),
-            output_config=params.output_config(),
+            output_config=params.output_config(engine_scores),
             end_id=self._end_id(params),
             pad_id=self.pad_token_id,
             stop_words=params.stop_words or None,
@@ -234,7 +271,7 @@ class Orchestrator:
         )
         resent, first = False, True
         k = params.top_logprobs
-        scores = ScoreSpec(k, self.spec.vocab_size) if k is not None else None
+        scores = ScoreSpec(k, self.spec.vocab_size) if k is not None and not engine_scores else None
         while True:
             retry = False
             async with aclosing(self.client.generate_scored(request, scores)) as responses:
@@ -259,10 +296,12 @@ class Orchestrator:
                     finish = _FINISH.get(result.finish_reason) if result.is_final else None
                     step = Step(
                         token_ids=list(result.output_token_ids[0]),
-                        logprobs=list(result.log_probs[0]) if result.log_probs else None,
+                        logprobs=list(result.log_probs[0]) if result.log_probs and params.logprobs else None,
                         finish_reason=finish or ("stop" if result.is_final else None),
                         first=first,
                     )
+                    if engine_scores:
+                        scored = _engine_scored(step.token_ids, result.log_probs, params.top_logprobs)
                     self._add_logprobs(step, scored, result, prompt_ids, params)
                     yield step
                     first = False
@@ -273,7 +312,8 @@ class Orchestrator:
         self, step: Step, scored: Scores, result, prompt_ids: list[int], params: GenerationParams
     ) -> None:
         """OpenAI log-probs of the step's tokens (scored by the engine client from the result's raw
-        logits), and of the prompt once, from its context logits."""
+        logits, or from the engine's log-probs where they are the same: `engine_scorable`), and of the
+        prompt once, from its context logits."""
         if params.top_logprobs is not None:
             if isinstance(scored, ValueError):
                 raise EngineRequestError(str(scored), ErrorKind.FAILED)
