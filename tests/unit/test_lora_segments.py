@@ -173,7 +173,9 @@ def test_group_with_partial_column_blocks(kernel_paths, dtype, rank, rows):
         assert err <= REL[dtype], f"threads {threads}, amx {amx}: relative error {err:.2e}"
         y = y0.clone()
         group.project(x, KERNELS.pack(w), sum(widths), None, y, True, None)
-        err = float((y.float() - projected.float()).abs().max() / projected.float().abs().max().clamp(min=1.0))
+        err = float(
+            (y.float() - projected.float()).abs().max() / projected.float().abs().max().clamp(min=1.0)
+        )
         assert err <= REL[dtype], f"project: threads {threads}, amx {amx}: relative error {err:.2e}"
 
 
