@@ -37,7 +37,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "y += each token's adapter's LoRA delta, then DoRA adapters' rows y = g*y + bias*(1-g) "
            "(rows None: all adapter 0)",
            pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("rows").none(true), pybind11::arg("bias") = c10::nullopt)
-      .def("project", &tp::LoraGroup::project,
+      .def("project", &tp::LoraGroup::project, nogil,
            "y (+)= x Wt (+ b) + each token's adapter's LoRA delta, W packed (the base projection); no DoRA rows",
            pybind11::arg("x"), pybind11::arg("wp"), pybind11::arg("n"), pybind11::arg("bias").none(true),
            pybind11::arg("y"), pybind11::arg("accumulate"), pybind11::arg("rows").none(true));
