@@ -3,11 +3,13 @@
     .venv/bin/python bench/lora_ab.py --dtypes bfloat16 float32 --batches 8 32
     .venv/bin/python bench/lora_ab.py --skip      # + 8 distinct with the LoRA products skipped (what is left)
     .venv/bin/python bench/lora_ab.py --no-amx    # + every case again with set_amx(False)
+    .venv/bin/python bench/lora_ab.py --two-calls # + the adapter cases with projection and LoRA as two calls
 
 Cases: base, 1 adapter, 8 distinct adapters (bench/engine.py's adapters: rank 16, all seven modules), and
-with --skip the 8-distinct batch with `GroupedLoraBatch.apply_group` a no-op: the step's cost apart from the
-LoRA products (grouping, the executor's per-adapter work). Decode tokens/s as bench/engine.py computes them;
-ratios to base printed per batch.
+with --skip the 8-distinct batch with `GroupedLoraBatch.project` the base projection alone: the step's cost
+apart from the LoRA products (grouping, the executor's per-adapter work); with --two-calls the adapter cases again with the
+base projection and the LoRA delta as two kernel calls (`lora_ops.project_then_apply`, as before the fused
+`LoraGroup.project`). Decode tokens/s as bench/engine.py computes them; ratios to base printed per batch.
 """
 
 from __future__ import annotations
@@ -30,24 +32,35 @@ from trtllm_peft import formats  # noqa: E402
 from trtllm_peft.executor.torch import TorchExecutor  # noqa: E402
 from trtllm_peft.executor.torch.cpu_kernels import load as load_kernels  # noqa: E402
 from trtllm_peft.executor.torch.lora_grouped import GroupedLoraBatch  # noqa: E402
+from trtllm_peft.executor.torch.lora_ops import project_then_apply  # noqa: E402
 from trtllm_peft.lora import load_spec, pack  # noqa: E402
 
-_apply = GroupedLoraBatch.apply_group
+_project = GroupedLoraBatch.project
 
 
-def _with(run, skip: bool = False, amx: bool = True):
-    """run with the LoRA products skipped and/or AMX off for its duration."""
+def _base_only(self, layer, group, linear, x, mask, out=None):
+    """GroupedLoraBatch.project without the LoRA products."""
+    if out is None:
+        return linear(x)
+    linear.add_to(out, x)
+    return out
+
+
+def _with(run, skip: bool = False, amx: bool = True, two_calls: bool = False):
+    """run with the LoRA products skipped, AMX off and/or projection and LoRA as two calls for its duration."""
     k = load_kernels()
 
     def go(n: int) -> None:
         if skip:
-            GroupedLoraBatch.apply_group = lambda *a, **kw: None
+            GroupedLoraBatch.project = _base_only
+        if two_calls:
+            GroupedLoraBatch.project = project_then_apply
         if not amx:
             k.set_amx(False)
         try:
             run(n)
         finally:
-            GroupedLoraBatch.apply_group = _apply
+            GroupedLoraBatch.project = _project
             k.set_amx(True)
 
     return go
@@ -65,6 +78,10 @@ def bench(dt: str, dirs: list[Path], args) -> None:
                 "1 adapter": ours_runner(ex, packed, b, 1),
                 "8 distinct": ours_runner(ex, packed, b, N_ADAPTERS),
             }
+            if args.two_calls:
+                runs.update(
+                    {f"{c}, two calls": _with(runs[c], two_calls=True) for c in ("1 adapter", "8 distinct")}
+                )
             if args.skip:
                 runs["8 distinct, LoRA skipped"] = _with(runs["8 distinct"], skip=True)
             if args.no_amx:
@@ -86,6 +103,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip", action="store_true")
     ap.add_argument("--no-amx", action="store_true")
+    ap.add_argument("--two-calls", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"load average {os.getloadavg()}")

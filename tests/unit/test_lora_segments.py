@@ -147,8 +147,9 @@ def test_rows_of_another_batch_are_refused():
 @pytest.mark.parametrize("rank", [2, 6, 16, 32])
 @pytest.mark.parametrize("rows", [1, 5, 16, 21])
 def test_group_with_partial_column_blocks(kernel_paths, dtype, rank, rows):
-    """One adapter's group straight through kernels.LoraGroup: parts of 40 and 24 columns (partial 16-column
-    blocks, a part starting mid-block), ranks 2-32, row counts on both sides of the AMX LoRA-A threshold."""
+    """One adapter's group straight through kernels.LoraGroup (apply, and project with a base projection): parts
+    of 40 and 24 columns (partial 16-column blocks, a part starting mid-block), ranks 2-32, row counts on both
+    sides of the AMX LoRA-A threshold."""
     g = torch.Generator().manual_seed(rank * 100 + rows)
     widths, k_in = [40, 24], 64
     a = torch.randn(2 * rank, k_in, generator=g).to(dtype)  # [P·R, in]
@@ -160,10 +161,61 @@ def test_group_with_partial_column_blocks(kernel_paths, dtype, rank, rows):
     want = (y0.float() + delta).to(dtype)
     group = KERNELS.LoraGroup(a=[KERNELS.pack(a)], b=[[KERNELS.pack(b) for b in bs]], ranks=[rank],
                               starts=[0, widths[0]], widths=widths, mag=[None])  # fmt: skip
+    w = (torch.randn(sum(widths), k_in, generator=g) * 0.2).to(dtype)  # the base projection, for project()
+    base = (y0.float() + (x.float() @ w.float().T).to(dtype).float()).to(dtype)
+    projected = (base.float() + delta).to(dtype)  # rounded after W x, then after the delta: as two calls
     for threads, amx in kernel_paths:
         KERNELS.set_num_threads(threads)
         KERNELS.set_amx(amx)
         y = y0.clone()
         group.apply(x, y, None, None)
         err = float((y.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1.0))
+        assert err <= REL[dtype], f"threads {threads}, amx {amx}: relative error {err:.2e}"
+        y = y0.clone()
+        group.project(x, KERNELS.pack(w), sum(widths), None, y, True, None)
+        err = float(
+            (y.float() - projected.float()).abs().max() / projected.float().abs().max().clamp(min=1.0)
+        )
+        assert err <= REL[dtype], f"project: threads {threads}, amx {amx}: relative error {err:.2e}"
+
+
+def project(ops, adapters, token_adapter, group, dtype, x, w, bias, y0) -> torch.Tensor:
+    """Every layer's `project` of this group: into a copy of y0 (the residual), or a new tensor when y0 is None."""
+    batch = ops.lora_batch([ops.prepare_lora(a, SPEC, dtype, "cpu") for a in adapters], SPEC, dtype, "cpu")
+    mask, linear = batch.mask(torch.tensor(token_adapter)), ops.linear(w, bias)
+    return torch.stack(
+        [
+            batch.project(layer, group, linear, x, mask, None if y0 is None else y0.clone())
+            for layer in range(SPEC.num_layers)
+        ]
+    )
+
+
+PROJECT_CASES = {
+    **CASES,
+    "prefill-sized: more rows than a fused call": (EIGHT[:3], [i % 4 - 1 for i in range(70)]),
+}
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("case", list(PROJECT_CASES))
+def test_project_equals_the_torch_ops(kernel_paths, residual, dtype, group, case):
+    """The base projection and its LoRA in one call (LoraGroup.project, csrc/lora.cpp) against the torch ops'
+    projection then delta; into the residual or a new tensor; DoRA groups and long inputs take the two calls."""
+    adapters, token_adapter = PROJECT_CASES[case]
+    g = torch.Generator().manual_seed(len(case) + 7)
+    k_in = 96 if group == "down" else 64
+    x = torch.randn(len(token_adapter), k_in, generator=g).to(dtype)
+    w = (torch.randn(width(group), k_in, generator=g) * 0.2).to(dtype)
+    bias = torch.randn(width(group), generator=g).to(dtype) if group == "qkv" else None
+    y0 = torch.randn(len(token_adapter), width(group), generator=g).to(dtype) if residual else None
+    want = project(TorchOps(), adapters, token_adapter, group, dtype, x, w, bias, y0)
+    for threads, amx in kernel_paths:
+        KERNELS.set_num_threads(threads)
+        KERNELS.set_amx(amx)
+        got = project(KernelOps(KERNELS), adapters, token_adapter, group, dtype, x, w, bias, y0)
+        scale = want.float().abs().max().clamp(min=1.0)
+        err = float((got.float() - want.float()).abs().max() / scale)
         assert err <= REL[dtype], f"threads {threads}, amx {amx}: relative error {err:.2e}"

@@ -107,9 +107,18 @@ def test_a_full_disk_hands_back_the_adapter(monkeypatch, caplog):
     assert "No space left" in caplog.text
 
 
-def test_capacity_must_be_positive():
+def test_files_are_bounded_too_not_only_rank_units():
+    store = PackedStore(10_000, max_files=2)  # room for hundreds by rank-units
+    for task in (1, 2, 3):
+        store.put(task, packed(1, 3, rank=1, seed=task))
+    assert [t in store for t in (1, 2, 3)] == [False, True, True] and store.used_units == 2
+    store.close()
+
+
+@pytest.mark.parametrize("capacity, max_files", [(0, 1), (1, 0)])
+def test_budgets_must_be_positive(capacity, max_files):
     with pytest.raises(ValueError):
-        PackedStore(0)
+        PackedStore(capacity, max_files=max_files)
 
 
 def test_a_cache_path_that_does_not_exist_is_made(tmp_path):

@@ -10,8 +10,8 @@ Trust: the files have no name (O_TMPFILE, or unlinked at once where the filesyst
 process holds them, through its descriptors, so every byte mapped back is one this process validated and
 packed itself, and the files vanish with the process however it ends. The key is the task id, which the
 catalog never reuses for other content (serving/catalog.py). Mapped copy-on-write: nothing written through
-a tensor reaches the file. Bounded in rank-units, least recently used files dropped first (a mapping
-outlives its file's descriptor). Thread-safe: the adapter loaders call it from their worker threads.
+a tensor reaches the file. Bounded in rank-units and in files (descriptors), least recently used files
+dropped first (a mapping outlives its file's descriptor). Thread-safe: the adapter loaders call it from their worker threads.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ from trtllm_peft.lora import PackedLora
 
 log = logging.getLogger(__name__)
 
+# Each kept file holds a descriptor: a budget of rank-units alone would let thousands of tiny adapters take
+# every descriptor the process may open (and its sockets with them).
+MAX_FILES = 256
+
 
 @dataclass(frozen=True)
 class _File:
@@ -44,10 +48,10 @@ class _File:
 class PackedStore:
     """task id -> PackedLora, in unnamed files under `parent` (None: the temp dir), within `capacity_units`."""
 
-    def __init__(self, capacity_units: int, parent: Path | None = None):
-        if capacity_units <= 0:
-            raise ValueError("capacity_units must be > 0")
-        self.capacity_units = capacity_units
+    def __init__(self, capacity_units: int, parent: Path | None = None, max_files: int = MAX_FILES):
+        if capacity_units <= 0 or max_files <= 0:
+            raise ValueError("capacity_units and max_files must be > 0")
+        self.capacity_units, self.max_files = capacity_units, max_files
         self.parent = Path(parent or tempfile.gettempdir())
         try:
             self.parent.mkdir(parents=True, exist_ok=True)
@@ -124,9 +128,11 @@ class PackedStore:
             os.close(entry.fd)
 
     def _evict(self) -> list[_File]:
-        """Entries to drop, least recently used first, until the budget holds (under the lock)."""
+        """Entries to drop, least recently used first, until the budgets hold (under the lock)."""
         victims = []
-        while self.used_units > self.capacity_units and len(self._files) > 1:
+        while len(self._files) > 1 and (
+            self.used_units > self.capacity_units or len(self._files) > self.max_files
+        ):
             _, victim = self._files.popitem(last=False)
             self.used_units -= victim.units
             victims.append(victim)

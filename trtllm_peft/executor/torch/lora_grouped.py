@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from trtllm_peft.executor.torch.lora_ops import AdapterTensors, part_slices, prepare
+from trtllm_peft.executor.torch.lora_ops import AdapterTensors, part_slices, prepare, project_then_apply
 from trtllm_peft.lora.adapter import LoraAdapter
 from trtllm_peft.lora.spec import ModelSpec
 
@@ -77,6 +77,19 @@ class GroupedLoraBatch:
     def scales(self, layer: int, group: str) -> bool:
         """Whether a DoRA adapter of this batch rescales this (layer, group)'s output."""
         return (layer, group) in self.scaled
+
+    def project(self, layer: int, group: str, linear, x: torch.Tensor, mask, out: torch.Tensor | None = None):
+        """x · Wᵀ (+ b) + the LoRA delta [T, out] of the projection `linear` (a KernelLinear); `out` given: added
+        into it (the residual) and returned, in one kernel call (csrc/lora.cpp project): with one adapter in the
+        group, the base weights and its A shared out over the threads in one parallel region, its B in a second,
+        instead of the base on every thread and the LoRA products after it on one."""
+        st = self.groups.get((layer, group))
+        packed = getattr(linear, "packed", None)
+        if st is None or packed is None or (layer, group) in self.scaled or x.stride(-1) != 1:
+            return project_then_apply(self, layer, group, linear, x, mask, out)
+        y = x.new_empty(x.shape[0], linear.out_features) if out is None else out
+        st.project(x, packed, linear.out_features, linear.bias, y, out is not None, mask)
+        return y
 
     def apply_group(
         self,

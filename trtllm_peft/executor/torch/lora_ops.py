@@ -148,6 +148,20 @@ def apply_dora(y: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None) -> N
         y.add_(bias * (1 - g))
 
 
+def project_then_apply(
+    lora, layer: int, group: str, linear, x: torch.Tensor, mask, out: torch.Tensor | None = None
+):
+    """`project` as two calls: the base projection, then `lora.apply_group` (a DoRA group's factor applies to
+    W x + bias + delta before any residual add: PEFT's order)."""
+    if out is None or lora.scales(layer, group):
+        y = linear(x)  # [T, out]
+        lora.apply_group(layer, group, x, y, mask, linear.bias)
+        return y if out is None else out.add_(y)
+    linear.add_to(out, x)
+    lora.apply_group(layer, group, x, out, mask)
+    return out
+
+
 class TokenMask(NamedTuple):
     """What LoraBatch.mask() hands back to apply_group: column mask and each token's row of the DoRA table."""
 
@@ -227,6 +241,11 @@ class LoraBatch:
         """Whether a DoRA adapter of this batch rescales this (layer, group)'s output."""
         st = self.groups.get((layer, group))
         return st is not None and st.dora is not None
+
+    def project(self, layer: int, group: str, linear, x: torch.Tensor, mask, out: torch.Tensor | None = None):
+        """x · Wᵀ (+ b) + the LoRA delta [T, out] of the projection `linear` (Linear); `out` given: added into
+        it (the residual) and returned."""
+        return project_then_apply(self, layer, group, linear, x, mask, out)
 
     def apply_group(
         self,

@@ -157,31 +157,23 @@ class LlamaModel:
         x = self.embed[ids]  # [T, H]: a new tensor, so the residual adds below may write into it
         for i, ly in enumerate(self.layers):
             h = self._norm(x, ly.ln1)
-            qkv = ly.qkv(h)  # [T, q + 2kv]
-            if lora is not None:
-                lora.apply_group(i, "qkv", h, qkv, mask, ly.qkv.bias)
+            qkv = ly.qkv(h) if lora is None else lora.project(i, "qkv", ly.qkv, h, mask)  # [T, q + 2kv]
             attn = attend(i, qkv)  # [T, q]
             self._residual(ly.o, i, "o", attn, x, lora, mask)  # x += attn · Woᵀ (+ LoRA)
             h = self._norm(x, ly.ln2)
-            gu = ly.gate_up(h)  # [T, 2I]
-            if lora is not None:
-                lora.apply_group(i, "gate_up", h, gu, mask)
+            gu = ly.gate_up(h) if lora is None else lora.project(i, "gate_up", ly.gate_up, h, mask)  # [T, 2I]
             act = self.ops.silu_mul(gu)  # [T, I]
             self._residual(ly.down, i, "down", act, x, lora, mask)
         return x
 
     @staticmethod
     def _residual(linear, layer: int, group: str, inp: torch.Tensor, x: torch.Tensor, lora, mask) -> None:
-        """x += inp · Wᵀ + the LoRA delta, the residual add fused into the projection; unless a DoRA adapter
-        rescales this projection: its factor applies to W·inp + LoRA before the residual add (PEFT's order)."""
-        if lora is not None and lora.scales(layer, group):
-            y = linear(inp)  # [T, out]
-            lora.apply_group(layer, group, inp, y, mask, linear.bias)
-            x.add_(y)
-            return
-        linear.add_to(x, inp)
-        if lora is not None:
-            lora.apply_group(layer, group, inp, x, mask)
+        """x += inp · Wᵀ + the LoRA delta, the residual add fused into the projection (a DoRA adapter's factor
+        applies to W·inp + LoRA before the residual add, PEFT's order: lora.project sees to it)."""
+        if lora is None:
+            linear.add_to(x, inp)
+        else:
+            lora.project(layer, group, linear, inp, mask, out=x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [T, V] of the given (already selected) positions."""

@@ -13,7 +13,8 @@ Semantics shared by both (tests/unit/test_cpu_kernels.py and test_lora_ops.py ho
     attend_chunk(...)          the same for n consecutive prompt tokens of one sequence (one block table),
                                causal within the chunk, over the cached positions before it -> [n, q_dim]
     prepare_lora, lora_batch   an adapter's device-tier form; a batch's adapters with
-                               `apply_group(layer, group, x, y, mask)`: y += each token's LoRA delta
+                               `apply_group(layer, group, x, y, mask)`: y += each token's LoRA delta;
+                               `project(layer, group, linear, x, mask, out)`: linear(x) + the delta (+= out)
     argmax(logits)             torch.argmax(logits, -1) of float32 [B, V] logits (greedy sampling)
     use_threads(n)             the engine thread's threading
 """

@@ -12,6 +12,8 @@
 // rows of y, which hold W x + bias + the delta: y = g·y + bias·(1 - g), in float32, rounded once — PEFT's
 // (m / ‖…‖) ⊙ (W x + s·B·A x) + bias. Rows of other adapters and of the base are not touched.
 
+#include <algorithm>
+
 #include "kernels.h"
 
 namespace trtllm_peft {
@@ -116,6 +118,76 @@ void apply_equal(const LoraGroup& g, const std::vector<size_t>& work, const Lora
     if (g.mag[work[w]]) dora_rows<T>(*g.mag[work[w]], bias, segs.rows.data() + segs.start[work[w]], r, y);
 }
 
+// ---- the base projection and its LoRA in one parallel region (LoraGroup::project) --------------------------
+
+// Packed elements of one 16-column block of a W with K inputs (linear.cpp's layout).
+template <typename T>
+constexpr int64_t block_elems(int64_t K) {
+  return std::is_same<T, float>::value ? K * kBlock : (K + 1) / 2 * 2 * kBlock;
+}
+
+// Columns [c0, c1) of y (c0 a multiple of 16; a part starting inside it does too) for the M rows xr -> yr:
+// y (+)= x · W[c0:c1]ᵀ (+ bias) from a packed W [N, K], whose blocks from c0 / 16 on are a packed W themselves.
+template <typename T>
+void columns(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t c0, int64_t c1, const T* bias,
+             T* const* yr, bool accumulate, std::vector<T*>& shifted) {
+  shifted.resize(M);
+  for (int64_t m = 0; m < M; m++) shifted[m] = yr[m] + c0;
+  linear_rows<T>(xr, M, wp + c0 / kBlock * block_elems<T>(K), K, c1 - c0, bias ? bias + c0 : nullptr, shifted.data(),
+                 accumulate, false);
+}
+
+// Adapter j over its rows (a segment of the batch, or all of it), y's columns shared out over the threads: each
+// computes xa = x_j · A_jᵀ itself (A is small, and this way no thread waits for another's), then its columns of
+// the base projection, then its columns of the delta xa · B_pᵀ — so every element of y gets W x first and the
+// delta second, as in two calls, in one parallel region instead of two calls with the LoRA on one thread.
+template <typename T>
+void project_rows(const LoraGroup& g, const LoraRows& segs, size_t j, const torch::Tensor& x, const torch::Tensor& wp,
+                  int64_t n, const T* bias, torch::Tensor& y, bool accumulate) {
+  const int64_t tokens = x.size(0), K = x.size(1), parts = static_cast<int64_t>(g.starts.size());
+  const int64_t c = segs.count(j), rank = g.ranks[j], width = parts * rank;
+  const int64_t* rows = segs.rows.data() + segs.start[j];
+  std::vector<const T*> xr(tokens), xj(c);
+  std::vector<T*> yr(tokens), yj(c);
+  for (int64_t t = 0; t < tokens; t++) {
+    xr[t] = x.data_ptr<T>() + t * x.stride(0);
+    yr[t] = y.data_ptr<T>() + t * y.stride(0);
+  }
+  for (int64_t i = 0; i < c; i++) {
+    xj[i] = xr[rows[i]];
+    yj[i] = yr[rows[i]];
+  }
+  auto body = [&](int64_t b0, int64_t b1) {
+    thread_local std::vector<T> xa;  // [c, P·R]
+    thread_local std::vector<const T*> in;
+    thread_local std::vector<T*> out, shifted;
+    const int64_t c0 = b0 * kBlock, c1 = std::min(n, b1 * kBlock);
+    xa.resize(c * width);
+    in.resize(c);
+    out.resize(c);
+    for (int64_t i = 0; i < c; i++) out[i] = xa.data() + i * width;
+    linear_rows<T>(xj.data(), c, g.a[j]->data_ptr<T>(), K, width, nullptr, out.data(), false, false);
+    columns<T>(xr.data(), tokens, wp.data_ptr<T>(), K, c0, c1, bias, yr.data(), accumulate, shifted);
+    for (int64_t p = 0; p < parts; p++) {
+      const int64_t start = g.starts[p], u0 = std::max(c0, start), u1 = std::min(c1, start + g.widths[p]);
+      if (u0 >= u1) continue;
+      for (int64_t i = 0; i < c; i++) {
+        in[i] = xa.data() + i * width + p * rank;
+        out[i] = yj[i] + start;
+      }
+      columns<T>(in.data(), c, g.b[j][p].data_ptr<T>(), rank, u0 - start, u1 - start, nullptr, out.data(), true, shifted);
+    }
+  };
+  // A thread's first column must start a block of every part it meets: parts starting mid-block (not in the
+  // models here) stay on one thread.
+  bool aligned = true;
+  for (int64_t s : g.starts) aligned &= s % kBlock == 0;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  if (aligned)
+    parallel_for(0, blocks, 1, body);
+  else
+    body(0, blocks);
+}
 
 }  // namespace
 
@@ -184,6 +256,43 @@ void LoraGroup::apply(const torch::Tensor& x, torch::Tensor& y, const LoraRows* 
       else
         for (int64_t w = w0; w < w1; w++) segment(work[w], false);
     });
+  });
+}
+
+// Products of more rows than this (prefill) keep linear_rows' own piece split, then apply().
+constexpr int64_t kProjectMaxRows = 64;
+
+void LoraGroup::project(const torch::Tensor& x, const torch::Tensor& wp, int64_t n,
+                        const c10::optional<torch::Tensor>& bias, torch::Tensor& y, bool accumulate,
+                        const LoraRows* rows) const {
+  check_rows(x, "x");
+  check_rows(y, "y");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type() && x.scalar_type() == wp.scalar_type() && x.size(0) == y.size(0),
+              "lora: x, W and y disagree");
+  TORCH_CHECK(y.size(1) == n, "lora: y must be [T, n]");
+  const int64_t packed_k = x.scalar_type() == at::kFloat ? x.size(1) : (x.size(1) + 1) / 2;
+  TORCH_CHECK(wp.dim() >= 2 && wp.size(1) == packed_k && wp.size(0) * kBlock >= n, "lora: W does not match x");
+  TORCH_CHECK(!bias || (bias->scalar_type() == y.scalar_type() && bias->is_contiguous() && bias->numel() == n),
+              "lora: bias must be contiguous [n] in y's dtype");
+  const LoraRows all = rows ? LoraRows(0, 1) : LoraRows(x.size(0), static_cast<int64_t>(a.size()));
+  const LoraRows& segs = rows ? *rows : all;
+  TORCH_CHECK(segs.tokens == x.size(0) && segs.start.size() == a.size() + 1, "lora: rows do not match this batch");
+  std::vector<size_t> work;
+  for (size_t j = 0; j < a.size(); j++)
+    if (a[j] && segs.count(j) > 0) {
+      TORCH_CHECK(!mag[j], "lora: project() of a DoRA adapter: compute W x + bias, then apply()");
+      work.push_back(j);
+    }
+  // Several adapters keep apply()'s paths (side by side) after the base projection: fused, each adapter's few
+  // rows ran one small product after another (bench/lora_kernels.py, 8 adapters, float32 batch 8: base / step
+  // 0.71 against 0.78 as two calls).
+  if (x.size(0) > kProjectMaxRows || work.size() != 1) {
+    linear_into(x, wp, n, bias, y, accumulate);
+    return apply(x, y, rows, c10::nullopt);
+  }
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    project_rows<T>(*this, segs, work[0], x, wp, n, bias ? bias->data_ptr<T>() : nullptr, y, accumulate);
   });
 }
 

@@ -31,7 +31,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("apply", &tp::LoraGroup::apply,
            "y += each token's adapter's LoRA delta, then DoRA adapters' rows y = g*y + bias*(1-g) "
            "(rows None: all adapter 0)",
-           pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("rows").none(true), pybind11::arg("bias") = c10::nullopt);
+           pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("rows").none(true), pybind11::arg("bias") = c10::nullopt)
+      .def("project", &tp::LoraGroup::project,
+           "y (+)= x Wt (+ b) + each token's adapter's LoRA delta, W packed (the base projection); no DoRA rows",
+           pybind11::arg("x"), pybind11::arg("wp"), pybind11::arg("n"), pybind11::arg("bias").none(true),
+           pybind11::arg("y"), pybind11::arg("accumulate"), pybind11::arg("rows").none(true));
   pybind11::class_<tp::LoraRows>(m, "LoraRows", pybind11::module_local())
       .def(pybind11::init<const torch::Tensor&, int64_t>(), pybind11::arg("token_adapter"), pybind11::arg("adapters"),
            "each token's adapter index (int64 [T], -1: none) grouped by adapter, once per step")
