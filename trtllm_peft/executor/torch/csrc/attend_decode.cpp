@@ -299,7 +299,7 @@ void attend_rows(const T* qkv, int64_t ld, const T* cos, const T* sin, const int
       TORCH_CHECK(tables[b * width + j] >= 0 && tables[b * width + j] < num_blocks, "attend_decode: bad block id");
     work += (pos[b] + 1) * nh * hd;
   }
-  const int64_t units = B * nkv, grain = work < attend_split.load(std::memory_order_relaxed) ? units : 1;
+  const int64_t units = B * nkv;
   // this token's slot: offset p % tpb of block table[b][p / tpb], kv head h
   auto slot = [&](int64_t b, int64_t h) {
     const int64_t p = pos[b];
@@ -315,7 +315,7 @@ void attend_rows(const T* qkv, int64_t ld, const T* cos, const T* sin, const int
   auto tile_of = [&](int64_t u, int64_t j) {  // unit u = (row, kv head): offset of its block j's [tpb, hd] tile
     return (static_cast<int64_t>(tables[(u / nkv) * width + j]) * nkv + u % nkv) * tpb * hd;
   };
-  parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+  auto attend_units = [&](int64_t u0, int64_t u1) {
     thread_local std::vector<float> scores;  // per thread, reused: a step allocates nothing here
     thread_local std::vector<T> q, weights;
     thread_local std::vector<const T*> kb, vb;
@@ -334,7 +334,12 @@ void attend_rows(const T* qkv, int64_t ld, const T* cos, const T* sin, const int
       attend_head_any(q.data(), g, kb.data(), vb.data(), p + 1, tpb, hd, scale, out + b * qd + h * g * hd, scores,
                       weights);
     }
-  });
+  };
+  // Split: ~4 pieces a thread, handed out to whichever thread is free (a descheduled worker holds up one piece).
+  const int64_t threads = work < attend_split.load(std::memory_order_relaxed) ? 1 : kernel_threads();
+  const int64_t per = std::max<int64_t>(1, units / (4 * threads)), pieces = (units + per - 1) / per;
+  if (threads == 1 || pieces == 1) return attend_units(0, units);
+  parallel_pieces(pieces, [&](int64_t i) { attend_units(i * per, std::min(units, (i + 1) * per)); });
 }
 
 }  // namespace

@@ -108,9 +108,10 @@ void amx_linear_rows(const bf16* const* xr, int64_t M, const bf16* wp, int64_t K
 // decode attention work split over threads (attend_decode.cpp; tests reach the split path with 0).
 void set_streaming(int64_t mode, int64_t split_min_blocks_k, int64_t distance, int64_t attend_split);
 void set_attend_split(int64_t work);
-// Decode attention of at least this much work (positions x query dims over the rows) is split over the
-// threads; less stays on the calling thread.
-constexpr int64_t kAttendSplit = 262144;
+// Decode attention of at least this much work (positions x query dims over the rows) is split over the threads
+// (less stays on the calling thread): it mostly waits on the K/V cache's DRAM misses (the step's weight
+// streaming evicted it), and two cores wait for twice as many at once.
+constexpr int64_t kAttendSplit = 32768;
 // Row-wise argmax of float32 [B, V] logits, as torch.argmax(dim=-1): the first maximum, a NaN wins (layer_ops.cpp).
 torch::Tensor argmax_rows(const torch::Tensor& logits);
 template <typename T>
