@@ -64,11 +64,14 @@ def test_a_broken_adapter_found_ahead_is_refused_at_once_with_its_reason(tiny_sp
     al.close()
 
 
-# each test adapter is 1/16 of a max-rank one; two loader lanes each start one before the store is checked again
-@pytest.mark.parametrize("store_adapters, packed", [(0, 0), (1, 2), (2, 3)])
-def test_packing_ahead_stops_where_a_max_rank_adapter_would_not_fit(
-    tiny_spec, catalog, store_adapters, packed
-):
-    al = leases(tiny_spec, catalog, store_adapters)
+# each test adapter is 1/16 of a max-rank one (three good ones); what does not fit is left to its first use,
+# and none packed ahead is evicted for another, whichever loader lane finishes first
+@pytest.mark.parametrize("store_sixteenths, packed", [(0, 0), (1, 1), (2, 2), (3, 3), (16, 3)])
+def test_packing_ahead_packs_what_fits_and_evicts_nothing(tiny_spec, catalog, store_sixteenths, packed):
+    al = leases(tiny_spec, catalog, 0)
+    if store_sixteenths:
+        al.store = PackedStore(tiny_spec.cache_units(1) * store_sixteenths // 16)
     assert asyncio.run(al.prepack(list(catalog))) == packed
+    if al.store is not None:
+        assert len(al.store) == packed and al.store.used_units <= al.store.capacity_units
     al.close()

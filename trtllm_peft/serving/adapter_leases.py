@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +73,7 @@ class AdapterLeases:
         self.queue = LeaseQueue(host_cache, max_waiters=queue_size, timeout=queue_timeout)
         self._max_units = spec.cache_units(1)  # an adapter not loaded yet may need up to this much
         self._units: dict[int, int] = {}  # task id -> rank-units, learnt at its first load
+        self._prepack_lock = threading.Lock()  # packing ahead: "does it fit" and its put as one step
         self._on_load = on_load
 
     async def lease(self, entry: AdapterEntry) -> PackedLora:
@@ -162,8 +164,8 @@ class AdapterLeases:
         return packed
 
     async def prepack(self, entries: list[AdapterEntry]) -> int:
-        """Read, validate and pack adapters into the store before any request asks for them (at start), as
-        many as it holds, in catalog order, on the loader threads: a first request then maps its adapter
+        """Read, validate and pack adapters into the store before any request asks for them (at start), each
+        that fits beside those packed before it (none evicted for another), in catalog order, on the loader threads: a first request then maps its adapter
         back instead of paying the load on the engine's cores. One that fails is marked invalid, as on a
         first use. Returns how many were packed."""
         if self.store is None:
@@ -176,7 +178,7 @@ class AdapterLeases:
         async def lane() -> None:
             nonlocal packed
             for entry in todo:
-                if self.store.used_units + self._max_units > self.store.capacity_units:
+                if self.store.used_units >= self.store.capacity_units:
                     return  # full: what is left loads on first use
                 if time.perf_counter() - started > PREPACK_S:
                     return
@@ -209,7 +211,10 @@ class AdapterLeases:
         except Exception:
             log.warning("packing adapter %r ahead failed; it loads on first use", entry.name, exc_info=True)
             return None
-        self.store.put(entry.task_id, packed)
+        with self._prepack_lock:  # another lane's put in between would evict one packed ahead
+            if self.store.used_units + packed.rank_units > self.store.capacity_units:
+                return None  # does not fit: it loads on first use (no earlier one evicted for it)
+            self.store.put(entry.task_id, packed)
         return packed.rank_units
 
     def close(self) -> None:
