@@ -12,7 +12,6 @@ from pathlib import Path
 from trtllm_peft.engine.base_weights import BaseWeights
 from trtllm_peft.engine.engine_dir import EngineDir
 from trtllm_peft.executor.api import Executor
-from trtllm_peft.executor.torch.executor import TorchExecutor
 from trtllm_peft.lora import ModelSpec
 from trtllm_peft.server.metrics import Metrics
 from trtllm_peft.serving.catalog import Catalog
@@ -79,7 +78,7 @@ class Runtime:
             queue_timeout=settings.lora_queue_timeout,
             queue_size=settings.lora_queue_size,
             store=packed_store(settings, spec),
-            greedy_logprobs_are_raw=isinstance(executor, TorchExecutor),
+            greedy_logprobs_are_raw=getattr(executor, "greedy_logprobs_are_raw", False),
         )
         await orch.leases.prepack(list(catalog))
         engine_len = int(engine.build_config.get("max_seq_len", 2048))

@@ -76,9 +76,10 @@ class TorchExecutor:
     sizes the paged KV cache and turns block reuse on or off (TensorRT-LLM's KvCacheConfig, whose default
     enables reuse); `enable_chunked_context` is ExecutorConfig's flag of that name;
     `chunk_tokens_while_decoding` caps the prompt chunks while sequences decode (None: the device's default,
-    0: only max_num_tokens). The memory plan is
-    recomputed for this device and budget and logged.
+    0: only max_num_tokens). The memory plan is recomputed for this device and budget and logged.
     """
+
+    greedy_logprobs_are_raw = True  # log-softmax of the raw logits (sampler.py): see serving/orchestrator.py
 
     def __init__(
         self,
