@@ -189,6 +189,67 @@ void project_rows(const LoraGroup& g, const LoraRows& segs, size_t j, const torc
     body(0, blocks);
 }
 
+// Adapters work (each with tokens in segs) of the batch: one adapter on every thread, equal segments side by
+// side, any other mix adapter by adapter.
+template <typename T>
+void apply_work(const LoraGroup& g, const torch::Tensor& x, torch::Tensor& y, const LoraRows& segs,
+                const std::vector<size_t>& work, const T* bias) {
+  auto segment = [&](size_t j, bool may_split) {
+    apply_adapter<T>(g, j, segs.rows.data() + segs.start[j], segs.count(j), x, y, bias, may_split);
+  };
+  if (work.size() == 1) return segment(work[0], true);  // one adapter: its own products may use every thread
+  // Equal segments (same rank, same token count r <= kSideRows: a decode step of distinct adapters) stream
+  // side by side in pieces of up to kPieceRows tokens; any other mix goes adapter by adapter. The threads
+  // take pieces as they come free; each piece writes only its own tokens' rows of y.
+  const int64_t r = segs.count(work[0]), n = static_cast<int64_t>(work.size());
+  bool equal = r <= kSideRows;
+  for (size_t j : work) equal &= segs.count(j) == r && g.ranks[j] == g.ranks[work[0]];
+  const int64_t threads = kernel_threads();
+  const int64_t side = equal ? std::max<int64_t>(1, std::min(kPieceRows / r, (n + threads - 1) / threads)) : 1;
+  parallel_pieces((n + side - 1) / side, [&](int64_t p) {
+    const int64_t w0 = p * side, w1 = std::min(n, w0 + side);
+    if (equal)
+      apply_equal<T>(g, work, segs, w0, w1, x, y, bias);
+    else
+      for (int64_t w = w0; w < w1; w++) segment(work[w], false);
+  });
+}
+
+// What apply() and project() check alike (x and y rows, DoRA factors and bias y's width wide), the call's adapter
+// segments (the caller's rows, or every token on adapter 0) and the adapters with tokens among them.
+class Segments {
+ public:
+  Segments(const LoraGroup& g, const torch::Tensor& x, const torch::Tensor& y, const LoraRows* rows,
+           const c10::optional<torch::Tensor>& bias)
+      : given_(rows), all_(0, 1) {
+    check_rows(x, "x");
+    check_rows(y, "y");
+    TORCH_CHECK(x.scalar_type() == y.scalar_type() && x.size(0) == y.size(0), "lora: x and y disagree");
+    TORCH_CHECK(g.mag.size() == g.a.size(), "lora: one DoRA entry per adapter");
+    for (const auto& m : g.mag)
+      TORCH_CHECK(!m || (m->scalar_type() == at::kFloat && m->is_contiguous() && m->numel() == y.size(1)),
+                  "lora: DoRA factors must be contiguous float32 [out]");
+    TORCH_CHECK(!bias || (bias->scalar_type() == y.scalar_type() && bias->is_contiguous() && bias->numel() == y.size(1)),
+                "lora: bias must be contiguous [out] in y's dtype");
+    if (!rows) all_ = LoraRows(x.size(0), static_cast<int64_t>(g.a.size()));
+    const LoraRows& s = segs();
+    TORCH_CHECK(s.tokens == x.size(0) && s.start.size() == g.a.size() + 1, "lora: rows do not match this batch");
+    for (size_t j = 0; j < g.a.size(); j++)
+      if (g.a[j] && s.count(j) > 0) work.push_back(j);
+  }
+  const LoraRows& segs() const { return given_ ? *given_ : all_; }
+  std::vector<size_t> work;
+
+ private:
+  const LoraRows* given_;
+  LoraRows all_;
+};
+
+template <typename T>
+const T* data_or_null(const c10::optional<torch::Tensor>& t) {
+  return t ? t->data_ptr<T>() : nullptr;
+}
+
 }  // namespace
 
 LoraRows::LoraRows(const torch::Tensor& token_adapter, int64_t adapters) {
@@ -218,44 +279,11 @@ LoraRows::LoraRows(int64_t tokens_, int64_t adapters) : rows(tokens_), start(ada
 
 void LoraGroup::apply(const torch::Tensor& x, torch::Tensor& y, const LoraRows* rows,
                       const c10::optional<torch::Tensor>& bias) const {
-  check_rows(x, "x");
-  check_rows(y, "y");
-  TORCH_CHECK(x.scalar_type() == y.scalar_type() && x.size(0) == y.size(0), "lora: x and y disagree");
-  TORCH_CHECK(mag.size() == a.size(), "lora: one DoRA entry per adapter");
-  for (const auto& m : mag)
-    TORCH_CHECK(!m || (m->scalar_type() == at::kFloat && m->is_contiguous() && m->numel() == y.size(1)),
-                "lora: DoRA factors must be contiguous float32 [out]");
-  TORCH_CHECK(!bias || (bias->scalar_type() == y.scalar_type() && bias->is_contiguous() && bias->numel() == y.size(1)),
-              "lora: bias must be contiguous [out] in y's dtype");
-  const LoraRows all = rows ? LoraRows(0, 1) : LoraRows(x.size(0), static_cast<int64_t>(a.size()));
-  const LoraRows& segs = rows ? *rows : all;
-  TORCH_CHECK(segs.tokens == x.size(0) && segs.start.size() == a.size() + 1, "lora: rows do not match this batch");
-  std::vector<size_t> work;
-  for (size_t j = 0; j < a.size(); j++)
-    if (a[j] && segs.count(j) > 0) work.push_back(j);
-  if (work.empty()) return;
+  const Segments s(*this, x, y, rows, bias);
+  if (s.work.empty()) return;
   dispatch(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const T* b = bias ? bias->data_ptr<T>() : nullptr;
-    auto segment = [&](size_t j, bool may_split) {
-      apply_adapter<T>(*this, j, segs.rows.data() + segs.start[j], segs.count(j), x, y, b, may_split);
-    };
-    if (work.size() == 1) return segment(work[0], true);  // one adapter: its own products may use every thread
-    // Equal segments (same rank, same token count r <= kSideRows: a decode step of distinct adapters) stream
-    // side by side in pieces of up to kPieceRows tokens; any other mix goes adapter by adapter. The threads
-    // take pieces as they come free; each piece writes only its own tokens' rows of y.
-    const int64_t r = segs.count(work[0]), n = static_cast<int64_t>(work.size());
-    bool equal = r <= kSideRows;
-    for (size_t j : work) equal &= segs.count(j) == r && ranks[j] == ranks[work[0]];
-    const int64_t threads = kernel_threads();
-    const int64_t side = equal ? std::max<int64_t>(1, std::min(kPieceRows / r, (n + threads - 1) / threads)) : 1;
-    parallel_pieces((n + side - 1) / side, [&](int64_t p) {
-      const int64_t w0 = p * side, w1 = std::min(n, w0 + side);
-      if (equal)
-        apply_equal<T>(*this, work, segs, w0, w1, x, y, b);
-      else
-        for (int64_t w = w0; w < w1; w++) segment(work[w], false);
-    });
+    apply_work<T>(*this, x, y, s.segs(), s.work, data_or_null<T>(bias));
   });
 }
 
@@ -265,34 +293,23 @@ constexpr int64_t kProjectMaxRows = 64;
 void LoraGroup::project(const torch::Tensor& x, const torch::Tensor& wp, int64_t n,
                         const c10::optional<torch::Tensor>& bias, torch::Tensor& y, bool accumulate,
                         const LoraRows* rows) const {
-  check_rows(x, "x");
-  check_rows(y, "y");
-  TORCH_CHECK(x.scalar_type() == y.scalar_type() && x.scalar_type() == wp.scalar_type() && x.size(0) == y.size(0),
-              "lora: x, W and y disagree");
-  TORCH_CHECK(y.size(1) == n, "lora: y must be [T, n]");
+  const Segments s(*this, x, y, rows, bias);
+  TORCH_CHECK(x.scalar_type() == wp.scalar_type() && y.size(1) == n, "lora: W's dtype or y's width [T, n] disagree");
   const int64_t packed_k = x.scalar_type() == at::kFloat ? x.size(1) : (x.size(1) + 1) / 2;
   TORCH_CHECK(wp.dim() >= 2 && wp.size(1) == packed_k && wp.size(0) * kBlock >= n, "lora: W does not match x");
-  TORCH_CHECK(!bias || (bias->scalar_type() == y.scalar_type() && bias->is_contiguous() && bias->numel() == n),
-              "lora: bias must be contiguous [n] in y's dtype");
-  const LoraRows all = rows ? LoraRows(0, 1) : LoraRows(x.size(0), static_cast<int64_t>(a.size()));
-  const LoraRows& segs = rows ? *rows : all;
-  TORCH_CHECK(segs.tokens == x.size(0) && segs.start.size() == a.size() + 1, "lora: rows do not match this batch");
-  std::vector<size_t> work;
-  for (size_t j = 0; j < a.size(); j++)
-    if (a[j] && segs.count(j) > 0) {
-      TORCH_CHECK(!mag[j], "lora: project() of a DoRA adapter: compute W x + bias, then apply()");
-      work.push_back(j);
-    }
+  for (size_t j : s.work) TORCH_CHECK(!mag[j], "lora: project() of a DoRA adapter: compute W x + bias, then apply()");
   // Several adapters keep apply()'s paths (side by side) after the base projection: fused, each adapter's few
   // rows ran one small product after another (bench/lora_kernels.py, 8 adapters, float32 batch 8: base / step
   // 0.71 against 0.78 as two calls).
-  if (x.size(0) > kProjectMaxRows || work.size() != 1) {
-    linear_into(x, wp, n, bias, y, accumulate);
-    return apply(x, y, rows, c10::nullopt);
-  }
+  const bool fuse = x.size(0) <= kProjectMaxRows && s.work.size() == 1;
+  if (!fuse) linear_into(x, wp, n, bias, y, accumulate);
+  if (s.work.empty()) return;
   dispatch(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    project_rows<T>(*this, segs, work[0], x, wp, n, bias ? bias->data_ptr<T>() : nullptr, y, accumulate);
+    if (fuse)
+      project_rows<T>(*this, s.segs(), s.work[0], x, wp, n, data_or_null<T>(bias), y, accumulate);
+    else
+      apply_work<T>(*this, x, y, s.segs(), s.work, nullptr);
   });
 }
 
