@@ -4,6 +4,7 @@
     .venv/bin/python bench/lora_ab.py --skip      # + 8 distinct with the LoRA products skipped (what is left)
     .venv/bin/python bench/lora_ab.py --no-amx    # + every case again with set_amx(False)
     .venv/bin/python bench/lora_ab.py --two-calls # + the adapter cases with projection and LoRA as two calls
+    .venv/bin/python bench/lora_ab.py --small-pages # + the adapter cases with the adapters on 4 KiB pages
 
 Cases: base, 1 adapter, 8 distinct adapters (bench/engine.py's adapters: rank 16, all seven modules), and
 with --skip the 8-distinct batch with `GroupedLoraBatch.project` the base projection alone: the step's cost
@@ -29,13 +30,14 @@ from engine import ENGINES, MAX_SEQ, ensure_engines, interleaved_rates  # noqa: 
 from engine_cases import N_ADAPTERS, make_adapters, ours_runner  # noqa: E402
 
 from trtllm_peft import formats  # noqa: E402
-from trtllm_peft.executor.torch import TorchExecutor  # noqa: E402
+from trtllm_peft.executor.torch import TorchExecutor, lora_grouped  # noqa: E402
 from trtllm_peft.executor.torch.cpu_kernels import load as load_kernels  # noqa: E402
 from trtllm_peft.executor.torch.lora_grouped import GroupedLoraBatch  # noqa: E402
 from trtllm_peft.executor.torch.lora_ops import project_then_apply  # noqa: E402
 from trtllm_peft.lora import load_spec, pack  # noqa: E402
 
 _project = GroupedLoraBatch.project
+ADAPTER_CASES = (("1 adapter", 1), ("8 distinct", N_ADAPTERS))
 
 
 def _base_only(self, layer, group, linear, x, mask, out=None):
@@ -66,6 +68,16 @@ def _with(run, skip: bool = False, amx: bool = True, two_calls: bool = False):
     return go
 
 
+def _small_pages(ex, packed, b: int, n: int):
+    """ours_runner with its adapters (own task ids) brought into the device tier on 4 KiB pages."""
+    placed = lora_grouped.on_huge_pages
+    lora_grouped.on_huge_pages = lambda groups: groups
+    try:
+        return ours_runner(ex, packed, b, n, first_task=100)
+    finally:
+        lora_grouped.on_huge_pages = placed
+
+
 def bench(dt: str, dirs: list[Path], args) -> None:
     engine = ENGINES[dt]
     spec = load_spec(engine)
@@ -82,6 +94,8 @@ def bench(dt: str, dirs: list[Path], args) -> None:
                 runs.update(
                     {f"{c}, two calls": _with(runs[c], two_calls=True) for c in ("1 adapter", "8 distinct")}
                 )
+            if args.small_pages:
+                runs.update({f"{c}, 4 KiB": _small_pages(ex, packed, b, n) for c, n in ADAPTER_CASES})
             if args.skip:
                 runs["8 distinct, LoRA skipped"] = _with(runs["8 distinct"], skip=True)
             if args.no_amx:
@@ -104,6 +118,7 @@ def main() -> None:
     ap.add_argument("--skip", action="store_true")
     ap.add_argument("--no-amx", action="store_true")
     ap.add_argument("--two-calls", action="store_true")
+    ap.add_argument("--small-pages", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"load average {os.getloadavg()}")

@@ -2,10 +2,12 @@
 
     .venv/bin/python bench/lora_kernels.py --batches 8 32                # this tree's module
     .venv/bin/python bench/lora_kernels.py --so OLD.so NEW.so            # two builds, alternating
+    .venv/bin/python bench/lora_kernels.py --modes fused --pages 4k 2m   # adapters on 4 KiB / 2 MiB pages
 
 SmolLM2-135M's shapes (qkv 576 -> 576+192+192, o 576 -> 576, gate_up 576 -> 2x1536, down 1536 -> 576), 30
 layers, random weights in the kernels' packed layout (each case its own copy, so a case's weights come from
-memory as in a step); adapters rank 16 on all seven modules (bench/engine.py's). A step: every layer's four
+memory as in a step; the base weights on 2 MiB pages as the engine's, the adapters on 4 KiB pages or each in
+its own 2 MiB-page mapping as the device tier's, `--pages`); adapters rank 16 on all seven modules (bench/engine.py's). A step: every layer's four
 groups, each either the base projection alone (`linear_into`), the projection then the delta as two calls
 (`linear_into` + `LoraGroup.apply`), or one fused call (`LoraGroup.project`). Cases alternate within each
 round; a case's time is its best step. Prints ms a step and base / case.
@@ -25,7 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trtllm_peft.executor.torch import cpu_kernels  # noqa: E402
+from trtllm_peft.executor.torch import cpu_kernels, huge_pages  # noqa: E402
+from trtllm_peft.executor.torch.lora_grouped import PackedGroup, on_huge_pages  # noqa: E402
 
 H, INTER, KV, LAYERS, RANK = 576, 1536, 192, 30, 16
 GROUPS = {"qkv": (H, [H, KV, KV]), "o": (H, [H]), "gate_up": (H, [INTER, INTER]), "down": (INTER, [H])}
@@ -40,18 +43,28 @@ def load(path: str | None):
     return mod
 
 
-def build(k, dt, n_adapters: int) -> list[dict]:
+def build(k, dt, n_adapters: int, pages: str = "2m") -> list[dict]:
     """30 layers: per group (packed W, out, in, LoraGroup of n_adapters)."""
+    base = huge_pages.Arena()
+    adapters = [{} for _ in range(n_adapters)]  # per adapter: (layer, group) -> PackedGroup
+    for layer in range(LAYERS):
+        for g, (fin, widths) in GROUPS.items():
+            for ad in adapters:
+                a = k.pack(torch.randn(len(widths) * RANK, fin).mul(0.05).to(dt))
+                ad[(layer, g)] = PackedGroup(
+                    a=a, b=[k.pack(torch.randn(c, RANK).mul(0.05).to(dt)) for c in widths]
+                )
+    if pages == "2m":
+        adapters = [on_huge_pages(ad) for ad in adapters]
     layers = []
-    for _ in range(LAYERS):
+    for layer in range(LAYERS):
         ly = {}
         for g, (fin, widths) in GROUPS.items():
-            w = k.pack(torch.randn(sum(widths), fin).mul(0.05).to(dt))
-            a = [k.pack(torch.randn(len(widths) * RANK, fin).mul(0.05).to(dt)) for _ in range(n_adapters)]
-            b = [[k.pack(torch.randn(c, RANK).mul(0.05).to(dt)) for c in widths] for _ in range(n_adapters)]
+            w = base.place(k.pack(torch.randn(sum(widths), fin).mul(0.05).to(dt)))
+            found = [ad[(layer, g)] for ad in adapters]
             starts = [sum(widths[:p]) for p in range(len(widths))]
-            grp = k.LoraGroup(a=a, b=b, ranks=[RANK] * n_adapters, starts=starts, widths=widths,
-                              mag=[None] * n_adapters)  # fmt: skip
+            grp = k.LoraGroup(a=[f.a for f in found], b=[f.b for f in found], ranks=[RANK] * n_adapters,
+                              starts=starts, widths=widths, mag=[None] * n_adapters)  # fmt: skip
             ly[g] = (w, sum(widths), fin, grp)
         layers.append(ly)
     return layers
@@ -82,6 +95,7 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--modes", nargs="+", default=["two calls", "fused"])
+    ap.add_argument("--pages", nargs="+", default=["2m"], choices=["4k", "2m"], help="the adapters' pages")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -97,9 +111,10 @@ def main() -> None:
             fns = {"base": step_fn(k, build(k, dt, 1), 1, b, dt, "base")}
             for n in (1, 8):
                 for i, m in enumerate(mods):
-                    layers = build(m, dt, n)  # each build its own LoraGroups
-                    for mode in args.modes:
-                        fns[f"so{i} {n} adapter(s), {mode}"] = step_fn(m, layers, n, b, dt, mode)
+                    for pages in args.pages:
+                        layers = build(m, dt, n, pages)  # each build its own LoraGroups
+                        for mode in args.modes:
+                            fns[f"so{i} {n} adapter(s) {pages}, {mode}"] = step_fn(m, layers, n, b, dt, mode)
             best = dict.fromkeys(fns, float("inf"))
             for _ in range(args.repeats):
                 for c, fn in fns.items():
@@ -113,7 +128,7 @@ def main() -> None:
             for c, t in best.items():
                 if c != "base":
                     print(
-                        f"    {c:<34} {t * 1e3:6.2f} ms  +{(t - base) * 1e3:5.2f}  base/case {base / t:.3f}"
+                        f"    {c:<38} {t * 1e3:6.2f} ms  +{(t - base) * 1e3:5.2f}  base/case {base / t:.3f}"
                     )
 
 

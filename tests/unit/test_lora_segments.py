@@ -219,3 +219,29 @@ def test_project_equals_the_torch_ops(kernel_paths, residual, dtype, group, case
         scale = want.float().abs().max().clamp(min=1.0)
         err = float((got.float() - want.float()).abs().max() / scale)
         assert err <= REL[dtype], f"threads {threads}, amx {amx}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("source", [MIXED[1], MIXED[3]], ids=["plain", "dora"])
+def test_prepare_packed_places_an_adapter_in_one_mapping(source, dtype):
+    """The device tier's packed groups (lora_grouped.prepare_packed): equal to packing the dense ones, each
+    tensor contiguous on a cache line, all of one adapter in one span (its 2 MiB-page mapping)."""
+    from trtllm_peft.executor.torch.lora_grouped import prepare_packed
+    from trtllm_peft.executor.torch.lora_ops import prepare
+
+    dense = prepare(source, SPEC, dtype, "cpu")
+    packed = prepare_packed(KERNELS, source, SPEC, dtype, "cpu")
+    spans = []
+    for key, g in packed.groups.items():
+        d = dense.groups[key]
+        want = [KERNELS.pack(d.a.reshape(-1, d.a.shape[2]))] + [
+            KERNELS.pack(bt.t().contiguous()) for bt in d.bt
+        ]
+        assert (g.mag is None) == (d.mag is None)
+        if g.mag is not None:  # the kernels read float32
+            want.append(d.mag.float())
+        for got, ref in zip([g.a, *g.b, *([] if g.mag is None else [g.mag])], want, strict=True):
+            assert torch.equal(got, ref) and got.is_contiguous() and got.data_ptr() % 64 == 0
+            spans.append((got.data_ptr(), got.data_ptr() + got.numel() * got.element_size()))
+    total = sum(end - start for start, end in spans)
+    assert max(e for _, e in spans) - min(s for s, _ in spans) < total + 64 * len(spans)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from trtllm_peft.executor.torch import huge_pages
 from trtllm_peft.executor.torch.lora_ops import AdapterTensors, part_slices, prepare, project_then_apply
 from trtllm_peft.lora.adapter import LoraAdapter
 from trtllm_peft.lora.spec import ModelSpec
@@ -30,7 +31,8 @@ class PackedGroup:
 def prepare_packed(
     kernels, adapter: LoraAdapter, spec: ModelSpec, dtype: torch.dtype, device
 ) -> AdapterTensors:
-    """`lora_ops.prepare`'s layout, packed once for the kernels (this is what the device tier holds)."""
+    """`lora_ops.prepare`'s layout, packed once for the kernels (this is what the device tier holds), each
+    adapter in its own 2 MiB-page mapping (`on_huge_pages`)."""
     dense = prepare(adapter, spec, dtype, device)
     groups = {
         key: PackedGroup(
@@ -40,7 +42,27 @@ def prepare_packed(
         )
         for key, g in dense.groups.items()
     }
+    if torch.device(device).type == "cpu":
+        groups = on_huge_pages(groups)
     return replace(dense, groups=groups)
+
+
+def on_huge_pages(groups: dict) -> dict:
+    """Copies of the packed groups side by side in one mapping on 2 MiB pages (huge_pages.Arena), freed with the
+    adapter. A decode step of distinct adapters reads each one's many small arrays (a layer's B_p: 6-96 KB) at
+    memory latency; on 4 KiB pages every page also costs a TLB miss and restarts the hardware prefetcher
+    (bench/lora_kernels.py, 8 distinct adapters: see the commit)."""
+    tensors = [t for g in groups.values() for t in (g.a, *g.b, g.mag) if t is not None]
+    align = huge_pages.ALIGN
+    arena = huge_pages.Arena(chunk=sum(-(-t.numel() * t.element_size() // align) * align for t in tensors))
+    return {
+        key: PackedGroup(
+            a=arena.place(g.a),
+            b=[arena.place(b) for b in g.b],
+            mag=None if g.mag is None else arena.place(g.mag),
+        )
+        for key, g in groups.items()
+    }
 
 
 class GroupedLoraBatch:
