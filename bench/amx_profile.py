@@ -207,6 +207,7 @@ def main() -> None:
         packed = [pack(formats.load_for_engine(d, spec), dt) for d in dirs]
     sizes = dict(max_batch_size=max(args.batch, 8), max_seq_len=MAX_SEQ, memory_budget_bytes=4 * 2**30)
     with TorchExecutor(engine, **sizes) as ex:
+        ex.model.fuse = False  # op by op: each op timed
         run = ours_prefill(ex) if args.prefill else ours_runner(ex, packed, args.batch, args.adapters)
         cases = {"AMX": (True, True), "AMX, no prefetch": (True, False), "streaming": (False, True)}
         if args.dtype != "bfloat16":

@@ -56,6 +56,7 @@ def one_thread(fn):
 def instrument(ex: TorchExecutor, clock: Clock) -> None:
     """Wrap the engine's ops (this executor's model and ops; module functions for the nested parts)."""
     model = ex.model
+    model.fuse = False  # op by op, each op timed (fused, norms and SiLU run inside the projections' calls)
     for ly in model.layers:
         for name in PROJECTIONS:
             setattr(ly, name, TimedLinear(getattr(ly, name), name, clock))

@@ -101,8 +101,12 @@ class LlamaModel:
         self.lm_head = self.ops.linear(
             self.embed if arch.tie_word_embeddings else w["lm_head.weight"]
         )  # [V, H]
+        self.ops.place_weights([self.lm_head])
         self.norm = w["model.norm.weight"]
         self.layers = [self._layer(w, i) for i in range(arch.num_layers)]
+        # Base-model layers as a few calls each (ops.norm_linear / mlp_into / decode_attention_into) instead of
+        # op by op: the same kernels, less Python between them. False: op by op (bench A/B, decode_profile).
+        self.fuse = True
         self.q_dim, self.kv_dim = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
         self._shape = (arch.num_heads, arch.num_kv_heads, arch.head_dim)
         pos = torch.arange(max_seq_len, dtype=torch.float32)
@@ -127,7 +131,7 @@ class LlamaModel:
         if self.arch.qkv_bias:
             bias = torch.cat([w[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
         linear = self.ops.linear
-        return Layer(
+        layer = Layer(
             ln1=w[p + "input_layernorm.weight"],
             qkv=linear(torch.cat([w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]), bias),
             o=linear(w[p + "self_attn.o_proj.weight"]),
@@ -135,6 +139,10 @@ class LlamaModel:
             gate_up=linear(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])),
             down=linear(w[p + "mlp.down_proj.weight"]),
         )
+        self.ops.place_weights(
+            [layer.qkv, layer.o, layer.gate_up, layer.down]
+        )  # 2 MiB pages, one layer at a time
+        return layer
 
     def _split_rope(self, qkv: torch.Tensor, positions: torch.Tensor):
         """q [T, heads, hd], k [T, kv, hd] rotated at `positions` [T], and v [T, kv, hd] of a fused qkv."""
@@ -155,15 +163,31 @@ class LlamaModel:
     ) -> torch.Tensor:
         """Hidden states [T, H] before the final norm; `attend(layer, qkv) -> [T, q_dim]`."""
         x = self.embed[ids]  # [T, H]: a new tensor, so the residual adds below may write into it
+        fused, eps = lora is None and self.fuse, self.arch.rms_norm_eps
         for i, ly in enumerate(self.layers):
-            h = self._norm(x, ly.ln1)
-            qkv = ly.qkv(h) if lora is None else lora.project(i, "qkv", ly.qkv, h, mask)  # [T, q + 2kv]
+            if fused:
+                qkv = self.ops.norm_linear(x, ly.ln1, eps, ly.qkv)  # [T, q + 2kv]
+            else:
+                h = self._norm(x, ly.ln1)
+                qkv = ly.qkv(h) if lora is None else lora.project(i, "qkv", ly.qkv, h, mask)
             attn = attend(i, qkv)  # [T, q]
             self._residual(ly.o, i, "o", attn, x, lora, mask)  # x += attn · Woᵀ (+ LoRA)
+            if fused:
+                self.ops.mlp_into(x, ly.ln2, eps, ly.gate_up, ly.down)
+                continue
             h = self._norm(x, ly.ln2)
             gu = ly.gate_up(h) if lora is None else lora.project(i, "gate_up", ly.gate_up, h, mask)  # [T, 2I]
             act = self.ops.silu_mul(gu)  # [T, I]
             self._residual(ly.down, i, "down", act, x, lora, mask)
+        return x
+
+    def _decode_base(self, ids, positions, tables, cache: PagedKVCache) -> torch.Tensor:
+        """`_forward` of a decode-only step without adapters, two calls a layer."""
+        x, eps, ops = self.embed[ids], self.arch.rms_norm_eps, self.ops  # x [B, H]
+        for i, ly in enumerate(self.layers):
+            ops.decode_attention_into(x, ly.ln1, eps, ly.qkv, ly.o, self.cos, self.sin, positions, cache, i,
+                                      self._shape, tables)  # fmt: skip
+            ops.mlp_into(x, ly.ln2, eps, ly.gate_up, ly.down)
         return x
 
     @staticmethod
@@ -177,6 +201,8 @@ class LlamaModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [T, V] of the given (already selected) positions."""
+        if self.fuse:
+            return self.ops.norm_linear(hidden, self.norm, self.arch.rms_norm_eps, self.lm_head).float()
         return self.lm_head(self._norm(hidden, self.norm)).float()
 
     @torch.inference_mode()
@@ -215,7 +241,10 @@ class LlamaModel:
             )
             return torch.cat([chunked, decoded])
 
-        hidden = self._forward(ids, attend, lora, mask)
+        if not tc and lora is None and self.fuse:
+            hidden = self._decode_base(ids, positions, tables, cache)
+        else:
+            hidden = self._forward(ids, attend, lora, mask)
         ends = torch.tensor([c.length for c in chunks], dtype=torch.long).cumsum(0).tolist()
         for i in context or {}:
             context[i] = self.logits(hidden[ends[i] - chunks[i].length : ends[i]])  # [length, V]

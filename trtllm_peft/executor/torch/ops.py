@@ -4,10 +4,14 @@
 same math through the AVX-512 kernels of csrc/, where a decode step's cost is weight streaming
 and per-op overhead. `ops_for(device, dtype, use_kernels)` picks one at executor start.
 
-Semantics shared by both (tests/unit/test_cpu_kernels.py and test_lora_ops.py hold them to each other):
+Semantics shared by both (tests/unit/test_cpu_kernels.py, test_layer_blocks.py and test_lora_ops.py hold them
+to each other):
     linear(W, b)(x)            x · Wᵀ + b                     x [T, in] -> [T, out]; `.add_to(y, x)`: y += x·Wᵀ + b
     rms_norm(x, w, eps)        w · cast(x / rms(x))           computed in float32 then cast, as transformers
     silu_mul(gu)               silu(gate) · up                gu [T, 2I] = [gate | up] -> [T, I]
+    norm_linear(x, w, eps, l)  l(rms_norm(x, w, eps))         one call where the kernels run (as the next two)
+    mlp_into(x, w, eps, gu, d) x += d(silu_mul(gu(rms_norm(x, w, eps))))          a layer's MLP half
+    decode_attention_into(x, w, eps, qkv, o, ...)  x += o(attend_decode(norm_linear(x, w, eps, qkv), ...))
     attend_decode(...)         RoPE on q and k, k and v stored at each row's position through its block
                                table, then attention of each row's query over its positions 0..pos -> [B, q_dim]
     attend_chunk(...)          the same for n consecutive prompt tokens of one sequence (one block table),
@@ -15,6 +19,7 @@ Semantics shared by both (tests/unit/test_cpu_kernels.py and test_lora_ops.py ho
     prepare_lora, lora_batch   an adapter's device-tier form; a batch's adapters with
                                `apply_group(layer, group, x, y, mask)`: y += each token's LoRA delta;
                                `project(layer, group, linear, x, mask, out)`: linear(x) + the delta (+= out)
+    place_weights(linears)     the linears' weights moved to 2 MiB pages (huge_pages.py) where they are tensors
     argmax(logits)             torch.argmax(logits, -1) of float32 [B, V] logits (greedy sampling)
     use_threads(n)             the engine thread's threading
 """
@@ -26,7 +31,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from trtllm_peft.executor.torch import cpu_kernels
+from trtllm_peft.executor.torch import cpu_kernels, huge_pages
 from trtllm_peft.executor.torch.kv import PagedKVCache
 from trtllm_peft.executor.torch.linear import KernelLinear, Linear, single_thread_except_big_matmuls
 from trtllm_peft.executor.torch.lora_grouped import GroupedLoraBatch, prepare_packed
@@ -74,6 +79,19 @@ class TorchOps:
     def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
         gate, up = gu.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def norm_linear(self, x: torch.Tensor, weight: torch.Tensor, eps: float, linear) -> torch.Tensor:
+        return linear(self.rms_norm(x, weight, eps))
+
+    def mlp_into(self, x: torch.Tensor, weight: torch.Tensor, eps: float, gate_up, down) -> None:
+        down.add_to(x, self.silu_mul(self.norm_linear(x, weight, eps, gate_up)))
+
+    def decode_attention_into(self, x, weight, eps, qkv, o, cos, sin, positions, cache, layer, shape, tables):
+        o.add_to(x, self.attend_decode(self.norm_linear(x, weight, eps, qkv), cos, sin, positions, cache, layer,
+                                       shape, tables))  # fmt: skip
+
+    def place_weights(self, linears: list) -> None:
+        """oneDNN's packed weights are opaque tensors: left where they are."""
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         return greedy_argmax(logits)
@@ -141,6 +159,7 @@ class KernelOps(TorchOps):
 
     def __init__(self, kernels: ModuleType) -> None:
         self.k = kernels
+        self.arena = huge_pages.Arena()  # the model's packed weights (place_weights)
 
     def use_threads(self, n: int) -> None:
         # The kernels size their own parallelism (small ops stay on the calling thread), from their own count.
@@ -161,6 +180,25 @@ class KernelOps(TorchOps):
 
     def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
         return self.k.silu_mul(gu)
+
+    # A layer's parts in one call each (csrc/layer_ops.cpp): the Python between the ops is the saving.
+    def norm_linear(self, x, weight, eps, linear) -> torch.Tensor:
+        return self.k.norm_linear(x, weight, eps, linear.packed, linear.out_features, linear.bias)
+
+    def mlp_into(self, x, weight, eps, gate_up, down) -> None:
+        k = self.k
+        k.mlp_into(x, weight, eps, gate_up.packed, gate_up.out_features, gate_up.bias, down.packed,
+                   down.out_features, down.bias)  # fmt: skip
+
+    def decode_attention_into(self, x, weight, eps, qkv, o, cos, sin, positions, cache, layer, shape, tables):
+        self.k.decode_attention_into(x, weight, eps, qkv.packed, qkv.out_features, qkv.bias, cos, sin, positions,
+                                     cache.k[layer], cache.v[layer], tables, *shape, o.packed, o.out_features,
+                                     o.bias)  # fmt: skip
+
+    def place_weights(self, linears: list[KernelLinear]) -> None:
+        """The packed weights onto 2 MiB pages, side by side: a decode step streams them all (huge_pages.py)."""
+        for lin in linears:
+            lin.packed = self.arena.place(lin.packed)
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         # torch's CPU argmax/max are slow reductions (~1-5 ms at [8-32, 49152] on the engine thread)

@@ -150,6 +150,18 @@ struct LoraGroup {
 
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps);
 torch::Tensor silu_mul(const torch::Tensor& gu);
+// A layer's parts in one call each (layer_ops.cpp): rms_norm then the projection; the attention half of a
+// decode-only layer (x += o(attention(qkv(norm(x))))); the MLP half (x += down(silu·up(gate_up(norm(x))))).
+torch::Tensor norm_linear(const torch::Tensor& x, const torch::Tensor& ln, double eps, const torch::Tensor& wp, int64_t n,
+                          const c10::optional<torch::Tensor>& bias);
+void decode_attention_into(torch::Tensor& x, const torch::Tensor& ln, double eps, const torch::Tensor& qkv_wp,
+                           int64_t qkv_n, const c10::optional<torch::Tensor>& qkv_bias, const torch::Tensor& cos,
+                           const torch::Tensor& sin, const torch::Tensor& positions, torch::Tensor& kc, torch::Tensor& vc,
+                           const torch::Tensor& tables, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                           const torch::Tensor& o_wp, int64_t o_n, const c10::optional<torch::Tensor>& o_bias);
+void mlp_into(torch::Tensor& x, const torch::Tensor& ln, double eps, const torch::Tensor& gu_wp, int64_t gu_n,
+              const c10::optional<torch::Tensor>& gu_bias, const torch::Tensor& down_wp, int64_t down_n,
+              const c10::optional<torch::Tensor>& down_bias);
 torch::Tensor attend_decode(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                             const torch::Tensor& positions, torch::Tensor& kc, torch::Tensor& vc,
                             const torch::Tensor& tables, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);

@@ -22,6 +22,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_into", &tp::linear_into, nogil, "y (+)= x · Wᵀ (+ b); y may be a column slice");
   m.def("rms_norm", &tp::rms_norm, nogil, "RMSNorm as transformers computes it");
   m.def("silu_mul", &tp::silu_mul, nogil, "silu(gate) · up of [gate | up]");
+  m.def("norm_linear", &tp::norm_linear, nogil, "rms_norm then x · Wᵀ (+ b) from a packed W, one call");
+  m.def("decode_attention_into", &tp::decode_attention_into, nogil,
+        "x += o(attention(qkv(rms_norm(x)))) of one token per row (RoPE + KV write as attend_decode), one call");
+  m.def("mlp_into", &tp::mlp_into, nogil, "x += down(silu(gate) · up) of [gate | up] = gate_up(rms_norm(x)), one call");
   m.def("attend_decode", &tp::attend_decode, nogil, "RoPE + KV write + attention, one token per row");
   m.def("attend_chunk", &tp::attend_chunk, nogil,
         "RoPE + KV write + causal attention of one sequence's prompt chunk");

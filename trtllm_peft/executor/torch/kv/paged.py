@@ -1,7 +1,9 @@
 """The paged KV cache's tensors: K and V `[layers, num_blocks, kv_heads, tokens_per_block, head_dim]`.
 
-Allocated with `torch.empty` (nothing zero-filled up front: on CPU the pages become resident only as blocks
-are first written), and a block is cleared when a sequence takes it, so attention never reads stale memory.
+Allocated on 2 MiB pages where the OS gives them (huge_pages.py: decode attention reads a step's K/V from DRAM,
+and 4 KiB pages cost a page walk per few blocks), nothing zero-filled up front (pages become resident only as
+blocks are first written), and a block is cleared when a sequence takes it, so attention never reads stale
+memory.
 Sequences address it through block tables (kv/blocks.py); `tables()` packs them into the int32
 `[B, max_blocks]` tensor the decode kernel and the torch ops read.
 """
@@ -9,6 +11,8 @@ Sequences address it through block tables (kv/blocks.py); `tables()` packs them 
 from __future__ import annotations
 
 import torch
+
+from trtllm_peft.executor.torch import huge_pages
 
 
 class PagedKVCache:
@@ -25,8 +29,8 @@ class PagedKVCache:
         device,
     ) -> None:
         shape = (num_layers, num_blocks, num_kv_heads, tokens_per_block, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.k = huge_pages.empty(shape, dtype, device)
+        self.v = huge_pages.empty(shape, dtype, device)
         self.num_blocks, self.tokens_per_block = num_blocks, tokens_per_block
         self.device = torch.device(device)
 
