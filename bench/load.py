@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from load_check import Reference, distinct_answers, load_events, parse_metrics  # noqa: E402
 from load_client_adapters import ClientAdapters  # noqa: E402
-from load_report import Phase, cpu_seconds, loadavg, peak_rss_gb, report  # noqa: E402
+from load_report import Phase, cpu_seconds, loadavg, machine_busy_s, peak_rss_gb, report  # noqa: E402
 from load_workload import (  # noqa: E402
     ALL7,
     BASE,
@@ -131,10 +131,11 @@ async def server_phase(args, wl: Workload, loras: Path, log: Path, name="server"
         async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=timeout) as http:
             warm = await http.post("/v1/completions", json={"model": BASE, "prompt": "Hi", "max_tokens": 2})
             warm.raise_for_status()
-            cpu, clients_cpu = cpu_seconds(server.proc.pid), time.process_time()
+            cpu, clients_cpu, busy = cpu_seconds(server.proc.pid), time.process_time(), machine_busy_s()
             t0, records = await run_clients(http_sender(http, wl), wl, args.clients, args.duration)
             clients_cpu = time.process_time() - clients_cpu
             cpu = cpu_seconds(server.proc.pid) - cpu + clients_cpu
+            others = machine_busy_s() - busy - cpu
             metrics = parse_metrics((await http.get("/v1/metrics")).text)
             rss = peak_rss_gb(server.proc.pid)
     finally:
@@ -142,7 +143,9 @@ async def server_phase(args, wl: Workload, loras: Path, log: Path, name="server"
     text = log.read_text()
     loads = [(wl.names.index(name), t - clock) for name, t in load_events(text) if name in wl.names]
     wall = max(r.t_end for r in records) - t0
-    return Phase(name, t0, wall, rss, args.duration, records, cpu, loads, metrics, text, clients_cpu)
+    phase = Phase(name, t0, wall, rss, args.duration, records, cpu, loads, metrics, text, clients_cpu)
+    phase.others_cpu_s = others
+    return phase
 
 
 # ---- the raw executor -------------------------------------------------------------------------------------
@@ -197,16 +200,18 @@ async def raw_phase(args, wl: Workload, adapters, token_text, name: str = "raw")
         ) as warm:  # base model, as the server's
             async for _ in warm:
                 pass
-        cpu = time.process_time()
+        cpu, busy = time.process_time(), machine_busy_s()
         t0, records = await run_clients(raw_sender(client, wl, adapters), wl, args.clients, args.duration)
         cpu = time.process_time() - cpu
+        others = machine_busy_s() - busy - cpu
     finally:
         await asyncio.to_thread(client.close)
     for r in records:
         r.texts = [token_text(t) for t in r.ids]
     wall = max(r.t_end for r in records) - t0
     loads = [(task - 1, t) for task, t in loads if task > 0]
-    return Phase(name, t0, wall, peak_rss_gb(), args.duration, records, cpu, loads), executor.model
+    phase = Phase(name, t0, wall, peak_rss_gb(), args.duration, records, cpu, loads, others_cpu_s=others)
+    return phase, executor.model
 
 
 def _record_loads(tier) -> list[tuple[int, float]]:

@@ -26,6 +26,13 @@ class Phase:
     log: str = ""  # the server's log
     client_cpu_s: float | None = None  # of the clients alone, where they run apart (the server phase)
     client_loads: int | None = None  # adapters its client read from disk (the raw phase from disk)
+    others_cpu_s: float | None = None  # CPU-seconds other processes of the machine took meanwhile
+
+    def shared(self) -> float:
+        """The share of the machine's CPU time that other processes took during the phase (0 when unknown)."""
+        if self.others_cpu_s is None:
+            return 0.0
+        return max(self.others_cpu_s, 0.0) / (self.wall_s * (os.cpu_count() or 1))
 
 
 def failures(records) -> dict[str, list]:
@@ -149,6 +156,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_s() -> float:
+    """CPU-seconds every CPU of the machine spent busy since boot (all processes; /proc/stat's first line
+    less idle and iowait): a phase's own CPU subtracted from its difference is what others took."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+RATE_BUCKET_S = 10.0
+SHARED_WARN = 0.05  # other processes took more than this share of the machine: the ratios are not a figure
+
+
 def peak_rss_gb(pid: int | str = "self") -> float:
     """VmHWM (peak resident set) of a process, in GB."""
     line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("VmHWM"))
@@ -197,6 +215,7 @@ def report(
                 f"{s.name} / {what} tokens/s = {ratio:.2f} (target >= 0.95: "
                 f"{'met' if ratio >= 0.95 else 'NOT met'}); per CPU-second {cpu_ratio:.2f}"
             )
+    print_shared([*servers, *raws])
     ok = all([check_429s(s, raw, wl.capacity_units, wl.units) for s in servers])
     tokens_agree = all([print_resources(s, raw, unused) for s in servers])
     if disk:
@@ -233,6 +252,31 @@ def print_resources(server: Phase, raw: Phase, unused: dict[str, int]) -> bool:
     got = sum(len(r.times) for r in server.records if r.status == 200)
     print(f"{server.name} generation_tokens_total {gen:.0f}, tokens its clients received {got}")
     return gen == got
+
+
+def print_shared(phases: list[Phase]) -> None:
+    """What other processes took of the machine during each phase: on a shared box a phase that lost a core
+    to a compile runs at half speed (same batch), and its ratio says nothing about the server."""
+    for p in phases:
+        rates = " ".join(f"{r:.0f}" for r in window_rates(p))
+        print(f"{p.name} tokens/s per {RATE_BUCKET_S:.0f} s of its window: {rates}")
+    shares = {p.name: p.shared() for p in phases if p.others_cpu_s is not None}
+    if not shares:
+        return
+    text = ", ".join(f"{name} {100 * v:.0f}%" for name, v in shares.items())
+    busy = [name for name, v in shares.items() if v > SHARED_WARN]
+    verdict = f"NOT a figure: {', '.join(busy)} shared the machine" if busy else "the machine was ours"
+    print(f"other processes' share of the CPU during each phase: {text} ({verdict})")
+
+
+def window_rates(p: Phase) -> list[float]:
+    """Tokens/s in each RATE_BUCKET_S of the window: a phase whose rate halves at an unchanged batch lost a
+    core to another process."""
+    n = max(int(p.duration // RATE_BUCKET_S), 1)
+    counts = np.histogram(
+        [t - p.t0 for r in p.records for t in r.times], bins=n, range=(0, n * RATE_BUCKET_S)
+    )[0]
+    return [c / RATE_BUCKET_S for c in counts]
 
 
 def print_failures(p: Phase) -> int:
