@@ -77,16 +77,13 @@ def report(steps: list[dict[str, float]], nbytes: dict[str, int], batch: int, m:
           f"{2 * batch * all_bytes / size / mm / 1e6:.0f} GFLOP/s; outside them {total - mm:.2f} ms")  # fmt: skip
 
 
-# set_streaming(mode, split_min, distance) per variant (csrc/linear.cpp): "before" is the kernel before the
-# knobs (no prefetch); the default prefetches the next unit into L2 when a unit takes several passes.
+# set_streaming(prefetch, split_min) per variant (csrc/linear.cpp): "before" is the kernel before the knobs
+# (no prefetch); the default prefetches the next unit into L2 (products of more than 4 rows).
 VARIANTS = {
-    "before": (0, 32768, 16),
-    "default": (1, 16384, 16),
-    "+1-pass": (2, 16384, 16),
-    "+L1 d8": (3, 16384, 8),
-    "+L1 d16": (3, 16384, 16),
-    "+L1 d32": (3, 16384, 32),
-    "o on one thread": (1, 32768, 16),
+    "before": (False, 32768),
+    "default": (True, 16384),
+    "no prefetch": (False, 16384),
+    "o on one thread": (True, 32768),
 }
 
 
@@ -98,7 +95,7 @@ def ab(ex: TorchExecutor, dt: str, batches: list[int], tokens: int, repeats: int
         lin.packed.numel() for ly in layers for lin in (ly.qkv, ly.o, ly.gate_up, ly.down)
     )
 
-    def knobs(run, knob: tuple[int, int, int]):
+    def knobs(run, knob: tuple[bool, int]):
         def go(n: int) -> None:
             k.set_streaming(*knob)
             try:

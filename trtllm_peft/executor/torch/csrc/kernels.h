@@ -103,10 +103,10 @@ bool amx_fits(int64_t M, int64_t K);
 int64_t amx_products();  // products run on AMX since the module loaded
 void amx_linear_rows(const bf16* const* xr, int64_t M, const bf16* wp, int64_t K, int64_t N, const bf16* bias,
                      bf16* const* yr, bool accumulate, bool may_split);
-// The weight-streaming kernel's knobs (linear.cpp; bench and tests A/B them): the prefetch mode, the smallest
-// product (blocks x k) split over threads, the L1 prefetch distance (k steps) of mode 3; and the smallest
-// decode attention work split over threads (attend_decode.cpp; tests reach the split path with 0).
-void set_streaming(int64_t mode, int64_t split_min_blocks_k, int64_t distance, int64_t attend_split);
+// The weight-streaming kernel's knobs (linear.cpp; bench and tests A/B them): the next unit's prefetch, the
+// smallest product (blocks x k) split over threads; and the smallest decode attention work split over threads
+// (attend_decode.cpp; tests reach the split path with 0).
+void set_streaming(bool prefetch, int64_t split_min_blocks_k, int64_t attend_split);
 void set_attend_split(int64_t work);
 // Decode attention of at least this much work (positions x query dims over the rows) is split over the threads
 // (less stays on the calling thread): it mostly waits on the K/V cache's DRAM misses (the step's weight

@@ -24,10 +24,12 @@ constexpr int64_t unit_blocks(int64_t rows) { return rows <= 2 ? 8 : rows <= 4 ?
 // so one contiguous range) is read from memory once and then by every 8-row pass from cache: without this,
 // memory is busy only during the first pass and idle while the others compute (a float32 step at batch 32
 // took the sum of both). Spreading the next unit's lines over the current unit's passes overlaps the two.
+// With one pass too, above kPrefetchMinRows rows: on 2 MiB pages the hardware prefetcher alone kept a bfloat16
+// batch-8 decode at 0.75x of this; with up to 4 rows it keeps up alone (prefetching cost 4-7% at 1 and 4 rows).
+// bench/linear_stream.py, bench/decode_profile.py --ab; figures in bench/README.md.
 struct Ahead {
   const char* p = nullptr;
   int64_t lines = 0, per_k = 0;
-  int64_t near = 0;  // > 0: also each stream's line `near` k steps ahead into L1 (set_streaming mode 3)
   inline void at(int64_t k) const {
     const int64_t end = std::min(lines, (k + 1) * per_k);
     for (int64_t i = k * per_k; i < end; i++) _mm_prefetch(p + i * 64, _MM_HINT_T1);
@@ -40,8 +42,6 @@ inline void dot_f32(const float* const* x, const float* wp, int64_t K, const Ahe
     ahead.at(k);
     __m512 w[NB];
     for (int j = 0; j < NB; j++) w[j] = _mm512_loadu_ps(wp + (j * K + k) * kBlock);
-    if (ahead.near)  // prefetches never fault: past the last block is harmless
-      for (int j = 0; j < NB; j++) _mm_prefetch(reinterpret_cast<const char*>(wp + (j * K + k + ahead.near) * kBlock), _MM_HINT_T0);
     for (int m = 0; m < M; m++) {
       const __m512 xb = _mm512_set1_ps(x[m][k]);
       for (int j = 0; j < NB; j++) acc[m][j] = _mm512_fmadd_ps(xb, w[j], acc[m][j]);
@@ -70,9 +70,6 @@ inline void dot_bf16(const bf16* const* x, const bf16* wp, int64_t K, const Ahea
   const int64_t pairs = (K + 1) / 2;  // the packed block's k pairs (an odd K padded with a zero k)
   for (int64_t k = 0; k < K / 2; k++) {
     ahead.at(k);
-    if (ahead.near)
-      for (int j = 0; j < NB; j++)
-        _mm_prefetch(reinterpret_cast<const char*>(wp + (j * pairs + k + ahead.near) * 2 * kBlock), _MM_HINT_T0);
     dot_bf16_pair<M, NB>(x, wp, pairs, k, false, acc);
   }
   if (K % 2) {
@@ -161,10 +158,10 @@ void tile_rows(const T* const* x, const T* wp, int64_t K, int64_t blk, int64_t n
   }
 }
 
-// set_streaming's knobs. mode 0: no prefetch; 1: the next unit into L2 when a unit takes several passes (more
-// than 8 rows; the default); 2: also with one pass; 3: mode 1 plus each stream `distance` k steps ahead into L1.
-std::atomic<int> prefetch_mode{1};
-std::atomic<int64_t> prefetch_distance{16};
+// set_streaming's knobs. prefetch: the next unit into L2 (Ahead; off only for A/B runs), for products of more
+// than kPrefetchMinRows rows.
+std::atomic<bool> prefetch_next{true};
+constexpr int64_t kPrefetchMinRows = 4;
 // blocks x K below which a product stays on the calling thread: LoRA's A and B (rank 16: 576), not SmolLM2's
 // o-proj (36 x 576 = 20736; it stayed on one thread at 32768, but two threads win at every batch here:
 // bench/decode_profile.py --ab, variant "o on one thread", 2-core AMD EPYC without AMX, load 2.0: engine
@@ -183,9 +180,7 @@ template <typename T>
 void stream_units(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t N, const T* bias, T* const* yr,
                   bool accumulate, int64_t width, int64_t u0, int64_t u1) {
   const int64_t blocks = (N + kBlock - 1) / kBlock, lines = block_lines<T>(K), passes = (M + kRows - 1) / kRows;
-  const int mode = prefetch_mode.load(std::memory_order_relaxed);
-  const bool pf = mode == 2 || (mode != 0 && passes > 1);
-  const int64_t near = mode == 3 ? prefetch_distance.load(std::memory_order_relaxed) : 0;
+  const bool pf = M > kPrefetchMinRows && prefetch_next.load(std::memory_order_relaxed);
   for (int64_t u = u0; u < u1; u++) {
     const int64_t blk = width * u, nb = std::min<int64_t>(width, blocks - blk);
     const int64_t next_lines = u + 1 < u1 && pf ? std::min<int64_t>(width, blocks - blk - width) * lines : 0;
@@ -193,7 +188,7 @@ void stream_units(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t
     const char* next = reinterpret_cast<const char*>(wp) + (blk + width) * lines * 64;
     for (int64_t p = 0, m0 = 0; m0 < M; p++, m0 += kRows) {
       const int64_t first = std::min(next_lines, p * share), count = std::min(next_lines, first + share) - first;
-      const Ahead ahead{next + first * 64, count, (count + lines - 1) / lines, near};
+      const Ahead ahead{next + first * 64, count, (count + lines - 1) / lines};
       switch (std::min<int64_t>(kRows, M - m0)) {
 #define TILE(r) \
   case r: tile_rows<T, r>(xr + m0, wp, K, blk, nb, N, bias, yr + m0, accumulate, ahead); break;
@@ -241,12 +236,10 @@ void linear_rows(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t 
     });
 }
 
-void set_streaming(int64_t mode, int64_t split_min_blocks_k, int64_t distance, int64_t attend_split) {
-  TORCH_CHECK(mode >= 0 && mode <= 3 && distance >= 1, "set_streaming: mode 0-3, distance >= 1");
+void set_streaming(bool prefetch, int64_t split_min_blocks_k, int64_t attend_split) {
   set_attend_split(attend_split);
-  prefetch_mode.store(static_cast<int>(mode));
+  prefetch_next.store(prefetch);
   split_min.store(std::max<int64_t>(split_min_blocks_k, 0));
-  prefetch_distance.store(distance);
 }
 
 template void linear_rows<float>(const float* const*, int64_t, const float*, int64_t, int64_t, const float*,

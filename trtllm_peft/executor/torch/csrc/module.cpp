@@ -13,9 +13,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_amx", &tp::set_amx, "bf16 products of >= min_rows rows on AMX tiles (default on); returns whether used",
         pybind11::arg("on"), pybind11::arg("min_rows") = tp::kAmxMinRows, pybind11::arg("prefetch") = true);
   m.def("amx_products", &tp::amx_products, "products run on AMX tiles since load (which path ran)");
-  m.def("set_streaming", &tp::set_streaming, "weight streaming knobs: prefetch mode 0-3 (default 1), smallest product "
-        "(blocks x k) split over threads, mode 3's L1 distance, smallest decode attention split", pybind11::arg("mode") = 1,
-        pybind11::arg("split_min") = 16384, pybind11::arg("distance") = 16, pybind11::arg("attend_split") = tp::kAttendSplit);
+  m.def("set_streaming", &tp::set_streaming, "weight streaming knobs: prefetch the next unit (default on), smallest "
+        "product (blocks x k) split over threads, smallest decode attention split", pybind11::arg("prefetch") = true,
+        pybind11::arg("split_min") = 16384, pybind11::arg("attend_split") = tp::kAttendSplit);
   m.def("argmax_rows", &tp::argmax_rows, nogil, "torch.argmax(logits, -1) of float32 [B, V] logits");
   m.def("pack", &tp::pack, nogil, "W [N, K] -> packed 16-column blocks (linear.cpp)");
   m.def("linear", &tp::linear, nogil, "x · Wᵀ (+ b) from a packed W");
