@@ -24,8 +24,9 @@ constexpr int64_t unit_blocks(int64_t rows) { return rows <= 2 ? 8 : rows <= 4 ?
 // so one contiguous range) is read from memory once and then by every 8-row pass from cache: without this,
 // memory is busy only during the first pass and idle while the others compute (a float32 step at batch 32
 // took the sum of both). Spreading the next unit's lines over the current unit's passes overlaps the two.
-// With one pass too, above kPrefetchMinRows rows: on 2 MiB pages the hardware prefetcher alone kept a bfloat16
-// batch-8 decode at 0.75x of this; with up to 4 rows it keeps up alone (prefetching cost 4-7% at 1 and 4 rows).
+// bfloat16 with one pass too, above kPrefetchMinRows rows: on 2 MiB pages the hardware prefetcher alone kept a
+// batch-8 decode at 0.75x of this; with up to 4 rows it keeps up alone (prefetching cost 4-7% at 1 and 4 rows),
+// and float32 batch 8 measured 0.96-1.00x engine, 0.97-0.98x kernel alone (quiet runs): left to it.
 // bench/linear_stream.py, bench/decode_profile.py --ab; figures in bench/README.md.
 struct Ahead {
   const char* p = nullptr;
@@ -158,8 +159,8 @@ void tile_rows(const T* const* x, const T* wp, int64_t K, int64_t blk, int64_t n
   }
 }
 
-// set_streaming's knobs. prefetch: the next unit into L2 (Ahead; off only for A/B runs), for products of more
-// than kPrefetchMinRows rows.
+// set_streaming's knobs. prefetch: the next unit into L2 (Ahead; off only for A/B runs), for products of
+// several passes, and bfloat16 ones of more than kPrefetchMinRows rows.
 std::atomic<bool> prefetch_next{true};
 constexpr int64_t kPrefetchMinRows = 4;
 // blocks x K below which a product stays on the calling thread: LoRA's A and B (rank 16: 576), not SmolLM2's
@@ -180,7 +181,8 @@ template <typename T>
 void stream_units(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t N, const T* bias, T* const* yr,
                   bool accumulate, int64_t width, int64_t u0, int64_t u1) {
   const int64_t blocks = (N + kBlock - 1) / kBlock, lines = block_lines<T>(K), passes = (M + kRows - 1) / kRows;
-  const bool pf = M > kPrefetchMinRows && prefetch_next.load(std::memory_order_relaxed);
+  const bool one_pass = std::is_same<T, bf16>::value && M > kPrefetchMinRows;
+  const bool pf = (passes > 1 || one_pass) && prefetch_next.load(std::memory_order_relaxed);
   for (int64_t u = u0; u < u1; u++) {
     const int64_t blk = width * u, nb = std::min<int64_t>(width, blocks - blk);
     const int64_t next_lines = u + 1 < u1 && pf ? std::min<int64_t>(width, blocks - blk - width) * lines : 0;
