@@ -109,6 +109,27 @@ def build_tiny_engine(directory: Path, *, max_seq_len: int = 64) -> Path:
     )
 
 
+def cancel_mid_stream(ex, enqueue, finals, cancelled, tries: int = 5):
+    """(first responses, final response) of a streaming request cancelled after its first token arrived.
+
+    `enqueue()` sends a new streaming request and returns its id; `finals(ex, ids)` collects final responses;
+    `cancelled` is the FinishReason a cancellation ends with. await_responses(id) hands over every response
+    ready for the id, so on a loaded machine the final one can come with the first (the engine ran all the
+    tokens before the test thread woke), or the request can end by length between the first token and the
+    cancel: neither try is a cancellation, so it is tried again with a new request."""
+    for _ in range(tries):
+        rid = enqueue()
+        first = ex.await_responses(rid, timeout=30)
+        assert first and not first[0].has_error() and len(first[0].result.output_token_ids[0]) == 1
+        if any(r.result.is_final for r in first):
+            continue
+        ex.cancel_request(rid)
+        last = finals(ex, [rid])[rid]
+        if last.result.finish_reason == cancelled:
+            return first, last
+    pytest.fail(f"the request ended before its cancellation in each of {tries} tries")
+
+
 def random_lora(spec, rank: int, seed: int = 0, layers=None, modules=None) -> LoraAdapter:
     """Random A and B (unscaled) on `layers` x `modules` (default: every layer, the spec's LoRA modules)."""
     gen = torch.Generator().manual_seed(seed)

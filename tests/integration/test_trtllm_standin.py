@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests import trtllm_standin
-from tests.conftest import build_tiny_engine, make_peft_adapter
+from tests.conftest import build_tiny_engine, cancel_mid_stream, make_peft_adapter
 from trtllm_peft import formats
 from trtllm_peft.engine.engine_dir import EngineDir
 from trtllm_peft.executor.api import FinishReason, LoraConfig, OutputConfig, Request
@@ -208,12 +208,8 @@ def test_device_pages_make_requests_wait_not_fail(trt, engine, adapters):
 
 def test_streaming_cancel_and_stats(trt):
     ex = trt()
-    rid = ex.enqueue_request(request(PROMPTS[2], n=60, streaming=True))
-    first = ex.await_responses(rid, timeout=30)
-    assert first and not first[0].has_error() and len(first[0].result.output_token_ids[0]) == 1
-    ex.cancel_request(rid)
-    last = finals(ex, [rid])[rid]
-    assert last.result.finish_reason == FinishReason.CANCELLED
+    enqueue = lambda: ex.enqueue_request(request(PROMPTS[2], n=60, streaming=True))  # noqa: E731
+    cancel_mid_stream(ex, enqueue, finals, FinishReason.CANCELLED)
     stats = ex.get_latest_iteration_stats()
     assert stats and stats[-1].iter >= 1 and all(s.num_active_lora_tasks == 0 for s in stats)
     # IterationStats.kv_cache_stats (TensorRT-LLM's KvCacheStats) comes through with its block counts
