@@ -8,7 +8,8 @@
    budget holds 32 rank-16 adapters, the device budget 16, so 40 adapters mean evictions and possible 429s.
 2. 64 clients stream /v1/completions (greedy, ignore_eos, max_tokens fixed, logprobs=1) for --duration s,
    then let their last requests finish; client c starts c × 50 ms into the window (load_workload.STAGGER_S:
-   both sides then run the same batch regime). Client c draws (adapter, prompt) from its own seeded generator:
+   both sides then run the same batch regime). The clients are load_http.py's: lean, because they share the
+   machine and their CPU counts on the server's side. Client c draws (adapter, prompt) from its own seeded generator:
    adapters uniform (or Zipf(--zipf) by popularity), prompts uniform. A 429 waits Retry-After and resends.
 3. Stops the server, starts the raw TorchExecutor in this process (the two never share the CPU) and runs
    the same clients (same draws, concurrency, adapters as packed tensors, prompts, max_tokens) for as long,
@@ -45,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from load_check import Reference, distinct_answers, load_events, parse_metrics  # noqa: E402
 from load_client_adapters import ClientAdapters  # noqa: E402
+from load_http import Connections, HttpError, Reply  # noqa: E402
 from load_report import Phase, cpu_seconds, loadavg, machine_busy_s, peak_rss_gb, report  # noqa: E402
 from load_workload import (  # noqa: E402
     ALL7,
@@ -84,7 +86,7 @@ def _take_chunk(rec: Record, chunk: dict) -> None:
         rec.finish = c.get("finish_reason") or rec.finish
 
 
-def http_sender(http: httpx.AsyncClient, wl: Workload):
+def http_sender(http: Connections, wl: Workload):
     async def send(rec: Record) -> None:
         body = {
             "model": wl.names[rec.adapter],
@@ -96,17 +98,20 @@ def http_sender(http: httpx.AsyncClient, wl: Workload):
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+
+        def on_reply(reply: Reply) -> None:
+            rec.status = reply.status
+            rec.retry_after = reply.headers.get("retry-after")
+
+        def on_event(data: bytes) -> None:
+            if data != b"[DONE]":
+                _take_chunk(rec, json.loads(data))
+
         try:
-            async with http.stream("POST", "/v1/completions", json=body) as r:
-                rec.status = r.status_code
-                if r.status_code != 200:
-                    rec.error = (await r.aread()).decode(errors="replace")[:300]
-                    rec.retry_after = r.headers.get("retry-after")
-                    return
-                async for line in r.aiter_lines():
-                    if line.startswith("data: ") and line != "data: [DONE]":
-                        _take_chunk(rec, json.loads(line[6:]))
-        except (httpx.HTTPError, json.JSONDecodeError) as e:
+            text = await http.post_stream(rec.client, "/v1/completions", body, on_reply, on_event)
+            if rec.status != 200:
+                rec.error = text.decode(errors="replace")[:300]
+        except (HttpError, TimeoutError, json.JSONDecodeError) as e:
             rec.error = f"{type(e).__name__}: {e}"
 
     return send
@@ -133,7 +138,11 @@ async def server_phase(args, wl: Workload, loras: Path, log: Path, name="server"
             warm = await http.post("/v1/completions", json={"model": BASE, "prompt": "Hi", "max_tokens": 2})
             warm.raise_for_status()
             cpu, clients_cpu, busy = cpu_seconds(server.proc.pid), time.process_time(), machine_busy_s()
-            t0, records = await run_clients(http_sender(http, wl), wl, args.clients, args.duration)
+            conns = Connections(server.url, HANG_S)  # the load's clients (load_http.py); httpx above
+            try:
+                t0, records = await run_clients(http_sender(conns, wl), wl, args.clients, args.duration)
+            finally:
+                await conns.close()
             clients_cpu = time.process_time() - clients_cpu
             cpu = cpu_seconds(server.proc.pid) - cpu + clients_cpu
             others = machine_busy_s() - busy - cpu
