@@ -36,7 +36,7 @@ PROJECTIONS = ("qkv", "o", "gate_up", "down")
 def instrument(ex: TorchExecutor, clock: Clock) -> dict[str, int]:
     """Wrap the engine's ops in timers; returns the packed weight bytes each projection group reads a step."""
     model, nbytes = ex.model, defaultdict(int)
-    # op by op, each op timed (fused, a base layer is two calls: bench/decode_ab.py compares the two)
+    # op by op, each op timed (fused, a decode step is one call: bench/decode_ab.py compares them)
     model.fuse = False
     for ly in model.layers:
         for name in PROJECTIONS:

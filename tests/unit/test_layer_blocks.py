@@ -3,13 +3,16 @@ against the torch ops they compose, and the model's fused base path against its 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from tests.conftest import TINY_LLAMA, tiny_llama_model
 from tests.kernel_checks import DTYPES, KERNELS, close, needs_kernels
 from tests.unit.test_fresh_prefill import tiny_model
 from trtllm_peft.executor.torch.kv import PagedKVCache
-from trtllm_peft.executor.torch.model import Chunk
+from trtllm_peft.executor.torch.model import Chunk, LlamaModel
 from trtllm_peft.executor.torch.ops import KernelOps, TorchOps
 
 HIDDEN, INTER, Q, KV = 88, 152, 96, 32  # tails inside a 16-lane step; q: 3 heads, kv: 1 head of 32
@@ -99,16 +102,37 @@ def _decode(model, steps: int = 3) -> list[torch.Tensor]:
     return out
 
 
+def _model(dtype, ops, bias: bool) -> LlamaModel:
+    """The tiny Llama, or a Qwen2-like one with q/k/v biases."""
+    if not bias:
+        return tiny_model(dtype, ops)
+    cfg = TINY_LLAMA
+    arch = replace(tiny_model(dtype, TorchOps()).arch, qkv_bias=True)
+    weights = tiny_llama_model(3).state_dict()
+    g = torch.Generator().manual_seed(5)
+    for i in range(arch.num_layers):
+        for n in "qkv":
+            rows = weights[f"model.layers.{i}.self_attn.{n}_proj.weight"].shape[0]
+            weights[f"model.layers.{i}.self_attn.{n}_proj.bias"] = torch.randn(rows, generator=g) / 4
+    return LlamaModel(arch, weights, dtype, "cpu", max_seq_len=cfg["max_position_embeddings"], ops=ops)
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_model_decode_fused_equals_op_by_op_and_torch(dtype):
-    model = tiny_model(dtype, KernelOps(KERNELS))
-    assert model.fuse
-    fused = _decode(model)
+@pytest.mark.parametrize("bias", [False, True])
+def test_model_decode_fused_equals_op_by_op_and_torch(dtype, bias):
+    """Decode-only steps as one call (csrc/decode_step.cpp), as two calls a layer, op by op: bit for bit the same
+    logits; and close to the torch ops."""
+    model = _model(dtype, KernelOps(KERNELS), bias)
+    assert model.fuse and model.decoder is not None
+    one_call = _decode(model)
+    model.decoder = None
+    per_layer = _decode(model)
     model.fuse = False
     op_by_op = _decode(model)
-    plain = _decode(tiny_model(dtype, TorchOps()))
+    plain = _decode(_model(dtype, TorchOps(), bias))
     tol = 2e-5 if dtype == torch.float32 else 5e-2
-    for f, o, p in zip(fused, op_by_op, plain, strict=True):
-        assert torch.equal(f, o)  # the same kernels, fewer calls
+    for c, f, o, p in zip(one_call, per_layer, op_by_op, plain, strict=True):
+        # the same kernels, fewer calls
+        assert c.dtype == torch.float32 and torch.equal(c, f) and torch.equal(f, o)
         torch.testing.assert_close(f, p, rtol=tol, atol=tol)

@@ -124,6 +124,9 @@ class LlamaModel:
         self.fresh_sdpa = self.fresh_kernel is None or (
             dtype == torch.bfloat16 and self.ops.k.amx_available()
         )
+        # A decode-only base step as one call where the kernels run (csrc/decode_step.cpp), else None: the
+        # layer loop of `_decode_base`. Built last: it holds the placed weights.
+        self.decoder = self.ops.decoder(self)
 
     def _layer(self, w: dict[str, torch.Tensor], i: int) -> Layer:
         p = f"model.layers.{i}."
@@ -182,13 +185,15 @@ class LlamaModel:
         return x
 
     def _decode_base(self, ids, positions, tables, cache: PagedKVCache) -> torch.Tensor:
-        """`_forward` of a decode-only step without adapters, two calls a layer."""
+        """float32 logits [B, V] of a decode-only step without adapters: one call (`decoder`), or two a layer."""
+        if self.decoder is not None:
+            return self.decoder(ids, positions, tables, cache)
         x, eps, ops = self.embed[ids], self.arch.rms_norm_eps, self.ops  # x [B, H]
         for i, ly in enumerate(self.layers):
             ops.decode_attention_into(x, ly.ln1, eps, ly.qkv, ly.o, self.cos, self.sin, positions, cache, i,
                                       self._shape, tables)  # fmt: skip
             ops.mlp_into(x, ly.ln2, eps, ly.gate_up, ly.down)
-        return x
+        return self.logits(x)
 
     @staticmethod
     def _residual(linear, layer: int, group: str, inp: torch.Tensor, x: torch.Tensor, lora, mask) -> None:
@@ -242,9 +247,8 @@ class LlamaModel:
             return torch.cat([chunked, decoded])
 
         if not tc and lora is None and self.fuse:
-            hidden = self._decode_base(ids, positions, tables, cache)
-        else:
-            hidden = self._forward(ids, attend, lora, mask)
+            return self._decode_base(ids, positions, tables, cache)
+        hidden = self._forward(ids, attend, lora, mask)
         ends = torch.tensor([c.length for c in chunks], dtype=torch.long).cumsum(0).tolist()
         for i in context or {}:
             context[i] = self.logits(hidden[ends[i] - chunks[i].length : ends[i]])  # [length, V]

@@ -93,6 +93,11 @@ class TorchOps:
     def place_weights(self, linears: list) -> None:
         """oneDNN's packed weights are opaque tensors: left where they are."""
 
+    def decoder(self, model):
+        """The model's decode-only base step as one call `(ids, positions, tables, cache) -> logits`, or None:
+        the model runs its layers one by one."""
+        return None
+
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         return greedy_argmax(logits)
 
@@ -199,6 +204,24 @@ class KernelOps(TorchOps):
         """The packed weights onto 2 MiB pages, side by side: a decode step streams them all (huge_pages.py)."""
         for lin in linears:
             lin.packed = self.arena.place(lin.packed)
+
+    def decoder(self, model):
+        """csrc/decode_step.cpp: the weights handed over once, a step is one call (was two a layer)."""
+        weights, biases = [], []
+        for ly in model.layers:
+            assert ly.o.bias is ly.gate_up.bias is ly.down.bias is None  # as LlamaModel builds them
+            weights += [ly.ln1, ly.qkv.packed, ly.o.packed, ly.ln2, ly.gate_up.packed, ly.down.packed]
+            biases.append(ly.qkv.bias)
+        ly, head = model.layers[0], model.lm_head
+        widths = [lin.out_features for lin in (ly.qkv, ly.o, ly.gate_up, ly.down, head)]
+        decode = self.k.DecodeModel(model.embed, weights, biases, widths, model.norm, head.packed,
+                                    model.arch.rms_norm_eps, list(model._shape))  # fmt: skip
+        cos, sin = model.cos, model.sin
+
+        def step(ids, positions, tables, cache: PagedKVCache) -> torch.Tensor:
+            return decode.step(ids, cos, sin, positions, cache.k, cache.v, tables)
+
+        return step
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         # torch's CPU argmax/max are slow reductions (~1-5 ms at [8-32, 49152] on the engine thread)

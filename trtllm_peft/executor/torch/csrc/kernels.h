@@ -183,6 +183,27 @@ void decode_attention_into(torch::Tensor& x, const torch::Tensor& ln, double eps
 void mlp_into(torch::Tensor& x, const torch::Tensor& ln, double eps, const torch::Tensor& gu_wp, int64_t gu_n,
               const c10::optional<torch::Tensor>& gu_bias, const torch::Tensor& down_wp, int64_t down_n,
               const c10::optional<torch::Tensor>& down_bias);
+// A base model's decode-only step in one call (decode_step.cpp): weights handed over once, at model build.
+class DecodeModel {
+ public:
+  static constexpr int64_t kParts = 6;  // per layer: ln1, qkv, o, ln2, gate_up, down (packed projections)
+  // widths: output features of qkv, o, gate_up, down, LM head; shape: heads, kv heads, head dim
+  DecodeModel(torch::Tensor embed, std::vector<torch::Tensor> weights, std::vector<c10::optional<torch::Tensor>> qkv_bias,
+              std::vector<int64_t> widths, torch::Tensor norm, torch::Tensor head, double eps, std::vector<int64_t> shape);
+  torch::Tensor step(const torch::Tensor& ids, const torch::Tensor& cos, const torch::Tensor& sin,
+                     const torch::Tensor& positions, const torch::Tensor& kc, const torch::Tensor& vc,
+                     const torch::Tensor& tables) const;
+
+ private:
+  torch::Tensor embed_;
+  std::vector<torch::Tensor> weights_;
+  std::vector<c10::optional<torch::Tensor>> qkv_bias_;
+  std::vector<int64_t> widths_;
+  torch::Tensor norm_, head_;
+  double eps_;
+  std::vector<int64_t> shape_;
+  int64_t layers_ = 0;
+};
 torch::Tensor attend_decode(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                             const torch::Tensor& positions, torch::Tensor& kc, torch::Tensor& vc,
                             const torch::Tensor& tables, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);

@@ -47,6 +47,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "y (+)= x Wt (+ b) + each token's adapter's LoRA delta, W packed (the base projection); no DoRA rows",
            pybind11::arg("x"), pybind11::arg("wp"), pybind11::arg("n"), pybind11::arg("bias").none(true),
            pybind11::arg("y"), pybind11::arg("accumulate"), pybind11::arg("rows").none(true));
+  pybind11::class_<tp::DecodeModel>(m, "DecodeModel", pybind11::module_local())
+      .def(pybind11::init<torch::Tensor, std::vector<torch::Tensor>, std::vector<c10::optional<torch::Tensor>>,
+                          std::vector<int64_t>, torch::Tensor, torch::Tensor, double, std::vector<int64_t>>(),
+           pybind11::arg("embed"), pybind11::arg("weights"), pybind11::arg("qkv_bias"), pybind11::arg("widths"),
+           pybind11::arg("norm"), pybind11::arg("head"), pybind11::arg("eps"), pybind11::arg("shape"))
+      .def("step", &tp::DecodeModel::step, nogil,
+           "float32 logits [B, V] of one decode-only step of the base model (KV written in every layer)",
+           pybind11::arg("ids"), pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("positions"),
+           pybind11::arg("kc"), pybind11::arg("vc"), pybind11::arg("tables"));
   pybind11::class_<tp::LoraRows>(m, "LoraRows", pybind11::module_local())
       .def(pybind11::init<const torch::Tensor&, int64_t>(), pybind11::arg("token_adapter"), pybind11::arg("adapters"),
            "each token's adapter index (int64 [T], -1: none) grouped by adapter, once per step")
