@@ -7,7 +7,8 @@
    temp dir and starts `trtllm-peft serve` on them with NIM_MAX_CPU_LORAS=16, NIM_MAX_GPU_LORAS=8: the host
    budget holds 32 rank-16 adapters, the device budget 16, so 40 adapters mean evictions and possible 429s.
 2. 64 clients stream /v1/completions (greedy, ignore_eos, max_tokens fixed, logprobs=1) for --duration s,
-   then let their last requests finish. Client c draws (adapter, prompt) from its own seeded generator:
+   then let their last requests finish; client c starts c × 50 ms into the window (load_workload.STAGGER_S:
+   both sides then run the same batch regime). Client c draws (adapter, prompt) from its own seeded generator:
    adapters uniform (or Zipf(--zipf) by popularity), prompts uniform. A 429 waits Retry-After and resends.
 3. Stops the server, starts the raw TorchExecutor in this process (the two never share the CPU) and runs
    the same clients (same draws, concurrency, adapters as packed tensors, prompts, max_tokens) for as long,

@@ -244,7 +244,7 @@ def print_resources(server: Phase, raw: Phase, unused: dict[str, int]) -> bool:
     )
     print(
         f"wall time from first request to last answer: {server.name} {server.wall_s:.0f} s, raw {raw.wall_s:.0f} s; "
-        f"CPU: server + clients {server.cpu_s:.0f} s (the HTTP clients alone {server.client_cpu_s or 0:.0f} s), "
+        f"CPU: server + clients {server.cpu_s:.0f} s (the HTTP clients alone {server.client_cpu_s or 0:.1f} s), "
         f"raw + clients {raw.cpu_s:.0f} s; peak RSS: server "
         f"{server.peak_rss_gb:.2f} GB, this process (clients, raw executor) {raw.peak_rss_gb:.2f} GB"
     )

@@ -25,6 +25,11 @@ PROMPTS = (
 BASE = "smollm2"
 RETRY_S = 1.0  # the raw executor's "cache full" waits as long as the server's Retry-After
 HANG_S = 120.0  # a request silent this long is reported as a hang
+# Client c sends its first request c × this after the window opens, in both phases. Started together, the raw
+# executor's clients (answered with no transport delay) stay in lock-step: the whole batch finishes in one
+# step and the next 30 prompts prefill in one ~390-token step every ~33 steps, while the server's arrivals
+# spread out (1-2 prompts in 70% of its steps): the two sides ran different batch regimes (s10 serve.md).
+STAGGER_S = 0.05
 SETTINGS = {"NIM_MAX_CPU_LORAS": "16", "NIM_MAX_GPU_LORAS": "8"}  # of the server and of the raw executor
 
 
@@ -105,6 +110,7 @@ async def run_clients(send, wl: Workload, clients: int, duration: float):
     deadline = t0 + duration
 
     async def client(c: int) -> None:
+        await asyncio.sleep(c * STAGGER_S)
         for adapter, prompt in wl.draws(c):
             while time.perf_counter() < deadline:
                 rec = Record(c, adapter, prompt, wl.max_tokens, t_send=time.perf_counter())
