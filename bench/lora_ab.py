@@ -5,12 +5,14 @@
     .venv/bin/python bench/lora_ab.py --no-amx    # + every case again with set_amx(False)
     .venv/bin/python bench/lora_ab.py --two-calls # + the adapter cases with projection and LoRA as two calls
     .venv/bin/python bench/lora_ab.py --small-pages # + the adapter cases with the adapters on 4 KiB pages
+    .venv/bin/python bench/lora_ab.py --no-trail    # + the adapter cases without the adapters' prefetch
 
 Cases: base, 1 adapter, 8 distinct adapters (bench/engine.py's adapters: rank 16, all seven modules), and
 with --skip the 8-distinct batch with `GroupedLoraBatch.project` the base projection alone: the step's cost
 apart from the LoRA products (grouping, the executor's per-adapter work); with --two-calls the adapter cases again with the
 base projection and the LoRA delta as two kernel calls (`lora_ops.project_then_apply`, as before the fused
-`LoraGroup.project`). Decode tokens/s as bench/engine.py computes them; ratios to base printed per batch.
+`LoraGroup.project`); with --no-trail the adapter cases again with `set_lora_trail(False)` (the adapters' weights
+not prefetched during the base projection). Decode tokens/s as bench/engine.py computes them; ratios to base printed per batch.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ def _base_only(self, layer, group, linear, x, mask, out=None):
     return out
 
 
-def _with(run, skip: bool = False, amx: bool = True, two_calls: bool = False):
-    """run with the LoRA products skipped, AMX off and/or projection and LoRA as two calls for its duration."""
+def _with(run, skip: bool = False, amx: bool = True, two_calls: bool = False, trail: bool = True):
+    """run with the LoRA products skipped, AMX off, projection and LoRA as two calls and/or no prefetch of the
+    adapters during the base projection, for its duration."""
     k = load_kernels()
 
     def go(n: int) -> None:
@@ -59,11 +62,13 @@ def _with(run, skip: bool = False, amx: bool = True, two_calls: bool = False):
             GroupedLoraBatch.project = project_then_apply
         if not amx:
             k.set_amx(False)
+        k.set_lora_trail(trail)
         try:
             run(n)
         finally:
             GroupedLoraBatch.project = _project
             k.set_amx(True)
+            k.set_lora_trail(True)
 
     return go
 
@@ -94,6 +99,8 @@ def bench(dt: str, dirs: list[Path], args) -> None:
                 runs.update(
                     {f"{c}, two calls": _with(runs[c], two_calls=True) for c in ("1 adapter", "8 distinct")}
                 )
+            if args.no_trail:
+                runs.update({f"{c}, no trail": _with(runs[c], trail=False) for c, _ in ADAPTER_CASES})
             if args.small_pages:
                 runs.update({f"{c}, 4 KiB": _small_pages(ex, packed, b, n) for c, n in ADAPTER_CASES})
             if args.skip:
@@ -119,6 +126,7 @@ def main() -> None:
     ap.add_argument("--no-amx", action="store_true")
     ap.add_argument("--two-calls", action="store_true")
     ap.add_argument("--small-pages", action="store_true")
+    ap.add_argument("--no-trail", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"load average {os.getloadavg()}")

@@ -92,6 +92,14 @@ def kernel_paths():
     KERNELS.set_amx(True)
 
 
+@pytest.fixture(params=[True, False], ids=["trail", "no trail"])
+def trail(request):
+    """LoraGroup.project with the adapters' weights prefetched during the base projection (default), and without."""
+    KERNELS.set_lora_trail(request.param)
+    yield request.param
+    KERNELS.set_lora_trail(True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("case", list(CASES))
@@ -146,7 +154,7 @@ def test_rows_of_another_batch_are_refused():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rank", [2, 6, 16, 32])
 @pytest.mark.parametrize("rows", [1, 5, 16, 21])
-def test_group_with_partial_column_blocks(kernel_paths, dtype, rank, rows):
+def test_group_with_partial_column_blocks(kernel_paths, trail, dtype, rank, rows):
     """One adapter's group straight through kernels.LoraGroup (apply, and project with a base projection): parts
     of 40 and 24 columns (partial 16-column blocks, a part starting mid-block), ranks 2-32, row counts on both
     sides of the AMX LoRA-A threshold."""
@@ -201,9 +209,10 @@ PROJECT_CASES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("case", list(PROJECT_CASES))
-def test_project_equals_the_torch_ops(kernel_paths, residual, dtype, group, case):
+def test_project_equals_the_torch_ops(kernel_paths, trail, residual, dtype, group, case):
     """The base projection and its LoRA in one call (LoraGroup.project, csrc/lora.cpp) against the torch ops'
-    projection then delta; into the residual or a new tensor; DoRA groups and long inputs take the two calls."""
+    projection then delta; into the residual or a new tensor; DoRA groups and long inputs take the two calls;
+    with and without the adapters' prefetch during the base projection (`trail`)."""
     adapters, token_adapter = PROJECT_CASES[case]
     g = torch.Generator().manual_seed(len(case) + 7)
     k_in = 96 if group == "down" else 64

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <utility>
 #include <vector>
 
 namespace trtllm_peft {
@@ -114,6 +115,23 @@ void set_attend_split(int64_t work);
 constexpr int64_t kAttendSplit = 32768;
 // Row-wise argmax of float32 [B, V] logits, as torch.argmax(dim=-1): the first maximum, a NaN wins (layer_ops.cpp).
 torch::Tensor argmax_rows(const torch::Tensor& logits);
+// Lines a thread reads right after its next products (lora.cpp: the adapters' weights that follow the base
+// projection): linear_rows on that thread spreads their prefetches into L2 over its k steps, beside the next
+// unit's, while the product is compute-bound and memory has room; they are then read from cache, not at
+// memory latency. Set and cleared by the caller on its own thread (set_trail), one call's worth.
+struct Trail {
+  const std::pair<const char*, int64_t>* ranges = nullptr;  // (first byte, 64-byte lines)
+  int64_t n = 0, total = 0;  // ranges, lines in them
+  int64_t i = 0, line = 0, done = 0;
+  int64_t left() const { return total - done; }
+  inline void fetch(int64_t count) {
+    for (; count > 0 && i < n; count--, done++) {
+      _mm_prefetch(ranges[i].first + line * 64, _MM_HINT_T1);
+      if (++line == ranges[i].second) i++, line = 0;
+    }
+  }
+};
+void set_trail(Trail* trail);  // nullptr: none
 template <typename T>
 void linear_rows(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t N, const T* bias, T* const* yr,
                  bool accumulate, bool may_split);
@@ -147,6 +165,9 @@ struct LoraGroup {
   void project(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, const c10::optional<torch::Tensor>& bias,
                torch::Tensor& y, bool accumulate, const LoraRows* rows) const;
 };
+
+// Whether LoraGroup::project prefetches several adapters' weights during the base projection (default on).
+void set_lora_trail(bool on);
 
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps);
 torch::Tensor silu_mul(const torch::Tensor& gu);

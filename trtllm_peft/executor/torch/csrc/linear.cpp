@@ -31,11 +31,16 @@ constexpr int64_t unit_blocks(int64_t rows) { return rows <= 2 ? 8 : rows <= 4 ?
 struct Ahead {
   const char* p = nullptr;
   int64_t lines = 0, per_k = 0;
+  Trail* trail = nullptr;  // the thread's trail (set_trail), trail_per_k lines a k step
+  int64_t trail_per_k = 0;
   inline void at(int64_t k) const {
     const int64_t end = std::min(lines, (k + 1) * per_k);
     for (int64_t i = k * per_k; i < end; i++) _mm_prefetch(p + i * 64, _MM_HINT_T1);
+    if (trail) trail->fetch(trail_per_k);
   }
 };
+
+thread_local Trail* current_trail = nullptr;
 
 template <int M, int NB>
 inline void dot_f32(const float* const* x, const float* wp, int64_t K, const Ahead& ahead, __m512 (&acc)[M][NB]) {
@@ -183,6 +188,9 @@ void stream_units(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t
   const int64_t blocks = (N + kBlock - 1) / kBlock, lines = block_lines<T>(K), passes = (M + kRows - 1) / kRows;
   const bool one_pass = std::is_same<T, bf16>::value && M > kPrefetchMinRows;
   const bool pf = (passes > 1 || one_pass) && prefetch_next.load(std::memory_order_relaxed);
+  Trail* trail = current_trail;  // its lines spread evenly over this call's k steps
+  const int64_t steps = (u1 - u0) * passes * lines;
+  const int64_t trail_per_k = trail && steps > 0 ? (trail->left() + steps - 1) / steps : 0;
   for (int64_t u = u0; u < u1; u++) {
     const int64_t blk = width * u, nb = std::min<int64_t>(width, blocks - blk);
     const int64_t next_lines = u + 1 < u1 && pf ? std::min<int64_t>(width, blocks - blk - width) * lines : 0;
@@ -190,7 +198,8 @@ void stream_units(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t
     const char* next = reinterpret_cast<const char*>(wp) + (blk + width) * lines * 64;
     for (int64_t p = 0, m0 = 0; m0 < M; p++, m0 += kRows) {
       const int64_t first = std::min(next_lines, p * share), count = std::min(next_lines, first + share) - first;
-      const Ahead ahead{next + first * 64, count, (count + lines - 1) / lines};
+      const Ahead ahead{next + first * 64, count, (count + lines - 1) / lines, trail_per_k ? trail : nullptr,
+                        trail_per_k};
       switch (std::min<int64_t>(kRows, M - m0)) {
 #define TILE(r) \
   case r: tile_rows<T, r>(xr + m0, wp, K, blk, nb, N, bias, yr + m0, accumulate, ahead); break;
@@ -237,6 +246,8 @@ void linear_rows(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t 
       body(p * kPieceUnits, std::min(units, (p + 1) * kPieceUnits));
     });
 }
+
+void set_trail(Trail* trail) { current_trail = trail; }
 
 void set_streaming(bool prefetch, int64_t split_min_blocks_k, int64_t attend_split) {
   set_attend_split(attend_split);

@@ -13,6 +13,7 @@
 // (m / ‖…‖) ⊙ (W x + s·B·A x) + bias. Rows of other adapters and of the base are not touched.
 
 #include <algorithm>
+#include <atomic>
 
 #include "kernels.h"
 
@@ -137,6 +138,37 @@ void columns(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t c0, 
                  accumulate, false);
 }
 
+// Whether the base projection prefetches the adapters' weights that follow it (the A/B knob).
+std::atomic<bool> trail_on{true};
+
+using Ranges = std::vector<std::pair<const char*, int64_t>>;
+
+// The 64-byte lines of adapters work's A and B_p, in the order apply_work reads them (each adapter's group
+// is one stretch of its mapping: lora_grouped.prepare_packed).
+Ranges adapter_lines(const LoraGroup& g, const std::vector<size_t>& work) {
+  Ranges r;
+  auto add = [&](const torch::Tensor& t) {
+    r.emplace_back(static_cast<const char*>(t.data_ptr()), (t.numel() * t.element_size() + 63) / 64);
+  };
+  for (size_t j : work) {
+    add(*g.a[j]);
+    for (const auto& b : g.b[j]) add(b);
+  }
+  return r;
+}
+
+// Lines [l0, l1) of all ranges as ranges of their own.
+Ranges slice_lines(const Ranges& all, int64_t l0, int64_t l1) {
+  Ranges r;
+  int64_t at = 0;
+  for (const auto& [p, n] : all) {
+    const int64_t s = std::max(l0, at), e = std::min(l1, at + n);
+    if (s < e) r.emplace_back(p + (s - at) * 64, e - s);
+    at += n;
+  }
+  return r;
+}
+
 // Adapter j over its rows (a segment of the batch, or all of it), y's columns shared out over the threads: each
 // computes xa = x_j · A_jᵀ itself (A is small, and this way no thread waits for another's), then its columns of
 // the base projection, then its columns of the delta xa · B_pᵀ — so every element of y gets W x first and the
@@ -187,6 +219,32 @@ void project_rows(const LoraGroup& g, const LoraRows& segs, size_t j, const torc
     parallel_for(0, blocks, 1, body);
   else
     body(0, blocks);
+}
+
+// The base projection y (+)= x · Wᵀ (+ bias), its column blocks shared out over the threads, each thread
+// prefetching its share of the adapters' lines (`lines`) while it streams W: a product of several 8-row passes
+// leaves memory room, and the adapters' many short blocks are read at memory latency otherwise.
+template <typename T>
+void base_prefetching(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, const T* bias, torch::Tensor& y,
+                      bool accumulate, const Ranges& lines) {
+  const int64_t tokens = x.size(0), K = x.size(1), blocks = (n + kBlock - 1) / kBlock;
+  int64_t total = 0;
+  for (const auto& r : lines) total += r.second;
+  std::vector<const T*> xr(tokens);
+  std::vector<T*> yr(tokens);
+  for (int64_t t = 0; t < tokens; t++) {
+    xr[t] = x.data_ptr<T>() + t * x.stride(0);
+    yr[t] = y.data_ptr<T>() + t * y.stride(0);
+  }
+  parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    thread_local std::vector<T*> shifted;
+    const Ranges mine = slice_lines(lines, total * b0 / blocks, total * b1 / blocks);
+    Trail trail{mine.data(), static_cast<int64_t>(mine.size()), total * b1 / blocks - total * b0 / blocks};
+    set_trail(&trail);
+    columns<T>(xr.data(), tokens, wp.data_ptr<T>(), K, b0 * kBlock, std::min(n, b1 * kBlock), bias, yr.data(),
+               accumulate, shifted);
+    set_trail(nullptr);
+  });
 }
 
 // Adapters work (each with tokens in segs) of the batch: one adapter on every thread, equal segments side by
@@ -252,6 +310,8 @@ const T* data_or_null(const c10::optional<torch::Tensor>& t) {
 
 }  // namespace
 
+void set_lora_trail(bool on) { trail_on.store(on); }
+
 LoraRows::LoraRows(const torch::Tensor& token_adapter, int64_t adapters) {
   TORCH_CHECK(token_adapter.scalar_type() == at::kLong && token_adapter.dim() == 1, "lora: token_adapter must be int64 [T]");
   TORCH_CHECK(adapters >= 0, "lora: adapters must be >= 0");
@@ -289,6 +349,11 @@ void LoraGroup::apply(const torch::Tensor& x, torch::Tensor& y, const LoraRows* 
 
 // Products of more rows than this (prefill) keep linear_rows' own piece split, then apply().
 constexpr int64_t kProjectMaxRows = 64;
+// Several adapters' weights are prefetched during the base projection from this many rows on (two 8-row passes
+// over W). With one pass the product already reads W as fast as the cores' memory traffic goes: 8 distinct bf16
+// adapters at batch 8 took 2.3 ms longer in the base projections, as long as reading them cold
+// (bench/lora_kernels.py's step; figures in the commit).
+constexpr int64_t kTrailMinRows = 9;
 
 void LoraGroup::project(const torch::Tensor& x, const torch::Tensor& wp, int64_t n,
                         const c10::optional<torch::Tensor>& bias, torch::Tensor& y, bool accumulate,
@@ -302,10 +367,13 @@ void LoraGroup::project(const torch::Tensor& x, const torch::Tensor& wp, int64_t
   // rows ran one small product after another (bench/lora_kernels.py, 8 adapters, float32 batch 8: base / step
   // 0.71 against 0.78 as two calls).
   const bool fuse = x.size(0) <= kProjectMaxRows && s.work.size() == 1;
-  if (!fuse) linear_into(x, wp, n, bias, y, accumulate);
+  const bool trail = x.size(0) >= kTrailMinRows && x.size(0) <= kProjectMaxRows && s.work.size() > 1 &&
+                     trail_on.load(std::memory_order_relaxed);
+  if (!fuse && !trail) linear_into(x, wp, n, bias, y, accumulate);
   if (s.work.empty()) return;
   dispatch(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+    if (trail) base_prefetching<T>(x, wp, n, data_or_null<T>(bias), y, accumulate, adapter_lines(*this, s.work));
     if (fuse)
       project_rows<T>(*this, s.segs(), s.work[0], x, wp, n, data_or_null<T>(bias), y, accumulate);
     else

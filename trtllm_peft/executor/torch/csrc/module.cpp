@@ -31,6 +31,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "RoPE + KV write + causal attention of one sequence's prompt chunk");
   m.def("fresh_qkv", &tp::fresh_qkv, nogil,
         "RoPE of q and k + KV write of a prefill's fresh chunks -> qk [F, heads + kv, hd]");
+  m.def("set_lora_trail", &tp::set_lora_trail, "LoRA: prefetch several adapters' weights during the base "
+        "projection (default on)", pybind11::arg("on") = true);
   pybind11::class_<tp::LoraGroup>(m, "LoraGroup", pybind11::module_local())
       .def(pybind11::init<std::vector<c10::optional<torch::Tensor>>, std::vector<std::vector<torch::Tensor>>,
                           std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
