@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -132,6 +133,14 @@ struct Trail {
   }
 };
 void set_trail(Trail* trail);  // nullptr: none
+// Each row's first element of t [rows, ...] (rows may be strided): P is `const T*` or `T*`.
+template <typename P>
+std::vector<P> row_pointers(const torch::Tensor& t) {
+  using T = std::remove_const_t<std::remove_pointer_t<P>>;
+  std::vector<P> r(t.size(0));
+  for (int64_t i = 0; i < t.size(0); i++) r[i] = t.data_ptr<T>() + i * t.stride(0);
+  return r;
+}
 template <typename T>
 void linear_rows(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t N, const T* bias, T* const* yr,
                  bool accumulate, bool may_split);

@@ -214,12 +214,8 @@ template <typename T>
 void run_linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, const c10::optional<torch::Tensor>& bias,
                 torch::Tensor& y, bool accumulate) {
   const int64_t M = x.size(0);
-  std::vector<const T*> xr(M);
-  std::vector<T*> yr(M);
-  for (int64_t m = 0; m < M; m++) {
-    xr[m] = x.data_ptr<T>() + m * x.stride(0);
-    yr[m] = y.data_ptr<T>() + m * y.stride(0);
-  }
+  const auto xr = row_pointers<const T*>(x);
+  const auto yr = row_pointers<T*>(y);
   linear_rows<T>(xr.data(), M, wp.data_ptr<T>(), x.size(1), n, bias ? bias->data_ptr<T>() : nullptr, yr.data(),
                  accumulate, true);
 }

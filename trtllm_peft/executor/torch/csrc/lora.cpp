@@ -179,12 +179,10 @@ void project_rows(const LoraGroup& g, const LoraRows& segs, size_t j, const torc
   const int64_t tokens = x.size(0), K = x.size(1), parts = static_cast<int64_t>(g.starts.size());
   const int64_t c = segs.count(j), rank = g.ranks[j], width = parts * rank;
   const int64_t* rows = segs.rows.data() + segs.start[j];
-  std::vector<const T*> xr(tokens), xj(c);
-  std::vector<T*> yr(tokens), yj(c);
-  for (int64_t t = 0; t < tokens; t++) {
-    xr[t] = x.data_ptr<T>() + t * x.stride(0);
-    yr[t] = y.data_ptr<T>() + t * y.stride(0);
-  }
+  const auto xr = row_pointers<const T*>(x);
+  const auto yr = row_pointers<T*>(y);
+  std::vector<const T*> xj(c);
+  std::vector<T*> yj(c);
   for (int64_t i = 0; i < c; i++) {
     xj[i] = xr[rows[i]];
     yj[i] = yr[rows[i]];
@@ -230,12 +228,8 @@ void base_prefetching(const torch::Tensor& x, const torch::Tensor& wp, int64_t n
   const int64_t tokens = x.size(0), K = x.size(1), blocks = (n + kBlock - 1) / kBlock;
   int64_t total = 0;
   for (const auto& r : lines) total += r.second;
-  std::vector<const T*> xr(tokens);
-  std::vector<T*> yr(tokens);
-  for (int64_t t = 0; t < tokens; t++) {
-    xr[t] = x.data_ptr<T>() + t * x.stride(0);
-    yr[t] = y.data_ptr<T>() + t * y.stride(0);
-  }
+  const auto xr = row_pointers<const T*>(x);
+  const auto yr = row_pointers<T*>(y);
   parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     thread_local std::vector<T*> shifted;
     const Ranges mine = slice_lines(lines, total * b0 / blocks, total * b1 / blocks);
