@@ -86,6 +86,13 @@ int kernel_threads();         // the threads parallel_for and parallel_pieces us
 // fn(0..n-1), pieces handed out one at a time to whichever thread is free: a thread the OS descheduled
 // holds up one piece, not half of the work (a shared 2-core machine does that often).
 void parallel_pieces(int64_t n, const std::function<void(int64_t)>& fn);
+// fn(u, next) for units u = 0..n-1 of a streamed product: each thread runs its own contiguous share front to
+// back, then takes units left in the others' shares from their back ends, one at a time — a descheduled thread
+// holds up the unit it is in, not the rest of its share. next: the unit this thread takes after u if nobody
+// takes it first (-1: none), for fn to prefetch.
+void parallel_units(int64_t n, const std::function<void(int64_t, int64_t)>& fn);
+// A/B knobs: parallel_units' stealing, the workers' idle spin, the caller asleep while its workers are late
+void set_split(bool steal, int64_t spin_us, bool sleep);
 
 // ---- the module's functions (linear.cpp, lora.cpp, layer_ops.cpp, attend_*.cpp) ------------------------
 

@@ -177,38 +177,51 @@ std::atomic<int64_t> split_min{16384};
 // weights
 constexpr int64_t kSplitRowsWork = int64_t{1} << 21;
 // Products of more rows than a decode batch (prefill) go to the threads in pieces of kPieceUnits units
-// (512-row gate|up: 32 pieces, o: 6); decode keeps contiguous halves (the next unit prefetched across them).
+// (512-row gate|up: 32 pieces, o: 6); decode-sized ones in shares of single units (parallel_units: the next
+// unit prefetched across them, a thread done early taking the rest of a descheduled thread's share).
 constexpr int64_t kPieceMinRows = 64, kPieceUnits = 2;
 
-// Units u0..u1 of `width` blocks, every row in passes of kRows, each pass prefetching its share of the next
-// unit (Ahead).
+// One product's units (`width` blocks each), every row in passes of kRows, each pass prefetching its share of
+// the unit the thread runs next (Ahead).
 template <typename T>
-void stream_units(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t N, const T* bias, T* const* yr,
-                  bool accumulate, int64_t width, int64_t u0, int64_t u1) {
-  const int64_t blocks = (N + kBlock - 1) / kBlock, lines = block_lines<T>(K), passes = (M + kRows - 1) / kRows;
-  const bool one_pass = std::is_same<T, bf16>::value && M > kPrefetchMinRows;
-  const bool pf = (passes > 1 || one_pass) && prefetch_next.load(std::memory_order_relaxed);
-  Trail* trail = current_trail;  // its lines spread evenly over this call's k steps
-  const int64_t steps = (u1 - u0) * passes * lines;
-  const int64_t trail_per_k = trail && steps > 0 ? (trail->left() + steps - 1) / steps : 0;
-  for (int64_t u = u0; u < u1; u++) {
+struct Stream {
+  const T* const* xr;
+  int64_t M;
+  const T* wp;
+  int64_t K, N;
+  const T* bias;
+  T* const* yr;
+  bool accumulate;
+  int64_t width, blocks = (N + kBlock - 1) / kBlock, lines = block_lines<T>(K), passes = (M + kRows - 1) / kRows;
+  bool pf = (passes > 1 || (std::is_same<T, bf16>::value && M > kPrefetchMinRows)) &&
+            prefetch_next.load(std::memory_order_relaxed);
+
+  // Unit u, prefetching unit `next` (-1: none) and trail_per_k lines of `trail` (may be null) a k step.
+  void unit(int64_t u, int64_t next, Trail* trail, int64_t trail_per_k) const {
     const int64_t blk = width * u, nb = std::min<int64_t>(width, blocks - blk);
-    const int64_t next_lines = u + 1 < u1 && pf ? std::min<int64_t>(width, blocks - blk - width) * lines : 0;
+    const int64_t next_lines = next >= 0 && pf ? std::min<int64_t>(width, blocks - width * next) * lines : 0;
     const int64_t share = (next_lines + passes - 1) / passes;
-    const char* next = reinterpret_cast<const char*>(wp) + (blk + width) * lines * 64;
+    const char* ahead = reinterpret_cast<const char*>(wp) + width * std::max<int64_t>(next, 0) * lines * 64;
     for (int64_t p = 0, m0 = 0; m0 < M; p++, m0 += kRows) {
       const int64_t first = std::min(next_lines, p * share), count = std::min(next_lines, first + share) - first;
-      const Ahead ahead{next + first * 64, count, (count + lines - 1) / lines, trail_per_k ? trail : nullptr,
-                        trail_per_k};
+      const Ahead at{ahead + first * 64, count, (count + lines - 1) / lines, trail_per_k ? trail : nullptr, trail_per_k};
       switch (std::min<int64_t>(kRows, M - m0)) {
 #define TILE(r) \
-  case r: tile_rows<T, r>(xr + m0, wp, K, blk, nb, N, bias, yr + m0, accumulate, ahead); break;
+  case r: tile_rows<T, r>(xr + m0, wp, K, blk, nb, N, bias, yr + m0, accumulate, at); break;
         TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8)
 #undef TILE
       }
     }
   }
-}
+
+  // Units u0..u1 on this thread, in order, its trail's lines (set_trail) spread evenly over their k steps.
+  void units(int64_t u0, int64_t u1) const {
+    Trail* trail = current_trail;
+    const int64_t steps = (u1 - u0) * passes * lines;
+    const int64_t trail_per_k = trail && steps > 0 ? (trail->left() + steps - 1) / steps : 0;
+    for (int64_t u = u0; u < u1; u++) unit(u, u + 1 < u1 ? u + 1 : -1, trail, trail_per_k);
+  }
+};
 
 template <typename T>
 void run_linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, const c10::optional<torch::Tensor>& bias,
@@ -228,15 +241,16 @@ void linear_rows(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t 
   if constexpr (std::is_same<T, bf16>::value)
     if (amx_fits(M, K)) return amx_linear_rows(xr, M, wp, K, N, bias, yr, accumulate, may_split);
   const int64_t width = unit_blocks(M), blocks = (N + kBlock - 1) / kBlock, units = (blocks + width - 1) / width;
-  auto body = [&](int64_t u0, int64_t u1) { stream_units<T>(xr, M, wp, K, N, bias, yr, accumulate, width, u0, u1); };
+  const Stream<T> st{xr, M, wp, K, N, bias, yr, accumulate, width};
+  auto body = [&](int64_t u0, int64_t u1) { st.units(u0, u1); };
   // Weights dominate: threads split the output columns, and every 8-row pass reuses a unit's weights from
   // cache. Small products stay on the calling thread (waking a worker costs more than they do): few weights
   // and few rows (a prefill's 512-row o-proj, 36 blocks × 576, ran on one thread: 13% of a bf16 prefill).
   const int64_t weights = blocks * K;
   if (!may_split || (weights < split_min.load(std::memory_order_relaxed) && M * weights < kSplitRowsWork))
     body(0, units);
-  else if (M <= kPieceMinRows)
-    parallel_for(0, units, 1, body);
+  else if (M <= kPieceMinRows)  // decode-sized: shares of units, the idle thread stealing (parallel_units)
+    parallel_units(units, [&](int64_t u, int64_t next) { st.unit(u, next, nullptr, 0); });
   else  // prefill-sized: pieces of units handed out as threads free up (a descheduled thread holds up one piece)
     parallel_pieces((units + kPieceUnits - 1) / kPieceUnits, [&](int64_t p) {
       body(p * kPieceUnits, std::min(units, (p + 1) * kPieceUnits));

@@ -16,6 +16,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_streaming", &tp::set_streaming, "weight streaming knobs: prefetch the next unit (default on), smallest "
         "product (blocks x k) split over threads, smallest decode attention split", pybind11::arg("prefetch") = true,
         pybind11::arg("split_min") = 16384, pybind11::arg("attend_split") = tp::kAttendSplit);
+  m.def("set_split", &tp::set_split, "decode products' split: shares with stealing (default on), the pool workers' "
+        "idle spin in us before they sleep, the caller asleep while they are late", pybind11::arg("steal") = true,
+        pybind11::arg("spin_us") = 50, pybind11::arg("sleep") = true);
   m.def("argmax_rows", &tp::argmax_rows, nogil, "torch.argmax(logits, -1) of float32 [B, V] logits");
   m.def("pack", &tp::pack, nogil, "W [N, K] -> packed 16-column blocks (linear.cpp)");
   m.def("linear", &tp::linear, nogil, "x · Wᵀ (+ b) from a packed W");
