@@ -6,13 +6,16 @@
     .venv/bin/python bench/lora_ab.py --two-calls # + the adapter cases with projection and LoRA as two calls
     .venv/bin/python bench/lora_ab.py --small-pages # + the adapter cases with the adapters on 4 KiB pages
     .venv/bin/python bench/lora_ab.py --no-trail    # + the adapter cases without the adapters' prefetch
+    .venv/bin/python bench/lora_ab.py --layered     # + the adapter cases layer by layer (not one call a step)
 
 Cases: base, 1 adapter, 8 distinct adapters (bench/engine.py's adapters: rank 16, all seven modules), and
 with --skip the 8-distinct batch with `GroupedLoraBatch.project` the base projection alone: the step's cost
 apart from the LoRA products (grouping, the executor's per-adapter work); with --two-calls the adapter cases again with the
 base projection and the LoRA delta as two kernel calls (`lora_ops.project_then_apply`, as before the fused
 `LoraGroup.project`); with --no-trail the adapter cases again with `set_lora_trail(False)` (the adapters' weights
-not prefetched during the base projection). Decode tokens/s as bench/engine.py computes them; ratios to base printed per batch.
+not prefetched during the base projection); with --layered the adapter cases again with `model.fuse_lora = False`
+(a decode step with adapters through model.py's `_forward`, ~8 kernel calls a layer, instead of one call a step).
+Decode tokens/s as bench/engine.py computes them; ratios to base printed per batch.
 """
 
 from __future__ import annotations
@@ -73,6 +76,19 @@ def _with(run, skip: bool = False, amx: bool = True, two_calls: bool = False, tr
     return go
 
 
+def _layered(ex, run):
+    """run with decode steps with adapters layer by layer (`_forward`), not one kernel call, for its duration."""
+
+    def go(n: int) -> None:
+        ex.model.fuse_lora = False
+        try:
+            run(n)
+        finally:
+            ex.model.fuse_lora = True
+
+    return go
+
+
 def _small_pages(ex, packed, b: int, n: int):
     """ours_runner with its adapters (own task ids) brought into the device tier on 4 KiB pages."""
     placed = lora_grouped.on_huge_pages
@@ -101,6 +117,8 @@ def bench(dt: str, dirs: list[Path], args) -> None:
                 )
             if args.no_trail:
                 runs.update({f"{c}, no trail": _with(runs[c], trail=False) for c, _ in ADAPTER_CASES})
+            if args.layered:
+                runs.update({f"{c}, layered": _layered(ex, runs[c]) for c, _ in ADAPTER_CASES})
             if args.small_pages:
                 runs.update({f"{c}, 4 KiB": _small_pages(ex, packed, b, n) for c, n in ADAPTER_CASES})
             if args.skip:
@@ -127,6 +145,7 @@ def main() -> None:
     ap.add_argument("--two-calls", action="store_true")
     ap.add_argument("--small-pages", action="store_true")
     ap.add_argument("--no-trail", action="store_true")
+    ap.add_argument("--layered", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"load average {os.getloadavg()}")
