@@ -53,12 +53,14 @@ def _base_only(self, layer, group, linear, x, mask, out=None):
     return out
 
 
-def _with(run, skip: bool = False, amx: bool = True, two_calls: bool = False, trail: bool = True):
+def _with(ex, run, skip: bool = False, amx: bool = True, two_calls: bool = False, trail: bool = True):
     """run with the LoRA products skipped, AMX off, projection and LoRA as two calls and/or no prefetch of the
-    adapters during the base projection, for its duration."""
+    adapters during the base projection, for its duration (skip and two calls: layer by layer, where
+    `GroupedLoraBatch.project` is what the step calls)."""
     k = load_kernels()
 
     def go(n: int) -> None:
+        ex.model.fuse_lora = not (skip or two_calls)
         if skip:
             GroupedLoraBatch.project = _base_only
         if two_calls:
@@ -69,6 +71,7 @@ def _with(run, skip: bool = False, amx: bool = True, two_calls: bool = False, tr
         try:
             run(n)
         finally:
+            ex.model.fuse_lora = True
             GroupedLoraBatch.project = _project
             k.set_amx(True)
             k.set_lora_trail(True)
@@ -113,18 +116,21 @@ def bench(dt: str, dirs: list[Path], args) -> None:
             }
             if args.two_calls:
                 runs.update(
-                    {f"{c}, two calls": _with(runs[c], two_calls=True) for c in ("1 adapter", "8 distinct")}
+                    {
+                        f"{c}, two calls": _with(ex, runs[c], two_calls=True)
+                        for c in ("1 adapter", "8 distinct")
+                    }
                 )
             if args.no_trail:
-                runs.update({f"{c}, no trail": _with(runs[c], trail=False) for c, _ in ADAPTER_CASES})
+                runs.update({f"{c}, no trail": _with(ex, runs[c], trail=False) for c, _ in ADAPTER_CASES})
             if args.layered:
                 runs.update({f"{c}, layered": _layered(ex, runs[c]) for c, _ in ADAPTER_CASES})
             if args.small_pages:
                 runs.update({f"{c}, 4 KiB": _small_pages(ex, packed, b, n) for c, n in ADAPTER_CASES})
             if args.skip:
-                runs["8 distinct, LoRA skipped"] = _with(runs["8 distinct"], skip=True)
+                runs["8 distinct, LoRA skipped"] = _with(ex, runs["8 distinct"], skip=True)
             if args.no_amx:
-                runs.update({f"{k}, no AMX": _with(r, amx=False) for k, r in list(runs.items())})
+                runs.update({f"{k}, no AMX": _with(ex, r, amx=False) for k, r in list(runs.items())})
             rates = interleaved_rates(runs, b, args.tokens, args.repeats)
             load = os.getloadavg()[0]
             for case, r in rates.items():
