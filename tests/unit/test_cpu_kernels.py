@@ -130,16 +130,13 @@ def test_streaming_prefetch_and_thread_split_change_no_bit(streaming, dtype, m, 
         assert torch.equal(out, got[0][0]) and torch.equal(y, got[0][1])
 
 
-# set_split(steal, spin_us, sleep) (csrc/thread_pool.cpp): decode products in shares with stealing or in
-# contiguous halves, the workers' idle spin, the caller asleep or yielding while a worker is late.
+# set_split(steal, spin_us, sleep) (csrc/thread_pool.cpp): shares with stealing or halves, spin, caller asleep
 SPLITS = [(True, 50, True), (False, 200, False), (True, 0, True), (True, 200, False), (False, 0, True)]
 
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    ("m", "n", "k"), [(1, 16 * 8 * 3 + 5, 33), (8, 960, 576), (17, 3 * 16 * 5, 64), (64, 97, 17)]
-)
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 389, 33), (8, 960, 576), (17, 240, 64), (64, 97, 17)])
 def test_thread_split_settings_change_no_bit(streaming, dtype, m, n, k):
     """Every split and wait setting, on two threads, gives the bits of one thread, also accumulating into y."""
     g = torch.Generator().manual_seed(m + n + k)
@@ -148,7 +145,7 @@ def test_thread_split_settings_change_no_bit(streaming, dtype, m, n, k):
     y0 = torch.randn(m, n, generator=g).to(dtype)
     streaming.set_streaming(True, 0)  # every product split
     got = []
-    try:
+    try:  # one thread first: the reference bits
         for threads, split in [(1, SPLITS[0])] + [(2, s) for s in SPLITS]:
             KERNELS.set_num_threads(threads)
             KERNELS.set_split(*split)
