@@ -6,13 +6,16 @@
     .venv/bin/python bench/lora_ab.py --two-calls # + the adapter cases with projection and LoRA as two calls
     .venv/bin/python bench/lora_ab.py --small-pages # + the adapter cases with the adapters on 4 KiB pages
     .venv/bin/python bench/lora_ab.py --no-trail    # + the adapter cases without the adapters' prefetch
+    .venv/bin/python bench/lora_ab.py --layered     # + the adapter cases layer by layer (not one call a step)
 
 Cases: base, 1 adapter, 8 distinct adapters (bench/engine.py's adapters: rank 16, all seven modules), and
 with --skip the 8-distinct batch with `GroupedLoraBatch.project` the base projection alone: the step's cost
 apart from the LoRA products (grouping, the executor's per-adapter work); with --two-calls the adapter cases again with the
 base projection and the LoRA delta as two kernel calls (`lora_ops.project_then_apply`, as before the fused
 `LoraGroup.project`); with --no-trail the adapter cases again with `set_lora_trail(False)` (the adapters' weights
-not prefetched during the base projection). Decode tokens/s as bench/engine.py computes them; ratios to base printed per batch.
+not prefetched during the base projection); with --layered the adapter cases again with `model.fuse_lora = False`
+(a decode step with adapters through model.py's `_forward`, ~8 kernel calls a layer, instead of one call a step).
+Decode tokens/s as bench/engine.py computes them; ratios to base printed per batch.
 """
 
 from __future__ import annotations
@@ -50,12 +53,14 @@ def _base_only(self, layer, group, linear, x, mask, out=None):
     return out
 
 
-def _with(run, skip: bool = False, amx: bool = True, two_calls: bool = False, trail: bool = True):
+def _with(ex, run, skip: bool = False, amx: bool = True, two_calls: bool = False, trail: bool = True):
     """run with the LoRA products skipped, AMX off, projection and LoRA as two calls and/or no prefetch of the
-    adapters during the base projection, for its duration."""
+    adapters during the base projection, for its duration (skip and two calls: layer by layer, where
+    `GroupedLoraBatch.project` is what the step calls)."""
     k = load_kernels()
 
     def go(n: int) -> None:
+        ex.model.fuse_lora = not (skip or two_calls)
         if skip:
             GroupedLoraBatch.project = _base_only
         if two_calls:
@@ -66,9 +71,23 @@ def _with(run, skip: bool = False, amx: bool = True, two_calls: bool = False, tr
         try:
             run(n)
         finally:
+            ex.model.fuse_lora = True
             GroupedLoraBatch.project = _project
             k.set_amx(True)
             k.set_lora_trail(True)
+
+    return go
+
+
+def _layered(ex, run):
+    """run with decode steps with adapters layer by layer (`_forward`), not one kernel call, for its duration."""
+
+    def go(n: int) -> None:
+        ex.model.fuse_lora = False
+        try:
+            run(n)
+        finally:
+            ex.model.fuse_lora = True
 
     return go
 
@@ -97,16 +116,21 @@ def bench(dt: str, dirs: list[Path], args) -> None:
             }
             if args.two_calls:
                 runs.update(
-                    {f"{c}, two calls": _with(runs[c], two_calls=True) for c in ("1 adapter", "8 distinct")}
+                    {
+                        f"{c}, two calls": _with(ex, runs[c], two_calls=True)
+                        for c in ("1 adapter", "8 distinct")
+                    }
                 )
             if args.no_trail:
-                runs.update({f"{c}, no trail": _with(runs[c], trail=False) for c, _ in ADAPTER_CASES})
+                runs.update({f"{c}, no trail": _with(ex, runs[c], trail=False) for c, _ in ADAPTER_CASES})
+            if args.layered:
+                runs.update({f"{c}, layered": _layered(ex, runs[c]) for c, _ in ADAPTER_CASES})
             if args.small_pages:
                 runs.update({f"{c}, 4 KiB": _small_pages(ex, packed, b, n) for c, n in ADAPTER_CASES})
             if args.skip:
-                runs["8 distinct, LoRA skipped"] = _with(runs["8 distinct"], skip=True)
+                runs["8 distinct, LoRA skipped"] = _with(ex, runs["8 distinct"], skip=True)
             if args.no_amx:
-                runs.update({f"{k}, no AMX": _with(r, amx=False) for k, r in list(runs.items())})
+                runs.update({f"{k}, no AMX": _with(ex, r, amx=False) for k, r in list(runs.items())})
             rates = interleaved_rates(runs, b, args.tokens, args.repeats)
             load = os.getloadavg()[0]
             for case, r in rates.items():
@@ -127,6 +151,7 @@ def main() -> None:
     ap.add_argument("--two-calls", action="store_true")
     ap.add_argument("--small-pages", action="store_true")
     ap.add_argument("--no-trail", action="store_true")
+    ap.add_argument("--layered", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"load average {os.getloadavg()}")

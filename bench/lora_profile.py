@@ -42,7 +42,9 @@ class TimedProjection:
 
 
 def instrument(ex: TorchExecutor, clock: Clock) -> None:
-    """Time the projections, each group's projection with LoRA and the step's mask under their own names."""
+    """Time the projections, each group's projection with LoRA and the step's mask under their own names (op by
+    op: a step in one kernel call has no Python between its ops to time)."""
+    ex.model.fuse = False
     for ly in ex.model.layers:
         for name in PROJECTIONS:
             setattr(ly, name, TimedProjection(getattr(ly, name), name, clock))

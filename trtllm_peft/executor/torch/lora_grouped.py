@@ -14,7 +14,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from trtllm_peft.executor.torch import huge_pages
-from trtllm_peft.executor.torch.lora_ops import AdapterTensors, part_slices, prepare, project_then_apply
+from trtllm_peft.executor.torch.lora_ops import (
+    GROUPS,
+    AdapterTensors,
+    part_slices,
+    prepare,
+    project_then_apply,
+)
 from trtllm_peft.lora.adapter import LoraAdapter
 from trtllm_peft.lora.spec import ModelSpec
 
@@ -68,6 +74,7 @@ class GroupedLoraBatch:
 
     def __init__(self, kernels, adapters: list[AdapterTensors], spec: ModelSpec) -> None:
         self.k, self.single, self.n = kernels, len(adapters) == 1, len(adapters)
+        self.layers, self._plan = spec.num_layers, None
         ranks = [a.width for a in adapters]
         self.groups = {}
         self.scaled: set[tuple[int, str]] = set()  # (layer, group)s a DoRA adapter of the batch rescales
@@ -93,6 +100,13 @@ class GroupedLoraBatch:
         if self.single and bool((token_adapter == 0).all()):
             return None
         return self.k.LoraRows(token_adapter.to(torch.long), self.n)
+
+    def decode_plan(self):
+        """Every layer's groups as a one-call decode step reads them (kernels.DecodeLora), made once."""
+        if self._plan is None:
+            order = [self.groups.get((layer, g)) for layer in range(self.layers) for g in GROUPS]
+            self._plan = self.k.DecodeLora(order)
+        return self._plan
 
     def scales(self, layer: int, group: str) -> bool:
         """Whether a DoRA adapter of this batch rescales this (layer, group)'s output."""

@@ -124,9 +124,11 @@ class LlamaModel:
         self.fresh_sdpa = self.fresh_kernel is None or (
             dtype == torch.bfloat16 and self.ops.k.amx_available()
         )
-        # A decode-only base step as one call where the kernels run (csrc/decode_step.cpp), else None: the
-        # layer loop of `_decode_base`. Built last: it holds the placed weights.
+        # A decode-only step as one call where the kernels run (csrc/decode_step.cpp), else None: the layer loop
+        # of `_decode_base` (`_forward` with adapters). Built last: it holds the placed weights.
         self.decoder = self.ops.decoder(self)
+        # decode-only steps with adapters through `decoder` too (False: `_forward`, the bench's A/B)
+        self.fuse_lora = True
 
     def _layer(self, w: dict[str, torch.Tensor], i: int) -> Layer:
         p = f"model.layers.{i}."
@@ -248,6 +250,8 @@ class LlamaModel:
 
         if not tc and lora is None and self.fuse:
             return self._decode_base(ids, positions, tables, cache)
+        if not tc and self.fuse and self.fuse_lora and self.decoder is not None:  # adapters' groups in C++
+            return self.decoder(ids, positions, tables, cache, lora.decode_plan(), mask)
         hidden = self._forward(ids, attend, lora, mask)
         ends = torch.tensor([c.length for c in chunks], dtype=torch.long).cumsum(0).tolist()
         for i in context or {}:

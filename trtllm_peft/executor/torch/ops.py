@@ -98,8 +98,9 @@ class TorchOps:
         """The device tier's adapters are plain torch tensors here: nothing to reserve."""
 
     def decoder(self, model):
-        """The model's decode-only base step as one call `(ids, positions, tables, cache) -> logits`, or None:
-        the model runs its layers one by one."""
+        """The model's decode-only step as one call `(ids, positions, tables, cache, lora plan, rows) -> logits`
+        (GroupedLoraBatch.decode_plan and .mask, or None: the base model), or None: the model runs its layers
+        one by one."""
         return None
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
@@ -226,8 +227,8 @@ class KernelOps(TorchOps):
                                     model.arch.rms_norm_eps, list(model._shape))  # fmt: skip
         cos, sin = model.cos, model.sin
 
-        def step(ids, positions, tables, cache: PagedKVCache) -> torch.Tensor:
-            return decode.step(ids, cos, sin, positions, cache.k, cache.v, tables)
+        def step(ids, positions, tables, cache: PagedKVCache, lora=None, rows=None) -> torch.Tensor:
+            return decode.step(ids, cos, sin, positions, cache.k, cache.v, tables, lora, rows)
 
         return step
 

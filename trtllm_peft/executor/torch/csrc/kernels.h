@@ -192,7 +192,16 @@ void decode_attention_into(torch::Tensor& x, const torch::Tensor& ln, double eps
 void mlp_into(torch::Tensor& x, const torch::Tensor& ln, double eps, const torch::Tensor& gu_wp, int64_t gu_n,
               const c10::optional<torch::Tensor>& gu_bias, const torch::Tensor& down_wp, int64_t down_n,
               const c10::optional<torch::Tensor>& down_bias);
-// A base model's decode-only step in one call (decode_step.cpp): weights handed over once, at model build.
+// A batch's adapters as a decode-only step reads them (decode_step.cpp): each layer's qkv, o, gate_up and down
+// groups (none: no adapter of the batch has it), made once per set of adapters (GroupedLoraBatch).
+struct DecodeLora {
+  static constexpr int64_t kGroups = 4;           // qkv, o, gate_up, down: lora_ops.GROUPS' order
+  std::vector<c10::optional<LoraGroup>> groups;  // [layers · kGroups]
+  std::vector<char> scaled;                      // a DoRA adapter rescales the group's output
+  explicit DecodeLora(const std::vector<const LoraGroup*>& layer_groups);
+};
+// A decode-only step in one call (decode_step.cpp): weights handed over once, at model build; with a batch's
+// adapters (lora, each token's adapter in rows: null = all on adapter 0) or without (lora null).
 class DecodeModel {
  public:
   static constexpr int64_t kParts = 6;  // per layer: ln1, qkv, o, ln2, gate_up, down (packed projections)
@@ -201,9 +210,12 @@ class DecodeModel {
               std::vector<int64_t> widths, torch::Tensor norm, torch::Tensor head, double eps, std::vector<int64_t> shape);
   torch::Tensor step(const torch::Tensor& ids, const torch::Tensor& cos, const torch::Tensor& sin,
                      const torch::Tensor& positions, const torch::Tensor& kc, const torch::Tensor& vc,
-                     const torch::Tensor& tables) const;
+                     const torch::Tensor& tables, const DecodeLora* lora, const LoraRows* rows) const;
 
  private:
+  void lora_layer(torch::Tensor& x, int64_t i, const torch::Tensor& cos, const torch::Tensor& sin,
+                  const torch::Tensor& positions, torch::Tensor& k, torch::Tensor& v, const torch::Tensor& tables,
+                  const DecodeLora& lora, const LoraRows* rows) const;
   torch::Tensor embed_;
   std::vector<torch::Tensor> weights_;
   std::vector<c10::optional<torch::Tensor>> qkv_bias_;

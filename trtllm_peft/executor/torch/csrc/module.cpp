@@ -53,9 +53,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("embed"), pybind11::arg("weights"), pybind11::arg("qkv_bias"), pybind11::arg("widths"),
            pybind11::arg("norm"), pybind11::arg("head"), pybind11::arg("eps"), pybind11::arg("shape"))
       .def("step", &tp::DecodeModel::step, nogil,
-           "float32 logits [B, V] of one decode-only step of the base model (KV written in every layer)",
+           "float32 logits [B, V] of one decode-only step (KV written in every layer), with the batch's adapters "
+           "(lora; rows: each token's, None: all on adapter 0) or without (lora None)",
            pybind11::arg("ids"), pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("positions"),
-           pybind11::arg("kc"), pybind11::arg("vc"), pybind11::arg("tables"));
+           pybind11::arg("kc"), pybind11::arg("vc"), pybind11::arg("tables"),
+           pybind11::arg("lora").none(true) = pybind11::none(), pybind11::arg("rows").none(true) = pybind11::none());
+  pybind11::class_<tp::DecodeLora>(m, "DecodeLora", pybind11::module_local())
+      .def(pybind11::init<const std::vector<const tp::LoraGroup*>&>(), pybind11::arg("groups"),
+           "a batch's LoraGroups (None: none) for every layer's qkv, o, gate_up, down, as a decode step reads them");
   pybind11::class_<tp::LoraRows>(m, "LoraRows", pybind11::module_local())
       .def(pybind11::init<const torch::Tensor&, int64_t>(), pybind11::arg("token_adapter"), pybind11::arg("adapters"),
            "each token's adapter index (int64 [T], -1: none) grouped by adapter, once per step")
