@@ -167,6 +167,8 @@ class Reference:
         max_tokens: int,
     ):
         self.model, self.spec, self.packed, self.prompt_ids = model, spec, packed, prompt_ids
+        # the torch reference batch (LoraBatch) below has no one-call decode plan: layer by layer, op by op
+        model.fuse_lora = False
         self.token_text, self.n = token_text, max_tokens
         self.max_len = max(len(p) for p in prompt_ids) + max_tokens + 1
         tpb = 32

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -151,12 +153,20 @@ class ServerNotReady(RuntimeError):
         self.pid = pid
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the thread that started it dies (Linux PR_SET_PDEATHSIG), so a
+    starter killed outright (SIGKILL, a CI timeout: no atexit, no finally) leaves no server holding GBs."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class Server:
     """`trtllm-peft serve` in a subprocess on a free loopback port, in its own process group.
 
     Never outlives its starter: when it does not become ready (or anything interrupts the wait) the whole
-    group is killed before the error propagates, and an atexit hook kills any server a fixture forgot.
-    Usable as a context manager."""
+    group is killed before the error propagates, an atexit hook kills any server a fixture forgot, and a
+    starter killed outright takes its server with it (the parent-death signal; only when started from the main
+    thread, since the signal follows the starting thread, not the process). Usable as a context manager."""
 
     running: set[Server] = set()
 
@@ -183,6 +193,7 @@ class Server:
             "TRTLLM_PEFT_GRPC_PORT": str(self.grpc_port),
             **env,
         }
+        on_main = threading.current_thread() is threading.main_thread()
         with open(log, "w") as out:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", module, "serve", "--host", "127.0.0.1"],
@@ -190,6 +201,7 @@ class Server:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stop() reaches its children too
+                preexec_fn=_die_with_parent if on_main else None,
             )
         Server.running.add(self)
         try:

@@ -4,7 +4,11 @@ Before, `Server.__init__` raised and the process kept running (seen holding ~4 G
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +40,57 @@ def gone(pgid: int, timeout: float = 30) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def children_of(ppid: int) -> list[int]:
+    """Live processes whose parent is `ppid` (/proc/<pid>/stat, field 4)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split() if stat else []
+        if fields and int(fields[1]) == ppid and fields[0] != "Z":
+            out.append(int(entry.name))
+    return out
+
+
+def test_a_server_whose_starter_is_killed_outright_goes_with_it(tmp_path):
+    """SIGKILL of the test process (a CI timeout) runs no finally and no atexit: the parent-death signal does."""
+    start = (
+        "from pathlib import Path; from tests.integration.conftest import Server; "
+        f"p = Path({str(tmp_path)!r}); "
+        "Server(p, p, p / 'server.log', module='tests.integration.never_ready_server', ready_timeout=600)"
+    )
+    starter = subprocess.Popen([sys.executable, "-c", start], cwd=Path(__file__).resolve().parents[2])
+    server, log = None, tmp_path / "server.log"
+    try:
+        deadline = time.time() + 300  # the starter imports torch first: slow on a loaded box
+        while server is None and time.time() < deadline and starter.poll() is None:
+            if log.exists() and "child" in log.read_text():
+                server = children_of(starter.pid)[0]
+            time.sleep(0.2)
+        assert server is not None, "the stand-in server did not start"
+        starter.kill()
+        starter.wait()
+        deadline = time.time() + 30
+        while alive(server) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not alive(server), f"server {server} outlived its killed starter"
+    finally:
+        starter.kill()
+        if server is not None:
+            with contextlib.suppress(ProcessLookupError):  # the stand-in's own child: the signal reaches
+                os.killpg(server, signal.SIGKILL)  # the server only
 
 
 def test_a_server_with_children_that_never_gets_ready_is_killed_with_them(tmp_path):

@@ -76,3 +76,65 @@ def test_kernel_linears_are_placed_and_compute_the_same():
     assert linears[0].packed.data_ptr() % huge_pages.HUGE_PAGE == 0
     for lin, want in zip(linears, before, strict=True):
         assert torch.equal(lin(x), want)
+
+
+def test_a_pool_page_is_reused_only_once_no_tensor_lies_on_it():
+    pool = huge_pages.PagePool(keep=4)
+    a, b = pool.take(), pool.take()
+    assert len(pool) == 2 and a.numel() == huge_pages.HUGE_PAGE
+    assert a.data_ptr() % huge_pages.HUGE_PAGE == 0 and a.data_ptr() != b.data_ptr()
+    view, freed = b[100:200].view(torch.int32), a.data_ptr()
+    del a, b  # a's page is unused now; b's is still under `view`
+    gc.collect()
+    c = pool.take()
+    assert c.data_ptr() == freed and len(pool) == 2
+    assert pool.take().data_ptr() not in (freed, view.data_ptr() - 100) and len(pool) == 3
+    view.fill_(7)  # the page stayed mapped for it
+    assert bool((view == 7).all())
+
+
+def test_a_pool_keeps_at_most_keep_unused_pages_and_reserve_makes_them_resident_up_front():
+    pool = huge_pages.PagePool(keep=1)
+    pages = [pool.take() for _ in range(3)]
+    del pages
+    gc.collect()
+    pool.take()  # sees 3 unused, keeps 1 (and hands it out), unmaps 2
+    assert len(pool) == 1
+    pool.reserve(5 * huge_pages.HUGE_PAGE - 1)
+    assert len(pool) == 5 and pool.keep == 5
+    pool.reserve(huge_pages.HUGE_PAGE)  # never shrinks
+    assert len(pool) == 5 and pool.keep == 5
+
+
+@pytest.mark.parametrize("numel", [1000, 300_000, 600_000])  # 4 KB, 1.2 MB, 2.4 MB (over a page)
+def test_an_arena_on_a_pool_places_on_its_pages_and_larger_tensors_on_their_own(numel):
+    pool = huge_pages.PagePool()
+    arena = huge_pages.Arena(pool=pool)
+    src = [torch.arange(numel, dtype=torch.float32), torch.arange(numel, dtype=torch.float32) * 2]
+    placed = [arena.place(t) for t in src]
+    on_pages = numel * 4 <= huge_pages.HUGE_PAGE
+    # two 1.2 MB copies do not share a page; two 4 KB ones do; 2.4 MB ones come from mappings of their own
+    assert len(pool) == {1000: 1, 300_000: 2, 600_000: 0}[numel] and on_pages == (len(pool) > 0)
+    for p, t in zip(placed, src, strict=True):
+        assert p.data_ptr() % huge_pages.ALIGN == 0 and torch.equal(p, t)
+
+
+class _Ops:
+    def __init__(self):
+        self.reserved = []
+
+    def reserve_adapters(self, nbytes: int) -> None:
+        self.reserved.append(nbytes)
+
+
+@pytest.mark.parametrize(("device", "want"), [("cpu", [1000 * 8 * (16 + 24) * 4]), ("meta", [])])
+def test_the_batch_reserves_its_device_tier_memory_up_front_on_the_cpu(device, want):
+    from trtllm_peft.executor.torch.batch_lora import BatchLora
+    from trtllm_peft.executor.torch.peft_cache import PeftCache
+    from trtllm_peft.lora.spec import ModelSpec
+
+    spec = ModelSpec(num_layers=2, hidden_size=16, num_heads=4, num_kv_heads=2, head_dim=4, intermediate_size=24,
+                     vocab_size=50, dtype="float32", max_lora_rank=8)  # fmt: skip
+    ops = _Ops()
+    BatchLora(PeftCache(2000, 1000 * 8), ops, spec, torch.float32, device)
+    assert ops.reserved == want  # rank-units x bytes of one (the widest module: 16 in + 24 out, float32)

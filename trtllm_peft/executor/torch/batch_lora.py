@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from trtllm_peft.engine.memory import unit_bytes
 from trtllm_peft.executor.torch.ops import TorchOps
 from trtllm_peft.executor.torch.peft_cache import PeftCache
 from trtllm_peft.lora.spec import ModelSpec
@@ -15,6 +16,8 @@ class BatchLora:
 
     def __init__(self, cache: PeftCache, ops: TorchOps, spec: ModelSpec, dtype: torch.dtype, device) -> None:
         self.cache, self.ops, self.spec, self.dtype, self.device = cache, ops, spec, dtype, device
+        if torch.device(device).type == "cpu":  # the tier's memory resident now, as TensorRT-LLM allocates it
+            ops.reserve_adapters(cache.device.capacity * unit_bytes(spec))  # up front (huge_pages.PagePool)
         self._key: tuple[int, ...] = ()
         self._batch = None  # ops.lora_batch of the tasks in _key
 

@@ -10,12 +10,24 @@ allocations of 2 MiB and more: a bfloat16 layer's q/k/v projection is 1.1 MB), s
 Here the memory is an anonymous mapping, marked, viewed from its first 2 MiB boundary; the tensor keeps the
 mapping alive. Where THP is `never` or madvise is refused, the same mapping serves on 4 KiB pages. Pages
 become resident when first written, as with torch.empty.
+
+The device tier's adapter copies come and go all day (a batch of 40 adapters over a 16-adapter tier: ~3 a
+second in bench/load.py), so they take their pages from a pool (`PagePool`, `Arena(pool=...)`): a page
+whose tensors are gone is reused as it is, already resident, instead of a fresh mapping that the kernel
+zeroes at first touch. On a VM that hands free memory back to its host (virtio-balloon free page reporting
+of 2 MiB blocks, enabled on the bench machine) that first touch can cost far more. Measured in the server (perf,
+s11 ramp.md): the kernel's huge-page zeroing (clear_page_erms) under the arena's copies took 68% of the
+engine thread in its first seconds, 127 ms of CPU per adapter made device-ready against 26-30 ms with
+pooled pages. The executor reserves the tier's pages at start (`reserve`, from BatchLora), as TensorRT-LLM
+allocates its PEFT device cache up front.
 """
 
 from __future__ import annotations
 
 import contextlib
 import mmap
+import sys
+import threading
 
 import torch
 
@@ -31,21 +43,71 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device="cpu") -> torch.Ten
     return _mapped(n)[:n].view(dtype).view(shape)
 
 
+class PagePool:
+    """2 MiB pages, each its own mapping, kept once made: `take` hands out one that no tensor uses any more
+    (resident already), else a new one. A page is in use while a tensor made on it lives (its storage holds
+    a reference to the page's mapping object: the pool counts references, so nothing has to give pages
+    back). At most `keep` unused pages stay mapped (the rest are unmapped when seen). Thread-safe."""
+
+    def __init__(self, keep: int = 32) -> None:
+        self.keep = keep
+        self._pages: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._pages)
+
+    def take(self) -> torch.Tensor:
+        """uint8 [HUGE_PAGE] on a 2 MiB boundary, on a page no tensor uses (contents: whatever was there)."""
+        with self._lock:
+            free = self._unused()
+            for buf in free[self.keep :]:  # more unused than kept: back to the OS
+                self._pages.remove(buf)
+                buf.close()
+            if free[: self.keep]:
+                return _view(free[0], HUGE_PAGE)
+            buf = _new_mapping(HUGE_PAGE)
+            self._pages.append(buf)
+            return _view(buf, HUGE_PAGE)  # under the lock: a page without a view looks unused
+
+    def reserve(self, nbytes: int) -> None:
+        """Make (and write: resident now) pages until `nbytes` of them exist, and keep that many unused."""
+        pages = -(-nbytes // HUGE_PAGE)
+        with self._lock:
+            self.keep = max(self.keep, pages)
+            while len(self._pages) < pages:
+                buf = _new_mapping(HUGE_PAGE)
+                _view(buf, HUGE_PAGE).zero_()
+                self._pages.append(buf)
+
+    def _unused(self) -> list[mmap.mmap]:
+        unused = []
+        for buf in self._pages:
+            if sys.getrefcount(buf) == 3:  # the list, `buf` and the argument: no tensor's storage holds it
+                unused.append(buf)
+        return unused
+
+
+POOL = PagePool()  # the process's pages for adapter copies (lora_grouped.on_huge_pages)
+
+
 class Arena:
     """Copies of CPU tensors side by side (each on a cache line) in huge-page mappings of `chunk` bytes or more:
     no 2 MiB rounding per tensor, and tensors placed as they are made, so a model's load holds one extra
     copy of one weight at a time, not of all of them. Resident waste: the unwritten part of each mapping's
-    last huge page."""
+    last huge page. With a `pool`, the mappings are its pages (a tensor larger than a page gets a mapping of
+    its own): memory that comes back, for copies that do."""
 
-    def __init__(self, chunk: int = 64 << 20) -> None:
-        self.chunk = chunk
+    def __init__(self, chunk: int = 64 << 20, pool: PagePool | None = None) -> None:
+        self.chunk, self.pool = chunk, pool
         self._free = torch.empty(0, dtype=torch.uint8)  # the current mapping's unused bytes
 
     def place(self, t: torch.Tensor) -> torch.Tensor:
         """A copy of `t` (same shape and dtype, contiguous) in the arena; `t` can be dropped."""
         n = t.numel() * t.element_size()
         if self._free.numel() < n:
-            self._free = _mapped(max(self.chunk, n))
+            pooled = self.pool is not None and n <= HUGE_PAGE
+            self._free = self.pool.take() if pooled else _mapped(max(self.chunk, n))
         view = self._free[:n].view(t.dtype).view(t.shape).copy_(t)
         self._free = self._free[-(-n // ALIGN) * ALIGN :]
         return view
@@ -54,15 +116,31 @@ class Arena:
 def _mapped(nbytes: int) -> torch.Tensor:
     """uint8 [≥ nbytes] starting on a 2 MiB boundary of a fresh anonymous mapping marked MADV_HUGEPAGE."""
     size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+    return _view(_new_mapping(size), size)
+
+
+def _new_mapping(size: int) -> mmap.mmap:
+    """An anonymous mapping with `size` bytes (a multiple of HUGE_PAGE) from a 2 MiB boundary on, marked."""
     # private: shared anonymous memory is shmem, whose huge pages follow another setting (shmem_enabled)
     buf = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE)  # a huge page more: room to align
-    raw = torch.frombuffer(buf, dtype=torch.uint8)  # holds `buf` (and the mapping) as long as a view lives
-    start = -raw.data_ptr() % HUGE_PAGE
     advise = getattr(mmap, "MADV_HUGEPAGE", None)
     if advise is not None:
+        start = _aligned_start(buf)
         with contextlib.suppress(OSError):  # THP compiled out: 4 KiB pages
             buf.madvise(advise, start, size)
+    return buf
+
+
+def _view(buf: mmap.mmap, size: int) -> torch.Tensor:
+    """uint8 [size] of `buf` from its first 2 MiB boundary; holds `buf` (and the mapping) while a view lives."""
+    raw = torch.frombuffer(buf, dtype=torch.uint8)
+    start = -raw.data_ptr() % HUGE_PAGE
     return raw[start : start + size]
+
+
+def _aligned_start(buf: mmap.mmap) -> int:
+    probe = torch.frombuffer(buf, dtype=torch.uint8, count=1)
+    return -probe.data_ptr() % HUGE_PAGE
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -38,7 +38,7 @@ def prepare_packed(
     kernels, adapter: LoraAdapter, spec: ModelSpec, dtype: torch.dtype, device
 ) -> AdapterTensors:
     """`lora_ops.prepare`'s layout, packed once for the kernels (this is what the device tier holds), each
-    adapter in its own 2 MiB-page mapping (`on_huge_pages`)."""
+    adapter on pooled 2 MiB pages (`on_huge_pages`)."""
     dense = prepare(adapter, spec, dtype, device)
     groups = {
         key: PackedGroup(
@@ -54,13 +54,11 @@ def prepare_packed(
 
 
 def on_huge_pages(groups: dict) -> dict:
-    """Copies of the packed groups side by side in one mapping on 2 MiB pages (huge_pages.Arena), freed with the
-    adapter. A decode step of distinct adapters reads each one's many small arrays (a layer's B_p: 6-96 KB) at
-    memory latency; on 4 KiB pages every page also costs a TLB miss and restarts the hardware prefetcher
-    (bench/lora_kernels.py, 8 distinct adapters: see the commit)."""
-    tensors = [t for g in groups.values() for t in (g.a, *g.b, g.mag) if t is not None]
-    align = huge_pages.ALIGN
-    arena = huge_pages.Arena(chunk=sum(-(-t.numel() * t.element_size() // align) * align for t in tensors))
+    """Copies of the packed groups side by side on 2 MiB pages of the process's pool (huge_pages.Arena), given
+    back to it with the adapter. A decode step of distinct adapters reads each one's many small arrays (a
+    layer's B_p: 6-96 KB) at memory latency; on 4 KiB pages every page also costs a TLB miss and restarts the
+    hardware prefetcher (bench/lora_kernels.py, 8 distinct adapters: see the commit)."""
+    arena = huge_pages.Arena(pool=huge_pages.POOL)  # pages earlier adapters used: resident already
     return {
         key: PackedGroup(
             a=arena.place(g.a),

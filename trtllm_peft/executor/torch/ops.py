@@ -20,6 +20,7 @@ to each other):
                                `apply_group(layer, group, x, y, mask)`: y += each token's LoRA delta;
                                `project(layer, group, linear, x, mask, out)`: linear(x) + the delta (+= out)
     place_weights(linears)     the linears' weights moved to 2 MiB pages (huge_pages.py) where they are tensors
+    reserve_adapters(nbytes)   memory for the device tier's adapter copies made resident now (at start)
     argmax(logits)             torch.argmax(logits, -1) of float32 [B, V] logits (greedy sampling)
     use_threads(n)             the engine thread's threading
 """
@@ -92,6 +93,9 @@ class TorchOps:
 
     def place_weights(self, linears: list) -> None:
         """oneDNN's packed weights are opaque tensors: left where they are."""
+
+    def reserve_adapters(self, nbytes: int) -> None:
+        """The device tier's adapters are plain torch tensors here: nothing to reserve."""
 
     def decoder(self, model):
         """The model's decode-only step as one call `(ids, positions, tables, cache, lora plan, rows) -> logits`
@@ -205,6 +209,10 @@ class KernelOps(TorchOps):
         """The packed weights onto 2 MiB pages, side by side: a decode step streams them all (huge_pages.py)."""
         for lin in linears:
             lin.packed = self.arena.place(lin.packed)
+
+    def reserve_adapters(self, nbytes: int) -> None:
+        """The pages `prepare_lora` places adapters on (huge_pages.POOL), resident before the first request."""
+        huge_pages.POOL.reserve(nbytes)
 
     def decoder(self, model):
         """csrc/decode_step.cpp: the weights handed over once, a step is one call (was two a layer)."""
