@@ -113,3 +113,14 @@ def test_decode_with_adapters_in_one_call_equals_layer_by_layer_and_torch(paths,
             torch.testing.assert_close(f, p, rtol=tol, atol=tol)
     assert calls == [6] * 3 * len(paths)  # every decode step of the one-call runs went through the decoder
     close(one_call[-1], plain[-1], dtype)
+
+
+@needs_kernels
+def test_a_torch_lora_batch_on_the_kernels_decodes_layer_by_layer():
+    """The one-call step takes the grouped batch's plan; the torch LoraBatch (no plan) keeps `_forward`."""
+    adapters, rows = CASES["dora beside plain and base"]
+    model = tiny_model(torch.float32, KernelOps(KERNELS))
+    got = _steps(model, TorchOps(), adapters, rows)
+    want = _steps(tiny_model(torch.float32, TorchOps()), TorchOps(), adapters, rows)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-5)

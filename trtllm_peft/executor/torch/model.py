@@ -250,7 +250,9 @@ class LlamaModel:
 
         if not tc and lora is None and self.fuse:
             return self._decode_base(ids, positions, tables, cache)
-        if not tc and self.fuse and self.fuse_lora and self.decoder is not None:  # adapters' groups in C++
+        # the adapters' groups in C++ (a torch LoraBatch, e.g. bench/load_check's reference, has no plan)
+        planned = isinstance(lora, GroupedLoraBatch) and self.decoder is not None
+        if not tc and self.fuse and self.fuse_lora and planned:
             return self.decoder(ids, positions, tables, cache, lora.decode_plan(), mask)
         hidden = self._forward(ids, attend, lora, mask)
         ends = torch.tensor([c.length for c in chunks], dtype=torch.long).cumsum(0).tolist()
