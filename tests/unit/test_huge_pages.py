@@ -127,8 +127,14 @@ class _Ops:
         self.reserved.append(nbytes)
 
 
-@pytest.mark.parametrize(("device", "want"), [("cpu", [1000 * 8 * (16 + 24) * 4]), ("meta", [])])
-def test_the_batch_reserves_its_device_tier_memory_up_front_on_the_cpu(device, want):
+TIER = 1000 * 8 * (16 + 24) * 4  # rank-units x bytes of one (the widest module: 16 in + 24 out, float32)
+
+
+@pytest.mark.parametrize(
+    ("device", "planned", "want"),
+    [("cpu", 10**12, [TIER]), ("cpu", 5000, [5000]), ("cpu", 0, [0]), ("meta", 10**12, [])],
+)
+def test_the_batch_reserves_its_device_tier_up_front_on_the_cpu_within_the_plan(device, planned, want):
     from trtllm_peft.executor.torch.batch_lora import BatchLora
     from trtllm_peft.executor.torch.peft_cache import PeftCache
     from trtllm_peft.lora.spec import ModelSpec
@@ -136,5 +142,5 @@ def test_the_batch_reserves_its_device_tier_memory_up_front_on_the_cpu(device, w
     spec = ModelSpec(num_layers=2, hidden_size=16, num_heads=4, num_kv_heads=2, head_dim=4, intermediate_size=24,
                      vocab_size=50, dtype="float32", max_lora_rank=8)  # fmt: skip
     ops = _Ops()
-    BatchLora(PeftCache(2000, 1000 * 8), ops, spec, torch.float32, device)
-    assert ops.reserved == want  # rank-units x bytes of one (the widest module: 16 in + 24 out, float32)
+    BatchLora(PeftCache(2000, 1000 * 8), ops, spec, torch.float32, device, planned)
+    assert ops.reserved == want  # a tier larger than the memory plan's (e.g. "unbounded") gets the plan's

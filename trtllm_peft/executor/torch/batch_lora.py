@@ -14,10 +14,21 @@ from trtllm_peft.lora.spec import ModelSpec
 class BatchLora:
     """`cache`'s device tier as the batch sees it; `ops` prepares and stacks adapters for the forward."""
 
-    def __init__(self, cache: PeftCache, ops: TorchOps, spec: ModelSpec, dtype: torch.dtype, device) -> None:
+    def __init__(
+        self,
+        cache: PeftCache,
+        ops: TorchOps,
+        spec: ModelSpec,
+        dtype: torch.dtype,
+        device,
+        planned_bytes: int = 0,
+    ) -> None:
         self.cache, self.ops, self.spec, self.dtype, self.device = cache, ops, spec, dtype, device
         if torch.device(device).type == "cpu":  # the tier's memory resident now, as TensorRT-LLM allocates it
-            ops.reserve_adapters(cache.device.capacity * unit_bytes(spec))  # up front (huge_pages.PagePool)
+            # up front (huge_pages.PagePool); never past the memory plan's PEFT device bytes (`planned_bytes`; 0:
+            # none, e.g. after _fail_all, whose pages the pool keeps): a tier sized "unbounded" (the TensorRT-LLM
+            # stand-in's 10**9 rank-units) would reserve terabytes
+            ops.reserve_adapters(min(cache.device.capacity * unit_bytes(spec), planned_bytes))
         self._key: tuple[int, ...] = ()
         self._batch = None  # ops.lora_batch of the tasks in _key
 

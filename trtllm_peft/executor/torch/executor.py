@@ -115,8 +115,8 @@ class TorchExecutor:
         self.peft_cache_config = peft_cache_config or peft_cache_config_for(self.spec, gpu_loras, cpu_loras)
         pc = self.peft_cache_config
         self.cache = PeftCache(pc.num_host_module_layer, pc.num_device_module_layer)
-        self.ops = ops_for(self.device, self.dtype, cpu_kernels)
-        self.lora = BatchLora(self.cache, self.ops, self.spec, self.dtype, self.device)
+        self.ops, planned = ops_for(self.device, self.dtype, cpu_kernels), self.plan.peft_device_bytes
+        self.lora = BatchLora(self.cache, self.ops, self.spec, self.dtype, self.device, planned)
         log.info("reference engine: %s, %s, %s ops", self.device, self.dtype, self.ops.name)
         self.model = LlamaModel(
             self.arch, self.engine.load_weights(), self.dtype, self.device, self.max_seq_len, self.ops
