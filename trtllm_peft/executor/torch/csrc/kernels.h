@@ -176,8 +176,8 @@ struct LoraGroup {
   std::vector<c10::optional<torch::Tensor>> mag;  // per adapter: DoRA factor, float32 [out] (1 on plain parts), or none
   // rows: null = every token uses adapter 0
   void apply(const torch::Tensor& x, torch::Tensor& y, const LoraRows* rows, const c10::optional<torch::Tensor>& bias) const;
-  // y (+)= x · Wᵀ (+ bias) + the LoRA delta, W packed [n, K] (the base projection): its weights and every
-  // adapter's A in one parallel region, the B products in a second. No DoRA adapter among the rows.
+  // y (+)= x · Wᵀ (+ bias) + the LoRA delta, W packed [n, K] (the base projection): up to 64 rows (decode) in one
+  // parallel region, base columns, adapters' A, then their B once the base is written. No DoRA adapter here.
   void project(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, const c10::optional<torch::Tensor>& bias,
                torch::Tensor& y, bool accumulate, const LoraRows* rows) const;
 };
