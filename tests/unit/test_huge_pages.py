@@ -119,6 +119,14 @@ def test_an_arena_on_a_pool_places_on_its_pages_and_larger_tensors_on_their_own(
         assert p.data_ptr() % huge_pages.ALIGN == 0 and torch.equal(p, t)
 
 
+def test_arena_slots_are_where_place_would_put_them():
+    """Arena.slots (csrc/lora_pack.cpp writes there): in order, each on a cache line, a new page when one is full."""
+    mib = 1 << 20
+    maps, at = huge_pages.Arena(pool=huge_pages.PagePool()).slots([mib + 1, mib // 2, mib, 3])
+    assert len(maps) == 2 and all(m.numel() == huge_pages.HUGE_PAGE for m in maps)
+    assert at == [0, 0, 0, mib + 64, 1, 0, 1, mib]
+
+
 class _Ops:
     def __init__(self):
         self.reserved = []

@@ -254,3 +254,36 @@ def test_prepare_packed_places_an_adapter_in_one_mapping(source, dtype):
             spans.append((got.data_ptr(), got.data_ptr() + got.numel() * got.element_size()))
     total = sum(end - start for start, end in spans)
     assert max(e for _, e in spans) - min(s for s, _ in spans) < total + 64 * len(spans)
+
+
+BESIDE = ["one token each, equal rank", "one token each, ranks differ", "two tokens each"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", BESIDE)
+def test_project_beside_another_caller_is_unchanged(dtype, case):
+    """Several adapters' project (base and adapters in one region, csrc/lora.cpp project_side) from two threads
+    at once: the pool serves one caller, the other runs every task itself and must do the base shares it would
+    otherwise wait for — bit for bit the result of a lone call, and no hang."""
+    import threading
+
+    adapters, token_adapter = CASES[case]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(len(token_adapter), 64, generator=g).to(dtype)
+    w = (torch.randn(width("gate_up"), 64, generator=g) * 0.2).to(dtype)
+    KERNELS.set_num_threads(2)
+    ops = KernelOps(KERNELS)
+    want = project(ops, adapters, token_adapter, "gate_up", dtype, x, w, None, None)
+    got: list[torch.Tensor] = []
+
+    def caller() -> None:
+        for _ in range(20):
+            got.append(project(ops, adapters, token_adapter, "gate_up", dtype, x, w, None, None))
+
+    threads = [threading.Thread(target=caller) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    KERNELS.set_num_threads(0)
+    assert len(got) == 40 and all(torch.equal(y, want) for y in got)

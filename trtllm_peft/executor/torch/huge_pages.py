@@ -100,17 +100,28 @@ class Arena:
 
     def __init__(self, chunk: int = 64 << 20, pool: PagePool | None = None) -> None:
         self.chunk, self.pool = chunk, pool
-        self._free = torch.empty(0, dtype=torch.uint8)  # the current mapping's unused bytes
+        self._map, self._used = torch.empty(0, dtype=torch.uint8), 0  # the current mapping, bytes taken of it
 
     def place(self, t: torch.Tensor) -> torch.Tensor:
         """A copy of `t` (same shape and dtype, contiguous) in the arena; `t` can be dropped."""
         n = t.numel() * t.element_size()
-        if self._free.numel() < n:
-            pooled = self.pool is not None and n <= HUGE_PAGE
-            self._free = self.pool.take() if pooled else _mapped(max(self.chunk, n))
-        view = self._free[:n].view(t.dtype).view(t.shape).copy_(t)
-        self._free = self._free[-(-n // ALIGN) * ALIGN :]
-        return view
+        maps, at = self.slots([n])
+        return maps[0][at[1] : at[1] + n].view(t.dtype).view(t.shape).copy_(t)
+
+    def slots(self, sizes: list[int]) -> tuple[list[torch.Tensor], list[int]]:
+        """Room for tensors of `sizes` bytes side by side, in order, each on a cache line: the mappings used
+        (uint8) and per size its mapping's index and byte offset (flat pairs), for a caller that writes
+        them itself (csrc/lora_pack.cpp)."""
+        maps, at = [], []
+        for n in sizes:
+            if self._map.numel() - self._used < n:
+                pooled = self.pool is not None and n <= HUGE_PAGE
+                self._map, self._used = self.pool.take() if pooled else _mapped(max(self.chunk, n)), 0
+            if not maps or maps[-1] is not self._map:
+                maps.append(self._map)
+            at += [len(maps) - 1, self._used]
+            self._used += -(-n // ALIGN) * ALIGN
+        return maps, at
 
 
 def _mapped(nbytes: int) -> torch.Tensor:

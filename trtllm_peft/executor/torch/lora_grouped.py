@@ -9,7 +9,7 @@ device tier. A DoRA adapter's rows are rescaled in the same call, after its delt
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,8 +17,8 @@ from trtllm_peft.executor.torch import huge_pages
 from trtllm_peft.executor.torch.lora_ops import (
     GROUPS,
     AdapterTensors,
+    group_width,
     part_slices,
-    prepare,
     project_then_apply,
 )
 from trtllm_peft.lora.adapter import LoraAdapter
@@ -37,20 +37,74 @@ class PackedGroup:
 def prepare_packed(
     kernels, adapter: LoraAdapter, spec: ModelSpec, dtype: torch.dtype, device
 ) -> AdapterTensors:
-    """`lora_ops.prepare`'s layout, packed once for the kernels (this is what the device tier holds), each
-    adapter on pooled 2 MiB pages (`on_huge_pages`)."""
-    dense = prepare(adapter, spec, dtype, device)
-    groups = {
-        key: PackedGroup(
-            a=kernels.pack(g.a.reshape(-1, g.a.shape[2])),  # [P, R, in] -> [P·R, in]
-            b=[kernels.pack(bt.t().contiguous()) for bt in g.bt],  # [R, out_p] -> B_p [out_p, R]
-            mag=None if g.mag is None else g.mag.float().contiguous(),  # the kernels read float32
-        )
-        for key, g in dense.groups.items()
-    }
-    if torch.device(device).type == "cpu":
-        groups = on_huge_pages(groups)
-    return replace(dense, groups=groups)
+    """`lora_ops.prepare`'s layout packed for the kernels (what the device tier holds), bit for bit, in one
+    kernel call (csrc/lora_pack.cpp) that writes it from the adapter's own tensors onto pooled 2 MiB pages
+    (huge_pages.Arena, as `on_huge_pages` places copies): for a rank-16 SmolLM2 adapter ~4-5 ms of the engine
+    thread, where dense copies, packs and a copy (~2,500 torch ops) took 27-36 ms (bench/adapter_intake.py).
+    The kernels read CPU memory only: `device` is the CPU."""
+    width, plan = adapter.max_rank, _pack_plan(adapter, spec, dtype)
+    pages, at = huge_pages.Arena(pool=huge_pages.POOL).slots(plan.sizes)
+    flat = iter(kernels.pack_adapter(pages, at, dtype, width, plan.groups, plan.cols, plan.a, plan.b,
+                                     plan.scale, plan.mag))  # fmt: skip
+    groups = {}
+    for key, parts, dora in plan.keys:
+        a, b = next(flat), [next(flat) for _ in range(parts)]
+        groups[key] = PackedGroup(a=a, b=b, mag=next(flat) if dora else None)
+    return AdapterTensors(width=width, groups=groups, rank_units=sum(w.rank for _, w in adapter))
+
+
+@dataclass
+class _PackPlan:
+    """pack_adapter's arguments: per group (parts, in, width); per part its columns, tensors and scale."""
+
+    keys: list = field(default_factory=list)  # per group: ((layer, group), parts, has a DoRA factor)
+    sizes: list[int] = field(default_factory=list)  # bytes of each output tensor, in order
+    groups: list[int] = field(default_factory=list)
+    cols: list[int] = field(default_factory=list)
+    a: list = field(default_factory=list)
+    b: list = field(default_factory=list)
+    scale: list[float] = field(default_factory=list)
+    mag: list = field(default_factory=list)
+
+
+_SOURCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what pack_adapter reads as they are
+
+
+def _pack_plan(adapter: LoraAdapter, spec: ModelSpec, dtype: torch.dtype) -> _PackPlan:
+    """The groups `prepare` lays out (a layer's group where the adapter has one of its parts), in its order."""
+    plan, width, item, slices = _PackPlan(), adapter.max_rank, dtype.itemsize, part_slices(spec)
+    for layer in adapter.layers:
+        for g, parts in slices.items():
+            found = [adapter.weights.get((layer, m)) for m, _ in parts]
+            if all(w is None for w in found):
+                continue
+            d_in, out = spec.module_dims(parts[0][0])[0], group_width(spec, g)
+            dora = any(w is not None and w.is_dora for w in found)
+            plan.keys.append(((layer, g), len(parts), dora))
+            plan.groups += [len(parts), d_in, out]
+            plan.sizes.append(_packed_bytes(len(parts) * width, d_in, item))
+            for w, (_, sl) in zip(found, parts, strict=True):
+                plan.sizes.append(_packed_bytes(sl.stop - sl.start, width, item))
+                plan.cols += [sl.start, sl.stop - sl.start]
+                # as prepare reads them: A.to(dtype), B.float() · scale (LoraWeights.scaled_b)
+                plan.a.append(None if w is None else _source(w.a, dtype))
+                plan.b.append(None if w is None else _source(w.b, torch.float32))
+                plan.scale.append(1.0 if w is None else w.scale)
+                plan.mag.append(None if w is None or not w.is_dora else _source(w.magnitude, torch.float32))
+            if dora:
+                plan.sizes.append(out * 4)
+    return plan
+
+
+def _source(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t as pack_adapter reads it: float32 / bfloat16 / float16 as they are (it widens them exactly), any
+    other dtype converted first as `prepare` would."""
+    return t if t.dtype in _SOURCE_DTYPES else t.to(dtype)
+
+
+def _packed_bytes(n: int, k: int, itemsize: int) -> int:
+    """Bytes of W [n, k] packed (csrc/linear.cpp): 16-column blocks, bfloat16 k padded to pairs."""
+    return -(-n // 16) * 16 * (k + k % 2 * (itemsize == 2)) * itemsize
 
 
 def on_huge_pages(groups: dict) -> dict:

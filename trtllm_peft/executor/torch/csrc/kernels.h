@@ -176,8 +176,8 @@ struct LoraGroup {
   std::vector<c10::optional<torch::Tensor>> mag;  // per adapter: DoRA factor, float32 [out] (1 on plain parts), or none
   // rows: null = every token uses adapter 0
   void apply(const torch::Tensor& x, torch::Tensor& y, const LoraRows* rows, const c10::optional<torch::Tensor>& bias) const;
-  // y (+)= x · Wᵀ (+ bias) + the LoRA delta, W packed [n, K] (the base projection): its weights and every
-  // adapter's A in one parallel region, the B products in a second. No DoRA adapter among the rows.
+  // y (+)= x · Wᵀ (+ bias) + the LoRA delta, W packed [n, K] (the base projection): up to 64 rows (decode) in one
+  // parallel region, base columns, adapters' A, then their B once the base is written. No DoRA adapter here.
   void project(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, const c10::optional<torch::Tensor>& bias,
                torch::Tensor& y, bool accumulate, const LoraRows* rows) const;
 };
@@ -241,5 +241,18 @@ torch::Tensor attend_chunk(const torch::Tensor& qkv, const torch::Tensor& cos, c
 torch::Tensor fresh_qkv(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                         const torch::Tensor& positions, torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& rows,
                         int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
+
+// An adapter's (layer, group)s in the packed layout, written onto `pages` (uint8) at `at` (per output: page
+// index, byte offset), from its own tensors (lora_pack.cpp). groups: per group (parts P, in features, output
+// width); per part: cols (first output column, width), a [r, in] / b [out_p, r] (none: module absent), B's
+// scale, DoRA magnitude [out_p] (none: plain). Returns per group packed A [P·R, in], P × packed B_p [out_p, R]
+// (scale folded in) and, where a part has a magnitude, the float32 [width] factor (1 elsewhere).
+std::vector<torch::Tensor> pack_adapter(const std::vector<torch::Tensor>& pages, const std::vector<int64_t>& at,
+                                        at::ScalarType dtype, int64_t width, const std::vector<int64_t>& groups,
+                                        const std::vector<int64_t>& cols,
+                                        const std::vector<c10::optional<torch::Tensor>>& a,
+                                        const std::vector<c10::optional<torch::Tensor>>& b,
+                                        const std::vector<double>& scale,
+                                        const std::vector<c10::optional<torch::Tensor>>& mag);
 
 }  // namespace trtllm_peft

@@ -4,9 +4,9 @@
 //         xa[t]              = x[t] · A_jᵀ                          [P·R_j]  (rounded to the dtype, as PEFT)
 //         y[t, slice_p]     += xa[t, p-th R_j block] · B_jpᵀ          per part p (scale already in B)
 //
-// Each adapter's weights are read once per call and only its own tokens are computed: no [T, Σ R] masked
-// product, and no restacking when the batch's set of adapters changes (the device tier's packed tensors
-// are used in place). Rows are addressed by pointer, so tokens need not be contiguous.
+// Each adapter's weights are read once per call, for its own tokens only: no [T, Σ R] masked product, no
+// restacking when the batch's adapters change (the device tier's packed tensors are used in place). Rows are
+// addressed by pointer, so tokens need not be contiguous.
 //
 // A DoRA adapter (mag[j]: its factor g = m / ‖W + s·B·A‖_row, normalized once at load) then rescales its own
 // rows of y, which hold W x + bias + the delta: y = g·y + bias·(1 - g), in float32, rounded once — PEFT's
@@ -14,6 +14,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
+#include <thread>
 
 #include "kernels.h"
 
@@ -53,7 +55,7 @@ void dora_rows(const torch::Tensor& g, const T* bias, const int64_t* rows, int64
 
 template <typename T>
 void apply_adapter(const LoraGroup& g, size_t j, const int64_t* rows, int64_t t, const torch::Tensor& x,
-                   torch::Tensor& y, const T* bias, bool may_split) {
+                   torch::Tensor& y, const T* bias, bool may_split, const std::function<void()>* before_b = nullptr) {
   thread_local Scratch<T> s;
   const int64_t rank = g.ranks[j];
   const int64_t parts = static_cast<int64_t>(g.starts.size()), width = parts * rank;
@@ -74,6 +76,7 @@ void apply_adapter(const LoraGroup& g, size_t j, const int64_t* rows, int64_t t,
   }
   if (!amx)
     linear_rows<T>(s.in.data(), t, g.a[j]->data_ptr<T>(), x.size(1), width, nullptr, s.out.data(), false, may_split);
+  if (before_b) (*before_b)();  // project_side: y's base columns must all be written first
   for (int64_t p = 0; p < parts; p++) {
     for (int64_t i = 0; i < t; i++) {
       s.in[i] = s.xa.data() + i * width + p * rank;
@@ -86,10 +89,11 @@ void apply_adapter(const LoraGroup& g, size_t j, const int64_t* rows, int64_t t,
 
 // Adapters work[w0..w1) of equal rank and equal token count r (a decode step of distinct adapters): their
 // products run side by side (linear_each, each row against its own adapter's weights), so several adapters'
-// weights stream at once instead of one small array after another.
+// weights stream at once instead of one small array after another. before_b: as apply_adapter's.
 template <typename T>
 void apply_equal(const LoraGroup& g, const std::vector<size_t>& work, const LoraRows& segs, int64_t w0, int64_t w1,
-                 const torch::Tensor& x, torch::Tensor& y, const T* bias) {
+                 const torch::Tensor& x, torch::Tensor& y, const T* bias,
+                 const std::function<void()>* before_b = nullptr) {
   thread_local Scratch<T> s;
   const int64_t r = segs.count(work[w0]), n = (w1 - w0) * r, rank = g.ranks[work[w0]];
   const int64_t parts = static_cast<int64_t>(g.starts.size()), width = parts * rank;
@@ -106,6 +110,7 @@ void apply_equal(const LoraGroup& g, const std::vector<size_t>& work, const Lora
     s.out[i] = s.xa.data() + i * width;
   }
   linear_each<T>(s.in.data(), s.w.data(), n, x.size(1), width, s.out.data(), false);
+  if (before_b) (*before_b)();
   for (int64_t p = 0; p < parts; p++) {
     for (int64_t i = 0; i < n; i++) {
       s.in[i] = s.xa.data() + i * width + p * rank;
@@ -153,18 +158,6 @@ Ranges adapter_lines(const LoraGroup& g, const std::vector<size_t>& work) {
   for (size_t j : work) {
     add(*g.a[j]);
     for (const auto& b : g.b[j]) add(b);
-  }
-  return r;
-}
-
-// Lines [l0, l1) of all ranges as ranges of their own.
-Ranges slice_lines(const Ranges& all, int64_t l0, int64_t l1) {
-  Ranges r;
-  int64_t at = 0;
-  for (const auto& [p, n] : all) {
-    const int64_t s = std::max(l0, at), e = std::min(l1, at + n);
-    if (s < e) r.emplace_back(p + (s - at) * 64, e - s);
-    at += n;
   }
   return r;
 }
@@ -219,25 +212,71 @@ void project_rows(const LoraGroup& g, const LoraRows& segs, size_t j, const torc
     body(0, blocks);
 }
 
-// The base projection y (+)= x · Wᵀ (+ bias), its column blocks shared out over the threads, each thread
-// prefetching its share of the adapters' lines (`lines`) while it streams W: a product of several 8-row passes
-// leaves memory room, and the adapters' many short blocks are read at memory latency otherwise.
+// Adapters a piece when work's segments are equal (same rank, same token count r <= kSideRows: a decode step
+// of distinct adapters; they stream side by side), up to kPieceRows tokens, >= 1 piece a thread; else 0.
+int64_t side_by_side(const LoraGroup& g, const LoraRows& segs, const std::vector<size_t>& work) {
+  const int64_t r = segs.count(work[0]), n = static_cast<int64_t>(work.size()), threads = kernel_threads();
+  bool equal = r <= kSideRows;
+  for (size_t j : work) equal &= segs.count(j) == r && g.ranks[j] == g.ranks[work[0]];
+  return equal ? std::max<int64_t>(1, std::min(kPieceRows / r, (n + threads - 1) / threads)) : 0;
+}
+
+// Until `left` is 0 (others' work in progress, short): spinning, then yielding to a descheduled thread.
+void spin_until_zero(const std::atomic<int64_t>& left) {
+  for (int i = 0; left.load(std::memory_order_acquire) > 0; i++) i < 4096 ? _mm_pause() : std::this_thread::yield();
+}
+
+// Several adapters' rows of a decode-sized batch: the base projection and apply_work's pieces in ONE parallel
+// region (two before: the threads met at the base's end, then the pool was woken again, 240 times a SmolLM2
+// step). Thread c: share c of y's column blocks (with the trail, prefetching the lines of its own pieces,
+// p % shares == c), then pieces, its own first: A products, then — once every share's base columns are
+// written — B products into y (W x first, then the delta, as in two calls: bit for bit). A thread that would
+// wait for a share nobody started runs it itself: a late or absent worker holds nothing up.
 template <typename T>
-void base_prefetching(const torch::Tensor& x, const torch::Tensor& wp, int64_t n, const T* bias, torch::Tensor& y,
-                      bool accumulate, const Ranges& lines) {
+void project_side(const LoraGroup& g, const LoraRows& segs, const std::vector<size_t>& work, const torch::Tensor& x,
+                  const torch::Tensor& wp, int64_t n, const T* bias, torch::Tensor& y, bool accumulate, bool trail) {
   const int64_t tokens = x.size(0), K = x.size(1), blocks = (n + kBlock - 1) / kBlock;
-  int64_t total = 0;
-  for (const auto& r : lines) total += r.second;
+  const int64_t equal = side_by_side(g, segs, work), side = std::max<int64_t>(equal, 1);
+  const int64_t nw = static_cast<int64_t>(work.size()), pieces = (nw + side - 1) / side;
+  const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(kernel_threads(), blocks));
   const auto xr = row_pointers<const T*>(x);
   const auto yr = row_pointers<T*>(y);
-  parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  std::unique_ptr<std::atomic<bool>[]> share_taken(new std::atomic<bool>[shares]());
+  std::unique_ptr<std::atomic<bool>[]> piece_taken(new std::atomic<bool>[pieces]());
+  std::atomic<int64_t> shares_left{shares};
+  auto base = [&](int64_t c, bool with_trail) {
     thread_local std::vector<T*> shifted;
-    const Ranges mine = slice_lines(lines, total * b0 / blocks, total * b1 / blocks);
-    Trail trail{mine.data(), static_cast<int64_t>(mine.size()), total * b1 / blocks - total * b0 / blocks};
-    set_trail(&trail);
-    columns<T>(xr.data(), tokens, wp.data_ptr<T>(), K, b0 * kBlock, std::min(n, b1 * kBlock), bias, yr.data(),
-               accumulate, shifted);
+    std::vector<size_t> own;  // the adapters of its pieces, p % shares == c
+    for (int64_t w = 0; with_trail && w < nw; w++)
+      if (w / side % shares == c) own.push_back(work[w]);
+    const Ranges lines = adapter_lines(g, own);
+    int64_t total = 0;
+    for (const auto& r : lines) total += r.second;
+    Trail t{lines.data(), static_cast<int64_t>(lines.size()), total};
+    set_trail(total ? &t : nullptr);
+    columns<T>(xr.data(), tokens, wp.data_ptr<T>(), K, blocks * c / shares * kBlock,
+               std::min(n, blocks * (c + 1) / shares * kBlock), bias, yr.data(), accumulate, shifted);
     set_trail(nullptr);
+    shares_left.fetch_sub(1, std::memory_order_acq_rel);
+  };
+  const std::function<void()> base_written = [&] {
+    for (int64_t d = 0; d < shares; d++)
+      if (!share_taken[d].exchange(true)) base(d, false);
+    spin_until_zero(shares_left);
+  };
+  auto piece = [&](int64_t p) {
+    const int64_t w0 = p * side, w1 = std::min(nw, w0 + side);
+    if (piece_taken[p].exchange(true)) return;
+    if (equal)
+      apply_equal<T>(g, work, segs, w0, w1, x, y, nullptr, &base_written);
+    else
+      apply_adapter<T>(g, work[w0], segs.rows.data() + segs.start[work[w0]], segs.count(work[w0]), x, y, nullptr,
+                       false, &base_written);
+  };
+  parallel_pieces(shares, [&](int64_t c) {
+    if (!share_taken[c].exchange(true)) base(c, trail);
+    for (int64_t p = c; p < pieces; p += shares) piece(p);  // its own pieces (their lines prefetched), then any
+    for (int64_t p = 0; p < pieces; p++) piece(p);
   });
 }
 
@@ -250,14 +289,10 @@ void apply_work(const LoraGroup& g, const torch::Tensor& x, torch::Tensor& y, co
     apply_adapter<T>(g, j, segs.rows.data() + segs.start[j], segs.count(j), x, y, bias, may_split);
   };
   if (work.size() == 1) return segment(work[0], true);  // one adapter: its own products may use every thread
-  // Equal segments (same rank, same token count r <= kSideRows: a decode step of distinct adapters) stream
-  // side by side in pieces of up to kPieceRows tokens; any other mix goes adapter by adapter. The threads
-  // take pieces as they come free; each piece writes only its own tokens' rows of y.
-  const int64_t r = segs.count(work[0]), n = static_cast<int64_t>(work.size());
-  bool equal = r <= kSideRows;
-  for (size_t j : work) equal &= segs.count(j) == r && g.ranks[j] == g.ranks[work[0]];
-  const int64_t threads = kernel_threads();
-  const int64_t side = equal ? std::max<int64_t>(1, std::min(kPieceRows / r, (n + threads - 1) / threads)) : 1;
+  // Pieces (side_by_side's, or one adapter each) go to the threads as they come free; each writes only its
+  // own tokens' rows of y.
+  const int64_t n = static_cast<int64_t>(work.size()), equal = side_by_side(g, segs, work);
+  const int64_t side = std::max<int64_t>(equal, 1);
   parallel_pieces((n + side - 1) / side, [&](int64_t p) {
     const int64_t w0 = p * side, w1 = std::min(n, w0 + side);
     if (equal)
@@ -344,9 +379,8 @@ void LoraGroup::apply(const torch::Tensor& x, torch::Tensor& y, const LoraRows* 
 // Products of more rows than this (prefill) keep linear_rows' own piece split, then apply().
 constexpr int64_t kProjectMaxRows = 64;
 // Several adapters' weights are prefetched during the base projection from this many rows on (two 8-row passes
-// over W). With one pass the product already reads W as fast as the cores' memory traffic goes: 8 distinct bf16
-// adapters at batch 8 took 2.3 ms longer in the base projections, as long as reading them cold
-// (bench/lora_kernels.py's step; figures in the commit).
+// over W); with one pass the base already reads W as fast as memory traffic goes (8 distinct bf16 at batch 8:
+// base / step 0.729 with, 0.763 without, in one region).
 constexpr int64_t kTrailMinRows = 9;
 
 void LoraGroup::project(const torch::Tensor& x, const torch::Tensor& wp, int64_t n,
@@ -357,18 +391,18 @@ void LoraGroup::project(const torch::Tensor& x, const torch::Tensor& wp, int64_t
   const int64_t packed_k = x.scalar_type() == at::kFloat ? x.size(1) : (x.size(1) + 1) / 2;
   TORCH_CHECK(wp.dim() >= 2 && wp.size(1) == packed_k && wp.size(0) * kBlock >= n, "lora: W does not match x");
   for (size_t j : s.work) TORCH_CHECK(!mag[j], "lora: project() of a DoRA adapter: compute W x + bias, then apply()");
-  // Several adapters keep apply()'s paths (side by side) after the base projection: fused, each adapter's few
-  // rows ran one small product after another (bench/lora_kernels.py, 8 adapters, float32 batch 8: base / step
-  // 0.71 against 0.78 as two calls).
-  const bool fuse = x.size(0) <= kProjectMaxRows && s.work.size() == 1;
-  const bool trail = x.size(0) >= kTrailMinRows && x.size(0) <= kProjectMaxRows && s.work.size() > 1 &&
-                     trail_on.load(std::memory_order_relaxed);
-  if (!fuse && !trail) linear_into(x, wp, n, bias, y, accumulate);
+  // Several adapters: apply()'s pieces after the base columns, in one region (project_side); fused per column,
+  // their few rows ran one small product after another (float32 b8, 8 adapters: 0.71 against 0.78).
+  const bool decode = x.size(0) <= kProjectMaxRows, fuse = decode && s.work.size() == 1;
+  const bool side = decode && s.work.size() > 1;
+  if (!fuse && !side) linear_into(x, wp, n, bias, y, accumulate);
   if (s.work.empty()) return;
   dispatch(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    if (trail) base_prefetching<T>(x, wp, n, data_or_null<T>(bias), y, accumulate, adapter_lines(*this, s.work));
-    if (fuse)
+    const bool trail = x.size(0) >= kTrailMinRows && trail_on.load(std::memory_order_relaxed);
+    if (side)
+      project_side<T>(*this, s.segs(), s.work, x, wp, n, data_or_null<T>(bias), y, accumulate, trail);
+    else if (fuse)
       project_rows<T>(*this, s.segs(), s.work[0], x, wp, n, data_or_null<T>(bias), y, accumulate);
     else
       apply_work<T>(*this, x, y, s.segs(), s.work, nullptr);

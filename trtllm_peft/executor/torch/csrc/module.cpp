@@ -68,4 +68,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<const torch::Tensor&, int64_t>(), pybind11::arg("token_adapter"), pybind11::arg("adapters"),
            "each token's adapter index (int64 [T], -1: none) grouped by adapter, once per step")
       .def_readonly("tokens", &tp::LoraRows::tokens);
+  m.def("pack_adapter", &tp::pack_adapter, nogil,
+        "an adapter's (layer, group)s packed for the kernels, written onto the given pages (lora_pack.cpp)",
+        pybind11::arg("pages"), pybind11::arg("at"), pybind11::arg("dtype"), pybind11::arg("width"),
+        pybind11::arg("groups"), pybind11::arg("cols"), pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("scale"),
+        pybind11::arg("mag"));
 }
