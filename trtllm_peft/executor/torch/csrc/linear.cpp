@@ -24,11 +24,10 @@ constexpr int64_t unit_blocks(int64_t rows) { return rows <= 2 ? 8 : rows <= 4 ?
 // so one contiguous range) is read from memory once and then by every 8-row pass from cache: without this,
 // memory is busy only during the first pass and idle while the others compute (a float32 step at batch 32
 // took the sum of both). Spreading the next unit's lines over the current unit's passes overlaps the two.
-// One pass too, above kPrefetchMinRows rows: on 2 MiB pages the hardware prefetcher alone kept a bfloat16
-// batch-8 decode at 0.75x of this; with up to 4 rows it keeps up alone (prefetching cost 4-7% at 1 and 4 rows).
-// float32 batch 8 gained nothing from it (0.96-1.00x) until x was interleaved and the loads prefetched into L1
-// (below): with both, a float32 batch-8 base step ran 1.08-1.13x, bfloat16 1.035x (session 12, step by step
-// alternating, load 4.5). bench/linear_stream.py, bench/decode_profile.py --ab; figures in bench/README.md.
+// bfloat16 with one pass too, above kPrefetchMinRows rows: on 2 MiB pages the hardware prefetcher alone kept a
+// batch-8 decode at 0.75x of this; with up to 4 rows it keeps up alone (prefetching cost 4-7% at 1 and 4 rows),
+// and float32 batch 8 measured 0.96-1.00x engine, 0.97-0.98x kernel alone (quiet runs): left to it.
+// bench/linear_stream.py, bench/decode_profile.py --ab; figures in bench/README.md.
 struct Ahead {
   const char* p = nullptr;
   int64_t lines = 0, per_k = 0;
@@ -43,120 +42,46 @@ struct Ahead {
 
 thread_local Trail* current_trail = nullptr;
 
-// A thread's reusable buffer of n elements (interleaved x: allocated once per thread, not per product); a call
-// nested inside another's use on the same thread gets a buffer of its own.
-template <typename L>
-struct Scratch {
-  static thread_local std::vector<L> kept;
-  static thread_local bool busy;
-  std::vector<L> own;
-  bool mine = false;
-  L* data;
-  explicit Scratch(int64_t n) {
-    if (busy) {
-      own.resize(n);
-      data = own.data();
-      return;
-    }
-    busy = mine = true;
-    if (static_cast<int64_t>(kept.size()) < n) kept.resize(n);
-    data = kept.data();
-  }
-  ~Scratch() {
-    if (mine) busy = false;
-  }
-};
-template <typename L>
-thread_local std::vector<L> Scratch<L>::kept;
-template <typename L>
-thread_local bool Scratch<L>::busy = false;
-
-// x of one pass of M rows, k-major: [steps][M] lanes (float32: one k; bfloat16: one k pair as 32 bits, the odd
-// last k's partner zero), so one pointer feeds every row's broadcast. With each row's own pointer the 8-row tile
-// ran out of registers and reloaded them from the stack every k: 0.93x of this with its weights in L2 (27.0 vs
-// 29.1 GB/s a core, both dtypes, a standalone copy of the tile).
-template <typename T>
-using Lane = std::conditional_t<std::is_same<T, float>::value, float, int32_t>;
-
-// Weight lines ahead of the loads a k step prefetches into L1, per block stream: with the next unit already in
-// L2 (Ahead), the hardware prefetcher alone left the 8-row tile waiting on L2 — streamed on two cores, the
-// standalone tile read 22.8 -> 24.9 GB/s a core (bf16), 22.9 -> 24.2 (fp32) with it; distances 4-16 alike.
-constexpr int64_t kL1Ahead = 8;
-
 template <int M, int NB>
-inline void dot_f32(const float* xi, const float* wp, int64_t K, const Ahead& ahead, __m512 (&acc)[M][NB]) {
+inline void dot_f32(const float* const* x, const float* wp, int64_t K, const Ahead& ahead, __m512 (&acc)[M][NB]) {
   for (int64_t k = 0; k < K; k++) {
     ahead.at(k);
     __m512 w[NB];
-    for (int j = 0; j < NB; j++) {
-      _mm_prefetch(reinterpret_cast<const char*>(wp + (j * K + k + kL1Ahead) * kBlock), _MM_HINT_T0);
-      w[j] = _mm512_loadu_ps(wp + (j * K + k) * kBlock);
-    }
+    for (int j = 0; j < NB; j++) w[j] = _mm512_loadu_ps(wp + (j * K + k) * kBlock);
     for (int m = 0; m < M; m++) {
-      const __m512 xb = _mm512_set1_ps(xi[k * M + m]);
+      const __m512 xb = _mm512_set1_ps(x[m][k]);
       for (int j = 0; j < NB; j++) acc[m][j] = _mm512_fmadd_ps(xb, w[j], acc[m][j]);
     }
   }
 }
 
 template <int M, int NB>
-inline void dot_bf16(const int32_t* xi, const bf16* wp, int64_t K, const Ahead& ahead, __m512 (&acc)[M][NB]) {
+inline void dot_bf16_pair(const bf16* const* x, const bf16* wp, int64_t pairs, int64_t k, bool lone,
+                          __m512 (&acc)[M][NB]) {
+  __m512bh w[NB];
+  for (int j = 0; j < NB; j++) w[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wp + (j * pairs + k) * 2 * kBlock));
+  for (int m = 0; m < M; m++) {
+    int32_t pair = 0;
+    if (lone)  // the odd last k: x's partner lane must be zero, and must not be read past the row
+      std::memcpy(&pair, x[m] + 2 * k, sizeof(bf16));
+    else
+      std::memcpy(&pair, x[m] + 2 * k, sizeof(pair));
+    const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+    for (int j = 0; j < NB; j++) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xb, w[j]);
+  }
+}
+
+template <int M, int NB>
+inline void dot_bf16(const bf16* const* x, const bf16* wp, int64_t K, const Ahead& ahead, __m512 (&acc)[M][NB]) {
   const int64_t pairs = (K + 1) / 2;  // the packed block's k pairs (an odd K padded with a zero k)
-  for (int64_t k = 0; k < pairs; k++) {
+  for (int64_t k = 0; k < K / 2; k++) {
     ahead.at(k);
-    __m512bh w[NB];
-    for (int j = 0; j < NB; j++) {
-      const bf16* p = wp + (j * pairs + k) * 2 * kBlock;
-      _mm_prefetch(reinterpret_cast<const char*>(p + kL1Ahead * 2 * kBlock), _MM_HINT_T0);
-      w[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(p));
-    }
-    for (int m = 0; m < M; m++) {
-      const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(xi[k * M + m]));
-      for (int j = 0; j < NB; j++) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xb, w[j]);
-    }
+    dot_bf16_pair<M, NB>(x, wp, pairs, k, false, acc);
   }
-}
-
-// Rows x[0..M) -> xi [steps][M] (Lane above). 32-bit lanes either way (a bfloat16 k pair is one): full 8-row
-// passes transpose 8 x 8 lanes at a time in registers. It runs on the calling thread before the product's
-// threads start: a scalar loop here made the kernel-alone bfloat16 batch-32 step 0.88x of row pointers.
-inline void transpose8(const int32_t* const* x, int64_t k, int32_t* out) {
-  __m256 r[8], t[8];
-  for (int m = 0; m < 8; m++) r[m] = _mm256_loadu_ps(reinterpret_cast<const float*>(x[m] + k));
-  for (int m = 0; m < 8; m += 2) {
-    t[m] = _mm256_unpacklo_ps(r[m], r[m + 1]);
-    t[m + 1] = _mm256_unpackhi_ps(r[m], r[m + 1]);
+  if (K % 2) {
+    ahead.at(K / 2);
+    dot_bf16_pair<M, NB>(x, wp, pairs, K / 2, true, acc);
   }
-  for (int h = 0; h < 8; h += 4) {
-    r[h] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);
-    r[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xEE);
-    r[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
-    r[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);
-  }
-  float* o = reinterpret_cast<float*>(out + k * 8);
-  for (int i = 0; i < 4; i++) {
-    _mm256_storeu_ps(o + i * 8, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    _mm256_storeu_ps(o + (i + 4) * 8, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-  }
-}
-
-template <typename T>
-void interleave(const T* const* x, int64_t M, int64_t K, Lane<T>* xi) {
-  const int64_t n = std::is_same<T, float>::value ? K : K / 2;  // whole 32-bit lanes of a row
-  auto* out = reinterpret_cast<int32_t*>(xi);
-  int64_t k = 0;
-  if (M == 8) {
-    const int32_t* r[8];
-    for (int m = 0; m < 8; m++) r[m] = reinterpret_cast<const int32_t*>(x[m]);
-    for (; k + 8 <= n; k += 8) transpose8(r, k, out);
-  }
-  for (; k < n; k++)
-    for (int64_t m = 0; m < M; m++) std::memcpy(&out[k * M + m], reinterpret_cast<const char*>(x[m]) + k * 4, 4);
-  if (!std::is_same<T, float>::value && K % 2)  // the odd last k: its partner lane zero
-    for (int64_t m = 0; m < M; m++) {
-      out[n * M + m] = 0;
-      std::memcpy(&out[n * M + m], x[m] + K - 1, sizeof(T));
-    }
 }
 
 // acc (+ bias) written (or added) into y's rows at the columns of blocks blk..blk+NB.
@@ -180,19 +105,18 @@ constexpr int64_t block_lines(int64_t K) {
   return std::is_same<T, float>::value ? K : (K + 1) / 2;
 }
 
-// Rows of x (interleaved: xi [steps][M]) against blocks blk..blk+NB of W, written (or added) into y's rows at those
-// columns.
+// Rows x[0..M) against blocks blk..blk+NB of W, written (or added) into y's rows at those columns.
 template <typename T, int M, int NB>
-void tile(const Lane<T>* xi, const T* wp, int64_t K, int64_t blk, int64_t N, const T* bias, T* const* y, bool accumulate,
+void tile(const T* const* x, const T* wp, int64_t K, int64_t blk, int64_t N, const T* bias, T* const* y, bool accumulate,
           const Ahead& ahead) {
   __m512 acc[M][NB];
   for (int m = 0; m < M; m++)
     for (int j = 0; j < NB; j++) acc[m][j] = _mm512_setzero_ps();
   const T* w = wp + blk * block_lines<T>(K) * kBlock * (std::is_same<T, float>::value ? 1 : 2);
   if constexpr (std::is_same<T, float>::value)
-    dot_f32<M, NB>(xi, w, K, ahead, acc);
+    dot_f32<M, NB>(x, w, K, ahead, acc);
   else
-    dot_bf16<M, NB>(xi, w, K, ahead, acc);
+    dot_bf16<M, NB>(x, w, K, ahead, acc);
   store_tile<T, M, NB>(acc, blk, N, bias, y, accumulate);
 }
 
@@ -230,18 +154,18 @@ void tile_each(const T* const* x, const T* const* w, int64_t K, int64_t blk, int
 
 // The tile for `nb` blocks (1..NB), chosen at compile time.
 template <typename T, int M, int NB = unit_blocks(M)>
-void tile_rows(const Lane<T>* xi, const T* wp, int64_t K, int64_t blk, int64_t nb, int64_t N, const T* bias, T* const* y,
-               bool acc, const Ahead& ahead) {
+void tile_rows(const T* const* x, const T* wp, int64_t K, int64_t blk, int64_t nb, int64_t N, const T* bias,
+               T* const* y, bool acc, const Ahead& ahead) {
   if constexpr (NB == 1) {
-    tile<T, M, 1>(xi, wp, K, blk, N, bias, y, acc, ahead);
+    tile<T, M, 1>(x, wp, K, blk, N, bias, y, acc, ahead);
   } else {
-    if (nb == NB) return tile<T, M, NB>(xi, wp, K, blk, N, bias, y, acc, ahead);
-    tile_rows<T, M, NB - 1>(xi, wp, K, blk, nb, N, bias, y, acc, ahead);
+    if (nb == NB) return tile<T, M, NB>(x, wp, K, blk, N, bias, y, acc, ahead);
+    tile_rows<T, M, NB - 1>(x, wp, K, blk, nb, N, bias, y, acc, ahead);
   }
 }
 
 // set_streaming's knobs. prefetch: the next unit into L2 (Ahead; off only for A/B runs), for products of
-// several passes, and one-pass ones of more than kPrefetchMinRows rows.
+// several passes, and bfloat16 ones of more than kPrefetchMinRows rows.
 std::atomic<bool> prefetch_next{true};
 constexpr int64_t kPrefetchMinRows = 4;
 // blocks x K below which a product stays on the calling thread: LoRA's A and B (rank 16: 576), not SmolLM2's
@@ -261,7 +185,7 @@ constexpr int64_t kPieceMinRows = 64, kPieceUnits = 2;
 // the unit the thread runs next (Ahead).
 template <typename T>
 struct Stream {
-  const Lane<T>* xi;  // x interleaved pass by pass: pass p at xi + p * kRows * lines
+  const T* const* xr;
   int64_t M;
   const T* wp;
   int64_t K, N;
@@ -269,7 +193,7 @@ struct Stream {
   T* const* yr;
   bool accumulate;
   int64_t width, blocks = (N + kBlock - 1) / kBlock, lines = block_lines<T>(K), passes = (M + kRows - 1) / kRows;
-  bool pf = (passes > 1 || M > kPrefetchMinRows) &&
+  bool pf = (passes > 1 || (std::is_same<T, bf16>::value && M > kPrefetchMinRows)) &&
             prefetch_next.load(std::memory_order_relaxed);
 
   // Unit u, prefetching unit `next` (-1: none) and trail_per_k lines of `trail` (may be null) a k step.
@@ -283,7 +207,7 @@ struct Stream {
       const Ahead at{ahead + first * 64, count, (count + lines - 1) / lines, trail_per_k ? trail : nullptr, trail_per_k};
       switch (std::min<int64_t>(kRows, M - m0)) {
 #define TILE(r) \
-  case r: tile_rows<T, r>(xi + m0 * lines, wp, K, blk, nb, N, bias, yr + m0, accumulate, at); break;
+  case r: tile_rows<T, r>(xr + m0, wp, K, blk, nb, N, bias, yr + m0, accumulate, at); break;
         TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8)
 #undef TILE
       }
@@ -317,10 +241,7 @@ void linear_rows(const T* const* xr, int64_t M, const T* wp, int64_t K, int64_t 
   if constexpr (std::is_same<T, bf16>::value)
     if (amx_fits(M, K)) return amx_linear_rows(xr, M, wp, K, N, bias, yr, accumulate, may_split);
   const int64_t width = unit_blocks(M), blocks = (N + kBlock - 1) / kBlock, units = (blocks + width - 1) / width;
-  Scratch<Lane<T>> xi(M * block_lines<T>(K));
-  for (int64_t m0 = 0; m0 < M; m0 += kRows)
-    interleave<T>(xr + m0, std::min<int64_t>(kRows, M - m0), K, xi.data + m0 * block_lines<T>(K));
-  const Stream<T> st{xi.data, M, wp, K, N, bias, yr, accumulate, width};
+  const Stream<T> st{xr, M, wp, K, N, bias, yr, accumulate, width};
   auto body = [&](int64_t u0, int64_t u1) { st.units(u0, u1); };
   // Weights dominate: threads split the output columns, and every 8-row pass reuses a unit's weights from
   // cache. Small products stay on the calling thread (waking a worker costs more than they do): few weights
