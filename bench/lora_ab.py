@@ -4,7 +4,6 @@
     .venv/bin/python bench/lora_ab.py --skip      # + 8 distinct with the LoRA products skipped (what is left)
     .venv/bin/python bench/lora_ab.py --no-amx    # + every case again with set_amx(False)
     .venv/bin/python bench/lora_ab.py --two-calls # + the adapter cases with projection and LoRA as two calls
-    .venv/bin/python bench/lora_ab.py --small-pages # + the adapter cases with the adapters on 4 KiB pages
     .venv/bin/python bench/lora_ab.py --no-trail    # + the adapter cases without the adapters' prefetch
     .venv/bin/python bench/lora_ab.py --layered     # + the adapter cases layer by layer (not one call a step)
 
@@ -35,7 +34,7 @@ from engine import ENGINES, MAX_SEQ, ensure_engines, interleaved_rates  # noqa: 
 from engine_cases import N_ADAPTERS, make_adapters, ours_runner  # noqa: E402
 
 from trtllm_peft import formats  # noqa: E402
-from trtllm_peft.executor.torch import TorchExecutor, lora_grouped  # noqa: E402
+from trtllm_peft.executor.torch import TorchExecutor  # noqa: E402
 from trtllm_peft.executor.torch.cpu_kernels import load as load_kernels  # noqa: E402
 from trtllm_peft.executor.torch.lora_grouped import GroupedLoraBatch  # noqa: E402
 from trtllm_peft.executor.torch.lora_ops import project_then_apply  # noqa: E402
@@ -92,16 +91,6 @@ def _layered(ex, run):
     return go
 
 
-def _small_pages(ex, packed, b: int, n: int):
-    """ours_runner with its adapters (own task ids) brought into the device tier on 4 KiB pages."""
-    placed = lora_grouped.on_huge_pages
-    lora_grouped.on_huge_pages = lambda groups: groups
-    try:
-        return ours_runner(ex, packed, b, n, first_task=100)
-    finally:
-        lora_grouped.on_huge_pages = placed
-
-
 def bench(dt: str, dirs: list[Path], args) -> None:
     engine = ENGINES[dt]
     spec = load_spec(engine)
@@ -125,8 +114,6 @@ def bench(dt: str, dirs: list[Path], args) -> None:
                 runs.update({f"{c}, no trail": _with(ex, runs[c], trail=False) for c, _ in ADAPTER_CASES})
             if args.layered:
                 runs.update({f"{c}, layered": _layered(ex, runs[c]) for c, _ in ADAPTER_CASES})
-            if args.small_pages:
-                runs.update({f"{c}, 4 KiB": _small_pages(ex, packed, b, n) for c, n in ADAPTER_CASES})
             if args.skip:
                 runs["8 distinct, LoRA skipped"] = _with(ex, runs["8 distinct"], skip=True)
             if args.no_amx:
@@ -149,7 +136,6 @@ def main() -> None:
     ap.add_argument("--skip", action="store_true")
     ap.add_argument("--no-amx", action="store_true")
     ap.add_argument("--two-calls", action="store_true")
-    ap.add_argument("--small-pages", action="store_true")
     ap.add_argument("--no-trail", action="store_true")
     ap.add_argument("--layered", action="store_true")
     args = ap.parse_args()
